@@ -1,0 +1,40 @@
+//! A small stderr logger behind the `log` facade. Level from `APPLIANCE_LOG`
+//! (error, warn, info, debug; default info).
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+struct Stderr {
+    level: Level,
+}
+
+impl Log for Stderr {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        m.level() <= self.level
+    }
+    fn log(&self, r: &Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("[{} {}] {}", r.level(), r.target(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+pub fn init() {
+    let level = match std::env::var("APPLIANCE_LOG").as_deref() {
+        Ok("error") => Level::Error,
+        Ok("warn") => Level::Warn,
+        Ok("debug") => Level::Debug,
+        Ok("trace") => Level::Trace,
+        _ => Level::Info,
+    };
+    let filter = match level {
+        Level::Error => LevelFilter::Error,
+        Level::Warn => LevelFilter::Warn,
+        Level::Info => LevelFilter::Info,
+        Level::Debug => LevelFilter::Debug,
+        Level::Trace => LevelFilter::Trace,
+    };
+    if log::set_boxed_logger(Box::new(Stderr { level })).is_ok() {
+        log::set_max_level(filter);
+    }
+}

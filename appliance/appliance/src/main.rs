@@ -1,0 +1,70 @@
+//! The appliance binary: the command line, the worker process and the benchmark.
+//!
+//! Only this crate reads the environment, parses flags and installs the logger.
+
+mod bench;
+mod chat;
+mod logger;
+mod worker;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "appliance", version, about = "Sovereign AI appliance: local inference, policy and audit")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat with a local model in the terminal (one-shot with --prompt).
+    Chat(chat::ChatArgs),
+    /// Host one model and serve it over a Unix socket (started by the supervisor).
+    Worker(worker::WorkerArgs),
+    /// Measure prefill, decode and batched decode, side by side with llama.cpp.
+    Bench(bench::BenchArgs),
+    /// Print the token ids of a text (JSON), as the engine tokenizes it.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        /// Parse special-token text such as <|im_start|>.
+        #[arg(long)]
+        special: bool,
+        text: String,
+    },
+    #[command(hide = true)]
+    BenchRun(bench::BenchRunArgs),
+}
+
+/// Sets the compute thread count for candle's kernels before any thread pool starts.
+pub(crate) fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        // Read by rayon's global pool and by candle at first use; nothing has started yet.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+}
+
+fn main() {
+    logger::init();
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Chat(a) => chat::run(a),
+        Command::Worker(a) => worker::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::BenchRun(a) => bench::run_child(a),
+        Command::Tokenize { model, special, text } => (|| {
+            let file = appliance_engine::gguf::GgufFile::open(&model)?;
+            let tok = appliance_engine::Tokenizer::from_gguf_metadata(file.metadata())?;
+            println!("{}", serde_json::to_string(&tok.encode(&text, true, special))?);
+            Ok(())
+        })(),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,40 @@
+//! The engine's error type: every failure names what it was about.
+
+/// Errors from loading a model or running it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read model file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid GGUF file: {reason}")]
+    BadGguf { path: String, reason: String },
+    #[error("unsupported model architecture `{0}` (supported: llama, mistral, qwen2)")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported tensor type {dtype} for tensor `{tensor}` (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, Q8_K)")]
+    UnsupportedTensorType { tensor: String, dtype: String },
+    #[error("model metadata key `{key}` is missing or has the wrong type")]
+    MissingMetadata { key: String },
+    #[error("model tensor `{0}` is missing")]
+    MissingTensor(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("prompt is {prompt} tokens and max_tokens is {max_tokens}, but the model's context is {context} tokens")]
+    ContextOverflow {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

@@ -1,0 +1,399 @@
+//! The transformer: Llama-family and Qwen2 decoder blocks over quantized GGUF weights.
+//!
+//! One forward call runs a *ragged batch*: several sequences, each contributing any
+//! number of new tokens (a prefill chunk or a single decode token), concatenated into
+//! one `[tokens, hidden]` activation. Every linear layer therefore reads its weights once
+//! per step for all sequences; only attention is done per sequence, against that
+//! sequence's own KV cache.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{EngineError, Result};
+use crate::gguf::{dtype_name, Architecture, GgufFile, ModelConfig};
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// Loaded model weights. Immutable after loading; sequences keep their state in
+/// [`KvCache`]s.
+pub struct Model {
+    pub config: ModelConfig,
+    pub device: Device,
+    /// Positions the engine serves (the file's context length, possibly capped).
+    pub context: usize,
+    tok_embd: Arc<QTensor>,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    /// Bytes of weights held by the model.
+    pub weight_bytes: usize,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish()
+    }
+}
+
+/// One sequence's keys and values for every layer, `[n_kv_heads, capacity, head_dim]`,
+/// grown in chunks as the sequence lengthens and freed when dropped.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+const KV_CHUNK: usize = 256;
+
+impl KvCache {
+    /// Tokens stored so far (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by this cache.
+    pub fn bytes(&self) -> usize {
+        self.k
+            .iter()
+            .chain(self.v.iter())
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    fn reserve(&mut self, needed: usize, max: usize) -> Result<()> {
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let new_cap = (needed.max(self.capacity * 2).div_ceil(KV_CHUNK) * KV_CHUNK)
+            .min(max)
+            .max(needed);
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (h, _, d) = t.dims3()?;
+            let fresh = Tensor::zeros((h, new_cap, d), t.dtype(), t.device())?;
+            if self.len > 0 {
+                fresh.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            *t = fresh;
+        }
+        self.capacity = new_cap;
+        Ok(())
+    }
+}
+
+/// One sequence's part of a forward step.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Return logits for this sequence's last new token.
+    pub want_logits: bool,
+}
+
+/// Rounds through f16, as llama.cpp's default f16 KV cache does to keys, values, queries
+/// and attention weights: keeps the two engines' numerics close.
+fn half_round(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F16)?.to_dtype(DType::F32)
+}
+
+fn check_dtype(name: &str, t: &QTensor) -> Result<()> {
+    if matches!(t.dtype(), GgmlDType::Q8_1) {
+        return Err(EngineError::UnsupportedTensorType {
+            tensor: name.to_string(),
+            dtype: dtype_name(t.dtype()).into(),
+        });
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Loads the weights of an opened GGUF file onto `device`. `max_context` caps the
+    /// positions served (and so the RoPE tables and the largest KV cache).
+    pub fn load(file: &GgufFile, device: &Device, max_context: Option<usize>) -> Result<Self> {
+        let cfg = file.config.clone();
+        let path = file.path.display().to_string();
+        let f = File::open(&file.path).map_err(|source| EngineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mut reader = BufReader::new(f);
+        let mut weight_bytes = 0usize;
+        let mut load_q = |name: &str| -> Result<QTensor> {
+            if !file.content.tensor_infos.contains_key(name) {
+                return Err(EngineError::MissingTensor(name.to_string()));
+            }
+            let t = file
+                .content
+                .tensor(&mut reader, name, device)
+                .map_err(|e| EngineError::BadGguf {
+                    path: path.clone(),
+                    reason: format!("tensor `{name}`: {e}"),
+                })?;
+            check_dtype(name, &t)?;
+            weight_bytes += t.storage_size_in_bytes();
+            Ok(t)
+        };
+        let has = |name: &str| file.content.tensor_infos.contains_key(name);
+
+        let tok_embd = Arc::new(load_q("token_embd.weight")?);
+        let output = if has("output.weight") {
+            QMatMul::from_qtensor(load_q("output.weight")?)?
+        } else {
+            QMatMul::from_arc(tok_embd.clone())?
+        };
+        let output_norm = load_q("output_norm.weight")?.dequantize(device)?;
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let mut opt_bias = |s: &str| -> Result<Option<Tensor>> {
+                if has(&p(s)) {
+                    Ok(Some(load_q(&p(s))?.dequantize(device)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let (bq, bk, bv) = (
+                opt_bias("attn_q.bias")?,
+                opt_bias("attn_k.bias")?,
+                opt_bias("attn_v.bias")?,
+            );
+            let mm = |t: QTensor| -> Result<QMatMul> { Ok(QMatMul::from_qtensor(t)?) };
+            layers.push(Layer {
+                attn_norm: load_q(&p("attn_norm.weight"))?.dequantize(device)?,
+                wq: mm(load_q(&p("attn_q.weight"))?)?,
+                wk: mm(load_q(&p("attn_k.weight"))?)?,
+                wv: mm(load_q(&p("attn_v.weight"))?)?,
+                wo: mm(load_q(&p("attn_output.weight"))?)?,
+                bq,
+                bk,
+                bv,
+                ffn_norm: load_q(&p("ffn_norm.weight"))?.dequantize(device)?,
+                w_gate: mm(load_q(&p("ffn_gate.weight"))?)?,
+                w_up: mm(load_q(&p("ffn_up.weight"))?)?,
+                w_down: mm(load_q(&p("ffn_down.weight"))?)?,
+            });
+        }
+        let context = max_context
+            .map(|m| m.min(cfg.context_length))
+            .unwrap_or(cfg.context_length)
+            .max(1);
+        // RoPE tables, with Llama 3.1-style per-frequency factors when the file has them.
+        let half = cfg.head_dim / 2;
+        let factors: Option<Vec<f32>> = if has("rope_freqs.weight") {
+            Some(load_q("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+        } else {
+            None
+        };
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = 1.0 / cfg.rope_freq_base.powf(2.0 * i as f32 / cfg.head_dim as f32);
+                match &factors {
+                    Some(fs) if i < fs.len() && fs[i] > 0.0 => f / fs[i],
+                    _ => f,
+                }
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(context * half);
+        let mut sin = Vec::with_capacity(context * half);
+        for pos in 0..context {
+            for f in &inv_freq {
+                let theta = pos as f32 * f;
+                cos.push(theta.cos());
+                sin.push(theta.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (context, half), device)?;
+        let sin = Tensor::from_vec(sin, (context, half), device)?;
+        Ok(Self {
+            config: cfg,
+            device: device.clone(),
+            context,
+            tok_embd,
+            layers,
+            output_norm,
+            output,
+            cos,
+            sin,
+            weight_bytes,
+        })
+    }
+
+    /// A new, empty cache for one sequence.
+    pub fn new_cache(&self) -> Result<KvCache> {
+        let n = self.config.n_layer;
+        let mk = || Tensor::zeros((self.config.n_head_kv, 0, self.config.head_dim), DType::F32, &self.device);
+        Ok(KvCache {
+            k: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
+            v: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
+            len: 0,
+            capacity: 0,
+        })
+    }
+
+    /// Bytes of KV cache one token occupies.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.config.n_layer * self.config.n_head_kv * self.config.head_dim * 4
+    }
+
+    /// Runs one step over a ragged batch. Appends the new tokens to each sequence's cache
+    /// and returns, per item, the logits of its last token when it asked for them.
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let cfg = &self.config;
+        let (n_head, n_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+        let group = n_head / n_kv;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(items.len());
+        for it in items.iter_mut() {
+            let start = it.cache.len;
+            let l = it.tokens.len();
+            if l == 0 {
+                return Err(EngineError::InvalidRequest("empty batch item".into()));
+            }
+            if start + l > self.context {
+                return Err(EngineError::ContextOverflow {
+                    prompt: start + l,
+                    max_tokens: 0,
+                    context: self.context,
+                });
+            }
+            spans.push((ids.len(), l, start));
+            ids.extend_from_slice(it.tokens);
+            positions.extend((start..start + l).map(|p| p as u32));
+            it.cache.reserve(start + l, self.context)?;
+        }
+        let total = ids.len();
+        let ids_t = Tensor::from_vec(ids, total, &self.device)?;
+        let pos_t = Tensor::from_vec(positions, total, &self.device)?;
+        let cos = self.cos.index_select(&pos_t, 0)?.reshape((total, 1, hd / 2))?;
+        let sin = self.sin.index_select(&pos_t, 0)?.reshape((total, 1, hd / 2))?;
+        let rope = |x: Tensor| -> candle_core::Result<Tensor> {
+            match cfg.architecture {
+                Architecture::Llama => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
+                Architecture::Qwen2 => candle_nn::rotary_emb::rope(&x, &cos, &sin),
+            }
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.tok_embd.embedding(&ids_t)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let add_bias = |t: Tensor, b: &Option<Tensor>| -> candle_core::Result<Tensor> {
+                match b {
+                    Some(b) => t.broadcast_add(b),
+                    None => Ok(t),
+                }
+            };
+            let q = add_bias(layer.wq.forward(&h)?, &layer.bq)?;
+            let k = add_bias(layer.wk.forward(&h)?, &layer.bk)?;
+            let v = add_bias(layer.wv.forward(&h)?, &layer.bv)?;
+            let q = rope(q.reshape((total, n_head, 1, hd))?)?;
+            let k = rope(k.reshape((total, n_kv, 1, hd))?)?;
+            let v = v.reshape((total, n_kv, hd))?;
+            let mut outs = Vec::with_capacity(items.len());
+            for (it, &(s, l, start)) in items.iter_mut().zip(&spans) {
+                let qi = half_round(&q.narrow(0, s, l)?.reshape((l, n_head, hd))?.transpose(0, 1)?.contiguous()?)?;
+                let ki = half_round(&k.narrow(0, s, l)?.reshape((l, n_kv, hd))?.transpose(0, 1)?.contiguous()?)?;
+                let vi = half_round(&v.narrow(0, s, l)?.transpose(0, 1)?.contiguous()?)?;
+                it.cache.k[li].slice_set(&ki, 1, start)?;
+                it.cache.v[li].slice_set(&vi, 1, start)?;
+                let t_all = start + l;
+                let k_all = it.cache.k[li].narrow(1, 0, t_all)?;
+                let v_all = it.cache.v[li].narrow(1, 0, t_all)?;
+                let qg = qi.reshape((n_kv, group * l, hd))?;
+                let mut att = (qg.matmul(&k_all.t()?)? * scale)?;
+                if l > 1 {
+                    let mut mask = Vec::with_capacity(l * t_all);
+                    for r in 0..l {
+                        for c in 0..t_all {
+                            mask.push(if c <= start + r { 0f32 } else { f32::NEG_INFINITY });
+                        }
+                    }
+                    let mask = Tensor::from_vec(mask, (l, t_all), &self.device)?;
+                    att = att
+                        .reshape((n_kv, group, l, t_all))?
+                        .broadcast_add(&mask)?
+                        .reshape((n_kv, group * l, t_all))?;
+                }
+                let att = half_round(&candle_nn::ops::softmax_last_dim(&att)?)?;
+                let o = att.matmul(&v_all.contiguous()?)?; // [n_kv, group*l, hd]
+                let o = o.reshape((n_head, l, hd))?.transpose(0, 1)?.reshape((l, n_head * hd))?;
+                outs.push(o);
+            }
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one output")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            x = (x + layer.wo.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+        }
+        for (it, &(_, l, _)) in items.iter_mut().zip(&spans) {
+            it.cache.len += l;
+        }
+        // Logits only for the rows that need them.
+        let rows: Vec<u32> = items
+            .iter()
+            .zip(&spans)
+            .filter(|(it, _)| it.want_logits)
+            .map(|(_, &(s, l, _))| (s + l - 1) as u32)
+            .collect();
+        let mut result = vec![None; items.len()];
+        if rows.is_empty() {
+            return Ok(result);
+        }
+        let n_rows = rows.len();
+        let sel = Tensor::from_vec(rows, n_rows, &self.device)?;
+        let last = x.index_select(&sel, 0)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.output_norm, cfg.rms_eps)?;
+        let logits = self.output.forward(&last)?.to_dtype(DType::F32)?;
+        let mut logits = logits.to_vec2::<f32>()?.into_iter();
+        for (slot, it) in result.iter_mut().zip(items.iter()) {
+            if it.want_logits {
+                *slot = logits.next();
+            }
+        }
+        Ok(result)
+    }
+
+    /// The log-softmax over a logits row (for agreement checks).
+    pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        let lse = max + sum.ln();
+        logits.iter().map(|l| l - lse).collect()
+    }
+}

@@ -115,6 +115,10 @@ pub enum Response {
     },
     Health {
         ok: bool,
+        /// Sequences holding a KV cache now.
+        active: u64,
+        /// Requests waiting for a batch slot.
+        queued: u64,
     },
     Tokens {
         ids: Vec<u32>,

@@ -216,7 +216,18 @@ async fn handle(stream: UnixStream, engine: Engine) -> std::io::Result<()> {
                 )
                 .await?
             }
-            Op::Health => send(&mut w, &Response::Health { ok: true }).await?,
+            Op::Health => {
+                let st = engine.stats();
+                send(
+                    &mut w,
+                    &Response::Health {
+                        ok: true,
+                        active: st.active.load(Ordering::Relaxed),
+                        queued: st.queued.load(Ordering::Relaxed),
+                    },
+                )
+                .await?
+            }
             Op::Tokenize {
                 text,
                 add_special,

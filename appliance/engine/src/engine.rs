@@ -148,6 +148,18 @@ pub struct Engine {
     template: Arc<ChatTemplate>,
     info: Arc<ModelInfo>,
     seed_counter: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+}
+
+/// Live counters the scheduler publishes after every step.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sequences holding a KV cache (prefilling or decoding).
+    pub active: AtomicU64,
+    /// Requests waiting for a batch slot.
+    pub queued: AtomicU64,
+    /// Tokens generated since start.
+    pub generated: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -206,9 +218,11 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let (tx, rx) = mpsc::channel();
         let tk = tokenizer.clone();
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || Scheduler::new(model, tk, config, rx).run())
+            .spawn(move || Scheduler::new(model, tk, config, rx, st).run())
             .map_err(|e| EngineError::InvalidRequest(format!("cannot start engine thread: {e}")))?;
         let seed0 = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -220,11 +234,17 @@ impl Engine {
             template: Arc::new(template),
             info: Arc::new(info),
             seed_counter: Arc::new(AtomicU64::new(seed0)),
+            stats,
         })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Live counters: active and queued sequences, tokens generated.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -383,11 +403,19 @@ struct Scheduler {
     rx: mpsc::Receiver<Command>,
     waiting: VecDeque<Job>,
     active: Vec<Seq>,
+    stats: Arc<Stats>,
 }
 
 impl Scheduler {
-    fn new(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig, rx: mpsc::Receiver<Command>) -> Self {
+    fn new(
+        model: Model,
+        tokenizer: Arc<Tokenizer>,
+        config: EngineConfig,
+        rx: mpsc::Receiver<Command>,
+        stats: Arc<Stats>,
+    ) -> Self {
         Self {
+            stats,
             model,
             tokenizer,
             config,
@@ -400,6 +428,8 @@ impl Scheduler {
     fn run(mut self) {
         let mut disconnected = false;
         loop {
+            self.stats.active.store(self.active.len() as u64, Ordering::Relaxed);
+            self.stats.queued.store(self.waiting.len() as u64, Ordering::Relaxed);
             if self.active.is_empty() && self.waiting.is_empty() {
                 if disconnected {
                     return;
@@ -519,39 +549,32 @@ impl Scheduler {
             let logprob = raw.get(t as usize).map(|l| l - lse).unwrap_or(f32::NEG_INFINITY);
             s.sampler.accept(t);
             s.generated.push(t);
+            self.stats.generated.fetch_add(1, Ordering::Relaxed);
             let params = s.sampler.params().clone();
             if !params.ignore_eos && tokenizer.is_eog(t) {
-                let _ = s.job.events.send(Event::Token {
-                    id: t,
-                    text: String::new(),
-                    logprob,
-                });
+                // The end-of-generation token carries whatever text was still held back.
                 let rest = std::mem::take(&mut s.held) + &s.utf8.finish();
-                if !rest.is_empty() {
-                    let _ = s.job.events.send(Event::Token { id: t, text: rest, logprob: 0.0 });
-                }
+                let _ = s.job.events.send(Event::Token { id: t, text: rest, logprob });
                 s.finish(FinishReason::Stop);
                 continue;
             }
             let piece = s.utf8.push(&tokenizer.token_bytes(t, false));
             s.held.push_str(&piece);
-            let (emit, stopped) = split_on_stop(&mut s.held, &params.stop);
+            let (mut emit, stopped) = split_on_stop(&mut s.held, &params.stop);
+            let at_limit = params.max_tokens.is_some_and(|m| s.generated.len() >= m)
+                || s.cache.len() + 1 >= context;
+            if at_limit && !stopped {
+                emit.push_str(&std::mem::take(&mut s.held));
+                emit.push_str(&s.utf8.finish());
+            }
             let _ = s.job.events.send(Event::Token { id: t, text: emit, logprob });
             if stopped {
                 s.finish(FinishReason::Stop);
-                continue;
-            }
-            let at_limit = params.max_tokens.is_some_and(|m| s.generated.len() >= m)
-                || s.cache.len() + 1 >= context;
-            if at_limit {
-                let rest = std::mem::take(&mut s.held) + &s.utf8.finish();
-                if !rest.is_empty() {
-                    let _ = s.job.events.send(Event::Token { id: t, text: rest, logprob: 0.0 });
-                }
+            } else if at_limit {
                 s.finish(FinishReason::Length);
-                continue;
+            } else {
+                s.next_input = Some(t);
             }
-            s.next_input = Some(t);
         }
         Ok(())
     }
@@ -621,7 +644,7 @@ mod tests {
         held.push_str("EN");
         let (out, s) = split_on_stop(&mut held, &stops);
         assert_eq!((out.as_str(), s), ("", false));
-        held.push_str("X");
+        held.push('X');
         let (out, s) = split_on_stop(&mut held, &stops);
         assert_eq!((out.as_str(), s), ("ENX", false));
     }

@@ -496,11 +496,11 @@ impl Scheduler {
 
     fn step(&mut self) -> Result<()> {
         let mut budget = self.config.step_tokens.max(1);
-        // (index in active, tokens to feed, wants logits)
-        let mut plan: Vec<(usize, Vec<TokenId>, bool)> = Vec::new();
+        // (index in active, tokens to feed, wants logits, prompt rows)
+        let mut plan: Vec<(usize, Vec<TokenId>, bool, bool)> = Vec::new();
         for (i, s) in self.active.iter().enumerate() {
             if let Some(t) = s.next_input {
-                plan.push((i, vec![t], true));
+                plan.push((i, vec![t], true, false));
                 budget = budget.saturating_sub(1);
             }
         }
@@ -515,7 +515,7 @@ impl Scheduler {
             }
             budget -= n;
             let chunk = s.job.prompt[s.prefilled..s.prefilled + n].to_vec();
-            plan.push((i, chunk, n == left));
+            plan.push((i, chunk, n == left, s.job.prompt.len() >= 2));
         }
         if plan.is_empty() {
             return Ok(());
@@ -523,17 +523,18 @@ impl Scheduler {
         let logits = {
             let mut by_index: Vec<Option<&mut Seq>> = self.active.iter_mut().map(Some).collect();
             let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
-            for (i, toks, want) in &plan {
+            for (i, toks, want, prompt_rows) in &plan {
                 let s = by_index[*i].take().expect("each sequence once per step");
                 items.push(BatchItem {
                     tokens: toks,
                     cache: &mut s.cache,
                     want_logits: *want,
+                    prompt_rows: *prompt_rows,
                 });
             }
             self.model.forward(&mut items)?
         };
-        for ((i, toks, _), logits) in plan.into_iter().zip(logits) {
+        for ((i, toks, _, _), logits) in plan.into_iter().zip(logits) {
             let tokenizer = self.tokenizer.clone();
             let context = self.model.context;
             let s = &mut self.active[i];

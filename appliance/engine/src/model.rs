@@ -16,19 +16,50 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::error::{EngineError, Result};
 use crate::gguf::{dtype_name, Architecture, GgufFile, ModelConfig};
 
+/// A weight matrix: candle's quantized matmul, or the engine's own kernel for types
+/// where candle's CPU path is missing or numerically off llama.cpp (`kernels`).
+enum Linear {
+    Candle(QMatMul),
+    Q41(crate::kernels::Q41Matrix),
+}
+
+impl Linear {
+    fn new(t: QTensor) -> Result<Self> {
+        if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() {
+            if let Ok((rows, cols)) = t.shape().dims2() {
+                if let Some(m) = crate::kernels::Q41Matrix::from_ggml_bytes(&t.data()?, rows, cols) {
+                    return Ok(Self::Q41(m));
+                }
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Candle(m) => m.forward(x),
+            Self::Q41(w) => {
+                let (t, _) = x.dims2()?;
+                let v = x.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(w.matmul(&v, t), (t, w.rows), x.device())
+            }
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     bq: Option<Tensor>,
     bk: Option<Tensor>,
     bv: Option<Tensor>,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// Loaded model weights. Immutable after loading; sequences keep their state in
@@ -119,6 +150,43 @@ pub struct BatchItem<'a> {
     pub cache: &'a mut KvCache,
     /// Return logits for this sequence's last new token.
     pub want_logits: bool,
+    /// These tokens are part of a prompt of two or more tokens. llama.cpp computes such
+    /// rows as a matrix product (tinyBLAS) and single decode rows as dot products, which
+    /// sum attention scores in different orders; the engine follows suit.
+    pub prompt_rows: bool,
+}
+
+/// RMS normalisation as ggml computes it on the CPU (squares in f32 summed in f64, the
+/// scale in f32, then the weight). Activations are quantized to 8 bits right after, so
+/// a last-bit difference here can flip a rounding there. Other devices use candle's.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return candle_nn::ops::rms_norm(x, w, eps);
+    }
+    let (rows, n) = x.dims2()?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let ws = w.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(xs.len());
+    for row in xs.chunks_exact(n) {
+        let sum: f64 = row.iter().map(|v| (v * v) as f64).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        out.extend(row.iter().zip(&ws).map(|(v, g)| (v * scale) * g));
+    }
+    Tensor::from_vec(out, (rows, n), x.device())
+}
+
+/// Softmax over the last dimension; on the CPU with ggml's arithmetic (`kernels`).
+fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let n = x.dim(candle_core::D::Minus1)?;
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    for row in v.chunks_exact_mut(n) {
+        crate::kernels::softmax_row(row);
+    }
+    Tensor::from_vec(v, x.shape(), x.device())
 }
 
 /// Rounds through f16, as llama.cpp's default f16 KV cache does to keys, values, queries
@@ -188,7 +256,7 @@ impl Model {
                 opt_bias("attn_k.bias")?,
                 opt_bias("attn_v.bias")?,
             );
-            let mm = |t: QTensor| -> Result<QMatMul> { Ok(QMatMul::from_qtensor(t)?) };
+            let mm = Linear::new;
             layers.push(Layer {
                 attn_norm: load_q(&p("attn_norm.weight"))?.dequantize(device)?,
                 wq: mm(load_q(&p("attn_q.weight"))?)?,
@@ -215,22 +283,23 @@ impl Model {
         } else {
             None
         };
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                let f = 1.0 / cfg.rope_freq_base.powf(2.0 * i as f32 / cfg.head_dim as f32);
-                match &factors {
-                    Some(fs) if i < fs.len() && fs[i] > 0.0 => f / fs[i],
-                    _ => f,
-                }
-            })
-            .collect();
+        // Angles as ggml builds its RoPE cache: theta starts at the position and is
+        // multiplied by base^(-2/d) per pair, in f32 (bit-for-bit agreement with
+        // llama.cpp depends on these roundings).
+        let theta_scale = cfg.rope_freq_base.powf(-2.0 / cfg.head_dim as f32);
         let mut cos = Vec::with_capacity(context * half);
         let mut sin = Vec::with_capacity(context * half);
         for pos in 0..context {
-            for f in &inv_freq {
-                let theta = pos as f32 * f;
-                cos.push(theta.cos());
-                sin.push(theta.sin());
+            let mut theta = pos as f32;
+            for i in 0..half {
+                let ff = match &factors {
+                    Some(fs) if i < fs.len() && fs[i] > 0.0 => fs[i],
+                    _ => 1.0,
+                };
+                let t = theta / ff;
+                cos.push(t.cos());
+                sin.push(t.sin());
+                theta *= theta_scale;
             }
         }
         let cos = Tensor::from_vec(cos, (context, half), device)?;
@@ -269,6 +338,17 @@ impl Model {
     /// Runs one step over a ragged batch. Appends the new tokens to each sequence's cache
     /// and returns, per item, the logits of its last token when it asked for them.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        self.forward_traced(items, &mut |_, _| {})
+    }
+
+    /// [`Model::forward`], calling `trace(name, tensor)` with intermediate activations
+    /// named as llama.cpp names them (`attn_norm-0`, `Vcur-0`, `kqv_out-0`, `ffn_out-0`,
+    /// `l_out-0`, …, `result_norm`), for kernel-level comparisons.
+    pub fn forward_traced(
+        &self,
+        items: &mut [BatchItem<'_>],
+        trace: &mut dyn FnMut(&str, &Tensor),
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         let cfg = &self.config;
         let (n_head, n_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
         let group = n_head / n_kv;
@@ -298,7 +378,21 @@ impl Model {
         let pos_t = Tensor::from_vec(positions, total, &self.device)?;
         let cos = self.cos.index_select(&pos_t, 0)?.reshape((total, 1, hd / 2))?;
         let sin = self.sin.index_select(&pos_t, 0)?.reshape((total, 1, hd / 2))?;
+        let cpu_trig = if self.device.is_cpu() {
+            Some((
+                cos.flatten_all()?.to_vec1::<f32>()?,
+                sin.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        } else {
+            None
+        };
         let rope = |x: Tensor| -> candle_core::Result<Tensor> {
+            if let Some((c, s)) = &cpu_trig {
+                let (t, h, _, d) = x.dims4()?;
+                let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+                crate::kernels::rope(&mut v, c, s, h, d, cfg.architecture == Architecture::Qwen2);
+                return Tensor::from_vec(v, (t, h, 1, d), x.device());
+            }
             match cfg.architecture {
                 Architecture::Llama => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
                 Architecture::Qwen2 => candle_nn::rotary_emb::rope(&x, &cos, &sin),
@@ -307,7 +401,8 @@ impl Model {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = self.tok_embd.embedding(&ids_t)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            trace(&format!("attn_norm-{li}"), &h);
             let add_bias = |t: Tensor, b: &Option<Tensor>| -> candle_core::Result<Tensor> {
                 match b {
                     Some(b) => t.broadcast_add(b),
@@ -317,8 +412,13 @@ impl Model {
             let q = add_bias(layer.wq.forward(&h)?, &layer.bq)?;
             let k = add_bias(layer.wk.forward(&h)?, &layer.bk)?;
             let v = add_bias(layer.wv.forward(&h)?, &layer.bv)?;
+            trace(&format!("Qcur-{li}"), &q);
+            trace(&format!("Kcur-{li}"), &k);
+            trace(&format!("Vcur-{li}"), &v);
             let q = rope(q.reshape((total, n_head, 1, hd))?)?;
             let k = rope(k.reshape((total, n_kv, 1, hd))?)?;
+            trace(&format!("Qcur-{li}#3"), &q);
+            trace(&format!("Kcur-{li}#3"), &k);
             let v = v.reshape((total, n_kv, hd))?;
             let mut outs = Vec::with_capacity(items.len());
             for (it, &(s, l, start)) in items.iter_mut().zip(&spans) {
@@ -330,6 +430,22 @@ impl Model {
                 let t_all = start + l;
                 let k_all = it.cache.k[li].narrow(1, 0, t_all)?;
                 let v_all = it.cache.v[li].narrow(1, 0, t_all)?;
+                if self.device.is_cpu() {
+                    let o = crate::kernels::attention(
+                        &qi.flatten_all()?.to_vec1::<f32>()?,
+                        &k_all.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+                        &v_all.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+                        n_head,
+                        n_kv,
+                        l,
+                        start,
+                        hd,
+                        scale as f32,
+                        it.prompt_rows,
+                    );
+                    outs.push(Tensor::from_vec(o, (l, n_head * hd), &self.device)?);
+                    continue;
+                }
                 let qg = qi.reshape((n_kv, group * l, hd))?;
                 let mut att = (qg.matmul(&k_all.t()?)? * scale)?;
                 if l > 1 {
@@ -345,7 +461,7 @@ impl Model {
                         .broadcast_add(&mask)?
                         .reshape((n_kv, group * l, t_all))?;
                 }
-                let att = half_round(&candle_nn::ops::softmax_last_dim(&att)?)?;
+                let att = half_round(&softmax_last_dim(&att)?)?;
                 let o = att.matmul(&v_all.contiguous()?)?; // [n_kv, group*l, hd]
                 let o = o.reshape((n_head, l, hd))?.transpose(0, 1)?.reshape((l, n_head * hd))?;
                 outs.push(o);
@@ -355,11 +471,28 @@ impl Model {
             } else {
                 Tensor::cat(&outs, 0)?
             };
-            x = (x + layer.wo.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            trace(&format!("kqv_out-{li}"), &attn);
+            let attn_out = layer.wo.forward(&attn)?;
+            trace(&format!("attn_out-{li}"), &attn_out);
+            x = (x + attn_out)?;
+            let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
+            trace(&format!("ffn_norm-{li}"), &h);
+            let gate = layer.w_gate.forward(&h)?;
             let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            trace(&format!("ffn_gate-{li}"), &gate);
+            trace(&format!("ffn_up-{li}"), &up);
+            let swiglu = if gate.device().is_cpu() {
+                let g = gate.flatten_all()?.to_vec1::<f32>()?;
+                let u = up.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(crate::kernels::swiglu(&g, &u), gate.shape(), gate.device())?
+            } else {
+                (candle_nn::ops::silu(&gate)? * up)?
+            };
+            trace(&format!("ffn_swiglu-{li}"), &swiglu);
+            let ffn_out = layer.w_down.forward(&swiglu)?;
+            trace(&format!("ffn_out-{li}"), &ffn_out);
+            x = (x + ffn_out)?;
+            trace(&format!("l_out-{li}"), &x);
         }
         for (it, &(_, l, _)) in items.iter_mut().zip(&spans) {
             it.cache.len += l;
@@ -378,7 +511,8 @@ impl Model {
         let n_rows = rows.len();
         let sel = Tensor::from_vec(rows, n_rows, &self.device)?;
         let last = x.index_select(&sel, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.output_norm, cfg.rms_eps)?;
+        let last = rms_norm(&last, &self.output_norm, cfg.rms_eps)?;
+        trace("result_norm", &last);
         let logits = self.output.forward(&last)?.to_dtype(DType::F32)?;
         let mut logits = logits.to_vec2::<f32>()?.into_iter();
         for (slot, it) in result.iter_mut().zip(items.iter()) {

@@ -189,6 +189,7 @@ fn first_logits(path: &Path, prompt: &[u32]) -> Vec<f32> {
             tokens: prompt,
             cache: &mut cache,
             want_logits: true,
+            prompt_rows: prompt.len() >= 2,
         }])
         .unwrap()
         .pop()

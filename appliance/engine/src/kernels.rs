@@ -405,7 +405,7 @@ pub fn attention(
     let dot: fn(&[f32], &[f32]) -> f32 = if prompt_rows { f16_dot_chain } else { f16_dot };
     let mut out = vec![0f32; l * n_head * hd];
     let mut p = vec![0f32; t];
-    let mut col = vec![0f32; t];
+    let mut slots = vec![0f32; hd * 64];
     for h in 0..n_head {
         let kv = h / group;
         let kh = &k[kv * t * hd..(kv + 1) * t * hd];
@@ -424,15 +424,53 @@ pub fn attention(
             for pc in p.iter_mut() {
                 *pc = f16_round(*pc);
             }
-            for d in 0..hd {
-                for (c, x) in col.iter_mut().enumerate() {
-                    *x = vh[c * hd + d];
-                }
-                out[r * n_head * hd + h * hd + d] = dot(&p, &col);
-            }
+            let o = &mut out[r * n_head * hd + h * hd..r * n_head * hd + (h + 1) * hd];
+            weighted_values(&p[..visible], vh, hd, prompt_rows, o, &mut slots);
         }
     }
     out
+}
+
+/// `o[d] = Σ_c p[c]·v[c][d]` for every `d` at once, with each `d`'s sum accumulated in
+/// exactly the order [`f16_dot_chain`] (prompt rows) or [`f16_dot`] (decode rows) would
+/// use over positions: the loop runs over positions outside and dimensions inside, so
+/// `v` is read row by row. `slots` is scratch of `hd·64` floats.
+fn weighted_values(p: &[f32], v: &[f32], hd: usize, chain: bool, o: &mut [f32], slots: &mut [f32]) {
+    slots.fill(0.0);
+    if chain {
+        // 16 accumulators per dimension: position c goes to slot c % 16.
+        for (c, pc) in p.iter().enumerate() {
+            let vr = &v[c * hd..(c + 1) * hd];
+            let base = c % 16;
+            for d in 0..hd {
+                let s = &mut slots[d * 64 + base];
+                *s = pc.mul_add(vr[d], *s);
+            }
+        }
+        for (d, od) in o.iter_mut().enumerate() {
+            let mut lanes = [0f32; 16];
+            lanes.copy_from_slice(&slots[d * 64..d * 64 + 16]);
+            *od = reduce16(&lanes);
+        }
+    } else {
+        // 4 registers × 16 lanes per dimension: position c goes to slot 16·((c/16)%4) + c%16.
+        for (c, pc) in p.iter().enumerate() {
+            let vr = &v[c * hd..(c + 1) * hd];
+            let slot = 16 * ((c / 16) % 4) + c % 16;
+            for d in 0..hd {
+                let s = &mut slots[d * 64 + slot];
+                *s = pc.mul_add(vr[d], *s);
+            }
+        }
+        for (d, od) in o.iter_mut().enumerate() {
+            let sl = &slots[d * 64..d * 64 + 64];
+            let mut r = [0f32; 16];
+            for l in 0..16 {
+                r[l] = (sl[l] + sl[32 + l]) + (sl[16 + l] + sl[48 + l]);
+            }
+            *od = reduce16(&r) as f64 as f32;
+        }
+    }
 }
 
 /// ggml's softmax on AVX-512: exp per 16-value chunk, each chunk's sum reduced in f32
@@ -468,6 +506,45 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, ne
                 head[a] = x0.mul_add(c[i], -(x1 * s[i]));
                 head[b] = x0.mul_add(s[i], x1 * c[i]);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod attention_tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_by_the_angle() {
+        // One token, one head of 4: pairs (0,1) and (2,3) rotated by 90° and 0°.
+        let mut x = vec![1.0f32, 0.0, 0.5, 2.0];
+        rope(&mut x, &[0.0, 1.0], &[1.0, 0.0], 1, 4, false);
+        assert_eq!(x, vec![0.0, 1.0, 0.5, 2.0]);
+        // NeoX pairs (0,2) and (1,3).
+        let mut x = vec![1.0f32, 0.0, 0.0, 3.0];
+        rope(&mut x, &[0.0, 0.0], &[1.0, 1.0], 1, 4, true);
+        assert_eq!(x, vec![0.0, -3.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn attention_is_causal_softmax_weighted_values() {
+        // 2 heads sharing 1 kv head, 3 positions, head dim 2; values chosen exact in f16.
+        let (n_head, n_kv, hd, l) = (2, 1, 2, 3);
+        let q = vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, /* head 1 */ 0.0, 0.0, 1.0, 0.0, 0.5, 0.5];
+        let k = vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let v = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        for prompt_rows in [true, false] {
+            let out = attention(&q, &k, &v, n_head, n_kv, l, 0, hd, 0.5, prompt_rows);
+            // Row 0 sees only position 0: its output is v[0] for both heads.
+            assert_eq!(&out[0..2], &[1.0, 2.0]);
+            assert_eq!(&out[2..4], &[1.0, 2.0]);
+            // Head 0, row 2: scores q·k·0.5 = [0.5, 0.5, 1.0], softmax by f64 reference.
+            let s = [0.5f64, 0.5, 1.0];
+            let e: Vec<f64> = s.iter().map(|x| (x - 1.0).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let expect0: f64 = e.iter().zip([1.0, 3.0, 5.0]).map(|(a, b)| a / z * b).sum();
+            let got = out[2 * n_head * hd] as f64;
+            assert!((got - expect0).abs() < 2e-3, "{got} vs {expect0}");
         }
     }
 }

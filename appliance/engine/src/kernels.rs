@@ -288,7 +288,9 @@ pub fn ggml_expf(x: f32) -> f32 {
 /// `j · 2^n` with a single rounding, as a hardware scale instruction does (the f64
 /// product is exact).
 fn scale_by_pow2(j: f32, n: i32) -> f32 {
-    ((j as f64) * 2f64.powi(n)) as f32
+    // |n| <= 192 here, well inside f64's exponent range: 2^n is built from its bits.
+    let p = f64::from_bits(((n + 1023) as u64) << 52);
+    ((j as f64) * p) as f32
 }
 
 /// SiLU(gate)·up, element-wise, with ggml's exp.

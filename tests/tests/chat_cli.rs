@@ -38,10 +38,11 @@ fn same_seed_same_answer_different_seed_differs() {
 #[test]
 fn interactive_chat_keeps_the_conversation() {
     use std::io::Write;
+    let greedy = ["--temperature", "0", "--max-tokens", "24", "--repetition-penalty", "1"];
     let mut child = appliance()
         .args(["chat", "--model"])
         .arg(model())
-        .args(["--temperature", "0", "--max-tokens", "24"])
+        .args(greedy)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -57,9 +58,28 @@ fn interactive_chat_keeps_the_conversation() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let answers: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(answers.len() >= 2, "two answers expected: {text:?}");
-    assert!(text.contains("Paris"), "{text:?}");
-    assert!(text.contains("Rome"), "the second answer should use the context: {text:?}");
+    assert_eq!(answers.len(), 2, "two answers expected: {text:?}");
+    // The same follow-up asked on its own (greedy, so deterministic) gets another
+    // answer: the interactive one was conditioned on the first turn.
+    let alone = appliance()
+        .args(["chat", "--model"])
+        .arg(model())
+        .args(greedy)
+        .args(["--prompt", "And of Italy?"])
+        .output()
+        .unwrap();
+    assert!(alone.status.success());
+    let alone = String::from_utf8(alone.stdout).unwrap();
+    assert_ne!(alone.trim(), answers[1].trim(), "the second answer ignored the conversation");
+    // And the first answer equals the one-shot answer to the first question.
+    let first = appliance()
+        .args(["chat", "--model"])
+        .arg(model())
+        .args(greedy)
+        .args(["--prompt", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(first.stdout).unwrap().trim(), answers[0].trim());
 }
 
 #[test]

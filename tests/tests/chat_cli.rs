@@ -61,25 +61,20 @@ fn interactive_chat_keeps_the_conversation() {
     assert_eq!(answers.len(), 2, "two answers expected: {text:?}");
     // The same follow-up asked on its own (greedy, so deterministic) gets another
     // answer: the interactive one was conditioned on the first turn.
-    let alone = appliance()
-        .args(["chat", "--model"])
-        .arg(model())
-        .args(greedy)
-        .args(["--prompt", "And of Italy?"])
-        .output()
-        .unwrap();
-    assert!(alone.status.success());
-    let alone = String::from_utf8(alone.stdout).unwrap();
-    assert_ne!(alone.trim(), answers[1].trim(), "the second answer ignored the conversation");
+    let one_shot = |question: &str| {
+        let out = appliance()
+            .args(["chat", "--model"])
+            .arg(model())
+            .args(greedy)
+            .args(["--prompt", question])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_ne!(one_shot("And of Italy?"), answers[1].trim(), "the second answer ignored the conversation");
     // And the first answer equals the one-shot answer to the first question.
-    let first = appliance()
-        .args(["chat", "--model"])
-        .arg(model())
-        .args(greedy)
-        .args(["--prompt", "What is the capital of France?"])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8(first.stdout).unwrap().trim(), answers[0].trim());
+    assert_eq!(one_shot("What is the capital of France?"), answers[0].trim());
 }
 
 #[test]

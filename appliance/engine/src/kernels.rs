@@ -405,29 +405,39 @@ pub fn attention(
     let t = start + l;
     let group = n_head / n_kv;
     let dot: fn(&[f32], &[f32]) -> f32 = if prompt_rows { f16_dot_chain } else { f16_dot };
+    // Heads are independent: computed in parallel, each into its own `[l, hd]` block.
+    let per_head: Vec<Vec<f32>> = (0..n_head)
+        .into_par_iter()
+        .map(|h| {
+            let kv = h / group;
+            let kh = &k[kv * t * hd..(kv + 1) * t * hd];
+            let vh = &v[kv * t * hd..(kv + 1) * t * hd];
+            let mut p = vec![0f32; t];
+            let mut slots = vec![0f32; hd * 64];
+            let mut o = vec![0f32; l * hd];
+            for r in 0..l {
+                let qr = &q[(h * l + r) * hd..(h * l + r + 1) * hd];
+                let visible = start + r + 1;
+                for (c, pc) in p.iter_mut().enumerate() {
+                    *pc = if c < visible {
+                        dot(qr, &kh[c * hd..(c + 1) * hd]) * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                softmax_row_chunked(&mut p);
+                for pc in p.iter_mut() {
+                    *pc = f16_round(*pc);
+                }
+                weighted_values(&p[..visible], vh, hd, prompt_rows, &mut o[r * hd..(r + 1) * hd], &mut slots);
+            }
+            o
+        })
+        .collect();
     let mut out = vec![0f32; l * n_head * hd];
-    let mut p = vec![0f32; t];
-    let mut slots = vec![0f32; hd * 64];
-    for h in 0..n_head {
-        let kv = h / group;
-        let kh = &k[kv * t * hd..(kv + 1) * t * hd];
-        let vh = &v[kv * t * hd..(kv + 1) * t * hd];
+    for (h, o) in per_head.iter().enumerate() {
         for r in 0..l {
-            let qr = &q[(h * l + r) * hd..(h * l + r + 1) * hd];
-            let visible = start + r + 1;
-            for (c, pc) in p.iter_mut().enumerate() {
-                *pc = if c < visible {
-                    dot(qr, &kh[c * hd..(c + 1) * hd]) * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
-            softmax_row_chunked(&mut p);
-            for pc in p.iter_mut() {
-                *pc = f16_round(*pc);
-            }
-            let o = &mut out[r * n_head * hd + h * hd..r * n_head * hd + (h + 1) * hd];
-            weighted_values(&p[..visible], vh, hd, prompt_rows, o, &mut slots);
+            out[r * n_head * hd + h * hd..r * n_head * hd + (h + 1) * hd].copy_from_slice(&o[r * hd..(r + 1) * hd]);
         }
     }
     out

@@ -30,7 +30,11 @@ pub fn binary() -> PathBuf {
 
 pub fn model() -> PathBuf {
     let p = repo_root().join("models").join(MODEL_FILE);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model",
+        p.display()
+    );
     p
 }
 

@@ -7,13 +7,27 @@ fn one_shot_chat_prints_only_a_coherent_answer() {
     let out = appliance()
         .args(["chat", "--model"])
         .arg(model())
-        .args(["--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "32"])
+        .args([
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer = String::from_utf8(out.stdout).unwrap();
     assert!(answer.contains("Paris"), "answer: {answer:?}");
-    assert!(!answer.contains("<|im_end|>") && !answer.contains("<|im_start|>"), "{answer:?}");
+    assert!(
+        !answer.contains("<|im_end|>") && !answer.contains("<|im_start|>"),
+        "{answer:?}"
+    );
 }
 
 #[test]
@@ -22,8 +36,24 @@ fn same_seed_same_answer_different_seed_differs() {
         let out = appliance()
             .args(["chat", "--model"])
             .arg(model())
-            .args(["--prompt", "Invent a name for a cat.", "--temperature", "1.0", "--max-tokens", "24"])
-            .args(["--seed", seed, "--top-p", "1", "--min-p", "0", "--repetition-penalty", "1"])
+            .args([
+                "--prompt",
+                "Invent a name for a cat.",
+                "--temperature",
+                "1.0",
+                "--max-tokens",
+                "24",
+            ])
+            .args([
+                "--seed",
+                seed,
+                "--top-p",
+                "1",
+                "--min-p",
+                "0",
+                "--repetition-penalty",
+                "1",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success());
@@ -32,13 +62,23 @@ fn same_seed_same_answer_different_seed_differs() {
     let a = run("7");
     assert_eq!(a, run("7"));
     let others: Vec<String> = ["8", "9", "10"].iter().map(|s| run(s)).collect();
-    assert!(others.iter().any(|o| *o != a), "three other seeds all gave {a:?}");
+    assert!(
+        others.iter().any(|o| *o != a),
+        "three other seeds all gave {a:?}"
+    );
 }
 
 #[test]
 fn interactive_chat_keeps_the_conversation() {
     use std::io::Write;
-    let greedy = ["--temperature", "0", "--max-tokens", "24", "--repetition-penalty", "1"];
+    let greedy = [
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--repetition-penalty",
+        "1",
+    ];
     let mut child = appliance()
         .args(["chat", "--model"])
         .arg(model())
@@ -55,7 +95,11 @@ fn interactive_chat_keeps_the_conversation() {
         writeln!(stdin).unwrap();
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let answers: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(answers.len(), 2, "two answers expected: {text:?}");
@@ -72,15 +116,28 @@ fn interactive_chat_keeps_the_conversation() {
         assert!(out.status.success());
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
-    assert_ne!(one_shot("And of Italy?"), answers[1].trim(), "the second answer ignored the conversation");
+    assert_ne!(
+        one_shot("And of Italy?"),
+        answers[1].trim(),
+        "the second answer ignored the conversation"
+    );
     // And the first answer equals the one-shot answer to the first question.
-    assert_eq!(one_shot("What is the capital of France?"), answers[0].trim());
+    assert_eq!(
+        one_shot("What is the capital of France?"),
+        answers[0].trim()
+    );
 }
 
 #[test]
 fn a_missing_or_bad_model_file_is_a_clear_error() {
     let out = appliance()
-        .args(["chat", "--model", "/nonexistent/model.gguf", "--prompt", "hi"])
+        .args([
+            "chat",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--prompt",
+            "hi",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

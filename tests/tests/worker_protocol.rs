@@ -21,7 +21,10 @@ fn start_worker(dir: &Path) -> (Guard, std::path::PathBuf) {
     let g = Guard(child);
     let t0 = Instant::now();
     while UnixStream::connect(&sock).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "worker did not come up");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "worker did not come up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (g, sock)
@@ -105,12 +108,16 @@ fn worker_speaks_the_protocol() {
     assert!(!text.contains("<|im_end|>"), "{text:?}");
 
     // max_tokens → finish_reason length; stop sequences cut the text.
-    c.send(&json!({"v": 1, "op": "generate", "prompt": {"text": "1, 2, 3, 4,"},
-        "params": {"max_tokens": 5, "ignore_eos": true}}));
+    c.send(
+        &json!({"v": 1, "op": "generate", "prompt": {"text": "1, 2, 3, 4,"},
+        "params": {"max_tokens": 5, "ignore_eos": true}}),
+    );
     let (_, n, done) = c.collect();
     assert_eq!((n, done["finish_reason"].as_str().unwrap()), (5, "length"));
-    c.send(&json!({"v": 1, "op": "generate", "prompt": {"text": "1, 2, 3, 4, 5, 6,"},
-        "params": {"max_tokens": 30, "stop": [" 9"]}}));
+    c.send(
+        &json!({"v": 1, "op": "generate", "prompt": {"text": "1, 2, 3, 4, 5, 6,"},
+        "params": {"max_tokens": 30, "stop": [" 9"]}}),
+    );
     let (text, _, done) = c.collect();
     assert_eq!(done["finish_reason"], "stop", "{text:?}");
     assert!(!text.contains('9') && text.contains('8'), "{text:?}");
@@ -139,8 +146,10 @@ fn disconnect_cancels_and_concurrent_streams_progress_together() {
 
     // A long generation whose caller goes away after a few tokens.
     let mut gone = Conn::new(&sock);
-    gone.send(&json!({"v": 1, "op": "generate", "prompt": {"text": "Once upon a time"},
-        "params": {"max_tokens": 2000, "ignore_eos": true}}));
+    gone.send(
+        &json!({"v": 1, "op": "generate", "prompt": {"text": "Once upon a time"},
+        "params": {"max_tokens": 2000, "ignore_eos": true}}),
+    );
     assert_eq!(gone.recv()["type"], "started");
     for _ in 0..3 {
         assert_eq!(gone.recv()["type"], "token");
@@ -155,7 +164,10 @@ fn disconnect_cancels_and_concurrent_streams_progress_together() {
         if h["active"] == 0 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "cancelled sequence still active: {h}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "cancelled sequence still active: {h}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 
@@ -163,8 +175,10 @@ fn disconnect_cancels_and_concurrent_streams_progress_together() {
     // produces its first token before any of them is done.
     let mut conns: Vec<Conn> = (0..4).map(|_| Conn::new(&sock)).collect();
     for (i, c) in conns.iter_mut().enumerate() {
-        c.send(&json!({"v": 1, "op": "generate", "prompt": {"text": format!("List {i}:")},
-            "params": {"max_tokens": 24, "ignore_eos": true}}));
+        c.send(
+            &json!({"v": 1, "op": "generate", "prompt": {"text": format!("List {i}:")},
+            "params": {"max_tokens": 24, "ignore_eos": true}}),
+        );
     }
     let handles: Vec<_> = conns
         .into_iter()
@@ -190,11 +204,17 @@ fn disconnect_cancels_and_concurrent_streams_progress_together() {
     let last_first = results.iter().map(|r| r.0).max().unwrap();
     let first_done = results.iter().map(|r| r.1).min().unwrap();
     assert!(results.iter().all(|r| r.2 == 24));
-    assert!(last_first < first_done, "streams ran one after another, not together");
+    assert!(
+        last_first < first_done,
+        "streams ran one after another, not together"
+    );
 
     // SIGTERM: exits 0 and removes its socket.
     let pid = g.0.id();
-    let st = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     let t0 = Instant::now();
     loop {
@@ -202,7 +222,10 @@ fn disconnect_cancels_and_concurrent_streams_progress_together() {
             assert!(status.success(), "worker exit status {status}");
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "worker did not stop");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "worker did not stop"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!sock.exists(), "socket left behind");

@@ -210,6 +210,9 @@ mod tests {
             completion_tokens: 2,
         })
         .unwrap();
-        assert_eq!(s, r#"{"type":"done","finish_reason":"length","prompt_tokens":3,"completion_tokens":2}"#);
+        assert_eq!(
+            s,
+            r#"{"type":"done","finish_reason":"length","prompt_tokens":3,"completion_tokens":2}"#
+        );
     }
 }

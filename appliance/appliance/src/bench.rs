@@ -99,9 +99,11 @@ fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
@@ -211,9 +213,22 @@ pub fn run_child(a: BenchRunArgs) -> Result<()> {
                     }
                 }
                 // Decode phase: from the moment every stream has its first token.
-                let t0 = times.iter().filter_map(|t| t.first()).max().copied().context("no tokens")?;
-                let t1 = times.iter().filter_map(|t| t.last()).max().copied().context("no tokens")?;
-                let after: usize = times.iter().map(|t| t.iter().filter(|x| **x > t0).count()).sum();
+                let t0 = times
+                    .iter()
+                    .filter_map(|t| t.first())
+                    .max()
+                    .copied()
+                    .context("no tokens")?;
+                let t1 = times
+                    .iter()
+                    .filter_map(|t| t.last())
+                    .max()
+                    .copied()
+                    .context("no tokens")?;
+                let after: usize = times
+                    .iter()
+                    .map(|t| t.iter().filter(|x| **x > t0).count())
+                    .sum();
                 points.push(StreamPoint {
                     streams: n,
                     aggregate_tps: after as f64 / (t1 - t0).as_secs_f64(),
@@ -234,10 +249,17 @@ pub fn run_child(a: BenchRunArgs) -> Result<()> {
 fn child_json<T: for<'de> Deserialize<'de>>(mut cmd: Command, what: &str) -> Result<T> {
     let out = cmd.output().with_context(|| format!("starting {what}"))?;
     if !out.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).context("no JSON output")?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("no JSON output")?;
     serde_json::from_str(line).with_context(|| format!("parsing {what} output"))
 }
 
@@ -271,9 +293,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .arg("--prompt-ids")
             .arg(&ids_path)
             .args(["--threads", &threads.to_string(), "--mode", mode])
-            .args(["--gen-tokens", &gen.to_string(), "--repeats", &a.repeats.to_string()])
+            .args([
+                "--gen-tokens",
+                &gen.to_string(),
+                "--repeats",
+                &a.repeats.to_string(),
+            ])
             .arg("--streams")
-            .arg(a.streams.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","));
+            .arg(
+                a.streams
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
         c
     };
     let theirs_cmd = |threads: usize, mode: &str, gen: usize| {
@@ -284,9 +317,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .arg("--prompt-ids")
             .arg(&ids_path)
             .args(["--threads", &threads.to_string(), "--mode", mode])
-            .args(["--gen-tokens", &gen.to_string(), "--repeats", &a.repeats.to_string()])
+            .args([
+                "--gen-tokens",
+                &gen.to_string(),
+                "--repeats",
+                &a.repeats.to_string(),
+            ])
             .arg("--streams")
-            .arg(a.streams.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","));
+            .arg(
+                a.streams
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
         c
     };
     let mut report = serde_json::json!({
@@ -303,48 +347,67 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.gen_tokens,
         a.stream_tokens
     );
-    println!("{:<28} {:>12} {:>12} {:>8}", "measure", "appliance", "llama.cpp", "ratio");
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "measure", "appliance", "llama.cpp", "ratio"
+    );
     let mut singles = Vec::new();
     for &t in &a.threads {
         let ours: Single = child_json(ours_cmd(t, "single", a.gen_tokens), "engine benchmark")?;
         let theirs: Option<Single> = if a.no_llama_cpp {
             None
         } else {
-            Some(child_json(theirs_cmd(t, "single", a.gen_tokens), "llama.cpp benchmark")?)
+            Some(child_json(
+                theirs_cmd(t, "single", a.gen_tokens),
+                "llama.cpp benchmark",
+            )?)
         };
         let th = theirs.as_ref();
         println!(
             "{:<28} {:>12.1} {:>12} {:>8}",
             format!("prefill tok/s, {t} thread(s)"),
             ours.prefill_tps,
-            th.map(|x| format!("{:.1}", x.prefill_tps)).unwrap_or("-".into()),
+            th.map(|x| format!("{:.1}", x.prefill_tps))
+                .unwrap_or("-".into()),
             ratio(ours.prefill_tps, th.map(|x| x.prefill_tps))
         );
         println!(
             "{:<28} {:>12.1} {:>12} {:>8}",
             format!("decode tok/s, {t} thread(s)"),
             ours.decode_tps,
-            th.map(|x| format!("{:.1}", x.decode_tps)).unwrap_or("-".into()),
+            th.map(|x| format!("{:.1}", x.decode_tps))
+                .unwrap_or("-".into()),
             ratio(ours.decode_tps, th.map(|x| x.decode_tps))
         );
         println!(
             "{:<28} {:>12.1} {:>12} {:>8}",
             format!("peak RSS MiB, {t} thread(s)"),
             ours.peak_rss_bytes as f64 / 1048576.0,
-            th.map(|x| format!("{:.1}", x.peak_rss_bytes as f64 / 1048576.0)).unwrap_or("-".into()),
+            th.map(|x| format!("{:.1}", x.peak_rss_bytes as f64 / 1048576.0))
+                .unwrap_or("-".into()),
             ""
         );
         singles.push(serde_json::json!({"threads": t, "appliance": ours, "llama_cpp": theirs}));
     }
     report["single"] = serde_json::Value::Array(singles);
     let tmax = a.threads.iter().copied().max().unwrap_or(1);
-    let ours: Streams = child_json(ours_cmd(tmax, "streams", a.stream_tokens), "engine stream benchmark")?;
+    let ours: Streams = child_json(
+        ours_cmd(tmax, "streams", a.stream_tokens),
+        "engine stream benchmark",
+    )?;
     let theirs: Option<Streams> = if a.no_llama_cpp {
         None
     } else {
-        Some(child_json(theirs_cmd(tmax, "streams", a.stream_tokens), "llama.cpp stream benchmark")?)
+        Some(child_json(
+            theirs_cmd(tmax, "streams", a.stream_tokens),
+            "llama.cpp stream benchmark",
+        )?)
     };
-    let single_rate = ours.streams.iter().find(|p| p.streams == 1).map(|p| p.aggregate_tps);
+    let single_rate = ours
+        .streams
+        .iter()
+        .find(|p| p.streams == 1)
+        .map(|p| p.aggregate_tps);
     for p in &ours.streams {
         let th = theirs
             .as_ref()
@@ -375,7 +438,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .map(|x| format!("{:.1}", x.peak_rss_bytes as f64 / 1048576.0))
             .unwrap_or("-".into())
     );
-    report["streams"] = serde_json::json!({"threads": tmax, "appliance": ours, "llama_cpp": theirs});
+    report["streams"] =
+        serde_json::json!({"threads": tmax, "appliance": ours, "llama_cpp": theirs});
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }

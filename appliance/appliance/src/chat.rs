@@ -4,7 +4,9 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use appliance_engine::{ChatMessage, Engine, EngineConfig, Event, GenerateRequest, Prompt, SamplingParams};
+use appliance_engine::{
+    ChatMessage, Engine, EngineConfig, Event, GenerateRequest, Prompt, SamplingParams,
+};
 
 #[derive(clap::Args)]
 pub struct ChatArgs {
@@ -51,12 +53,20 @@ fn params(a: &ChatArgs, room: usize) -> SamplingParams {
 }
 
 /// Streams one answer to `out`, returning its text.
-fn answer(engine: &Engine, msgs: &[ChatMessage], a: &ChatArgs, out: &mut dyn Write) -> Result<String> {
+fn answer(
+    engine: &Engine,
+    msgs: &[ChatMessage],
+    a: &ChatArgs,
+    out: &mut dyn Write,
+) -> Result<String> {
     let prompt = Prompt::Chat(msgs.to_vec());
     let n = engine.tokenize_prompt(&prompt)?.len();
     let room = engine.info().context.saturating_sub(n);
     if room == 0 {
-        anyhow::bail!("the conversation no longer fits the model's context of {} tokens", engine.info().context);
+        anyhow::bail!(
+            "the conversation no longer fits the model's context of {} tokens",
+            engine.info().context
+        );
     }
     let mut h = engine.submit(GenerateRequest {
         prompt,

@@ -13,7 +13,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "appliance", version, about = "Sovereign AI appliance: local inference, policy and audit")]
+#[command(
+    name = "appliance",
+    version,
+    about = "Sovereign AI appliance: local inference, policy and audit"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,10 +60,17 @@ fn main() {
         Command::Worker(a) => worker::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchRun(a) => bench::run_child(a),
-        Command::Tokenize { model, special, text } => (|| {
+        Command::Tokenize {
+            model,
+            special,
+            text,
+        } => (|| {
             let file = appliance_engine::gguf::GgufFile::open(&model)?;
             let tok = appliance_engine::Tokenizer::from_gguf_metadata(file.metadata())?;
-            println!("{}", serde_json::to_string(&tok.encode(&text, true, special))?);
+            println!(
+                "{}",
+                serde_json::to_string(&tok.encode(&text, true, special))?
+            );
             Ok(())
         })(),
     };

@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use appliance_api::worker::{
-    ErrorCode, Op, Request, Response, WireFinish, WireModelInfo, WireParams, WirePrompt, PROTOCOL_VERSION,
+    ErrorCode, Op, Request, Response, WireFinish, WireModelInfo, WireParams, WirePrompt,
+    PROTOCOL_VERSION,
 };
 use appliance_engine::{
-    ChatMessage, Engine, EngineConfig, EngineError, Event, FinishReason, GenerateRequest, Prompt, SamplingParams,
+    ChatMessage, Engine, EngineConfig, EngineError, Event, FinishReason, GenerateRequest, Prompt,
+    SamplingParams,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -62,7 +64,11 @@ pub fn to_params(p: WireParams) -> SamplingParams {
 
 fn to_prompt(p: WirePrompt) -> Prompt {
     match p {
-        WirePrompt::Chat(m) => Prompt::Chat(m.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect()),
+        WirePrompt::Chat(m) => Prompt::Chat(
+            m.into_iter()
+                .map(|m| ChatMessage::new(m.role, m.content))
+                .collect(),
+        ),
         WirePrompt::Text(t) => Prompt::Text(t),
         WirePrompt::Tokens(t) => Prompt::Tokens(t),
     }
@@ -89,7 +95,8 @@ pub fn run(a: WorkerArgs) -> Result<()> {
         max_context: a.max_context,
         ..Default::default()
     };
-    let engine = Engine::load(&a.model, config).with_context(|| format!("loading {}", a.model.display()))?;
+    let engine =
+        Engine::load(&a.model, config).with_context(|| format!("loading {}", a.model.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -99,9 +106,11 @@ pub fn run(a: WorkerArgs) -> Result<()> {
 
 async fn serve(engine: Engine, socket: &Path, grace: Duration) -> Result<()> {
     if socket.exists() {
-        std::fs::remove_file(socket).with_context(|| format!("removing stale socket {}", socket.display()))?;
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {}", socket.display()))?;
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
@@ -136,7 +145,10 @@ async fn serve(engine: Engine, socket: &Path, grace: Duration) -> Result<()> {
     }
     drop(listener);
     let _ = std::fs::remove_file(socket);
-    log::info!("worker draining: {} connection(s)", active.load(Ordering::SeqCst));
+    log::info!(
+        "worker draining: {} connection(s)",
+        active.load(Ordering::SeqCst)
+    );
     let deadline = tokio::time::Instant::now() + grace;
     while active.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

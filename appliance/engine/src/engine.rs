@@ -188,7 +188,9 @@ impl Engine {
         let file = GgufFile::open(path)?;
         let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
         let tok_text = |id: Option<TokenId>| {
-            id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string()
+            id.and_then(|i| tokenizer.token_text(i))
+                .unwrap_or("")
+                .to_string()
         };
         let template = ChatTemplate::new(
             meta_str(file.metadata(), "tokenizer.chat_template"),
@@ -199,11 +201,11 @@ impl Engine {
         let max_ctx = Some(config.max_context.unwrap_or(32768));
         let model = Model::load(&file, &device, max_ctx)?;
         let info = ModelInfo {
-            name: file
-                .config
-                .name
-                .clone()
-                .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
+            name: file.config.name.clone().unwrap_or_else(|| {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
             architecture: file.config.architecture_name.clone(),
             quantization: file.quantization(),
             context: model.context,
@@ -270,12 +272,18 @@ impl Engine {
             Prompt::Text(s) => self.tokenizer.encode(s, true, false),
             Prompt::Chat(msgs) => {
                 if msgs.is_empty() {
-                    return Err(EngineError::InvalidRequest("messages must not be empty".into()));
+                    return Err(EngineError::InvalidRequest(
+                        "messages must not be empty".into(),
+                    ));
                 }
                 let text = self.template.render(msgs, true)?;
                 let mut ids = self.tokenizer.encode(&text, true, true);
                 // A template that writes the BOS text itself must not get a second BOS.
-                if self.tokenizer.add_bos && ids.len() >= 2 && ids[0] == ids[1] && Some(ids[0]) == self.tokenizer.bos {
+                if self.tokenizer.add_bos
+                    && ids.len() >= 2
+                    && ids[0] == ids[1]
+                    && Some(ids[0]) == self.tokenizer.bos
+                {
                     ids.remove(0);
                 }
                 ids
@@ -428,8 +436,12 @@ impl Scheduler {
     fn run(mut self) {
         let mut disconnected = false;
         loop {
-            self.stats.active.store(self.active.len() as u64, Ordering::Relaxed);
-            self.stats.queued.store(self.waiting.len() as u64, Ordering::Relaxed);
+            self.stats
+                .active
+                .store(self.active.len() as u64, Ordering::Relaxed);
+            self.stats
+                .queued
+                .store(self.waiting.len() as u64, Ordering::Relaxed);
             if self.active.is_empty() && self.waiting.is_empty() {
                 if disconnected {
                     return;
@@ -468,7 +480,9 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while self.active.len() < self.config.max_batch.max(1) {
-            let Some(job) = self.waiting.pop_front() else { break };
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
             if job.events.is_closed() {
                 continue;
             }
@@ -547,7 +561,10 @@ impl Scheduler {
             let lse = raw_max + logits.iter().map(|l| (l - raw_max).exp()).sum::<f32>().ln();
             let raw = logits.clone();
             let t = s.sampler.sample(&mut logits, &recent);
-            let logprob = raw.get(t as usize).map(|l| l - lse).unwrap_or(f32::NEG_INFINITY);
+            let logprob = raw
+                .get(t as usize)
+                .map(|l| l - lse)
+                .unwrap_or(f32::NEG_INFINITY);
             s.sampler.accept(t);
             s.generated.push(t);
             self.stats.generated.fetch_add(1, Ordering::Relaxed);
@@ -555,7 +572,11 @@ impl Scheduler {
             if !params.ignore_eos && tokenizer.is_eog(t) {
                 // The end-of-generation token carries whatever text was still held back.
                 let rest = std::mem::take(&mut s.held) + &s.utf8.finish();
-                let _ = s.job.events.send(Event::Token { id: t, text: rest, logprob });
+                let _ = s.job.events.send(Event::Token {
+                    id: t,
+                    text: rest,
+                    logprob,
+                });
                 s.finish(FinishReason::Stop);
                 continue;
             }
@@ -568,7 +589,11 @@ impl Scheduler {
                 emit.push_str(&std::mem::take(&mut s.held));
                 emit.push_str(&s.utf8.finish());
             }
-            let _ = s.job.events.send(Event::Token { id: t, text: emit, logprob });
+            let _ = s.job.events.send(Event::Token {
+                id: t,
+                text: emit,
+                logprob,
+            });
             if stopped {
                 s.finish(FinishReason::Stop);
             } else if at_limit {
@@ -589,10 +614,7 @@ pub fn split_on_stop(held: &mut String, stops: &[String]) -> (String, bool) {
         return (std::mem::take(held), false);
     }
     // Earliest complete stop sequence.
-    let first = stops
-        .iter()
-        .filter_map(|s| held.find(s.as_str()))
-        .min();
+    let first = stops.iter().filter_map(|s| held.find(s.as_str())).min();
     if let Some(pos) = first {
         let out = held[..pos].to_string();
         held.clear();

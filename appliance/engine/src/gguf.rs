@@ -280,7 +280,8 @@ impl ModelConfig {
             n_head_kv,
             head_dim,
             rope_dim,
-            rope_freq_base: meta_f32(md, &format!("{arch_name}.rope.freq_base")).unwrap_or(10_000.0),
+            rope_freq_base: meta_f32(md, &format!("{arch_name}.rope.freq_base"))
+                .unwrap_or(10_000.0),
             rms_eps: meta_f32(md, &format!("{arch_name}.attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
             context_length: req("context_length")?,

@@ -132,18 +132,33 @@ fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ81]) {
 /// times `d_w·d_x`; the min terms summed separately; the lanes reduced pairwise.
 #[inline]
 fn dot_q41_q81(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
     {
         simd::dot_q41_q81(w, x)
     }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
     {
         dot_q41_q81_scalar(w, x)
     }
 }
 
 /// The portable version of [`dot_q41_q81`]; same arithmetic, same result.
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"), allow(dead_code))]
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
 fn dot_q41_q81_scalar(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
     let mut acc = [0f32; 8];
     let mut summs = 0f32;
@@ -159,12 +174,21 @@ fn dot_q41_q81_scalar(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
             *a = dd.mul_add(s as f32, *a);
         }
     }
-    let r = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    let r = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
     let r = [r[0] + r[2], r[1] + r[3]];
     (r[0] + r[1]) + summs
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
 #[allow(unsafe_code)]
 mod simd {
     use super::{BlockQ41, BlockQ81};
@@ -238,11 +262,18 @@ mod tests {
                 for (c, xv) in x[i * cols..(i + 1) * cols].iter().enumerate() {
                     let b = &mat.blocks[r * cols / QK + c / QK];
                     let j = c % QK;
-                    let q = if j < 16 { b.qs[j] & 15 } else { b.qs[j - 16] >> 4 };
+                    let q = if j < 16 {
+                        b.qs[j] & 15
+                    } else {
+                        b.qs[j - 16] >> 4
+                    };
                     exact += (b.d * q as f32 + b.m) * xv;
                 }
                 let got = y[i * rows + r];
-                assert!((got - exact).abs() < 0.05, "row {r} seq {i}: {got} vs {exact}");
+                assert!(
+                    (got - exact).abs() < 0.05,
+                    "row {r} seq {i}: {got} vs {exact}"
+                );
             }
             // The same row alone gives the same result as in the batch.
             let single = mat.matmul(&x[i * cols..(i + 1) * cols], 1);
@@ -250,11 +281,21 @@ mod tests {
         }
         assert!(Q41Matrix::from_ggml_bytes(&bytes[1..], rows, cols).is_none());
         // The SIMD and portable dot products agree bit for bit.
-        let mut xq = vec![BlockQ81 { d: 0.0, s: 0.0, qs: [0; 32] }; cols / QK];
+        let mut xq = vec![
+            BlockQ81 {
+                d: 0.0,
+                s: 0.0,
+                qs: [0; 32]
+            };
+            cols / QK
+        ];
         quantize_row_q8_1(&x[..cols], &mut xq);
         for r in 0..rows {
             let wrow = &mat.blocks[r * cols / QK..(r + 1) * cols / QK];
-            assert_eq!(dot_q41_q81(wrow, &xq).to_bits(), dot_q41_q81_scalar(wrow, &xq).to_bits());
+            assert_eq!(
+                dot_q41_q81(wrow, &xq).to_bits(),
+                dot_q41_q81_scalar(wrow, &xq).to_bits()
+            );
         }
     }
 }
@@ -281,7 +322,10 @@ pub fn ggml_expf(x: f32) -> f32 {
         return if n <= 0.0 { 0.0 } else { f32::INFINITY };
     }
     let u = b * b;
-    let j = P5.mul_add(b, P4).mul_add(u, P3.mul_add(b, P2)).mul_add(u, P1.mul_add(b, 1.0));
+    let j = P5
+        .mul_add(b, P4)
+        .mul_add(u, P3.mul_add(b, P2))
+        .mul_add(u, P1.mul_add(b, 1.0));
     scale_by_pow2(j, n as i32)
 }
 
@@ -295,7 +339,10 @@ fn scale_by_pow2(j: f32, n: i32) -> f32 {
 
 /// SiLU(gate)·up, element-wise, with ggml's exp.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter().zip(up).map(|(&g, &u)| (g / (1.0 + ggml_expf(-g))) * u).collect()
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| (g / (1.0 + ggml_expf(-g))) * u)
+        .collect()
 }
 
 /// In-place softmax of one row as ggml computes it: exp with ggml's exp, the sum in f64,
@@ -304,7 +351,11 @@ pub fn softmax_row(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     for v in row.iter_mut() {
-        *v = if *v == f32::NEG_INFINITY { 0.0 } else { ggml_expf(*v - max) };
+        *v = if *v == f32::NEG_INFINITY {
+            0.0
+        } else {
+            ggml_expf(*v - max)
+        };
         sum += *v as f64;
     }
     let inv = (1.0 / sum) as f32;
@@ -429,7 +480,14 @@ pub fn attention(
                 for pc in p.iter_mut() {
                     *pc = f16_round(*pc);
                 }
-                weighted_values(&p[..visible], vh, hd, prompt_rows, &mut o[r * hd..(r + 1) * hd], &mut slots);
+                weighted_values(
+                    &p[..visible],
+                    vh,
+                    hd,
+                    prompt_rows,
+                    &mut o[r * hd..(r + 1) * hd],
+                    &mut slots,
+                );
             }
             o
         })
@@ -437,7 +495,8 @@ pub fn attention(
     let mut out = vec![0f32; l * n_head * hd];
     for (h, o) in per_head.iter().enumerate() {
         for r in 0..l {
-            out[r * n_head * hd + h * hd..r * n_head * hd + (h + 1) * hd].copy_from_slice(&o[r * hd..(r + 1) * hd]);
+            out[r * n_head * hd + h * hd..r * n_head * hd + (h + 1) * hd]
+                .copy_from_slice(&o[r * hd..(r + 1) * hd]);
         }
     }
     out
@@ -510,10 +569,17 @@ pub fn softmax_row_chunked(row: &mut [f32]) {
 pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, neox: bool) {
     let half = hd / 2;
     for (t, tok) in x.chunks_exact_mut(heads * hd).enumerate() {
-        let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+        let (c, s) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
         for head in tok.chunks_exact_mut(hd) {
             for i in 0..half {
-                let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                let (a, b) = if neox {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0.mul_add(c[i], -(x1 * s[i]));
                 head[b] = x0.mul_add(s[i], x1 * c[i]);
@@ -542,7 +608,9 @@ mod attention_tests {
     fn attention_is_causal_softmax_weighted_values() {
         // 2 heads sharing 1 kv head, 3 positions, head dim 2; values chosen exact in f16.
         let (n_head, n_kv, hd, l) = (2, 1, 2, 3);
-        let q = vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, /* head 1 */ 0.0, 0.0, 1.0, 0.0, 0.5, 0.5];
+        let q = vec![
+            1.0, 0.0, 0.0, 1.0, 1.0, 1.0, /* head 1 */ 0.0, 0.0, 1.0, 0.0, 0.5, 0.5,
+        ];
         let k = vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
         let v = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         for prompt_rows in [true, false] {

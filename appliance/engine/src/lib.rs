@@ -15,8 +15,8 @@ pub mod template;
 pub mod tokenizer;
 
 pub use engine::{
-    Completion, DeviceSpec, Engine, EngineConfig, Event, FinishReason, GenerateRequest, ModelInfo, Prompt,
-    RequestHandle,
+    Completion, DeviceSpec, Engine, EngineConfig, Event, FinishReason, GenerateRequest, ModelInfo,
+    Prompt, RequestHandle,
 };
 pub use error::{EngineError, Result};
 pub use sampling::SamplingParams;

@@ -27,7 +27,8 @@ impl Linear {
     fn new(t: QTensor) -> Result<Self> {
         if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() {
             if let Ok((rows, cols)) = t.shape().dims2() {
-                if let Some(m) = crate::kernels::Q41Matrix::from_ggml_bytes(&t.data()?, rows, cols) {
+                if let Some(m) = crate::kernels::Q41Matrix::from_ggml_bytes(&t.data()?, rows, cols)
+                {
                     return Ok(Self::Q41(m));
                 }
             }
@@ -81,7 +82,9 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("config", &self.config).finish()
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -279,7 +282,12 @@ impl Model {
         // RoPE tables, with Llama 3.1-style per-frequency factors when the file has them.
         let half = cfg.head_dim / 2;
         let factors: Option<Vec<f32>> = if has("rope_freqs.weight") {
-            Some(load_q("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+            Some(
+                load_q("rope_freqs.weight")?
+                    .dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            )
         } else {
             None
         };
@@ -321,7 +329,13 @@ impl Model {
     /// A new, empty cache for one sequence.
     pub fn new_cache(&self) -> Result<KvCache> {
         let n = self.config.n_layer;
-        let mk = || Tensor::zeros((self.config.n_head_kv, 0, self.config.head_dim), DType::F32, &self.device);
+        let mk = || {
+            Tensor::zeros(
+                (self.config.n_head_kv, 0, self.config.head_dim),
+                DType::F32,
+                &self.device,
+            )
+        };
         Ok(KvCache {
             k: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
             v: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
@@ -376,8 +390,14 @@ impl Model {
         let total = ids.len();
         let ids_t = Tensor::from_vec(ids, total, &self.device)?;
         let pos_t = Tensor::from_vec(positions, total, &self.device)?;
-        let cos = self.cos.index_select(&pos_t, 0)?.reshape((total, 1, hd / 2))?;
-        let sin = self.sin.index_select(&pos_t, 0)?.reshape((total, 1, hd / 2))?;
+        let cos = self
+            .cos
+            .index_select(&pos_t, 0)?
+            .reshape((total, 1, hd / 2))?;
+        let sin = self
+            .sin
+            .index_select(&pos_t, 0)?
+            .reshape((total, 1, hd / 2))?;
         let cpu_trig = if self.device.is_cpu() {
             Some((
                 cos.flatten_all()?.to_vec1::<f32>()?,
@@ -422,8 +442,18 @@ impl Model {
             let v = v.reshape((total, n_kv, hd))?;
             let mut outs = Vec::with_capacity(items.len());
             for (it, &(s, l, start)) in items.iter_mut().zip(&spans) {
-                let qi = half_round(&q.narrow(0, s, l)?.reshape((l, n_head, hd))?.transpose(0, 1)?.contiguous()?)?;
-                let ki = half_round(&k.narrow(0, s, l)?.reshape((l, n_kv, hd))?.transpose(0, 1)?.contiguous()?)?;
+                let qi = half_round(
+                    &q.narrow(0, s, l)?
+                        .reshape((l, n_head, hd))?
+                        .transpose(0, 1)?
+                        .contiguous()?,
+                )?;
+                let ki = half_round(
+                    &k.narrow(0, s, l)?
+                        .reshape((l, n_kv, hd))?
+                        .transpose(0, 1)?
+                        .contiguous()?,
+                )?;
                 let vi = half_round(&v.narrow(0, s, l)?.transpose(0, 1)?.contiguous()?)?;
                 it.cache.k[li].slice_set(&ki, 1, start)?;
                 it.cache.v[li].slice_set(&vi, 1, start)?;
@@ -452,7 +482,11 @@ impl Model {
                     let mut mask = Vec::with_capacity(l * t_all);
                     for r in 0..l {
                         for c in 0..t_all {
-                            mask.push(if c <= start + r { 0f32 } else { f32::NEG_INFINITY });
+                            mask.push(if c <= start + r {
+                                0f32
+                            } else {
+                                f32::NEG_INFINITY
+                            });
                         }
                     }
                     let mask = Tensor::from_vec(mask, (l, t_all), &self.device)?;
@@ -463,7 +497,10 @@ impl Model {
                 }
                 let att = half_round(&softmax_last_dim(&att)?)?;
                 let o = att.matmul(&v_all.contiguous()?)?; // [n_kv, group*l, hd]
-                let o = o.reshape((n_head, l, hd))?.transpose(0, 1)?.reshape((l, n_head * hd))?;
+                let o = o
+                    .reshape((n_head, l, hd))?
+                    .transpose(0, 1)?
+                    .reshape((l, n_head * hd))?;
                 outs.push(o);
             }
             let attn = if outs.len() == 1 {

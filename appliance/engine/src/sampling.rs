@@ -58,7 +58,10 @@ impl SamplingParams {
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         let bad = |m: String| Err(EngineError::InvalidRequest(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -67,13 +70,22 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return bad(format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty));
+            return bad(format!(
+                "frequency_penalty must be in [-2, 2], got {}",
+                self.frequency_penalty
+            ));
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return bad(format!("presence_penalty must be in [-2, 2], got {}", self.presence_penalty));
+            return bad(format!(
+                "presence_penalty must be in [-2, 2], got {}",
+                self.presence_penalty
+            ));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         if self.max_tokens == Some(0) {
             return bad("max_tokens must be at least 1".into());
@@ -83,10 +95,14 @@ impl SamplingParams {
         }
         for (t, b) in &self.logit_bias {
             if *t as usize >= vocab_size {
-                return bad(format!("logit_bias: token {t} is outside the vocabulary of {vocab_size}"));
+                return bad(format!(
+                    "logit_bias: token {t} is outside the vocabulary of {vocab_size}"
+                ));
             }
             if !(-100.0..=100.0).contains(b) {
-                return bad(format!("logit_bias: bias {b} for token {t} is outside [-100, 100]"));
+                return bad(format!(
+                    "logit_bias: bias {b} for token {t} is outside [-100, 100]"
+                ));
             }
         }
         Ok(())
@@ -175,7 +191,11 @@ impl Sampler {
             for &t in &recent[start..] {
                 if seen.insert(t) {
                     if let Some(l) = logits.get_mut(t as usize) {
-                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
                     }
                 }
             }
@@ -205,7 +225,8 @@ impl Sampler {
             cands.truncate(p.top_k);
         }
         let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(TokenId, f32)> = cands.iter().map(|&(i, l)| (i, (l - max).exp())).collect();
+        let mut probs: Vec<(TokenId, f32)> =
+            cands.iter().map(|&(i, l)| (i, (l - max).exp())).collect();
         let sum: f32 = probs.iter().map(|c| c.1).sum();
         for c in &mut probs {
             c.1 /= sum;
@@ -345,13 +366,21 @@ mod tests {
         };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone(), 0);
-            (0..200).map(|_| s.sample(&mut logits(), &[])).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| s.sample(&mut logits(), &[]))
+                .collect::<Vec<_>>()
         };
         let a = draw(&p);
         assert_eq!(a, draw(&p));
         let distinct: std::collections::HashSet<_> = a.iter().collect();
-        assert!(distinct.len() >= 3, "temperature 1 should visit several tokens");
-        let other = SamplingParams { seed: Some(43), ..p };
+        assert!(
+            distinct.len() >= 3,
+            "temperature 1 should visit several tokens"
+        );
+        let other = SamplingParams {
+            seed: Some(43),
+            ..p
+        };
         assert_ne!(a, draw(&other));
     }
 
@@ -366,6 +395,10 @@ mod tests {
             logit_bias: vec![(99, 1.0)],
             ..Default::default()
         };
-        assert!(p.validate(10).unwrap_err().to_string().contains("logit_bias"));
+        assert!(p
+            .validate(10)
+            .unwrap_err()
+            .to_string()
+            .contains("logit_bias"));
     }
 }

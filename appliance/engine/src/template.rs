@@ -56,8 +56,9 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", src.clone())
-            .map_err(|e| EngineError::Template(format!("cannot compile the model's chat template: {e}")))?;
+        env.add_template_owned("chat", src.clone()).map_err(|e| {
+            EngineError::Template(format!("cannot compile the model's chat template: {e}"))
+        })?;
         Ok(Self {
             env,
             source: src,
@@ -100,9 +101,7 @@ mod tests {
     fn fallback_is_chatml() {
         let t = ChatTemplate::new(None, "", "").unwrap();
         assert!(t.is_fallback);
-        let s = t
-            .render(&[ChatMessage::new("user", "Hi")], true)
-            .unwrap();
+        let s = t.render(&[ChatMessage::new("user", "Hi")], true).unwrap();
         assert_eq!(s, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
@@ -110,12 +109,16 @@ mod tests {
     fn llama3_style_template_with_python_methods() {
         let src = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}{% if messages[0].content.strip() == '' %}{{ raise_exception('empty') }}{% endif %}";
         let t = ChatTemplate::new(Some(src), "<|begin_of_text|>", "<|eot_id|>").unwrap();
-        let s = t.render(&[ChatMessage::new("user", " Hello ")], true).unwrap();
+        let s = t
+            .render(&[ChatMessage::new("user", " Hello ")], true)
+            .unwrap();
         assert_eq!(
             s,
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         );
-        let err = t.render(&[ChatMessage::new("user", "  ")], true).unwrap_err();
+        let err = t
+            .render(&[ChatMessage::new("user", "  ")], true)
+            .unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
     }
 

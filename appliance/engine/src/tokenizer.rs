@@ -124,7 +124,8 @@ fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap_or('?')
         } else {
@@ -209,12 +210,16 @@ impl Tokenizer {
                     merge_ranks.entry(m).or_insert(i as u32);
                 }
             }
-            let pre = meta_str(md, "tokenizer.ggml.pre").unwrap_or("default").to_string();
+            let pre = meta_str(md, "tokenizer.ggml.pre")
+                .unwrap_or("default")
+                .to_string();
             let (exprs, ignore) = pre_tokenizer_regexes(&pre)?;
             let regexes = exprs
                 .into_iter()
                 .map(|e| {
-                    Regex::new(e).map_err(|err| EngineError::Tokenizer(format!("pre-tokenizer regex: {err}")))
+                    Regex::new(e).map_err(|err| {
+                        EngineError::Tokenizer(format!("pre-tokenizer regex: {err}"))
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             (regexes, pre, ignore)
@@ -232,9 +237,12 @@ impl Tokenizer {
             Model::Bpe => (false, false),
             Model::Spm => (true, true),
         };
-        let add_bos = meta_bool(md, "tokenizer.ggml.add_bos_token").unwrap_or(default_bos) && bos.is_some();
-        let add_eos = meta_bool(md, "tokenizer.ggml.add_eos_token").unwrap_or(false) && eos.is_some();
-        let add_space_prefix = meta_bool(md, "tokenizer.ggml.add_space_prefix").unwrap_or(default_space);
+        let add_bos =
+            meta_bool(md, "tokenizer.ggml.add_bos_token").unwrap_or(default_bos) && bos.is_some();
+        let add_eos =
+            meta_bool(md, "tokenizer.ggml.add_eos_token").unwrap_or(false) && eos.is_some();
+        let add_space_prefix =
+            meta_bool(md, "tokenizer.ggml.add_space_prefix").unwrap_or(default_space);
 
         let mut special_sorted: Vec<TokenId> = (0..n as TokenId)
             .filter(|&i| {
@@ -247,14 +255,25 @@ impl Tokenizer {
         special_sorted.sort_by(|a, b| tokens[*b as usize].len().cmp(&tokens[*a as usize].len()));
 
         let mut eog: Vec<TokenId> = Vec::new();
-        for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        for k in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
             if let Some(t) = id(k) {
                 eog.push(t);
             }
         }
         const EOG_TEXTS: &[&str] = &[
-            "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-            "<EOT>", "<|end_of_text|>", "</s>",
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<|eom_id|>",
+            "<EOT>",
+            "<|end_of_text|>",
+            "</s>",
         ];
         for (i, t) in tokens.iter().enumerate() {
             if kinds[i] == TokenKind::Control && EOG_TEXTS.contains(&t.as_str()) {
@@ -265,7 +284,11 @@ impl Tokenizer {
         eog.dedup();
 
         let byte_encoder = bytes_to_unicode();
-        let byte_decoder = byte_encoder.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
+        let byte_decoder = byte_encoder
+            .iter()
+            .enumerate()
+            .map(|(b, c)| (*c, b as u8))
+            .collect();
         Ok(Self {
             model,
             tokens,
@@ -416,7 +439,10 @@ impl Tokenizer {
 
     fn encode_bpe_fragment(&self, text: &str, out: &mut Vec<TokenId>) {
         for word in self.pre_tokenize(text) {
-            let encoded: String = word.bytes().map(|b| self.byte_encoder[b as usize]).collect();
+            let encoded: String = word
+                .bytes()
+                .map(|b| self.byte_encoder[b as usize])
+                .collect();
             if self.ignore_merges {
                 if let Some(&id) = self.token_to_id.get(&encoded) {
                     out.push(id);
@@ -448,7 +474,9 @@ impl Tokenizer {
                 } else {
                     // Not in the vocabulary: fall back to one token per character.
                     for c in s.chars() {
-                        if let Some(&id) = self.token_to_id.get(c.encode_utf8(&mut [0u8; 4]) as &str) {
+                        if let Some(&id) =
+                            self.token_to_id.get(c.encode_utf8(&mut [0u8; 4]) as &str)
+                        {
                             out.push(id);
                         }
                     }
@@ -541,7 +569,8 @@ impl Tokenizer {
                     let name = format!("<0x{b:02X}>");
                     if let Some(&id) = self.token_to_id.get(&name) {
                         out.push(id);
-                    } else if let Some(u) = self.kinds.iter().position(|k| *k == TokenKind::Unknown) {
+                    } else if let Some(u) = self.kinds.iter().position(|k| *k == TokenKind::Unknown)
+                    {
                         out.push(u as TokenId);
                     }
                 }
@@ -567,7 +596,9 @@ impl Tokenizer {
             TokenKind::Unused => Vec::new(),
             TokenKind::Byte => {
                 let hex = text.trim_start_matches("<0x").trim_end_matches('>');
-                u8::from_str_radix(hex, 16).map(|b| vec![b]).unwrap_or_default()
+                u8::from_str_radix(hex, 16)
+                    .map(|b| vec![b])
+                    .unwrap_or_default()
             }
             TokenKind::Normal => match self.model {
                 Model::Bpe => text
@@ -581,7 +612,10 @@ impl Tokenizer {
 
     /// Decodes a whole token sequence to text (invalid UTF-8 becomes U+FFFD).
     pub fn decode(&self, ids: &[TokenId], special: bool) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i, special)).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i, special))
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }

@@ -33,7 +33,10 @@ fn tokenizer_matches_llama_cpp_and_round_trips() {
         let text = c["text"].as_str().unwrap();
         let plain = tok.encode(text, true, false);
         if plain != ids(&c["ids"]) {
-            failures.push(format!("{text:?}\n  ours  {plain:?}\n  llama {:?}", ids(&c["ids"])));
+            failures.push(format!(
+                "{text:?}\n  ours  {plain:?}\n  llama {:?}",
+                ids(&c["ids"])
+            ));
         }
         let special = tok.encode(text, true, true);
         if special != ids(&c["ids_special"]) {
@@ -45,7 +48,11 @@ fn tokenizer_matches_llama_cpp_and_round_trips() {
         // Decoding gives back the text exactly (this vocabulary is byte-level).
         assert_eq!(tok.decode(&plain, true), text, "round trip of {text:?}");
     }
-    assert!(failures.is_empty(), "tokenization differs from llama.cpp:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "tokenization differs from llama.cpp:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -99,12 +106,19 @@ fn first_step_logits_agree_within_tolerance() {
             let expected = pair[1].as_f64().unwrap() as f32;
             let diff = (logits[id] - expected).abs();
             worst = worst.max(diff);
-            assert!(diff < TOL_LOGIT, "token {id}: ours {} llama.cpp {expected}", logits[id]);
+            assert!(
+                diff < TOL_LOGIT,
+                "token {id}: ours {} llama.cpp {expected}",
+                logits[id]
+            );
         }
         let top = c["first_logits_top"][0][0].as_u64().unwrap() as usize;
         let lp_ours = logits[top] - lse;
         let lp_ref = c["first_logits_top"][0][1].as_f64().unwrap() as f32 - lse_ref;
-        assert!((lp_ours - lp_ref).abs() < TOL_LOGPROB, "log p of top token: ours {lp_ours} llama.cpp {lp_ref}");
+        assert!(
+            (lp_ours - lp_ref).abs() < TOL_LOGPROB,
+            "log p of top token: ours {lp_ours} llama.cpp {lp_ref}"
+        );
     }
     eprintln!("largest top-64 logit difference: {worst}");
 }
@@ -137,14 +151,21 @@ fn greedy_decode_matches_llama_cpp_sequential_and_batched() {
         assert_eq!(out.tokens.len(), 16);
         seq_out.push(out.tokens);
     }
-    let agree = seq_out.iter().zip(&expected).filter(|(a, b)| a == b).count();
+    let agree = seq_out
+        .iter()
+        .zip(&expected)
+        .filter(|(a, b)| a == b)
+        .count();
     for (i, (a, b)) in seq_out.iter().zip(&expected).enumerate() {
         if a != b {
             eprintln!("case {i} differs:\n  ours  {a:?}\n  llama {b:?}");
         }
     }
     eprintln!("free-running greedy: {agree}/10 continuations equal llama.cpp's over 16 tokens");
-    assert!(agree >= 9, "only {agree}/10 greedy continuations equal llama.cpp's");
+    assert!(
+        agree >= 9,
+        "only {agree}/10 greedy continuations equal llama.cpp's"
+    );
 
     // All ten at once: continuous batching must not change what a sequence computes
     // beyond rounding (the batched kernels sum in another order).
@@ -165,7 +186,9 @@ fn greedy_decode_matches_llama_cpp_sequential_and_batched() {
         while let Some(ev) = h.events.blocking_recv() {
             match ev {
                 appliance_engine::Event::Token { id, .. } => toks.push(id),
-                appliance_engine::Event::Done { completion_tokens, .. } => {
+                appliance_engine::Event::Done {
+                    completion_tokens, ..
+                } => {
                     assert_eq!(completion_tokens, 16);
                     break;
                 }
@@ -175,7 +198,11 @@ fn greedy_decode_matches_llama_cpp_sequential_and_batched() {
         batched.push(toks);
     }
     let same = batched.iter().zip(&seq_out).filter(|(a, b)| a == b).count();
-    assert!(same >= 9, "batched decoding changed {} of 10 continuations", 10 - same);
+    assert!(
+        same >= 9,
+        "batched decoding changed {} of 10 continuations",
+        10 - same
+    );
 }
 
 /// Teacher-forced agreement: feed llama.cpp's own 16 greedy tokens after each prompt and
@@ -223,5 +250,8 @@ fn every_greedy_step_agrees_with_llama_cpp_when_teacher_forced() {
     }
     eprintln!("teacher-forced: {exact}/{steps} steps with the same argmax; largest near-tie margin {worst}");
     assert!(exact + 1 >= steps, "only {exact}/{steps} steps agree");
-    assert_eq!(far, 0, "{far} steps where llama.cpp's token is no near-tie for us");
+    assert_eq!(
+        far, 0,
+        "{far} steps where llama.cpp's token is no near-tie for us"
+    );
 }

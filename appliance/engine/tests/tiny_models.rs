@@ -8,7 +8,8 @@ use appliance_engine::gguf::GgufFile;
 use appliance_engine::model::{BatchItem, Model};
 use appliance_engine::sampling::Rng;
 use appliance_engine::{
-    Engine, EngineConfig, EngineError, Event, FinishReason, GenerateRequest, Prompt, SamplingParams, Tokenizer,
+    Engine, EngineConfig, EngineError, Event, FinishReason, GenerateRequest, Prompt,
+    SamplingParams, Tokenizer,
 };
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -59,7 +60,9 @@ impl Default for Spec {
 }
 
 fn rand_tensor(rng: &mut Rng, shape: (usize, usize), scale: f32) -> Tensor {
-    let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.next_f32() - 0.5) * 2.0 * scale).collect();
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| (rng.next_f32() - 0.5) * 2.0 * scale)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -79,8 +82,19 @@ fn vocab(spec: &Spec) -> (Vec<String>, Vec<i32>, Vec<f32>, Vec<String>) {
             types.push(6);
             scores.push(0.0);
         }
-        for (t, s) in [("\u{2581}", -1.0), ("t", -2.0), ("h", -2.0), ("e", -2.0), ("a", -2.0), ("c", -2.0),
-            ("he", -3.0), ("\u{2581}t", -3.5), ("\u{2581}the", -1.5), ("\u{2581}c", -4.0), ("at", -4.0)] {
+        for (t, s) in [
+            ("\u{2581}", -1.0),
+            ("t", -2.0),
+            ("h", -2.0),
+            ("e", -2.0),
+            ("a", -2.0),
+            ("c", -2.0),
+            ("he", -3.0),
+            ("\u{2581}t", -3.5),
+            ("\u{2581}the", -1.5),
+            ("\u{2581}c", -4.0),
+            ("at", -4.0),
+        ] {
             tokens.push(t.to_string());
             types.push(1);
             scores.push(s);
@@ -91,7 +105,13 @@ fn vocab(spec: &Spec) -> (Vec<String>, Vec<i32>, Vec<f32>, Vec<String>) {
             types.push(1);
             scores.push(0.0);
         }
-        for (a, b) in [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("c", "a"), ("ca", "t")] {
+        for (a, b) in [
+            ("Ġ", "t"),
+            ("h", "e"),
+            ("Ġt", "he"),
+            ("c", "a"),
+            ("ca", "t"),
+        ] {
             merges.push(format!("{a} {b}"));
             tokens.push(format!("{a}{b}"));
             types.push(1);
@@ -112,10 +132,16 @@ fn write_model(path: &Path, spec: &Spec) {
     let mut rng = Rng::new(spec.seed);
     let q = |t: &Tensor, d: GgmlDType| QTensor::quantize(t, d).unwrap();
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    tensors.push(("token_embd.weight".into(), q(&rand_tensor(&mut rng, (n_vocab, EMBD), 1.0), spec.dtype)));
+    tensors.push((
+        "token_embd.weight".into(),
+        q(&rand_tensor(&mut rng, (n_vocab, EMBD), 1.0), spec.dtype),
+    ));
     // A separate output head (the real model covers tied embeddings), small enough that
     // sampling at temperature 1 visits several tokens.
-    tensors.push(("output.weight".into(), q(&rand_tensor(&mut rng, (n_vocab, EMBD), 0.1), spec.dtype)));
+    tensors.push((
+        "output.weight".into(),
+        q(&rand_tensor(&mut rng, (n_vocab, EMBD), 0.1), spec.dtype),
+    ));
     let ones = Tensor::ones(EMBD, candle_core::DType::F32, &Device::Cpu).unwrap();
     tensors.push(("output_norm.weight".into(), q(&ones, GgmlDType::F32)));
     for l in 0..LAYERS {
@@ -134,7 +160,11 @@ fn write_model(path: &Path, spec: &Spec) {
             tensors.push((p(name), q(&rand_tensor(&mut rng, shape, 0.08), spec.dtype)));
         }
         if spec.bias {
-            for (name, n) in [("attn_q.bias", EMBD), ("attn_k.bias", KV_HEADS * HD), ("attn_v.bias", KV_HEADS * HD)] {
+            for (name, n) in [
+                ("attn_q.bias", EMBD),
+                ("attn_k.bias", KV_HEADS * HD),
+                ("attn_v.bias", KV_HEADS * HD),
+            ] {
                 let b = rand_tensor(&mut rng, (1, n), 0.5).reshape(n).unwrap();
                 tensors.push((p(name), q(&b, GgmlDType::F32)));
             }
@@ -149,24 +179,51 @@ fn write_model(path: &Path, spec: &Spec) {
         (format!("{a}.context_length"), Value::U32(spec.context)),
         (format!("{a}.embedding_length"), Value::U32(EMBD as u32)),
         (format!("{a}.feed_forward_length"), Value::U32(FF as u32)),
-        (format!("{a}.attention.head_count"), Value::U32(HEADS as u32)),
-        (format!("{a}.attention.head_count_kv"), Value::U32(KV_HEADS as u32)),
+        (
+            format!("{a}.attention.head_count"),
+            Value::U32(HEADS as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            Value::U32(KV_HEADS as u32),
+        ),
         (format!("{a}.rope.freq_base"), Value::F32(10000.0)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| s(t)).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.iter().map(|t| Value::I32(*t)).collect())),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.iter().map(|t| Value::I32(*t)).collect()),
+        ),
     ];
     if spec.spm {
         md.push(("tokenizer.ggml.model".into(), s("llama")));
-        md.push(("tokenizer.ggml.scores".into(), Value::Array(scores.iter().map(|x| Value::F32(*x)).collect())));
+        md.push((
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.iter().map(|x| Value::F32(*x)).collect()),
+        ));
         md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(1)));
         md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(2)));
     } else {
         md.push(("tokenizer.ggml.model".into(), s("gpt2")));
         md.push(("tokenizer.ggml.pre".into(), s("smollm")));
-        md.push(("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| s(m)).collect())));
-        md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32((n_vocab - 1) as u32)));
-        md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32((n_vocab - 2) as u32)));
+        md.push((
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.iter().map(|m| s(m)).collect()),
+        ));
+        md.push((
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32((n_vocab - 1) as u32),
+        ));
+        md.push((
+            "tokenizer.ggml.bos_token_id".into(),
+            Value::U32((n_vocab - 2) as u32),
+        ));
     }
     let mut f = std::fs::File::create(path).unwrap();
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -237,7 +294,13 @@ fn every_supported_quantization_loads_and_tracks_f32() {
         (GgmlDType::Q4_1, "Q4_1", 0.9),
     ] {
         let p = tmp(&format!("{dtype:?}.gguf"));
-        write_model(&p, &Spec { dtype, ..Default::default() });
+        write_model(
+            &p,
+            &Spec {
+                dtype,
+                ..Default::default()
+            },
+        );
         let file = GgufFile::open(&p).unwrap();
         assert_eq!(file.quantization(), name);
         let l = first_logits(&p, &prompt);
@@ -246,7 +309,11 @@ fn every_supported_quantization_loads_and_tracks_f32() {
         let engine = Engine::load(&p, EngineConfig::default()).unwrap();
         let a = run(&engine, Prompt::Tokens(prompt.clone()), greedy(6));
         assert_eq!(a.len(), 6);
-        assert_eq!(a, run(&engine, Prompt::Tokens(prompt.clone()), greedy(6)), "{dtype:?} greedy not deterministic");
+        assert_eq!(
+            a,
+            run(&engine, Prompt::Tokens(prompt.clone()), greedy(6)),
+            "{dtype:?} greedy not deterministic"
+        );
     }
 }
 
@@ -254,12 +321,29 @@ fn every_supported_quantization_loads_and_tracks_f32() {
 fn qwen2_architecture_uses_its_biases() {
     let prompt: Vec<u32> = (5..25).collect();
     let with = tmp("qwen2-bias.gguf");
-    write_model(&with, &Spec { arch: "qwen2", bias: true, ..Default::default() });
+    write_model(
+        &with,
+        &Spec {
+            arch: "qwen2",
+            bias: true,
+            ..Default::default()
+        },
+    );
     let without = tmp("qwen2-nobias.gguf");
-    write_model(&without, &Spec { arch: "qwen2", bias: false, ..Default::default() });
+    write_model(
+        &without,
+        &Spec {
+            arch: "qwen2",
+            bias: false,
+            ..Default::default()
+        },
+    );
     let a = first_logits(&with, &prompt);
     let b = first_logits(&without, &prompt);
-    assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3), "biases had no effect");
+    assert!(
+        a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3),
+        "biases had no effect"
+    );
     let engine = Engine::load(&with, EngineConfig::default()).unwrap();
     assert_eq!(engine.info().architecture, "qwen2");
     assert_eq!(run(&engine, Prompt::Tokens(prompt), greedy(4)).len(), 4);
@@ -268,9 +352,18 @@ fn qwen2_architecture_uses_its_biases() {
 #[test]
 fn unsupported_architecture_and_tensor_type_are_named() {
     let p = tmp("mamba.gguf");
-    write_model(&p, &Spec { arch: "mamba", ..Default::default() });
+    write_model(
+        &p,
+        &Spec {
+            arch: "mamba",
+            ..Default::default()
+        },
+    );
     let e = GgufFile::open(&p).unwrap_err();
-    assert!(matches!(e, EngineError::UnsupportedArchitecture(ref a) if a == "mamba"), "{e}");
+    assert!(
+        matches!(e, EngineError::UnsupportedArchitecture(ref a) if a == "mamba"),
+        "{e}"
+    );
     assert!(e.to_string().contains("mamba"));
 
     // Rewrite one tensor's type field to IQ2_XXS (16), which the engine cannot load.
@@ -284,7 +377,10 @@ fn unsupported_architecture_and_tensor_type_are_named() {
     bytes[tpos..tpos + 4].copy_from_slice(&16u32.to_le_bytes());
     std::fs::write(&p, &bytes).unwrap();
     let e = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(e.contains("blk.1.ffn_up.weight") && e.contains("IQ2_XXS"), "{e}");
+    assert!(
+        e.contains("blk.1.ffn_up.weight") && e.contains("IQ2_XXS"),
+        "{e}"
+    );
 
     let p = tmp("garbage.gguf");
     std::fs::write(&p, b"GGUF but not really").unwrap();
@@ -303,21 +399,46 @@ fn bpe_and_spm_tokenizers_from_metadata() {
     // smollm pre-tokenizer: digits split one by one; merges build "Ġthe" and "cat".
     assert_eq!(pieces, ["t", "he", "Ġ", "cat", "Ġ", "4", "2"]);
     let ids = tok.encode(" the", false, false);
-    assert_eq!(ids.iter().map(|&i| tok.token_text(i).unwrap()).collect::<Vec<_>>(), ["Ġthe"]);
-    assert_eq!(tok.decode(&tok.encode("the cat 42", false, false), false), "the cat 42");
+    assert_eq!(
+        ids.iter()
+            .map(|&i| tok.token_text(i).unwrap())
+            .collect::<Vec<_>>(),
+        ["Ġthe"]
+    );
+    assert_eq!(
+        tok.decode(&tok.encode("the cat 42", false, false), false),
+        "the cat 42"
+    );
     let with_special = tok.encode("<|im_start|>the<|im_end|>", false, true);
     assert_eq!(with_special.len(), 4); // <|im_start|> t he <|im_end|>
     assert_eq!(tok.decode(&with_special, false), "the");
     assert_eq!(tok.decode(&with_special, true), "<|im_start|>the<|im_end|>");
 
     let p = tmp("spm.gguf");
-    write_model(&p, &Spec { spm: true, ..Default::default() });
+    write_model(
+        &p,
+        &Spec {
+            spm: true,
+            ..Default::default()
+        },
+    );
     let f = GgufFile::open(&p).unwrap();
     let tok = Tokenizer::from_gguf_metadata(f.metadata()).unwrap();
     let ids = tok.encode("the cat é", true, false);
     let pieces: Vec<&str> = ids.iter().map(|&i| tok.token_text(i).unwrap()).collect();
     // BOS, the highest-scoring merges, and byte fallback for the unknown 'é'.
-    assert_eq!(pieces, ["<s>", "\u{2581}the", "\u{2581}c", "at", "\u{2581}", "<0xC3>", "<0xA9>"]);
+    assert_eq!(
+        pieces,
+        [
+            "<s>",
+            "\u{2581}the",
+            "\u{2581}c",
+            "at",
+            "\u{2581}",
+            "<0xC3>",
+            "<0xA9>"
+        ]
+    );
     assert_eq!(tok.decode(&ids, false), " the cat é");
 }
 
@@ -325,9 +446,17 @@ fn bpe_and_spm_tokenizers_from_metadata() {
 fn batched_chunked_decoding_equals_one_at_a_time() {
     let p = tmp("batch.gguf");
     write_model(&p, &Spec::default());
-    let prompts: Vec<Vec<u32>> = vec![(3..90).collect(), vec![7, 8, 9], (40..61).collect(), vec![100]];
+    let prompts: Vec<Vec<u32>> = vec![
+        (3..90).collect(),
+        vec![7, 8, 9],
+        (40..61).collect(),
+        vec![100],
+    ];
     let one = Engine::load(&p, EngineConfig::default()).unwrap();
-    let expected: Vec<Vec<u32>> = prompts.iter().map(|pr| run(&one, Prompt::Tokens(pr.clone()), greedy(12))).collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|pr| run(&one, Prompt::Tokens(pr.clone()), greedy(12)))
+        .collect();
     // Tiny prefill chunks and step budget: the long prompt is prefilled over many steps
     // while the short ones already decode.
     let cfg = EngineConfig {
@@ -363,7 +492,13 @@ fn batched_chunked_decoding_equals_one_at_a_time() {
 #[test]
 fn cancellation_frees_the_sequence_and_context_limits_hold() {
     let p = tmp("ctx.gguf");
-    write_model(&p, &Spec { context: 64, ..Default::default() });
+    write_model(
+        &p,
+        &Spec {
+            context: 64,
+            ..Default::default()
+        },
+    );
     let engine = Engine::load(&p, EngineConfig::default()).unwrap();
     // Prompt + max_tokens beyond the context: a clear error, not a panic.
     let e = engine
@@ -372,11 +507,24 @@ fn cancellation_frees_the_sequence_and_context_limits_hold() {
             params: greedy(30),
         })
         .unwrap_err();
-    assert!(matches!(e, EngineError::ContextOverflow { prompt: 40, max_tokens: 30, context: 64 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            EngineError::ContextOverflow {
+                prompt: 40,
+                max_tokens: 30,
+                context: 64
+            }
+        ),
+        "{e}"
+    );
     let e = engine
         .submit(GenerateRequest {
             prompt: Prompt::Tokens((0..64).collect()),
-            params: SamplingParams { max_tokens: None, ..greedy(1) },
+            params: SamplingParams {
+                max_tokens: None,
+                ..greedy(1)
+            },
         })
         .unwrap_err();
     assert!(matches!(e, EngineError::ContextOverflow { .. }));
@@ -384,19 +532,28 @@ fn cancellation_frees_the_sequence_and_context_limits_hold() {
     let out = engine
         .generate_blocking(GenerateRequest {
             prompt: Prompt::Tokens((0..40).collect()),
-            params: SamplingParams { max_tokens: None, ..greedy(1) },
+            params: SamplingParams {
+                max_tokens: None,
+                ..greedy(1)
+            },
         })
         .unwrap();
     assert_eq!(out.finish_reason, FinishReason::Length);
     assert_eq!(out.prompt_tokens + out.tokens.len(), 64);
     // Bad token ids and bad parameters are refused up front.
     assert!(engine
-        .submit(GenerateRequest { prompt: Prompt::Tokens(vec![999_999]), params: greedy(1) })
+        .submit(GenerateRequest {
+            prompt: Prompt::Tokens(vec![999_999]),
+            params: greedy(1)
+        })
         .is_err());
     assert!(engine
         .submit(GenerateRequest {
             prompt: Prompt::Tokens(vec![1]),
-            params: SamplingParams { temperature: -1.0, ..greedy(1) }
+            params: SamplingParams {
+                temperature: -1.0,
+                ..greedy(1)
+            }
         })
         .is_err());
 
@@ -404,14 +561,25 @@ fn cancellation_frees_the_sequence_and_context_limits_hold() {
     let h = engine
         .submit(GenerateRequest {
             prompt: Prompt::Tokens(vec![1, 2, 3]),
-            params: SamplingParams { max_tokens: None, ..greedy(1) },
+            params: SamplingParams {
+                max_tokens: None,
+                ..greedy(1)
+            },
         })
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
     drop(h);
     let t0 = std::time::Instant::now();
-    while engine.stats().active.load(std::sync::atomic::Ordering::Relaxed) != 0 {
-        assert!(t0.elapsed().as_secs() < 10, "cancelled sequence never freed");
+    while engine
+        .stats()
+        .active
+        .load(std::sync::atomic::Ordering::Relaxed)
+        != 0
+    {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "cancelled sequence never freed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
@@ -428,18 +596,26 @@ fn seeded_sampling_is_reproducible_and_stop_sequences_cut() {
     };
     let a = run(&engine, Prompt::Text("the cat".into()), params(5));
     assert_eq!(a, run(&engine, Prompt::Text("the cat".into()), params(5)));
-    let others: Vec<Vec<u32>> = (6..12).map(|s| run(&engine, Prompt::Text("the cat".into()), params(s))).collect();
+    let others: Vec<Vec<u32>> = (6..12)
+        .map(|s| run(&engine, Prompt::Text("the cat".into()), params(s)))
+        .collect();
     assert!(others.iter().any(|o| *o != a), "{a:?} {others:?}");
     // A stop sequence made of the text of generated tokens 3..5 ends the output before it.
     let full = engine
-        .generate_blocking(GenerateRequest { prompt: Prompt::Text("the cat".into()), params: greedy(16) })
+        .generate_blocking(GenerateRequest {
+            prompt: Prompt::Text("the cat".into()),
+            params: greedy(16),
+        })
         .unwrap();
     let stop_text = engine.tokenizer().decode(&full.tokens[3..5], false);
     if !stop_text.trim().is_empty() && !stop_text.contains('\u{FFFD}') {
         let cut = engine
             .generate_blocking(GenerateRequest {
                 prompt: Prompt::Text("the cat".into()),
-                params: SamplingParams { stop: vec![stop_text.clone()], ..greedy(16) },
+                params: SamplingParams {
+                    stop: vec![stop_text.clone()],
+                    ..greedy(16)
+                },
             })
             .unwrap();
         assert_eq!(cut.finish_reason, FinishReason::Stop);

@@ -285,9 +285,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
     std::fs::write(&ids_path, serde_json::to_string(&ids)?)?;
     let exe = std::env::current_exe()?;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/llama_cpp_bench.py");
-    let ours_cmd = |threads: usize, mode: &str, gen: usize| {
-        let mut c = Command::new(&exe);
-        c.arg("bench-run")
+    let streams = a
+        .streams
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    // Both sides take the same flags: the engine's `bench-run` child and llama.cpp's script.
+    let measure = |program: &std::ffi::OsStr,
+                   first: &std::ffi::OsStr,
+                   threads: usize,
+                   mode: &str,
+                   gen: usize| {
+        let mut c = Command::new(program);
+        c.arg(first)
             .arg("--model")
             .arg(&a.model)
             .arg("--prompt-ids")
@@ -299,40 +310,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "--repeats",
                 &a.repeats.to_string(),
             ])
-            .arg("--streams")
-            .arg(
-                a.streams
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            );
+            .args(["--streams", &streams]);
         c
     };
-    let theirs_cmd = |threads: usize, mode: &str, gen: usize| {
-        let mut c = Command::new(&a.python);
-        c.arg(&script)
-            .arg("--model")
-            .arg(&a.model)
-            .arg("--prompt-ids")
-            .arg(&ids_path)
-            .args(["--threads", &threads.to_string(), "--mode", mode])
-            .args([
-                "--gen-tokens",
-                &gen.to_string(),
-                "--repeats",
-                &a.repeats.to_string(),
-            ])
-            .arg("--streams")
-            .arg(
-                a.streams
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            );
-        c
-    };
+    let ours_cmd =
+        |threads, mode, gen| measure(exe.as_os_str(), "bench-run".as_ref(), threads, mode, gen);
+    let theirs_cmd =
+        |threads, mode, gen| measure(a.python.as_ref(), script.as_os_str(), threads, mode, gen);
     let mut report = serde_json::json!({
         "model": a.model.display().to_string(),
         "prompt_tokens": ids.len(),

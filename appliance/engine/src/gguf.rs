@@ -296,7 +296,6 @@ impl ModelConfig {
 fn scan_for_unknown_type(path: &Path) -> std::io::Result<Option<(String, u32)>> {
     let mut r = BufReader::new(File::open(path)?);
     let mut b4 = [0u8; 4];
-    let mut b8 = [0u8; 8];
     r.read_exact(&mut b4)?;
     if &b4 != b"GGUF" {
         return Ok(None);
@@ -306,12 +305,6 @@ fn scan_for_unknown_type(path: &Path) -> std::io::Result<Option<(String, u32)>> 
     if version < 2 {
         return Ok(None);
     }
-    let mut u64r = |r: &mut BufReader<File>| -> std::io::Result<u64> {
-        r.read_exact(&mut b8)?;
-        Ok(u64::from_le_bytes(b8))
-    };
-    let n_tensors = u64r(&mut r)?;
-    let n_kv = u64r(&mut r)?;
     fn read_u32(r: &mut BufReader<File>) -> std::io::Result<u32> {
         let mut b = [0u8; 4];
         r.read_exact(&mut b)?;
@@ -322,6 +315,8 @@ fn scan_for_unknown_type(path: &Path) -> std::io::Result<Option<(String, u32)>> 
         r.read_exact(&mut b)?;
         Ok(u64::from_le_bytes(b))
     }
+    let n_tensors = read_u64(&mut r)?;
+    let n_kv = read_u64(&mut r)?;
     fn skip_value(r: &mut BufReader<File>, t: u32) -> std::io::Result<()> {
         let size: i64 = match t {
             0 | 1 | 7 => 1,

@@ -345,25 +345,6 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// In-place softmax of one row as ggml computes it: exp with ggml's exp, the sum in f64,
-/// then one multiplication by the f32 reciprocal.
-pub fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for v in row.iter_mut() {
-        *v = if *v == f32::NEG_INFINITY {
-            0.0
-        } else {
-            ggml_expf(*v - max)
-        };
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
-}
-
 #[cfg(test)]
 mod exp_tests {
     use super::*;
@@ -383,7 +364,7 @@ mod exp_tests {
         assert_eq!(ggml_expf(-1000.0), 0.0);
         assert!(ggml_expf(1000.0).is_infinite());
         let mut r = [1.0f32, 2.0, f32::NEG_INFINITY, 3.0];
-        softmax_row(&mut r);
+        softmax_row_chunked(&mut r);
         assert_eq!(r[2], 0.0);
         assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }

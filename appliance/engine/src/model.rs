@@ -179,19 +179,6 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     Tensor::from_vec(out, (rows, n), x.device())
 }
 
-/// Softmax over the last dimension; on the CPU with ggml's arithmetic (`kernels`).
-fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
-        return candle_nn::ops::softmax_last_dim(x);
-    }
-    let n = x.dim(candle_core::D::Minus1)?;
-    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-    for row in v.chunks_exact_mut(n) {
-        crate::kernels::softmax_row(row);
-    }
-    Tensor::from_vec(v, x.shape(), x.device())
-}
-
 /// Rounds through f16, as llama.cpp's default f16 KV cache does to keys, values, queries
 /// and attention weights: keeps the two engines' numerics close.
 fn half_round(t: &Tensor) -> candle_core::Result<Tensor> {
@@ -495,7 +482,7 @@ impl Model {
                         .broadcast_add(&mask)?
                         .reshape((n_kv, group * l, t_all))?;
                 }
-                let att = half_round(&softmax_last_dim(&att)?)?;
+                let att = half_round(&candle_nn::ops::softmax_last_dim(&att)?)?;
                 let o = att.matmul(&v_all.contiguous()?)?; // [n_kv, group*l, hd]
                 let o = o
                     .reshape((n_head, l, hd))?

@@ -1,10 +1,15 @@
-//! The appliance binary: the command line, the worker process and the benchmark.
+//! The appliance binary: the command line, the daemon (`serve`), the worker process,
+//! tenant and key administration, and the benchmark.
 //!
-//! Only this crate reads the environment, parses flags and installs the logger.
+//! Only this crate reads the environment, configuration files and signals, parses flags
+//! and installs the logger.
 
+mod admin;
 mod bench;
 mod chat;
+mod config;
 mod logger;
+mod serve;
 mod worker;
 
 use std::path::PathBuf;
@@ -25,6 +30,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the appliance: supervised model workers behind the HTTPS API.
+    Serve(serve::ServeArgs),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(admin::TenantCmd),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(admin::KeyCmd),
     /// Chat with a local model in the terminal (one-shot with --prompt).
     Chat(chat::ChatArgs),
     /// Host one model and serve it over a Unix socket (started by the supervisor).
@@ -56,6 +69,9 @@ fn main() {
     logger::init();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::Tenant(c) => admin::tenant(c),
+        Command::Key(c) => admin::key(c),
         Command::Chat(a) => chat::run(a),
         Command::Worker(a) => worker::run(a),
         Command::Bench(a) => bench::run(a),

@@ -88,7 +88,25 @@ fn error_response(e: &EngineError) -> Response {
     }
 }
 
+/// Under a supervisor, asks the kernel to end this worker when the supervisor dies, so a
+/// crashed daemon leaves no orphan holding memory and the socket.
+fn die_with_supervisor() -> Result<()> {
+    let Ok(pid) = std::env::var(appliance_supervisor::PARENT_PID_ENV) else {
+        return Ok(());
+    };
+    let pid: i32 = pid
+        .parse()
+        .context("bad supervisor pid in the environment")?;
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+    // The supervisor may have died before the line above: then we are someone else's.
+    if nix::unistd::getppid().as_raw() != pid {
+        anyhow::bail!("the supervisor (pid {pid}) is gone");
+    }
+    Ok(())
+}
+
 pub fn run(a: WorkerArgs) -> Result<()> {
+    die_with_supervisor()?;
     crate::set_threads(a.threads);
     let config = EngineConfig {
         max_batch: a.max_batch,

@@ -1,0 +1,313 @@
+//! `appliance tenant ...` and `appliance key ...`: tenants and API keys, against the
+//! data directory's database. They work while `serve` runs: each change is committed to
+//! the database, then the daemon is told to reload its keys (control socket).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use appliance_gateway::keys;
+use appliance_store::{KeyRecord, NewKey, Store};
+use clap::Subcommand;
+
+use crate::config::{self, parse_duration};
+use crate::serve::{notify_keys_changed, DataDir};
+
+#[derive(Subcommand)]
+pub enum TenantCmd {
+    /// Create a tenant (a member organisation or department).
+    Create {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// List tenants.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Create an API key; prints the secret (alone, once) on stdout.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// Lifetime, e.g. 15m, 12h, 90d (default: no expiry).
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<Duration>,
+        /// Comma-separated models this key may use (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Requests per minute.
+        #[arg(long)]
+        rpm: Option<u32>,
+        /// Tokens (prompt + completion) per minute.
+        #[arg(long)]
+        tpm: Option<u32>,
+        /// Requests in progress at once.
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+        /// A note for the listing (e.g. the application using it).
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// List keys (never their secrets).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Revoke a key at once.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Replace a key by a new one with the same tenant, models and limits; prints the new
+    /// secret. The old key keeps working for the grace period.
+    Rotate {
+        id: String,
+        /// How long the old key stays valid (default 24h).
+        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        grace: Duration,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn now() -> i64 {
+    appliance_gateway::server::unix_now()
+}
+
+async fn open(data: &DataDir) -> Result<(std::path::PathBuf, Store)> {
+    let dir = data.prepare()?;
+    let store = Store::open(&DataDir::db(&dir)).await?;
+    Ok((dir, store))
+}
+
+fn limit(v: Option<u32>, what: &str) -> Result<Option<u32>> {
+    match v {
+        Some(0) => bail!("--{what} must be at least 1"),
+        v => Ok(v),
+    }
+}
+
+pub fn tenant(cmd: TenantCmd) -> Result<()> {
+    runtime()?.block_on(async {
+        match cmd {
+            TenantCmd::Create { name, data } => {
+                config::valid_name("tenant", &name)?;
+                let (_, store) = open(&data).await?;
+                let t = store.create_tenant(&name, now()).await?;
+                eprintln!("created tenant {} (id {})", t.name, t.id);
+            }
+            TenantCmd::List { data, json } => {
+                let (_, store) = open(&data).await?;
+                let ts = store.tenants().await?;
+                if json {
+                    let v: Vec<_> = ts
+                        .iter()
+                        .map(|t| serde_json::json!({"id": t.id, "name": t.name, "created_at": t.created_at}))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    for t in ts {
+                        println!("{}", t.name);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn key_json(k: &KeyRecord, now: i64) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id,
+        "tenant": k.tenant,
+        "status": k.status(now),
+        "created_at": k.created_at,
+        "expires_at": k.expires_at,
+        "revoked_at": k.revoked_at,
+        "models": k.models,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+        "max_concurrency": k.max_concurrency,
+        "replaced_by": k.replaced_by,
+        "label": k.label,
+    })
+}
+
+fn when(t: Option<i64>, now: i64) -> String {
+    match t {
+        None => "-".into(),
+        Some(t) if t > now => format!("in {}", human(t - now)),
+        Some(t) => format!("{} ago", human(now - t)),
+    }
+}
+
+fn human(s: i64) -> String {
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+pub fn key(cmd: KeyCmd) -> Result<()> {
+    runtime()?.block_on(async {
+        match cmd {
+            KeyCmd::Create {
+                tenant,
+                expires_in,
+                models,
+                rpm,
+                tpm,
+                max_concurrency,
+                label,
+                data,
+            } => {
+                let models = models.map(|m| m.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>());
+                if let Some(ms) = &models {
+                    if ms.is_empty() {
+                        bail!("--models is empty; leave it out to allow every model");
+                    }
+                    for m in ms {
+                        config::valid_name("model", m)?;
+                    }
+                }
+                let (dir, store) = open(&data).await?;
+                let secret = keys::generate();
+                let t = now();
+                let rec = store
+                    .insert_key(
+                        &NewKey {
+                            id: secret.id.clone(),
+                            tenant,
+                            secret_sha256: secret.sha256.clone(),
+                            expires_at: expires_in.map(|d| t + d.as_secs() as i64),
+                            models,
+                            rpm: limit(rpm, "rpm")?,
+                            tpm: limit(tpm, "tpm")?,
+                            max_concurrency: limit(max_concurrency, "max-concurrency")?,
+                            label,
+                        },
+                        t,
+                    )
+                    .await?;
+                notify_keys_changed(&dir).await;
+                println!("{}", secret.text);
+                eprintln!(
+                    "created key {} for tenant {} (expires: {}); the secret above is shown only once",
+                    rec.id,
+                    rec.tenant,
+                    when(rec.expires_at, t)
+                );
+            }
+            KeyCmd::List { tenant, json, data } => {
+                let (_, store) = open(&data).await?;
+                let ks = store.keys(tenant.as_deref()).await?;
+                let t = now();
+                if json {
+                    let v: Vec<_> = ks.iter().map(|k| key_json(k, t)).collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!(
+                        "{:<16}  {:<16}  {:<8}  {:<10}  {:<10}  {:<20}  LIMITS",
+                        "ID", "TENANT", "STATUS", "CREATED", "EXPIRES", "MODELS"
+                    );
+                    for k in &ks {
+                        let limits = [
+                            k.rpm.map(|v| format!("rpm={v}")),
+                            k.tpm.map(|v| format!("tpm={v}")),
+                            k.max_concurrency.map(|v| format!("concurrency={v}")),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                        println!(
+                            "{:<16}  {:<16}  {:<8}  {:<10}  {:<10}  {:<20}  {}",
+                            k.id,
+                            k.tenant,
+                            k.status(t),
+                            when(Some(k.created_at), t),
+                            when(k.expires_at, t),
+                            k.models.as_ref().map(|m| m.join(",")).unwrap_or_else(|| "all".into()),
+                            if limits.is_empty() { "-".into() } else { limits }
+                        );
+                    }
+                }
+            }
+            KeyCmd::Revoke { id, data } => {
+                let id = key_id(&id)?;
+                let (dir, store) = open(&data).await?;
+                let k = store.revoke_key(&id, now()).await?;
+                notify_keys_changed(&dir).await;
+                eprintln!("revoked key {} of tenant {}", k.id, k.tenant);
+            }
+            KeyCmd::Rotate { id, grace, data } => {
+                let id = key_id(&id)?;
+                let (dir, store) = open(&data).await?;
+                let old = store
+                    .key(&id)
+                    .await?
+                    .with_context(|| format!("no API key with id {id:?}"))?;
+                let t = now();
+                if old.status(t) != "active" {
+                    bail!("key {id} is {}; only an active key can be rotated", old.status(t));
+                }
+                let secret = keys::generate();
+                let new = NewKey {
+                    id: secret.id.clone(),
+                    tenant: old.tenant.clone(),
+                    secret_sha256: secret.sha256.clone(),
+                    // The new key keeps the old one's remaining lifetime span, if it had one.
+                    expires_at: old.expires_at.map(|e| t + (e - old.created_at).max(60)),
+                    models: old.models.clone(),
+                    rpm: old.rpm,
+                    tpm: old.tpm,
+                    max_concurrency: old.max_concurrency,
+                    label: old.label.clone(),
+                };
+                let rec = store.rotate_key(&id, &new, t + grace.as_secs() as i64, t).await?;
+                notify_keys_changed(&dir).await;
+                println!("{}", secret.text);
+                eprintln!(
+                    "rotated key {id} -> {} (tenant {}); the old key stays valid for {}",
+                    rec.id,
+                    rec.tenant,
+                    human(grace.as_secs() as i64)
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Accepts a key id, or a whole key (from which the id is taken; the secret is ignored).
+fn key_id(s: &str) -> Result<String> {
+    let s = s.trim();
+    if keys::is_key_id(s) {
+        return Ok(s.to_string());
+    }
+    if let Some((id, _)) = keys::parse(s) {
+        return Ok(id.to_string());
+    }
+    bail!("{s:?} is not a key id (16 hex digits, as `appliance key list` shows)")
+}

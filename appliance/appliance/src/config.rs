@@ -1,0 +1,271 @@
+//! The daemon's configuration: `DIR/appliance.toml` (every setting has a default), then
+//! `APPLIANCE_*` environment variables, then command-line flags (clap reads both), in
+//! that order of precedence. Only this module reads the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The file's schema. Unknown keys are errors (a typo must not be silently ignored).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub api: ApiSection,
+    pub tls: TlsSection,
+    pub limits: LimitsSection,
+    pub workers: WorkersSection,
+    /// Model name → GGUF path (relative paths are relative to the data directory).
+    pub models: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    pub listen: SocketAddr,
+    /// A plain-HTTP listener that only redirects to HTTPS; off when absent.
+    pub redirect_listen: Option<SocketAddr>,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: "0.0.0.0:8443".parse().expect("valid default address"),
+            redirect_listen: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// The site's own certificate chain (PEM); with `key`. Absent: self-signed.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_body_bytes: usize,
+    pub max_messages: usize,
+    pub max_tokens_cap: usize,
+    pub queue_per_model: usize,
+    pub header_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub max_connections: usize,
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let g = appliance_gateway::GatewayConfig::default();
+        LimitsSection {
+            max_body_bytes: g.max_body_bytes,
+            max_messages: g.max_messages,
+            max_tokens_cap: g.max_tokens_cap,
+            queue_per_model: g.queue_per_model,
+            header_timeout_secs: g.header_timeout.as_secs(),
+            body_timeout_secs: g.body_timeout.as_secs(),
+            max_connections: g.max_connections,
+            drain_timeout_secs: g.drain_timeout.as_secs(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Compute threads per worker; 0 = all cores.
+    pub threads: usize,
+    pub max_batch: usize,
+    /// Cap on the context served; 0 = the model's own.
+    pub max_context: usize,
+    /// Seconds between SIGTERM and SIGKILL when a worker is stopped.
+    pub grace_secs: u64,
+    /// Seconds a starting worker gets to load its model.
+    pub ready_timeout_secs: u64,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        WorkersSection {
+            threads: 0,
+            max_batch: 32,
+            max_context: 0,
+            grace_secs: 30,
+            ready_timeout_secs: 300,
+        }
+    }
+}
+
+/// The commented file written on first start, so an operator sees every setting.
+pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a default; uncomment to change.
+# Environment variables (APPLIANCE_API_LISTEN, ...) and command-line flags override it.
+
+[api]
+# listen = "0.0.0.0:8443"          # HTTPS API (OpenAI-compatible)
+# redirect_listen = "0.0.0.0:8080" # plain HTTP that only redirects to HTTPS; off by default
+
+[tls]
+# The site's own certificate chain and key (PEM). Without them a self-signed
+# certificate for this host's names is generated into tls/ under the data directory.
+# cert = "/etc/appliance/site-chain.pem"
+# key = "/etc/appliance/site-key.pem"
+
+[limits]
+# max_body_bytes = 1048576     # larger request bodies get 413
+# max_messages = 256           # chat messages per request
+# max_tokens_cap = 4096        # largest max_tokens; also the default for chat
+# queue_per_model = 64         # requests admitted per model at once; 503 above
+# header_timeout_secs = 10
+# body_timeout_secs = 30
+# max_connections = 4096
+# drain_timeout_secs = 30      # in-flight requests get this long on shutdown
+
+[workers]
+# threads = 0                  # compute threads per worker; 0 = all cores
+# max_batch = 32               # sequences decoded together
+# max_context = 0              # 0 = the model's own context length
+# grace_secs = 30              # SIGTERM -> SIGKILL when stopping a worker
+# ready_timeout_secs = 300
+
+[models]
+# name = "path/to/model.gguf"  # relative paths are relative to the data directory
+"#;
+
+/// Reads `DIR/appliance.toml`, writing the commented default first if there is none.
+pub fn load(data_dir: &Path) -> Result<FileConfig> {
+    let path = data_dir.join("appliance.toml");
+    if !path.exists() {
+        std::fs::write(&path, DEFAULT_FILE)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Parses the file; errors carry line and column.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let (line, col) = e
+            .span()
+            .map(|s| {
+                let before = &text[..s.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                (line, col)
+            })
+            .unwrap_or((0, 0));
+        format!("line {line}, column {col}: {}", e.message())
+    })
+}
+
+/// A model's public name: 1 to 64 of letters, digits and `._:-`.
+pub fn valid_name(kind: &str, s: &str) -> Result<()> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+    {
+        bail!("{kind} name {s:?} must be 1 to 64 letters, digits, '.', '_', ':' or '-'");
+    }
+    Ok(())
+}
+
+/// Parses `NAME=PATH`.
+pub fn parse_model_arg(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PATH.gguf, got {s:?}"))?;
+    valid_name("model", name).map_err(|e| e.to_string())?;
+    if path.is_empty() {
+        return Err(format!("model {name}: empty path"));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+/// Parses a duration like `90s`, `15m`, `2h`, `7d` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use e.g. 90s, 15m, 2h, 7d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    if secs == 0 {
+        return Err(format!("{s:?}: the duration must be positive"));
+    }
+    if secs > 3650 * 86400 {
+        return Err(format!("{s:?}: at most 10 years"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+impl FileConfig {
+    pub fn gateway(&self) -> appliance_gateway::GatewayConfig {
+        let l = &self.limits;
+        appliance_gateway::GatewayConfig {
+            max_body_bytes: l.max_body_bytes,
+            max_messages: l.max_messages,
+            max_tokens_cap: l.max_tokens_cap,
+            queue_per_model: l.queue_per_model,
+            header_timeout: Duration::from_secs(l.header_timeout_secs),
+            body_timeout: Duration::from_secs(l.body_timeout_secs),
+            max_connections: l.max_connections,
+            drain_timeout: Duration::from_secs(l.drain_timeout_secs),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_file_parses_to_the_defaults() {
+        let c = parse(DEFAULT_FILE).unwrap();
+        assert_eq!(c.api.listen.port(), 8443);
+        assert_eq!(c.limits.max_body_bytes, 1 << 20);
+        assert!(c.models.is_empty());
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let e = parse("[api]\nlisten = \"0.0.0.0:1\"\n[limits]\nmax_bodybytes = 3\n").unwrap_err();
+        assert!(e.starts_with("line 4, column 1"), "{e}");
+        let e = parse("[api]\nlisten = 5\n").unwrap_err();
+        assert!(e.starts_with("line 2"), "{e}");
+        let c = parse("[models]\nsmol = \"m.gguf\"\n").unwrap();
+        assert_eq!(c.models["smol"], PathBuf::from("m.gguf"));
+    }
+
+    #[test]
+    fn durations_and_model_args() {
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("m").is_err());
+        assert_eq!(
+            parse_model_arg("smol=/a/b.gguf").unwrap(),
+            ("smol".into(), PathBuf::from("/a/b.gguf"))
+        );
+        assert!(parse_model_arg("no-equals").is_err());
+        assert!(parse_model_arg("bad name=/x").is_err());
+    }
+}

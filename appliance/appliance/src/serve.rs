@@ -1,0 +1,382 @@
+//! `appliance serve`: the daemon. Wires the store, the key table, TLS, the supervisor and
+//! the gateway together; handles signals (SIGTERM/SIGINT drain) and the control socket
+//! through which the CLI tells it that keys changed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use appliance_gateway::auth::KeyTable;
+use appliance_gateway::{tls, Gateway, ModelRoute};
+use appliance_store::Store;
+use appliance_supervisor::{Backoff, Supervisor, WorkerSpec};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub data: DataDir,
+    /// HTTPS API address (default from appliance.toml, else 0.0.0.0:8443).
+    #[arg(long, env = "APPLIANCE_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// A model to serve, as NAME=PATH.gguf (repeatable). Without any: the [models] of
+    /// appliance.toml.
+    #[arg(long = "model", value_parser = config::parse_model_arg)]
+    pub models: Vec<(String, PathBuf)>,
+    /// Plain-HTTP address that only redirects to HTTPS.
+    #[arg(long, env = "APPLIANCE_REDIRECT_LISTEN")]
+    pub redirect_listen: Option<SocketAddr>,
+    /// The site's certificate chain (PEM), instead of the self-signed one.
+    #[arg(long, env = "APPLIANCE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The site's private key (PEM).
+    #[arg(long, env = "APPLIANCE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Compute threads per worker (0 = all cores).
+    #[arg(long, env = "APPLIANCE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Seconds in-flight requests get on shutdown.
+    #[arg(long, env = "APPLIANCE_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<u64>,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct DataDir {
+    /// The appliance's data directory: config, database, TLS material, sockets.
+    #[arg(long, env = "APPLIANCE_DATA_DIR", default_value = "/var/lib/appliance")]
+    pub data_dir: PathBuf,
+}
+
+impl DataDir {
+    /// Creates the directory (0700) if needed and returns it made absolute.
+    pub fn prepare(&self) -> Result<PathBuf> {
+        let d = &self.data_dir;
+        if !d.exists() {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("creating data directory {}", d.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let d =
+            std::fs::canonicalize(d).with_context(|| format!("data directory {}", d.display()))?;
+        Ok(d)
+    }
+
+    pub fn db(dir: &Path) -> PathBuf {
+        dir.join("appliance.db")
+    }
+
+    pub fn control_socket(dir: &Path) -> PathBuf {
+        dir.join("run").join("control.sock")
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    runtime()?.block_on(serve(a))
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let dir = a.data.prepare()?;
+    let file = config::load(&dir)?;
+    let run_dir = dir.join("run");
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+
+    // Models: the flags, else the file.
+    let models: Vec<(String, PathBuf)> = if a.models.is_empty() {
+        file.models
+            .iter()
+            .map(|(n, p)| {
+                config::valid_name("model", n)?;
+                Ok((
+                    n.clone(),
+                    if p.is_absolute() {
+                        p.clone()
+                    } else {
+                        dir.join(p)
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        a.models.clone()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, path) in &models {
+        if !seen.insert(name) {
+            bail!("model {name} is given twice");
+        }
+        if !path.is_file() {
+            bail!("model {name}: {} is not a file", path.display());
+        }
+    }
+    if models.is_empty() {
+        log::warn!("no models configured: give --model NAME=PATH.gguf or add them to [models] in appliance.toml");
+    }
+
+    let store = Store::open(&DataDir::db(&dir)).await?;
+    let keys = Arc::new(KeyTable::load(store.clone()).await?);
+
+    let tls_files = match (
+        a.tls_cert.or(file.tls.cert.clone()),
+        a.tls_key.or(file.tls.key.clone()),
+    ) {
+        (Some(cert), Some(key)) => tls::TlsFiles {
+            cert,
+            key,
+            generated: false,
+        },
+        (None, None) => tls::ensure_self_signed(&dir, &tls::host_names())?,
+        _ => bail!("TLS: give both a certificate and a key, or neither (self-signed)"),
+    };
+    let tls_config = tls::server_config(&tls_files)?;
+
+    let listen = a.api_listen.unwrap_or(file.api.listen);
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let bound = listener.local_addr()?;
+    let redirect = match a.redirect_listen.or(file.api.redirect_listen) {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} (redirect)"))?,
+        ),
+        None => None,
+    };
+
+    // Workers.
+    let exe = std::env::current_exe().context("locating the appliance binary")?;
+    let threads = a.worker_threads.unwrap_or(file.workers.threads);
+    let mut specs = Vec::new();
+    for (name, path) in &models {
+        let socket = run_dir.join(format!("worker-{name}.sock"));
+        if socket.as_os_str().len() > 100 {
+            bail!(
+                "the socket path {} is too long for a Unix socket; use a shorter data directory",
+                socket.display()
+            );
+        }
+        let mut extra: Vec<std::ffi::OsString> = vec![
+            "--max-batch".into(),
+            file.workers.max_batch.to_string().into(),
+            "--grace".into(),
+            file.workers.grace_secs.to_string().into(),
+        ];
+        if threads > 0 {
+            extra.extend(["--threads".into(), threads.to_string().into()]);
+        }
+        if file.workers.max_context > 0 {
+            extra.extend([
+                "--max-context".into(),
+                file.workers.max_context.to_string().into(),
+            ]);
+        }
+        specs.push(WorkerSpec {
+            name: name.clone(),
+            model: path.clone(),
+            socket,
+            program: exe.clone(),
+            extra_args: extra,
+            grace: Duration::from_secs(file.workers.grace_secs + 5),
+            ready_timeout: Duration::from_secs(file.workers.ready_timeout_secs),
+        });
+    }
+    let supervisor = Supervisor::start(specs, Backoff::default());
+    let routes: Vec<Arc<ModelRoute>> = supervisor
+        .workers()
+        .iter()
+        .map(|w| Arc::new(ModelRoute::new(w.name.clone(), w.clone())))
+        .collect();
+
+    let mut gcfg = file.gateway();
+    if let Some(t) = a.drain_timeout {
+        gcfg.drain_timeout = Duration::from_secs(t);
+    }
+    let gateway = Gateway::new(gcfg, keys.clone(), routes);
+
+    // The CLI's channel to the daemon, and a slower safety net for key changes.
+    let control = control_listener(&dir)?;
+    let control_task = tokio::spawn(serve_control(control, keys.clone()));
+    let poll_keys = keys.clone();
+    let poll_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            match poll_keys.reload_if_changed().await {
+                Ok(true) => log::info!("keys reloaded ({} keys)", poll_keys.len()),
+                Ok(false) => {}
+                Err(e) => log::warn!("checking for key changes: {e}"),
+            }
+        }
+    });
+
+    let host = if bound.ip().is_unspecified() {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into())
+    } else {
+        bound.ip().to_string()
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    println!("appliance: API     https://{host}:{}/v1", bound.port());
+    if tls_files.generated {
+        println!(
+            "appliance: TLS     self-signed; trust {} (e.g. curl --cacert)",
+            tls_files.cert.display()
+        );
+    }
+    println!(
+        "appliance: models  {}",
+        if models.is_empty() {
+            "none".to_string()
+        } else {
+            models
+                .iter()
+                .map(|m| m.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    println!("appliance: data    {}", dir.display());
+    if keys.is_empty() {
+        println!(
+            "appliance: no API keys yet: appliance tenant create NAME --data-dir {0} && appliance key create --tenant NAME --data-dir {0}",
+            dir.display()
+        );
+    }
+    log::info!(
+        "serving the API on {bound} ({} model(s), {} key(s)); pid {}",
+        models.len(),
+        keys.len(),
+        std::process::id()
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let redirect_task = redirect.map(|l| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(appliance_gateway::server::serve_redirect(
+            l,
+            bound.port(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ))
+    });
+    let shutdown = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .expect("installing the SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+            _ = int.recv() => log::info!("SIGINT: shutting down"),
+        }
+        let _ = stop_tx.send(true);
+    };
+    gateway.clone().serve(listener, tls_config, shutdown).await;
+    if let Some(t) = redirect_task {
+        let _ = t.await;
+    }
+    log::info!("stopping workers");
+    supervisor.shutdown().await;
+    control_task.abort();
+    poll_task.abort();
+    let _ = std::fs::remove_file(DataDir::control_socket(&dir));
+    store.close().await;
+    log::info!("stopped");
+    Ok(())
+}
+
+fn control_listener(dir: &Path) -> Result<UnixListener> {
+    let path = DataDir::control_socket(dir);
+    if path.exists() {
+        // A live daemon answers; a stale socket from a crash does not.
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            bail!(
+                "another appliance daemon is running on {} (its control socket {} answers)",
+                dir.display(),
+                path.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// One command per line: `reload-keys` → `ok <n keys>`.
+async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match line.trim() {
+                    "reload-keys" => match keys.reload().await {
+                        Ok(n) => format!("ok {n}\n"),
+                        Err(e) => format!("error {e}\n"),
+                    },
+                    other => format!("error unknown command {other:?}\n"),
+                };
+                if w.write_all(reply.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Tells a running daemon (if any) to reload its keys; waits for its answer.
+pub async fn notify_keys_changed(dir: &Path) {
+    let path = DataDir::control_socket(dir);
+    if !path.exists() {
+        return;
+    }
+    let ask = async {
+        let s = tokio::net::UnixStream::connect(&path).await?;
+        let (r, mut w) = s.into_split();
+        w.write_all(b"reload-keys\n").await?;
+        let mut line = String::new();
+        BufReader::new(r).read_line(&mut line).await?;
+        Ok::<_, std::io::Error>(line)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), ask).await {
+        Ok(Ok(l)) if l.starts_with("ok") => {}
+        Ok(Ok(l)) => eprintln!(
+            "warning: the running daemon could not reload its keys: {}",
+            l.trim()
+        ),
+        // No daemon listening (a stale socket): nothing to tell.
+        Ok(Err(_)) => {}
+        Err(_) => eprintln!(
+            "warning: the running daemon did not answer; it will pick up the change within seconds"
+        ),
+    }
+}

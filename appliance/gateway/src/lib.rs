@@ -1,0 +1,17 @@
+//! The API listener: HTTPS (rustls, HTTP/1.1 and HTTP/2), authentication, per-key limits,
+//! routing of OpenAI-compatible requests to the model workers, metrics, and drain.
+//!
+//! It runs the stages of a request in order and maps every failure to HTTP in one place
+//! (`error.rs`). It knows nothing of SQL (the store does), of processes (the supervisor
+//! does) or of inference (the workers do). It never logs or stores request content.
+
+pub mod auth;
+pub mod error;
+pub mod keys;
+pub mod limits;
+pub mod metrics;
+pub mod openai;
+pub mod server;
+pub mod tls;
+
+pub use server::{Gateway, GatewayConfig, ModelRoute};

@@ -1,0 +1,226 @@
+//! Counters and histograms for `GET /metrics`, rendered in the Prometheus text format.
+//!
+//! Labels carry tenant, key id, model, route and status: never request content.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; LATENCY_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += secs;
+        self.count += 1;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// (route, status, tenant) → count
+    requests: BTreeMap<(String, u16, String), u64>,
+    /// route → latency
+    latency: BTreeMap<String, Histogram>,
+    /// model → time to first token
+    ttft: BTreeMap<String, Histogram>,
+    /// (tenant, key, model, kind) → tokens
+    tokens: BTreeMap<(String, String, String, &'static str), u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+/// Gauges read at render time.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub in_flight: u64,
+    /// (model, requests at the gateway waiting or running)
+    pub queue_depth: Vec<(String, u64)>,
+    /// (model, state name, 1 if in that state)
+    pub worker_states: Vec<(String, &'static str, u8)>,
+    pub worker_restarts: Vec<(String, u64)>,
+    pub keys: u64,
+    pub draining: bool,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn histogram(out: &mut String, name: &str, label: &str, h: &BTreeMap<String, Histogram>) {
+    for (l, h) in h {
+        for (b, c) in LATENCY_BUCKETS.iter().zip(h.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{label}=\"{}\",le=\"{b}\"}} {c}",
+                esc(l)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{label}=\"{}\",le=\"+Inf\"}} {}",
+            esc(l),
+            h.count
+        );
+        let _ = writeln!(out, "{name}_sum{{{label}=\"{}\"}} {}", esc(l), h.sum);
+        let _ = writeln!(out, "{name}_count{{{label}=\"{}\"}} {}", esc(l), h.count);
+    }
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn request(&self, route: &str, status: u16, tenant: &str, elapsed: Duration) {
+        let mut m = self.lock();
+        *m.requests
+            .entry((route.to_string(), status, tenant.to_string()))
+            .or_default() += 1;
+        m.latency
+            .entry(route.to_string())
+            .or_default()
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn first_token(&self, model: &str, elapsed: Duration) {
+        self.lock()
+            .ttft
+            .entry(model.to_string())
+            .or_default()
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn tokens(&self, tenant: &str, key: &str, model: &str, prompt: usize, completion: usize) {
+        let mut m = self.lock();
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            *m.tokens
+                .entry((tenant.to_string(), key.to_string(), model.to_string(), kind))
+                .or_default() += n as u64;
+        }
+    }
+
+    pub fn render(&self, s: &Snapshot) -> String {
+        let m = self.lock();
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP appliance_http_requests_total API requests answered, by route, status and tenant.\n");
+        out.push_str("# TYPE appliance_http_requests_total counter\n");
+        for ((route, status, tenant), n) in &m.requests {
+            let _ = writeln!(
+                out,
+                "appliance_http_requests_total{{route=\"{}\",status=\"{status}\",tenant=\"{}\"}} {n}",
+                esc(route),
+                esc(tenant)
+            );
+        }
+        out.push_str("# HELP appliance_request_duration_seconds Time from request to the end of the response, by route.\n");
+        out.push_str("# TYPE appliance_request_duration_seconds histogram\n");
+        histogram(
+            &mut out,
+            "appliance_request_duration_seconds",
+            "route",
+            &m.latency,
+        );
+        out.push_str("# HELP appliance_time_to_first_token_seconds Time from request to the first generated token, by model.\n");
+        out.push_str("# TYPE appliance_time_to_first_token_seconds histogram\n");
+        histogram(
+            &mut out,
+            "appliance_time_to_first_token_seconds",
+            "model",
+            &m.ttft,
+        );
+        out.push_str("# HELP appliance_tokens_total Tokens processed, by tenant, key, model and kind (prompt or completion).\n");
+        out.push_str("# TYPE appliance_tokens_total counter\n");
+        for ((tenant, key, model, kind), n) in &m.tokens {
+            let _ = writeln!(
+                out,
+                "appliance_tokens_total{{tenant=\"{}\",key=\"{}\",model=\"{}\",kind=\"{kind}\"}} {n}",
+                esc(tenant),
+                esc(key),
+                esc(model)
+            );
+        }
+        drop(m);
+        out.push_str("# HELP appliance_in_flight_requests Generation requests being served now.\n");
+        out.push_str("# TYPE appliance_in_flight_requests gauge\n");
+        let _ = writeln!(out, "appliance_in_flight_requests {}", s.in_flight);
+        out.push_str(
+            "# HELP appliance_queue_depth Requests admitted for a model and not yet finished.\n",
+        );
+        out.push_str("# TYPE appliance_queue_depth gauge\n");
+        for (model, n) in &s.queue_depth {
+            let _ = writeln!(out, "appliance_queue_depth{{model=\"{}\"}} {n}", esc(model));
+        }
+        out.push_str("# HELP appliance_worker_state 1 for the state each model's worker is in.\n");
+        out.push_str("# TYPE appliance_worker_state gauge\n");
+        for (model, state, v) in &s.worker_states {
+            let _ = writeln!(
+                out,
+                "appliance_worker_state{{model=\"{}\",state=\"{state}\"}} {v}",
+                esc(model)
+            );
+        }
+        out.push_str("# HELP appliance_worker_restarts_total Worker restarts after a crash or failed start.\n");
+        out.push_str("# TYPE appliance_worker_restarts_total counter\n");
+        for (model, n) in &s.worker_restarts {
+            let _ = writeln!(
+                out,
+                "appliance_worker_restarts_total{{model=\"{}\"}} {n}",
+                esc(model)
+            );
+        }
+        out.push_str("# HELP appliance_api_keys Keys known to the daemon (any state).\n");
+        out.push_str("# TYPE appliance_api_keys gauge\n");
+        let _ = writeln!(out, "appliance_api_keys {}", s.keys);
+        out.push_str("# HELP appliance_draining 1 while the daemon is shutting down.\n");
+        out.push_str("# TYPE appliance_draining gauge\n");
+        let _ = writeln!(out, "appliance_draining {}", u8::from(s.draining));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.request("/v1/models", 200, "acme", Duration::from_millis(3));
+        m.request("/v1/models", 200, "acme", Duration::from_millis(300));
+        m.tokens("acme", "k1", "m", 5, 7);
+        let text = m.render(&Snapshot::default());
+        assert!(text.contains(
+            "appliance_http_requests_total{route=\"/v1/models\",status=\"200\",tenant=\"acme\"} 2"
+        ));
+        assert!(text.contains(
+            "appliance_request_duration_seconds_bucket{route=\"/v1/models\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "appliance_request_duration_seconds_bucket{route=\"/v1/models\",le=\"0.5\"} 2"
+        ));
+        assert!(text.contains(
+            "appliance_request_duration_seconds_bucket{route=\"/v1/models\",le=\"+Inf\"} 2"
+        ));
+        assert!(text.contains("kind=\"completion\"} 7"));
+    }
+}

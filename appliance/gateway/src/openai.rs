@@ -1,0 +1,926 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: parse, validate into a
+//! [`Generation`], admit (key, model, limits, queue), run on the model's worker, answer
+//! whole or as server-sent events.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance_api::openai::{
+    AssistantMessage, ChatChoice, ChatChunk, ChatCompletion, ChatCompletionRequest, ChunkChoice,
+    Completion, CompletionChoice, CompletionRequest, Delta, MessageContent, PromptSpec, StopSpec,
+    Usage,
+};
+use appliance_api::worker::{
+    ErrorCode, Op, Response as WorkerResponse, WireFinish, WireMessage, WireParams, WirePrompt,
+};
+use appliance_supervisor::client::{ClientError, WorkerConn};
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::auth::KeyEntry;
+use crate::error::ApiError;
+use crate::server::{json_response, sse_response, unix_now, Gateway, GatewayConfig, Reply, ReqCtx};
+
+/// Parses a JSON body, naming the offending field on a type error.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid(format!("The request body is not valid JSON: {inner}"), None)
+        } else if path == "." || path.is_empty() {
+            ApiError::invalid(format!("Invalid request: {inner}"), None)
+        } else {
+            ApiError::invalid(format!("Invalid value for '{path}': {inner}"), Some(&path))
+        }
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Text,
+}
+
+/// A validated generation request.
+#[derive(Debug, Clone)]
+pub(crate) struct Generation {
+    pub kind: Kind,
+    pub model: String,
+    pub prompt: WirePrompt,
+    pub params: WireParams,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Tokens after which the gateway ends the generation itself (finish "length") when
+    /// the client set no `max_tokens`.
+    pub soft_cap: Option<usize>,
+}
+
+fn check_range(v: Option<f32>, lo: f32, hi: f32, name: &str) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::invalid(
+            format!("'{name}' must be between {lo} and {hi}, got {x}"),
+            Some(name),
+        )),
+        _ => Ok(()),
+    }
+}
+
+struct Common<'a> {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    n: Option<i64>,
+    stop: Option<StopSpec>,
+    max_tokens: Option<(i64, &'a str)>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    seed: Option<i64>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    ignore_eos: Option<bool>,
+    default_max_tokens: Option<usize>,
+}
+
+/// Sampling parameters shared by both endpoints; returns the params and the soft cap.
+fn params(c: Common<'_>, cfg: &GatewayConfig) -> Result<(WireParams, Option<usize>), ApiError> {
+    check_range(c.temperature, 0.0, 2.0, "temperature")?;
+    check_range(c.top_p, 0.0, 1.0, "top_p")?;
+    if c.top_p == Some(0.0) {
+        return Err(ApiError::invalid(
+            "'top_p' must be greater than 0",
+            Some("top_p"),
+        ));
+    }
+    check_range(c.presence_penalty, -2.0, 2.0, "presence_penalty")?;
+    check_range(c.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
+    check_range(c.min_p, 0.0, 1.0, "min_p")?;
+    check_range(c.repetition_penalty, 0.01, 10.0, "repetition_penalty")?;
+    if let Some(n) = c.n {
+        if n != 1 {
+            return Err(ApiError::invalid(
+                format!("'n' must be 1: this appliance returns one choice per request (got {n}); send several requests instead"),
+                Some("n"),
+            ));
+        }
+    }
+    let top_k = match c.top_k {
+        Some(k) if !(0..=100_000).contains(&k) => {
+            return Err(ApiError::invalid(
+                "'top_k' must be between 0 and 100000",
+                Some("top_k"),
+            ))
+        }
+        Some(k) => k as usize,
+        None => 0,
+    };
+    let (max_tokens, soft_cap) = match c.max_tokens {
+        Some((m, name)) => {
+            if m < 1 || m as u64 > cfg.max_tokens_cap as u64 {
+                return Err(ApiError::invalid(
+                    format!(
+                        "'{name}' must be between 1 and {} on this appliance, got {m}",
+                        cfg.max_tokens_cap
+                    ),
+                    Some(name),
+                ));
+            }
+            (Some(m as usize), None)
+        }
+        None => match c.default_max_tokens {
+            Some(d) => (Some(d.min(cfg.max_tokens_cap)), None),
+            None => (None, Some(cfg.max_tokens_cap)),
+        },
+    };
+    let stop = match c.stop {
+        None => vec![],
+        Some(StopSpec::One(s)) => vec![s],
+        Some(StopSpec::Many(v)) => v,
+    };
+    if stop.len() > 4 {
+        return Err(ApiError::invalid(
+            "'stop' may hold at most 4 sequences",
+            Some("stop"),
+        ));
+    }
+    if stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(ApiError::invalid(
+            "each 'stop' sequence must be 1 to 256 bytes long",
+            Some("stop"),
+        ));
+    }
+    let mut logit_bias = Vec::new();
+    if let Some(bias) = c.logit_bias {
+        if bias.len() > 1024 {
+            return Err(ApiError::invalid(
+                "'logit_bias' may hold at most 1024 entries",
+                Some("logit_bias"),
+            ));
+        }
+        for (k, v) in bias {
+            let id: u32 = k.parse().map_err(|_| {
+                ApiError::invalid(
+                    format!("'logit_bias' keys must be token ids, got {k:?}"),
+                    Some("logit_bias"),
+                )
+            })?;
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(ApiError::invalid(
+                    "'logit_bias' values must be between -100 and 100",
+                    Some("logit_bias"),
+                ));
+            }
+            logit_bias.push((id, v));
+        }
+    }
+    Ok((
+        WireParams {
+            // OpenAI's default temperature is 1.
+            temperature: c.temperature.unwrap_or(1.0),
+            top_p: c.top_p.unwrap_or(1.0),
+            top_k,
+            min_p: c.min_p.unwrap_or(0.0),
+            frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: c.presence_penalty.unwrap_or(0.0),
+            repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+            seed: c.seed.map(|s| s as u64),
+            max_tokens,
+            stop,
+            logit_bias,
+            ignore_eos: c.ignore_eos.unwrap_or(false),
+        },
+        soft_cap,
+    ))
+}
+
+pub(crate) fn validate_chat(
+    r: ChatCompletionRequest,
+    cfg: &GatewayConfig,
+) -> Result<Generation, ApiError> {
+    if r.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "'messages' must not be empty",
+            Some("messages"),
+        ));
+    }
+    if r.messages.len() > cfg.max_messages {
+        return Err(ApiError::invalid(
+            format!("'messages' may hold at most {} messages", cfg.max_messages),
+            Some("messages"),
+        ));
+    }
+    if r.tools
+        .as_ref()
+        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(ApiError::invalid(
+            "tool calling is not supported by this appliance's models",
+            Some("tools"),
+        ));
+    }
+    if let Some(f) = &r.response_format {
+        if f.kind != "text" {
+            return Err(ApiError::invalid(
+                format!("response_format '{}' is not supported; only 'text'", f.kind),
+                Some("response_format"),
+            ));
+        }
+    }
+    if r.logprobs == Some(true) || r.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            "logprobs are not supported",
+            Some("logprobs"),
+        ));
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}]: role '{other}' is not supported (system, developer, user, assistant)"),
+                    Some(&format!("messages[{i}].role")),
+                ))
+            }
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t,
+            Some(MessageContent::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => s.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                format!("messages[{i}]: content part '{kind}' is not supported; only text parts"),
+                                Some(&format!("messages[{i}].content")),
+                            ))
+                        }
+                    }
+                }
+                s
+            }
+        };
+        messages.push(WireMessage {
+            role: role.to_string(),
+            content,
+        });
+    }
+    let max = match (r.max_completion_tokens, r.max_tokens) {
+        (Some(m), _) => Some((m, "max_completion_tokens")),
+        (None, Some(m)) => Some((m, "max_tokens")),
+        (None, None) => None,
+    };
+    let (params, soft_cap) = params(
+        Common {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            n: r.n,
+            stop: r.stop,
+            max_tokens: max,
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            logit_bias: r.logit_bias,
+            seed: r.seed,
+            top_k: r.top_k,
+            min_p: r.min_p,
+            repetition_penalty: r.repetition_penalty,
+            ignore_eos: r.ignore_eos,
+            default_max_tokens: None,
+        },
+        cfg,
+    )?;
+    let stream = r.stream.unwrap_or(false);
+    Ok(Generation {
+        kind: Kind::Chat,
+        model: r.model,
+        prompt: WirePrompt::Chat(messages),
+        params,
+        stream,
+        include_usage: stream
+            && r.stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        soft_cap,
+    })
+}
+
+pub(crate) fn validate_completion(
+    r: CompletionRequest,
+    cfg: &GatewayConfig,
+) -> Result<Generation, ApiError> {
+    let batch = || {
+        ApiError::invalid(
+            "batched prompts are not supported; send one prompt per request",
+            Some("prompt"),
+        )
+    };
+    let prompt = match r.prompt {
+        PromptSpec::Text(t) => WirePrompt::Text(t),
+        PromptSpec::Texts(mut v) if v.len() == 1 => WirePrompt::Text(v.remove(0)),
+        PromptSpec::Tokens(t) => WirePrompt::Tokens(t),
+        PromptSpec::TokenLists(mut v) if v.len() == 1 => WirePrompt::Tokens(v.remove(0)),
+        _ => return Err(batch()),
+    };
+    if matches!(&prompt, WirePrompt::Text(t) if t.is_empty())
+        || matches!(&prompt, WirePrompt::Tokens(t) if t.is_empty())
+    {
+        return Err(ApiError::invalid(
+            "'prompt' must not be empty",
+            Some("prompt"),
+        ));
+    }
+    if r.echo == Some(true) {
+        return Err(ApiError::invalid("'echo' is not supported", Some("echo")));
+    }
+    if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(
+            "'suffix' is not supported",
+            Some("suffix"),
+        ));
+    }
+    if r.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid("'best_of' must be 1", Some("best_of")));
+    }
+    if r.logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            "logprobs are not supported",
+            Some("logprobs"),
+        ));
+    }
+    let (params, soft_cap) = params(
+        Common {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            n: r.n,
+            stop: r.stop,
+            max_tokens: r.max_tokens.map(|m| (m, "max_tokens")),
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            logit_bias: r.logit_bias,
+            seed: r.seed,
+            top_k: r.top_k,
+            min_p: r.min_p,
+            repetition_penalty: r.repetition_penalty,
+            ignore_eos: r.ignore_eos,
+            // OpenAI's completions endpoint defaults to 16 tokens.
+            default_max_tokens: Some(16),
+        },
+        cfg,
+    )?;
+    let stream = r.stream.unwrap_or(false);
+    Ok(Generation {
+        kind: Kind::Text,
+        model: r.model,
+        prompt,
+        params,
+        stream,
+        include_usage: stream
+            && r.stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        soft_cap,
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    ctx: &mut ReqCtx,
+) -> Result<Reply, ApiError> {
+    generate(
+        gw,
+        req,
+        ctx,
+        |r: ChatCompletionRequest| (r.model.clone(), r),
+        validate_chat,
+    )
+    .await
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn completions(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    ctx: &mut ReqCtx,
+) -> Result<Reply, ApiError> {
+    generate(
+        gw,
+        req,
+        ctx,
+        |r: CompletionRequest| (r.model.clone(), r),
+        validate_completion,
+    )
+    .await
+}
+
+/// The stages common to both endpoints: body, drain check, key, parse, validate, run.
+async fn generate<T: DeserializeOwned>(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    ctx: &mut ReqCtx,
+    model_of: impl FnOnce(T) -> (String, T),
+    validate: impl FnOnce(T, &GatewayConfig) -> Result<Generation, ApiError>,
+) -> Result<Reply, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = gw.read_body(&parts.headers, body).await;
+    if gw.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    let key = gw.authenticate(&parts.headers, ctx)?;
+    let (model, r) = model_of(parse_json(&body?)?);
+    ctx.model = Some(model);
+    let g = validate(r, &gw.cfg)?;
+    run(gw, key, g, ctx).await
+}
+
+fn worker_error(code: ErrorCode, message: String) -> ApiError {
+    match code {
+        ErrorCode::ContextOverflow => ApiError::Invalid {
+            message,
+            param: Some("messages".into()),
+            code: Some("context_length_exceeded"),
+        },
+        ErrorCode::InvalidRequest => ApiError::invalid(message, None),
+        ErrorCode::BadRequest | ErrorCode::UnsupportedVersion | ErrorCode::Internal => {
+            ApiError::Worker(message)
+        }
+    }
+}
+
+fn client_error(e: ClientError) -> ApiError {
+    ApiError::Worker(e.to_string())
+}
+
+fn finish_str(f: WireFinish) -> &'static str {
+    match f {
+        WireFinish::Stop => "stop",
+        WireFinish::Length => "length",
+    }
+}
+
+/// Admits and runs a validated generation.
+async fn run(
+    gw: &Arc<Gateway>,
+    key: Arc<KeyEntry>,
+    g: Generation,
+    ctx: &mut ReqCtx,
+) -> Result<Reply, ApiError> {
+    let route = gw
+        .model(&g.model)
+        .cloned()
+        .ok_or_else(|| ApiError::ModelNotFound(g.model.clone()))?;
+    if !key.may_use(&g.model) {
+        return Err(ApiError::ModelNotAllowed(g.model.clone()));
+    }
+    let (permit, _rate) = key
+        .limiter
+        .admit(&key.limits, Instant::now())
+        .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
+    if !route.worker.is_ready() {
+        return Err(ApiError::NotReady(g.model.clone()));
+    }
+    let slot = route
+        .try_slot(gw.cfg.queue_per_model)
+        .ok_or_else(|| ApiError::Overloaded {
+            model: g.model.clone(),
+            retry_after: Duration::from_secs(2),
+        })?;
+    let in_flight = gw.enter();
+    let mut conn = WorkerConn::connect(&route.worker.socket)
+        .await
+        .map_err(|_| ApiError::NotReady(g.model.clone()))?;
+    conn.send(Op::Generate {
+        request_id: Some(ctx.id.clone()),
+        prompt: g.prompt.clone(),
+        params: g.params.clone(),
+    })
+    .await
+    .map_err(client_error)?;
+    let prompt_tokens = match tokio::time::timeout(Duration::from_secs(60), conn.recv()).await {
+        Err(_) => return Err(ApiError::Worker("no answer within 60 s".into())),
+        Ok(Err(e)) => return Err(client_error(e)),
+        Ok(Ok(WorkerResponse::Started { prompt_tokens })) => prompt_tokens,
+        Ok(Ok(WorkerResponse::Error { code, message })) => return Err(worker_error(code, message)),
+        Ok(Ok(other)) => return Err(ApiError::Worker(format!("unexpected answer {other:?}"))),
+    };
+    let id = match g.kind {
+        Kind::Chat => format!("chatcmpl-{}", &ctx.id[4..]),
+        Kind::Text => format!("cmpl-{}", &ctx.id[4..]),
+    };
+    let run = Run {
+        gw: gw.clone(),
+        key,
+        model: g.model.clone(),
+        kind: g.kind,
+        id,
+        created: unix_now() as u64,
+        prompt_tokens,
+        soft_cap: g.soft_cap,
+        conn,
+        start: ctx.start,
+    };
+    if !g.stream {
+        let mut run = run;
+        let out = run.collect().await;
+        let (text, completion_tokens, finish) = out?;
+        let usage = Usage::new(prompt_tokens, completion_tokens);
+        let resp = match g.kind {
+            Kind::Chat => json_response(
+                StatusCode::OK,
+                &ChatCompletion {
+                    id: run_id(&ctx.id, g.kind),
+                    object: "chat.completion",
+                    created: unix_now() as u64,
+                    model: g.model.clone(),
+                    choices: vec![ChatChoice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content: text,
+                        },
+                        logprobs: None,
+                        finish_reason: finish,
+                    }],
+                    usage,
+                    system_fingerprint: None,
+                },
+                &ctx.id,
+            ),
+            Kind::Text => json_response(
+                StatusCode::OK,
+                &Completion {
+                    id: run_id(&ctx.id, g.kind),
+                    object: "text_completion",
+                    created: unix_now() as u64,
+                    model: g.model.clone(),
+                    choices: vec![CompletionChoice {
+                        text,
+                        index: 0,
+                        logprobs: None,
+                        finish_reason: Some(finish),
+                    }],
+                    usage: Some(Some(usage)),
+                    system_fingerprint: None,
+                },
+                &ctx.id,
+            ),
+        };
+        drop((permit, slot, in_flight));
+        return Ok(Reply::Done(resp, Some((prompt_tokens, completion_tokens))));
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let resp = sse_response(rx, &ctx.id);
+    let ctx = ReqCtx {
+        id: ctx.id.clone(),
+        method: ctx.method.clone(),
+        route: ctx.route,
+        start: ctx.start,
+        peer: ctx.peer,
+        tenant: ctx.tenant.clone(),
+        key: ctx.key.clone(),
+        model: ctx.model.clone(),
+    };
+    let include_usage = g.include_usage;
+    tokio::spawn(async move {
+        let gw = run.gw.clone();
+        let (status, usage) = run.stream(tx, include_usage).await;
+        gw.finish(&ctx, status, Some(usage));
+        drop((permit, slot, in_flight));
+    });
+    Ok(Reply::Streaming(resp))
+}
+
+fn run_id(req_id: &str, kind: Kind) -> String {
+    match kind {
+        Kind::Chat => format!("chatcmpl-{}", &req_id[4..]),
+        Kind::Text => format!("cmpl-{}", &req_id[4..]),
+    }
+}
+
+/// One generation running on a worker connection.
+struct Run {
+    gw: Arc<Gateway>,
+    key: Arc<KeyEntry>,
+    model: String,
+    kind: Kind,
+    id: String,
+    created: u64,
+    prompt_tokens: usize,
+    soft_cap: Option<usize>,
+    conn: WorkerConn,
+    start: Instant,
+}
+
+enum Step {
+    Token(String),
+    Done(&'static str, usize),
+}
+
+impl Run {
+    /// The next piece of the generation.
+    async fn next(&mut self, count: usize) -> Result<Step, ApiError> {
+        if self.soft_cap.is_some_and(|cap| count >= cap) {
+            // The worker keeps going until the connection closes: dropping `conn` cancels it.
+            return Ok(Step::Done("length", count));
+        }
+        match self.conn.recv().await.map_err(client_error)? {
+            WorkerResponse::Token { text, .. } => {
+                if count == 0 {
+                    self.gw
+                        .metrics
+                        .first_token(&self.model, self.start.elapsed());
+                }
+                Ok(Step::Token(text))
+            }
+            WorkerResponse::Done {
+                finish_reason,
+                completion_tokens,
+                ..
+            } => Ok(Step::Done(finish_str(finish_reason), completion_tokens)),
+            WorkerResponse::Error { code, message } => Err(worker_error(code, message)),
+            other => Err(ApiError::Worker(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    fn charge(&self, completion: usize) {
+        self.key.limiter.charge_tokens(
+            &self.key.limits,
+            self.prompt_tokens + completion,
+            Instant::now(),
+        );
+    }
+
+    /// Runs the generation to its end (non-streamed answer).
+    async fn collect(&mut self) -> Result<(String, usize, &'static str), ApiError> {
+        let mut text = String::new();
+        let mut count = 0;
+        let mut hard_stop = self.gw.hard_stop.subscribe();
+        loop {
+            let step = tokio::select! {
+                s = self.next(count) => s,
+                _ = hard_stop.wait_for(|s| *s) => Err(ApiError::Draining),
+            };
+            match step {
+                Ok(Step::Token(t)) => {
+                    text.push_str(&t);
+                    count += 1;
+                }
+                Ok(Step::Done(finish, n)) => {
+                    self.charge(n);
+                    return Ok((text, n, finish));
+                }
+                Err(e) => {
+                    self.charge(count);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn chunk(&self, delta: Delta, finish: Option<&'static str>, include_usage: bool) -> Bytes {
+        let usage = include_usage.then_some(None);
+        match self.kind {
+            Kind::Chat => sse(&ChatChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChunkChoice {
+                    index: 0,
+                    delta,
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
+                usage,
+                system_fingerprint: None,
+            }),
+            Kind::Text => sse(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![CompletionChoice {
+                    text: delta.content.unwrap_or_default(),
+                    index: 0,
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
+                usage,
+                system_fingerprint: None,
+            }),
+        }
+    }
+
+    fn usage_chunk(&self, usage: Usage) -> Bytes {
+        match self.kind {
+            Kind::Chat => sse(&ChatChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![],
+                usage: Some(Some(usage)),
+                system_fingerprint: None,
+            }),
+            Kind::Text => sse(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![],
+                usage: Some(Some(usage)),
+                system_fingerprint: None,
+            }),
+        }
+    }
+
+    /// Streams the generation as server-sent events into `tx`. Ends at once (closing
+    /// the worker connection, which cancels the generation) when the client goes away.
+    /// Returns the status to record and the (prompt, completion) token counts.
+    async fn stream(
+        mut self,
+        tx: mpsc::Sender<Bytes>,
+        include_usage: bool,
+    ) -> (u16, (usize, usize)) {
+        let mut hard_stop = self.gw.hard_stop.subscribe();
+        if self.kind == Kind::Chat {
+            let first = self.chunk(
+                Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                None,
+                include_usage,
+            );
+            if tx.send(first).await.is_err() {
+                return (499, (self.prompt_tokens, 0));
+            }
+        }
+        let mut count = 0;
+        loop {
+            let step = tokio::select! {
+                s = self.next(count) => s,
+                _ = tx.closed() => {
+                    log::debug!("{}: client went away; cancelling", self.id);
+                    self.charge(count);
+                    return (499, (self.prompt_tokens, count));
+                }
+                _ = hard_stop.wait_for(|s| *s) => Err(ApiError::Draining),
+            };
+            let frame = match step {
+                Ok(Step::Token(t)) => {
+                    count += 1;
+                    if t.is_empty() {
+                        continue;
+                    }
+                    self.chunk(
+                        Delta {
+                            role: None,
+                            content: Some(t),
+                        },
+                        None,
+                        include_usage,
+                    )
+                }
+                Ok(Step::Done(finish, n)) => {
+                    self.charge(n);
+                    let mut frames =
+                        vec![self.chunk(Delta::default(), Some(finish), include_usage)];
+                    if include_usage {
+                        frames.push(self.usage_chunk(Usage::new(self.prompt_tokens, n)));
+                    }
+                    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                    for f in frames {
+                        if tx.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                    return (200, (self.prompt_tokens, n));
+                }
+                Err(e) => {
+                    self.charge(count);
+                    log::warn!(
+                        "{}: stream ended by an error: {}",
+                        self.id,
+                        e.body().error.message
+                    );
+                    // The status line has gone out: the error travels as an event.
+                    let _ = tx.send(sse(&e.body())).await;
+                    return (e.status().as_u16(), (self.prompt_tokens, count));
+                }
+            };
+            if tx.send(frame).await.is_err() {
+                self.charge(count);
+                return (499, (self.prompt_tokens, count));
+            }
+        }
+    }
+}
+
+fn sse<T: Serialize>(v: &T) -> Bytes {
+    let mut b = Vec::with_capacity(256);
+    b.extend_from_slice(b"data: ");
+    let _ = serde_json::to_writer(&mut b, v);
+    b.extend_from_slice(b"\n\n");
+    b.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<Generation, ApiError> {
+        let r: ChatCompletionRequest = parse_json(body.as_bytes())?;
+        validate_chat(r, &GatewayConfig::default())
+    }
+
+    fn param_of(e: ApiError) -> Option<String> {
+        e.body().error.param
+    }
+
+    #[test]
+    fn chat_validation_names_the_parameter() {
+        let ok = chat(r#"{"model":"m","messages":[{"role":"developer","content":"be brief"},{"role":"user","content":"hi"}],"max_tokens":5,"stop":"x","seed":-1}"#).unwrap();
+        assert_eq!(ok.params.max_tokens, Some(5));
+        assert_eq!(ok.params.stop, vec!["x".to_string()]);
+        assert_eq!(ok.params.temperature, 1.0);
+        assert!(matches!(&ok.prompt, WirePrompt::Chat(m) if m[0].role == "system"));
+        for (body, param) in [
+            (r#"{"model":"m","messages":[]}"#, "messages"),
+            (r#"{"model":"m","messages":"x"}"#, "messages"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#,
+                "temperature",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":3}"#,
+                "temperature",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":2}"#,
+                "n",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":100000000}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stop":["a","b","c","d","e"]}"#,
+                "stop",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logit_bias":{"x":1}}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"tool","content":"hi"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}"#,
+                "tools",
+            ),
+        ] {
+            let e = chat(body).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(param_of(e).as_deref(), Some(param), "{body}");
+        }
+        let e = chat("{not json").unwrap_err();
+        assert!(e.body().error.message.contains("not valid JSON"));
+        // Unknown fields are ignored.
+        assert!(chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"a":"b"},"store":false}"#).is_ok());
+    }
+
+    #[test]
+    fn defaults_and_caps() {
+        let g = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert!(g.stream && g.include_usage);
+        assert_eq!(g.params.max_tokens, None);
+        assert_eq!(g.soft_cap, Some(GatewayConfig::default().max_tokens_cap));
+        let c: CompletionRequest = parse_json(br#"{"model":"m","prompt":["once"]}"#).unwrap();
+        let c = validate_completion(c, &GatewayConfig::default()).unwrap();
+        assert_eq!(c.params.max_tokens, Some(16));
+        assert!(matches!(c.prompt, WirePrompt::Text(ref t) if t == "once"));
+        let c: CompletionRequest = parse_json(br#"{"model":"m","prompt":["a","b"]}"#).unwrap();
+        assert!(validate_completion(c, &GatewayConfig::default()).is_err());
+    }
+}

@@ -1,0 +1,672 @@
+//! The HTTPS listener: accept, TLS handshake, HTTP/1.1 or HTTP/2 (ALPN), routing, and the
+//! drain on shutdown.
+//!
+//! Drain: once the shutdown future resolves, new API requests get 503 (the listener stays
+//! open, so clients get an answer rather than a refused connection) while requests in
+//! flight run to their end. At the drain deadline the remaining streams end with an error
+//! event, connections are closed gracefully, and `serve` returns.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use appliance_supervisor::Worker;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::auth::{KeyEntry, KeyTable};
+use crate::error::ApiError;
+use crate::metrics::{Metrics, Snapshot};
+
+/// Limits and timeouts of the API listener. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// Most chat messages in one request.
+    pub max_messages: usize,
+    /// Largest `max_tokens` a client may ask for; also the default when it asks none.
+    pub max_tokens_cap: usize,
+    /// Requests admitted per model at once (running or queued in its worker); 503 above.
+    pub queue_per_model: usize,
+    /// Time to receive a request's headers (HTTP/1.1).
+    pub header_timeout: Duration,
+    /// Time to receive a request's body.
+    pub body_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// Open connections at most; further ones are closed at once.
+    pub max_connections: usize,
+    /// How long in-flight requests get to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_body_bytes: 1 << 20,
+            max_messages: 256,
+            max_tokens_cap: 4096,
+            queue_per_model: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A model the API serves, and its gateway-side queue.
+#[derive(Debug)]
+pub struct ModelRoute {
+    pub name: String,
+    pub worker: Arc<Worker>,
+    pub created: u64,
+    pub in_flight: AtomicUsize,
+}
+
+/// Releases a model queue slot when dropped.
+pub(crate) struct Slot(Arc<ModelRoute>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ModelRoute {
+    pub fn new(name: String, worker: Arc<Worker>) -> ModelRoute {
+        ModelRoute {
+            name,
+            worker,
+            created: unix_now() as u64,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn try_slot(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+}
+
+/// Counts a generation request in flight for the drain.
+pub(crate) struct InFlight(Arc<Gateway>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub struct Gateway {
+    pub(crate) cfg: GatewayConfig,
+    pub(crate) keys: Arc<KeyTable>,
+    pub(crate) models: Vec<Arc<ModelRoute>>,
+    pub(crate) metrics: Metrics,
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    pub(crate) hard_stop: watch::Sender<bool>,
+    request_prefix: String,
+    request_counter: AtomicU64,
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// What the access log and metrics record about a request: never its content.
+pub(crate) struct ReqCtx {
+    pub id: String,
+    pub method: Method,
+    pub route: &'static str,
+    pub start: Instant,
+    pub peer: SocketAddr,
+    pub tenant: Option<String>,
+    pub key: Option<String>,
+    pub model: Option<String>,
+}
+
+/// A handler's answer: complete, or a stream whose task finishes the bookkeeping.
+pub(crate) enum Reply {
+    /// With the (prompt, completion) token counts of a generation.
+    Done(Response<Body>, Option<(usize, usize)>),
+    Streaming(Response<Body>),
+}
+
+/// Response bodies: complete bytes or a stream of SSE frames from a channel.
+pub enum Body {
+    Full(Option<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Body::Full(Some(b)) => http_body::SizeHint::with_exact(b.len() as u64),
+            Body::Full(None) => http_body::SizeHint::with_exact(0),
+            Body::Stream(_) => http_body::SizeHint::default(),
+        }
+    }
+}
+
+fn base_response(
+    status: StatusCode,
+    content_type: &'static str,
+    id: &str,
+) -> http::response::Builder {
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        .header("x-content-type-options", "nosniff")
+        .header("strict-transport-security", "max-age=31536000");
+    if let Ok(v) = HeaderValue::from_str(id) {
+        b = b.header("x-request-id", v);
+    }
+    b
+}
+
+pub(crate) fn json_response<T: Serialize>(status: StatusCode, v: &T, id: &str) -> Response<Body> {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    base_response(status, "application/json", id)
+        .body(Body::Full(Some(body.into())))
+        .unwrap_or_else(|_| Response::new(Body::Full(None)))
+}
+
+pub(crate) fn error_response(e: &ApiError, id: &str) -> Response<Body> {
+    let mut r = json_response(e.status(), &e.body(), id);
+    for (name, value) in e.headers() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            r.headers_mut().insert(name, v);
+        }
+    }
+    if matches!(e, ApiError::Draining) {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>, id: &str) -> Response<Body> {
+    base_response(StatusCode::OK, "text/event-stream", id)
+        .header("x-accel-buffering", "no")
+        .body(Body::Stream(rx))
+        .unwrap_or_else(|_| Response::new(Body::Full(None)))
+}
+
+fn route_of(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/models" => "/v1/models",
+        p if p.starts_with("/v1/models/") => "/v1/models/{id}",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        _ => "other",
+    }
+}
+
+impl Gateway {
+    pub fn new(
+        cfg: GatewayConfig,
+        keys: Arc<KeyTable>,
+        models: Vec<Arc<ModelRoute>>,
+    ) -> Arc<Gateway> {
+        let (hard_stop, _) = watch::channel(false);
+        Arc::new(Gateway {
+            cfg,
+            keys,
+            models,
+            metrics: Metrics::default(),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            hard_stop,
+            request_prefix: crate::keys::random_hex::<4>(),
+            request_counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn keys(&self) -> &Arc<KeyTable> {
+        &self.keys
+    }
+
+    pub fn models(&self) -> &[Arc<ModelRoute>] {
+        &self.models
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    pub(crate) fn model(&self, name: &str) -> Option<&Arc<ModelRoute>> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    fn next_request_id(&self) -> String {
+        let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
+        format!("req_{}{n:010x}", self.request_prefix)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot {
+            in_flight: self.in_flight() as u64,
+            keys: self.keys.len() as u64,
+            draining: self.is_draining(),
+            ..Default::default()
+        };
+        for m in &self.models {
+            let st = m.worker.status();
+            s.queue_depth
+                .push((m.name.clone(), m.in_flight.load(Ordering::Acquire) as u64));
+            for state in appliance_supervisor::WorkerState::ALL {
+                s.worker_states
+                    .push((m.name.clone(), state.as_str(), u8::from(st.state == state)));
+            }
+            s.worker_restarts.push((m.name.clone(), st.restarts));
+        }
+        s
+    }
+
+    /// Records a finished request in the metrics and the access log.
+    pub(crate) fn finish(&self, ctx: &ReqCtx, status: u16, usage: Option<(usize, usize)>) {
+        let elapsed = ctx.start.elapsed();
+        let tenant = ctx.tenant.as_deref().unwrap_or("-");
+        self.metrics.request(ctx.route, status, tenant, elapsed);
+        if let (Some((p, c)), Some(key), Some(model)) = (usage, &ctx.key, &ctx.model) {
+            self.metrics.tokens(tenant, key, model, p, c);
+        }
+        let (p, c) = usage.unwrap_or((0, 0));
+        log::info!(
+            target: "access",
+            "{} {} {} {} status={status} tenant={tenant} key={} model={} prompt_tokens={p} completion_tokens={c} ms={:.1}",
+            ctx.id,
+            ctx.peer.ip(),
+            ctx.method,
+            ctx.route,
+            ctx.key.as_deref().unwrap_or("-"),
+            ctx.model.as_deref().unwrap_or("-"),
+            elapsed.as_secs_f64() * 1e3
+        );
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let mut ctx = ReqCtx {
+            id: self.next_request_id(),
+            method: req.method().clone(),
+            route: route_of(req.uri().path()),
+            start: Instant::now(),
+            peer,
+            tenant: None,
+            key: None,
+            model: None,
+        };
+        match self.dispatch(req, &mut ctx).await {
+            Ok(Reply::Done(resp, usage)) => {
+                self.finish(&ctx, resp.status().as_u16(), usage);
+                resp
+            }
+            Ok(Reply::Streaming(resp)) => resp,
+            Err(e) => {
+                self.finish(&ctx, e.status().as_u16(), None);
+                error_response(&e, &ctx.id)
+            }
+        }
+    }
+
+    pub(crate) fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        ctx: &mut ReqCtx,
+    ) -> Result<Arc<KeyEntry>, ApiError> {
+        let key = self.keys.authenticate(
+            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+            unix_now(),
+        )?;
+        ctx.tenant = Some(key.tenant.clone());
+        ctx.key = Some(key.id.clone());
+        Ok(key)
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        ctx: &mut ReqCtx,
+    ) -> Result<Reply, ApiError> {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        match (ctx.route, &method) {
+            ("/healthz", &Method::GET) => Ok(Reply::Done(
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ok"}),
+                    &ctx.id,
+                ),
+                None,
+            )),
+            ("/readyz", &Method::GET) => {
+                let ready: Vec<&str> = self
+                    .models
+                    .iter()
+                    .filter(|m| m.worker.is_ready())
+                    .map(|m| m.name.as_str())
+                    .collect();
+                let ok = !ready.is_empty() && !self.is_draining();
+                let status = if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let body = serde_json::json!({
+                    "status": if ok { "ready" } else if self.is_draining() { "draining" } else { "not_ready" },
+                    "ready_models": ready,
+                });
+                Ok(Reply::Done(json_response(status, &body, &ctx.id), None))
+            }
+            ("/metrics", &Method::GET) => {
+                let text = self.metrics.render(&self.snapshot());
+                let r = base_response(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    &ctx.id,
+                )
+                .body(Body::Full(Some(text.into())))
+                .unwrap_or_else(|_| Response::new(Body::Full(None)));
+                Ok(Reply::Done(r, None))
+            }
+            ("/v1/models", &Method::GET) => {
+                let key = self.authenticate(req.headers(), ctx)?;
+                Ok(Reply::Done(
+                    json_response(StatusCode::OK, &self.model_list(&key), &ctx.id),
+                    None,
+                ))
+            }
+            ("/v1/models/{id}", &Method::GET) => {
+                let key = self.authenticate(req.headers(), ctx)?;
+                let name = &path["/v1/models/".len()..];
+                ctx.model = Some(name.to_string());
+                let m = self
+                    .model(name)
+                    .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))?;
+                if !key.may_use(name) {
+                    return Err(ApiError::ModelNotAllowed(name.to_string()));
+                }
+                Ok(Reply::Done(
+                    json_response(StatusCode::OK, &model_object(m), &ctx.id),
+                    None,
+                ))
+            }
+            ("/v1/chat/completions", &Method::POST) => crate::openai::chat(self, req, ctx).await,
+            ("/v1/completions", &Method::POST) => crate::openai::completions(self, req, ctx).await,
+            (route, _) => {
+                // Read what the client sent so the error reaches it (see read_body).
+                let (parts, body) = req.into_parts();
+                let _ = self.read_body(&parts.headers, body).await;
+                Err(if route == "other" {
+                    ApiError::NoRoute(path)
+                } else {
+                    ApiError::MethodNotAllowed
+                })
+            }
+        }
+    }
+
+    fn model_list(&self, key: &KeyEntry) -> appliance_api::openai::ModelList {
+        appliance_api::openai::ModelList {
+            object: "list",
+            data: self
+                .models
+                .iter()
+                .filter(|m| key.may_use(&m.name))
+                .map(|m| model_object(m))
+                .collect(),
+        }
+    }
+
+    /// Reads a request body up to the configured limit. The body is read before any
+    /// answer, and a body over the limit is still read (and dropped) up to 16 MiB: a
+    /// connection closed with unread data resets, and the client would never see its
+    /// 4xx/503.
+    pub(crate) async fn read_body(
+        &self,
+        headers: &http::HeaderMap,
+        mut body: Incoming,
+    ) -> Result<Bytes, ApiError> {
+        let limit = self.cfg.max_body_bytes;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut buf =
+            bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+        let mut seen: u64 = 0;
+        let read = async {
+            while let Some(frame) = body.frame().await {
+                let frame = frame
+                    .map_err(|_| ApiError::invalid("the request body could not be read", None))?;
+                if let Ok(data) = frame.into_data() {
+                    seen += data.len() as u64;
+                    if seen > 16 << 20 {
+                        break;
+                    }
+                    if seen <= limit as u64 {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+            }
+            Ok::<_, ApiError>(())
+        };
+        match tokio::time::timeout(self.cfg.body_timeout, read).await {
+            Err(_) => Err(ApiError::BodyTimeout),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) if seen > limit as u64 => Err(ApiError::BodyTooLarge(limit)),
+            Ok(Ok(())) => Ok(buf.freeze()),
+        }
+    }
+
+    /// Serves HTTPS on `listener` until `shutdown` resolves, then drains.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let graceful = GracefulShutdown::new();
+        let connections = Arc::new(Semaphore::new(self.cfg.max_connections));
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.header_timeout)
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(128)
+            .max_header_list_size(64 * 1024)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let builder = Arc::new(builder);
+        tokio::pin!(shutdown);
+        let mut drain_started: Option<Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Out of descriptors and the like: back off a little.
+                            log::warn!("accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        log::warn!("connection from {peer} refused: {} connections open", self.cfg.max_connections);
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let acceptor = acceptor.clone();
+                    let watcher = graceful.watcher();
+                    let builder = builder.clone();
+                    let gw = self.clone();
+                    let handshake = self.cfg.tls_handshake_timeout;
+                    tokio::spawn(async move {
+                        let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                log::debug!("TLS handshake with {peer} failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                log::debug!("TLS handshake with {peer} timed out");
+                                return;
+                            }
+                        };
+                        let svc = hyper::service::service_fn(move |req| {
+                            let gw = gw.clone();
+                            async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
+                        });
+                        let conn = builder.serve_connection(TokioIo::new(tls), svc).into_owned();
+                        if let Err(e) = watcher.watch(conn).await {
+                            log::debug!("connection from {peer}: {e}");
+                        }
+                        drop(permit);
+                    });
+                }
+                _ = &mut shutdown, if drain_started.is_none() => {
+                    self.draining.store(true, Ordering::Release);
+                    drain_started = Some(Instant::now());
+                    log::info!("draining: {} request(s) in flight, deadline {:?}", self.in_flight(), self.cfg.drain_timeout);
+                }
+                _ = tick.tick(), if drain_started.is_some() => {
+                    let waited = drain_started.map(|t| t.elapsed()).unwrap_or_default();
+                    if self.in_flight() == 0 || waited >= self.cfg.drain_timeout {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(listener);
+        if self.in_flight() > 0 {
+            log::warn!(
+                "drain deadline reached: ending {} request(s)",
+                self.in_flight()
+            );
+            let _ = self.hard_stop.send(true);
+            let t = Instant::now();
+            while self.in_flight() > 0 && t.elapsed() < Duration::from_secs(2) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+            .await
+            .is_err()
+        {
+            log::warn!("some connections did not close in time");
+        }
+        log::info!("API listener closed");
+    }
+}
+
+fn model_object(m: &ModelRoute) -> appliance_api::openai::ModelObject {
+    appliance_api::openai::ModelObject {
+        id: m.name.clone(),
+        object: "model",
+        created: m.created,
+        owned_by: "appliance".into(),
+    }
+}
+
+/// A plain-HTTP listener that only redirects to the HTTPS one.
+pub async fn serve_redirect(
+    listener: TcpListener,
+    https_port: u16,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else { continue };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .map(|h| h.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map(|(h, _)| h).unwrap_or(h))
+                            .filter(|h| h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b)))
+                            .unwrap_or("localhost")
+                            .to_string();
+                        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                        let location = format!("https://{host}:{https_port}{path}");
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(StatusCode::PERMANENT_REDIRECT)
+                                .header(header::LOCATION, location)
+                                .header(header::CONNECTION, "close")
+                                .body(Body::Full(None))
+                                .unwrap_or_else(|_| Response::new(Body::Full(None))),
+                        )
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(5))
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! TLS for the listeners: the site's own certificate, or a self-signed one generated on
+//! first start for this host's names and addresses (ECDSA P-256), stored as
+//! `tls/cert.pem` and `tls/key.pem` (0600) so clients can trust it with `--cacert`.
+//! When the host gains a name or address the generated certificate does not cover, a
+//! new one is generated. rustls with the ring provider: TLS 1.2 and 1.3, AEAD suites with
+//! forward secrecy only (Mozilla "intermediate"), ALPN h2 and http/1.1.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("generating the self-signed certificate: {0}")]
+    Generate(String),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Where the certificate chain and key are.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Whether the appliance generated them (self-signed).
+    pub generated: bool,
+}
+
+/// The names and addresses this host answers to: its hostname, localhost and every
+/// interface address.
+pub fn host_names() -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = ["localhost", "127.0.0.1", "::1"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    if let Ok(h) = nix::unistd::gethostname() {
+        if let Some(h) = h.to_str().filter(|h| !h.is_empty()) {
+            names.insert(h.to_string());
+        }
+    }
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(addr) = a.address else { continue };
+            if let Some(v4) = addr.as_sockaddr_in() {
+                names.insert(v4.ip().to_string());
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                let ip = v6.ip();
+                // Link-local addresses need a zone to be used; they cannot be in a SAN usefully.
+                if (ip.segments()[0] & 0xffc0) != 0xfe80 {
+                    names.insert(ip.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Uses `tls/cert.pem` + `tls/key.pem` under `dir`, generating them (self-signed, for
+/// `names`) when missing or when they were generated for a set of names that misses one.
+pub fn ensure_self_signed(dir: &Path, names: &BTreeSet<String>) -> Result<TlsFiles, TlsError> {
+    let tls = dir.join("tls");
+    let cert = tls.join("cert.pem");
+    let key = tls.join("key.pem");
+    let names_file = tls.join("generated-for.txt");
+    if cert.exists() && key.exists() {
+        match std::fs::read_to_string(&names_file) {
+            // Not ours (placed by the site): use as is.
+            Err(_) => {
+                return Ok(TlsFiles {
+                    cert,
+                    key,
+                    generated: false,
+                })
+            }
+            Ok(list) => {
+                let covered: BTreeSet<String> = list.lines().map(str::to_string).collect();
+                if names.is_subset(&covered) {
+                    return Ok(TlsFiles {
+                        cert,
+                        key,
+                        generated: true,
+                    });
+                }
+                log::warn!(
+                    "tls: this host's names changed ({}); generating a new self-signed certificate",
+                    names
+                        .difference(&covered)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+    }
+    std::fs::create_dir_all(&tls).map_err(io(&tls))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o700)).map_err(io(&tls))?;
+    }
+    let (cert_pem, key_pem) = generate(names)?;
+    write_private(&key, key_pem.as_bytes())?;
+    std::fs::write(&cert, cert_pem).map_err(io(&cert))?;
+    let list: String = names.iter().map(|n| format!("{n}\n")).collect();
+    std::fs::write(&names_file, list).map_err(io(&names_file))?;
+    log::info!(
+        "tls: generated a self-signed certificate for {} at {}",
+        names.iter().cloned().collect::<Vec<_>>().join(", "),
+        cert.display()
+    );
+    Ok(TlsFiles {
+        cert,
+        key,
+        generated: true,
+    })
+}
+
+/// Writes a file readable by its owner only, atomically (temp file, then rename).
+fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(data).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn generate(names: &BTreeSet<String>) -> Result<(String, String), TlsError> {
+    let e = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().cloned().collect::<Vec<_>>()).map_err(e)?;
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "appliance".into());
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("appliance {host}"));
+    params.distinguished_name.push(
+        rcgen::DnType::OrganizationName,
+        "Sovereign AI appliance (self-signed)",
+    );
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(3650);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let key = rcgen::KeyPair::generate().map_err(e)?;
+    let cert = params.self_signed(&key).map_err(e)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A rustls server configuration from PEM files.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let pem = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: rustls::pki_types::pem::Error| TlsError::Pem {
+            path,
+            message: e.to_string(),
+        }
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(pem(&files.cert))?
+        .collect::<Result<_, _>>()
+        .map_err(pem(&files.cert))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: files.cert.clone(),
+            message: "no certificate in the file".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(pem(&files.key))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "{} / {}: {e}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_once_and_regenerates_for_new_names() {
+        let d = std::env::temp_dir().join(format!("appliance-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let mut names = host_names();
+        assert!(names.contains("localhost") && names.contains("127.0.0.1"));
+        let a = ensure_self_signed(&d, &names).unwrap();
+        assert!(a.generated);
+        let mode = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(&a.key).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(mode, 0o600);
+        let first = std::fs::read(&a.cert).unwrap();
+        server_config(&a).unwrap();
+        // Same names: kept.
+        ensure_self_signed(&d, &names).unwrap();
+        assert_eq!(std::fs::read(&a.cert).unwrap(), first);
+        // A new address: regenerated.
+        names.insert("10.99.0.1".into());
+        ensure_self_signed(&d, &names).unwrap();
+        assert_ne!(std::fs::read(&a.cert).unwrap(), first);
+        // A site's own files (no generated-for list) are used as they are.
+        std::fs::remove_file(d.join("tls/generated-for.txt")).unwrap();
+        names.insert("10.99.0.2".into());
+        let own = ensure_self_signed(&d, &names).unwrap();
+        assert!(!own.generated);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn bad_pem_names_the_file() {
+        let d = std::env::temp_dir().join(format!("appliance-tls-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let files = TlsFiles {
+            cert: d.join("c.pem"),
+            key: d.join("k.pem"),
+            generated: false,
+        };
+        std::fs::write(&files.cert, "not a pem").unwrap();
+        let e = server_config(&files).unwrap_err().to_string();
+        assert!(e.contains("c.pem"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

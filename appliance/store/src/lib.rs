@@ -1,0 +1,497 @@
+//! The appliance's state, and all of its SQL: the pool, the embedded migrations, tenants
+//! and API keys.
+//!
+//! SQLite through sqlx (WAL, foreign keys, busy timeout), so the CLI can change keys
+//! while the daemon runs against the same file. This crate knows nothing of HTTP, key
+//! formats or hashing: it stores what it is given. Times are unix seconds, passed in by
+//! the caller.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database migration {version} ({description}): {source}")]
+    Migration {
+        version: i64,
+        description: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("tenant {0:?} already exists")]
+    TenantExists(String),
+    #[error("no tenant named {0:?}")]
+    NoSuchTenant(String),
+    #[error("no API key with id {0:?}")]
+    NoSuchKey(String),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The embedded migrations, in order. Never edit one that has shipped: add a new one.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "tenants and API keys",
+    include_str!("../migrations/0001_tenants_keys.sql"),
+)];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: i64,
+    pub name: String,
+    pub created_at: i64,
+}
+
+/// An API key as stored: everything but the secret, which is only a hash here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub tenant_id: i64,
+    pub tenant: String,
+    pub secret_sha256: Vec<u8>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    /// Models this key may use; `None` = all.
+    pub models: Option<Vec<String>>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub replaced_by: Option<String>,
+    pub label: Option<String>,
+}
+
+impl KeyRecord {
+    /// "active", "expired" or "revoked" at time `now`.
+    pub fn status(&self, now: i64) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            "expired"
+        } else {
+            "active"
+        }
+    }
+}
+
+/// What a new key is created with.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub id: String,
+    pub tenant: String,
+    pub secret_sha256: Vec<u8>,
+    pub expires_at: Option<i64>,
+    pub models: Option<Vec<String>>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub label: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if missing) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Store> {
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let opts = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(open_err)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(open_err)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Key hashes and tenant names: readable by the daemon's user only.
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        let store = Store { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn applied_version(&self) -> Result<i64> {
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let current = self.applied_version().await?;
+        for &(version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            let apply = async {
+                let mut tx = self.pool.begin().await?;
+                sqlx::raw_sql(sql).execute(&mut *tx).await?;
+                sqlx::query(
+                    "INSERT INTO schema_migrations (version, description, applied_at)
+                     VALUES (?, ?, strftime('%s','now'))",
+                )
+                .bind(version)
+                .bind(description)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await
+            };
+            if let Err(source) = apply.await {
+                // Another process (the CLI beside the daemon) may have applied it first.
+                if self.applied_version().await? >= version {
+                    continue;
+                }
+                return Err(StoreError::Migration {
+                    version,
+                    description,
+                    source,
+                });
+            }
+            log::info!("database: applied migration {version} ({description})");
+        }
+        Ok(())
+    }
+
+    /// The schema version now in the database.
+    pub async fn schema_version(&self) -> Result<i64> {
+        self.applied_version().await
+    }
+
+    pub async fn create_tenant(&self, name: &str, now: i64) -> Result<Tenant> {
+        let r = sqlx::query("INSERT INTO tenants (name, created_at) VALUES (?, ?) RETURNING id")
+            .bind(name)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await;
+        match r {
+            Ok(row) => Ok(Tenant {
+                id: row.get(0),
+                name: name.to_string(),
+                created_at: now,
+            }),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::TenantExists(name.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn tenants(&self) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query("SELECT id, name, created_at FROM tenants ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Tenant {
+                id: r.get(0),
+                name: r.get(1),
+                created_at: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn bump_keys(tx: &mut sqlx::SqliteConnection) -> Result<()> {
+        sqlx::query("UPDATE change_counters SET value = value + 1 WHERE name = 'keys'")
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Counts every change to the key table; a daemon reloads its keys when it moves.
+    pub async fn keys_generation(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM change_counters WHERE name = 'keys'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn insert_key_row(
+        tx: &mut sqlx::SqliteConnection,
+        k: &NewKey,
+        tenant_id: i64,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, secret_sha256, created_at, expires_at, models,
+                                   rpm, tpm, max_concurrency, label)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&k.id)
+        .bind(tenant_id)
+        .bind(&k.secret_sha256)
+        .bind(now)
+        .bind(k.expires_at)
+        .bind(k.models.as_ref().map(|m| m.join(",")))
+        .bind(k.rpm.map(i64::from))
+        .bind(k.tpm.map(i64::from))
+        .bind(k.max_concurrency.map(i64::from))
+        .bind(&k.label)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn insert_key(&self, k: &NewKey, now: i64) -> Result<KeyRecord> {
+        let mut tx = self.pool.begin().await?;
+        let tenant_id: Option<i64> = sqlx::query_scalar("SELECT id FROM tenants WHERE name = ?")
+            .bind(&k.tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let tenant_id = tenant_id.ok_or_else(|| StoreError::NoSuchTenant(k.tenant.clone()))?;
+        Self::insert_key_row(&mut tx, k, tenant_id, now).await?;
+        Self::bump_keys(&mut tx).await?;
+        tx.commit().await?;
+        self.key(&k.id)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchKey(k.id.clone()))
+    }
+
+    fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> KeyRecord {
+        let models: Option<String> = r.get(7);
+        let u32_of = |i: usize| {
+            r.get::<Option<i64>, _>(i)
+                .map(|v| v.clamp(0, u32::MAX as i64) as u32)
+        };
+        KeyRecord {
+            id: r.get(0),
+            tenant_id: r.get(1),
+            tenant: r.get(2),
+            secret_sha256: r.get(3),
+            created_at: r.get(4),
+            expires_at: r.get(5),
+            revoked_at: r.get(6),
+            models: models.map(|m| {
+                m.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }),
+            rpm: u32_of(8),
+            tpm: u32_of(9),
+            max_concurrency: u32_of(10),
+            replaced_by: r.get(11),
+            label: r.get(12),
+        }
+    }
+
+    pub async fn key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        let sql = const_format_key_by_id();
+        let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(Self::key_from_row))
+    }
+
+    /// All keys, or those of one tenant, oldest first.
+    pub async fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>> {
+        let rows = match tenant {
+            Some(t) => {
+                if !self.tenants().await?.iter().any(|x| x.name == t) {
+                    return Err(StoreError::NoSuchTenant(t.to_string()));
+                }
+                sqlx::query(const_format_keys_of_tenant())
+                    .bind(t)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(const_format_all_keys())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        Ok(rows.iter().map(Self::key_from_row).collect())
+    }
+
+    /// Revokes a key at `now`. Revoking a revoked key is not an error (idempotent).
+    pub async fn revoke_key(&self, id: &str, now: i64) -> Result<KeyRecord> {
+        let mut tx = self.pool.begin().await?;
+        let n =
+            sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NoSuchKey(id.to_string()));
+        }
+        Self::bump_keys(&mut tx).await?;
+        tx.commit().await?;
+        self.key(id)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchKey(id.to_string()))
+    }
+
+    /// Replaces key `old` by `new` (same tenant, allow-list and limits, given by the
+    /// caller in `new`); `old` stays valid until `old_expires_at` (or its own earlier
+    /// expiry). One transaction: either both changes happen or neither.
+    pub async fn rotate_key(
+        &self,
+        old: &str,
+        new: &NewKey,
+        old_expires_at: i64,
+        now: i64,
+    ) -> Result<KeyRecord> {
+        let mut tx = self.pool.begin().await?;
+        let tenant_id: Option<i64> = sqlx::query_scalar(
+            "SELECT tenant_id FROM api_keys WHERE id = ? AND revoked_at IS NULL",
+        )
+        .bind(old)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let tenant_id = tenant_id.ok_or_else(|| StoreError::NoSuchKey(old.to_string()))?;
+        Self::insert_key_row(&mut tx, new, tenant_id, now).await?;
+        sqlx::query(
+            "UPDATE api_keys SET replaced_by = ?,
+                    expires_at = MIN(COALESCE(expires_at, ?), ?)
+             WHERE id = ?",
+        )
+        .bind(&new.id)
+        .bind(old_expires_at)
+        .bind(old_expires_at)
+        .bind(old)
+        .execute(&mut *tx)
+        .await?;
+        Self::bump_keys(&mut tx).await?;
+        tx.commit().await?;
+        self.key(&new.id)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchKey(new.id.clone()))
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+// sqlx takes `&'static str` queries; these are the key queries spelled out once.
+fn const_format_key_by_id() -> &'static str {
+    "SELECT k.id, k.tenant_id, t.name, k.secret_sha256, k.created_at, k.expires_at,
+            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label
+     FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.id = ?"
+}
+
+fn const_format_keys_of_tenant() -> &'static str {
+    "SELECT k.id, k.tenant_id, t.name, k.secret_sha256, k.created_at, k.expires_at,
+            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label
+     FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE t.name = ?
+     ORDER BY k.created_at, k.id"
+}
+
+fn const_format_all_keys() -> &'static str {
+    "SELECT k.id, k.tenant_id, t.name, k.secret_sha256, k.created_at, k.expires_at,
+            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label
+     FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+     ORDER BY k.created_at, k.id"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("appliance-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("appliance.db")
+    }
+
+    fn new_key(id: &str, tenant: &str) -> NewKey {
+        NewKey {
+            id: id.into(),
+            tenant: tenant.into(),
+            secret_sha256: vec![7; 32],
+            models: Some(vec!["a".into(), "b".into()]),
+            rpm: Some(10),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn tenants_keys_revoke_rotate() {
+        let path = tmp("basic");
+        let s = Store::open(&path).await.unwrap();
+        assert_eq!(s.schema_version().await.unwrap(), 1);
+        s.create_tenant("acme", 100).await.unwrap();
+        assert!(matches!(
+            s.create_tenant("acme", 101).await,
+            Err(StoreError::TenantExists(_))
+        ));
+        assert!(matches!(
+            s.insert_key(&new_key("k1", "nobody"), 100).await,
+            Err(StoreError::NoSuchTenant(_))
+        ));
+        let g0 = s.keys_generation().await.unwrap();
+        let k = s.insert_key(&new_key("k1", "acme"), 100).await.unwrap();
+        assert_eq!(k.tenant, "acme");
+        assert_eq!(
+            k.models.as_deref(),
+            Some(&["a".to_string(), "b".to_string()][..])
+        );
+        assert_eq!((k.rpm, k.tpm), (Some(10), None));
+        assert!(s.keys_generation().await.unwrap() > g0);
+
+        let r = s
+            .rotate_key("k1", &new_key("k2", "acme"), 500, 200)
+            .await
+            .unwrap();
+        assert_eq!(r.id, "k2");
+        let old = s.key("k1").await.unwrap().unwrap();
+        assert_eq!(old.expires_at, Some(500));
+        assert_eq!(old.replaced_by.as_deref(), Some("k2"));
+        assert_eq!(old.status(499), "active");
+        assert_eq!(old.status(500), "expired");
+
+        let rv = s.revoke_key("k2", 300).await.unwrap();
+        assert_eq!(rv.status(300), "revoked");
+        // Idempotent, and keeps the first revocation time.
+        assert_eq!(s.revoke_key("k2", 400).await.unwrap().revoked_at, Some(300));
+        assert!(matches!(
+            s.revoke_key("nope", 1).await,
+            Err(StoreError::NoSuchKey(_))
+        ));
+        // A revoked key cannot be rotated.
+        assert!(s
+            .rotate_key("k2", &new_key("k3", "acme"), 1, 1)
+            .await
+            .is_err());
+        assert_eq!(s.keys(Some("acme")).await.unwrap().len(), 2);
+        assert!(s.keys(Some("zzz")).await.is_err());
+        s.close().await;
+
+        // Reopening runs no migration twice and keeps the data.
+        let s = Store::open(&path).await.unwrap();
+        assert_eq!(s.keys(None).await.unwrap().len(), 2);
+    }
+}

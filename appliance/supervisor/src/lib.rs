@@ -1,0 +1,441 @@
+//! The supervisor: one `appliance worker` process per configured model, watched.
+//!
+//! Each worker has a task that owns its child process and publishes a [`WorkerStatus`]
+//! on a watch channel: spawn → wait until the worker answers `hello` on its socket
+//! (Starting) → Ready → if it exits or stops answering health checks, back off
+//! exponentially and spawn again (BackingOff) → on shutdown SIGTERM, a grace period,
+//! then SIGKILL (Draining) → Stopped. Every child is waited for, so none is left a zombie;
+//! children are killed if their task is dropped, and the worker itself asks the kernel to
+//! end it if the supervisor dies (see the binary's worker start-up).
+//!
+//! This crate is the only one that spawns processes. It knows nothing of HTTP, tenants
+//! or policy.
+
+pub mod client;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance_api::worker::WireModelInfo;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Environment variable through which a worker learns its supervisor's pid.
+pub const PARENT_PID_ENV: &str = "APPLIANCE_SUPERVISOR_PID";
+
+/// How one worker is started.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The model's public name (what API clients ask for).
+    pub name: String,
+    pub model: PathBuf,
+    pub socket: PathBuf,
+    /// The program to run (the appliance binary itself); `worker` is the first argument.
+    pub program: PathBuf,
+    /// Further arguments for `appliance worker` (threads, batch, context).
+    pub extra_args: Vec<OsString>,
+    /// Time between SIGTERM and SIGKILL at shutdown.
+    pub grace: Duration,
+    /// Time a starting worker gets to answer `hello`.
+    pub ready_timeout: Duration,
+}
+
+/// Restart back-off: `base · 2^(n-1)` after the n-th consecutive failure, at most `max`;
+/// the count resets once a worker has stayed up for `reset_after`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    pub reset_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(250),
+            max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn delay(&self, consecutive_failures: u32) -> Duration {
+        let exp = consecutive_failures.saturating_sub(1).min(16);
+        self.base.saturating_mul(1 << exp).min(self.max)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Starting,
+    Ready,
+    BackingOff,
+    Draining,
+    Stopped,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 5] = [
+        WorkerState::Starting,
+        WorkerState::Ready,
+        WorkerState::BackingOff,
+        WorkerState::Draining,
+        WorkerState::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::BackingOff => "backing_off",
+            WorkerState::Draining => "draining",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerStatus {
+    pub state: WorkerState,
+    /// Restarts after an unexpected exit or failed start.
+    pub restarts: u64,
+    pub pid: Option<u32>,
+    /// What the worker said about its model once ready.
+    pub info: Option<WireModelInfo>,
+    /// Why the last run ended, if it ended badly.
+    pub last_error: Option<String>,
+}
+
+/// A supervised worker as the rest of the daemon sees it.
+#[derive(Debug)]
+pub struct Worker {
+    pub name: String,
+    pub socket: PathBuf,
+    status: watch::Receiver<WorkerStatus>,
+}
+
+impl Worker {
+    pub fn status(&self) -> WorkerStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.status.borrow().state == WorkerState::Ready
+    }
+
+    /// Waits until the worker is ready, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.status.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|s| s.state == WorkerState::Ready))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+pub struct Supervisor {
+    workers: Vec<Arc<Worker>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    /// Starts one task per worker. Must be called inside a tokio runtime.
+    pub fn start(specs: Vec<WorkerSpec>, backoff: Backoff) -> Supervisor {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut workers = Vec::new();
+        let mut tasks = Vec::new();
+        for spec in specs {
+            let (tx, rx) = watch::channel(WorkerStatus {
+                state: WorkerState::Starting,
+                restarts: 0,
+                pid: None,
+                info: None,
+                last_error: None,
+            });
+            workers.push(Arc::new(Worker {
+                name: spec.name.clone(),
+                socket: spec.socket.clone(),
+                status: rx,
+            }));
+            tasks.push(tokio::spawn(run_worker(spec, tx, stop_rx.clone(), backoff)));
+        }
+        Supervisor {
+            workers,
+            stop,
+            tasks,
+        }
+    }
+
+    pub fn workers(&self) -> &[Arc<Worker>] {
+        &self.workers
+    }
+
+    /// Stops every worker (SIGTERM, grace, SIGKILL) and waits for all of them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+enum Event {
+    Exited(std::io::Result<ExitStatus>),
+    Stop,
+    Tick,
+}
+
+async fn run_worker(
+    spec: WorkerSpec,
+    status: watch::Sender<WorkerStatus>,
+    mut stop: watch::Receiver<bool>,
+    backoff: Backoff,
+) {
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        status.send_modify(|s| {
+            s.state = WorkerState::Starting;
+            s.pid = None;
+        });
+        let mut cmd = tokio::process::Command::new(&spec.program);
+        cmd.arg("worker")
+            .arg("--model")
+            .arg(&spec.model)
+            .arg("--socket")
+            .arg(&spec.socket)
+            .args(&spec.extra_args)
+            .env(PARENT_PID_ENV, std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        let failure = match cmd.spawn() {
+            Err(e) => format!("cannot start {}: {e}", spec.program.display()),
+            Ok(mut child) => {
+                let pid = child.id();
+                status.send_modify(|s| s.pid = pid);
+                log::info!("worker {}: started (pid {})", spec.name, pid.unwrap_or(0));
+                match supervise(&spec, &mut child, &status, &mut stop, &backoff).await {
+                    Outcome::Stopped => {
+                        status.send_modify(|s| s.state = WorkerState::Draining);
+                        terminate(&spec, &mut child).await;
+                        break;
+                    }
+                    Outcome::Failed { reason, up_for } => {
+                        // Make sure it is gone and reaped before starting another.
+                        let _ = child.kill().await;
+                        if up_for >= backoff.reset_after {
+                            failures = 0;
+                        }
+                        reason
+                    }
+                }
+            }
+        };
+        failures += 1;
+        let delay = backoff.delay(failures);
+        log::warn!(
+            "worker {}: {failure}; restarting in {:.1}s (failure {failures} in a row)",
+            spec.name,
+            delay.as_secs_f64()
+        );
+        status.send_modify(|s| {
+            s.state = WorkerState::BackingOff;
+            s.pid = None;
+            s.info = None;
+            s.restarts += 1;
+            s.last_error = Some(failure);
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    status.send_modify(|s| {
+        s.state = WorkerState::Stopped;
+        s.pid = None;
+    });
+    log::info!("worker {}: stopped", spec.name);
+}
+
+enum Outcome {
+    Stopped,
+    Failed { reason: String, up_for: Duration },
+}
+
+fn describe(exit: std::io::Result<ExitStatus>) -> String {
+    match exit {
+        Ok(st) => {
+            use std::os::unix::process::ExitStatusExt;
+            match (st.code(), st.signal()) {
+                (Some(c), _) => format!("exited with status {c}"),
+                (None, Some(s)) => format!(
+                    "killed by signal {}",
+                    Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?")
+                ),
+                _ => format!("ended ({st})"),
+            }
+        }
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+/// Runs one child from start to exit or stop request.
+async fn supervise(
+    spec: &WorkerSpec,
+    child: &mut tokio::process::Child,
+    status: &watch::Sender<WorkerStatus>,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &Backoff,
+) -> Outcome {
+    let started = Instant::now();
+    // Until ready: probe the socket every 100 ms.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let ev = tokio::select! {
+            e = child.wait() => Event::Exited(e),
+            _ = stop.changed() => Event::Stop,
+            _ = tick.tick() => Event::Tick,
+        };
+        match ev {
+            Event::Exited(e) => {
+                return Outcome::Failed {
+                    reason: format!("{} before it was ready", describe(e)),
+                    up_for: started.elapsed(),
+                }
+            }
+            Event::Stop => return Outcome::Stopped,
+            Event::Tick => {
+                if let Ok(info) = client::hello(&spec.socket, Duration::from_secs(2)).await {
+                    log::info!(
+                        "worker {}: ready after {:.1}s ({}, {}, context {})",
+                        spec.name,
+                        started.elapsed().as_secs_f64(),
+                        info.architecture,
+                        info.quantization,
+                        info.context
+                    );
+                    status.send_modify(|s| {
+                        s.state = WorkerState::Ready;
+                        s.info = Some(info);
+                    });
+                    break;
+                }
+                if started.elapsed() > spec.ready_timeout {
+                    return Outcome::Failed {
+                        reason: format!("not ready within {:?}", spec.ready_timeout),
+                        up_for: started.elapsed(),
+                    };
+                }
+            }
+        }
+    }
+    // Ready: a health check every 5 s; three misses in a row and it is restarted.
+    let ready_at = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.reset();
+    let mut misses = 0;
+    loop {
+        let ev = tokio::select! {
+            e = child.wait() => Event::Exited(e),
+            _ = stop.changed() => Event::Stop,
+            _ = tick.tick() => Event::Tick,
+        };
+        match ev {
+            Event::Exited(e) => {
+                return Outcome::Failed {
+                    reason: describe(e),
+                    up_for: ready_at.elapsed(),
+                }
+            }
+            Event::Stop => return Outcome::Stopped,
+            Event::Tick => match client::health(&spec.socket, Duration::from_secs(5)).await {
+                Ok(_) => misses = 0,
+                Err(e) => {
+                    misses += 1;
+                    log::warn!(
+                        "worker {}: health check failed ({misses}/3): {e}",
+                        spec.name
+                    );
+                    if misses >= 3 {
+                        return Outcome::Failed {
+                            reason: "stopped answering health checks".into(),
+                            up_for: ready_at.elapsed().min(backoff.reset_after),
+                        };
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after the grace period; always reaps.
+async fn terminate(spec: &WorkerSpec, child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        match tokio::time::timeout(spec.grace, child.wait()).await {
+            Ok(_) => return,
+            Err(_) => log::warn!(
+                "worker {}: still running {:?} after SIGTERM; killing it",
+                spec.name,
+                spec.grace
+            ),
+        }
+    }
+    let _ = child.kill().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(1), Duration::from_millis(250));
+        assert_eq!(b.delay(2), Duration::from_millis(500));
+        assert_eq!(b.delay(5), Duration::from_secs(4));
+        assert_eq!(b.delay(100), Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_cannot_start_backs_off_and_stops_cleanly() {
+        let spec = WorkerSpec {
+            name: "m".into(),
+            model: "/nonexistent.gguf".into(),
+            socket: std::env::temp_dir().join(format!("sup-test-{}.sock", std::process::id())),
+            // `false` exits at once with status 1: a worker that dies on start.
+            program: "false".into(),
+            extra_args: vec![],
+            grace: Duration::from_secs(1),
+            ready_timeout: Duration::from_secs(5),
+        };
+        let sup = Supervisor::start(
+            vec![spec],
+            Backoff {
+                base: Duration::from_millis(10),
+                max: Duration::from_millis(20),
+                reset_after: Duration::from_secs(60),
+            },
+        );
+        let w = sup.workers()[0].clone();
+        let t0 = Instant::now();
+        while w.status().restarts < 3 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", w.status());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let st = w.status();
+        assert!(st.last_error.unwrap().contains("status 1"));
+        assert!(!w.is_ready());
+        sup.shutdown().await;
+        assert_eq!(w.status().state, WorkerState::Stopped);
+    }
+}

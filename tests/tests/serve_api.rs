@@ -1,0 +1,457 @@
+//! `appliance serve` end to end: the real daemon, real workers, the real model, HTTPS with
+//! the generated certificate. The OpenAI SDK, httpx and curl suite lives in
+//! `tests/e2e/test_openai_api.py` and runs under pytest from here; the process-level
+//! behaviour (worker crash, drain, config errors) is tested in Rust.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use appliance_tests::*;
+
+struct Server {
+    guard: Guard,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Server {
+    fn start(name: &str, extra: &[&str]) -> Server {
+        let dir = scratch(name);
+        let out = appliance()
+            .args(["tenant", "create", "acme", "--data-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut child = appliance()
+            .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .arg("--model")
+            .arg(format!("smollm2={}", model().display()))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let guard = Guard(child);
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("serve ended before printing its address")
+                .unwrap();
+            if let Some(url) = line.strip_prefix("appliance: API     https://") {
+                let port = url.split(':').nth(1).unwrap().trim_end_matches("/v1");
+                break port.parse().unwrap();
+            }
+        };
+        // Keep draining stdout so the daemon never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        let s = Server { guard, dir, port };
+        let t0 = Instant::now();
+        while s
+            .curl(&["-o", "/dev/null", "-w", "%{http_code}", &s.url("/readyz")])
+            .0
+            != "200"
+        {
+            assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    fn pid(&self) -> u32 {
+        self.guard.0.id()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.join("tls/cert.pem")
+    }
+
+    /// Runs curl with the appliance's CA; returns (stdout, success).
+    fn curl(&self, args: &[&str]) -> (String, bool) {
+        let out = Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "--max-time", "120", "--cacert"])
+            .arg(self.cert())
+            .args(args)
+            .output()
+            .expect("curl");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.status.success(),
+        )
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = appliance()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn key(&self) -> String {
+        self.cli(&["key", "create", "--tenant", "acme"])
+    }
+
+    fn chat(&self, key: &str, body: &str) -> (String, bool) {
+        self.curl(&[
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            &self.url("/v1/chat/completions"),
+        ])
+    }
+
+    /// A streaming curl whose output is read line by line.
+    fn stream(
+        &self,
+        key: &str,
+        body: &str,
+    ) -> (Guard, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+        let mut c = Command::new("curl")
+            .args(["-sS", "-N", "--noproxy", "*", "--cacert"])
+            .arg(self.cert())
+            .args(["-H", &format!("Authorization: Bearer {key}"), "-d", body])
+            .arg(self.url("/v1/chat/completions"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = c.stdout.take().unwrap();
+        (Guard(c), BufReader::new(out).lines())
+    }
+
+    fn metric(&self, prefix: &str) -> Option<f64> {
+        let (text, _) = self.curl(&[&self.url("/metrics")]);
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+/// Processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = rest.split(' ').nth(1).unwrap().parse().unwrap();
+        if ppid == pid {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+            .unwrap_or(true)
+}
+
+const LONG_STREAM: &str = r#"{"model":"smollm2","messages":[{"role":"user","content":"Count from 1 to 1000."}],"max_tokens":2000,"ignore_eos":true,"temperature":0,"stream":true}"#;
+
+#[test]
+fn openai_sdk_httpx_and_curl_suite() {
+    let python = std::env::var("APPLIANCE_TEST_PYTHON").expect(
+        "APPLIANCE_TEST_PYTHON must name a Python with tests/e2e/requirements.txt installed (scripts/test sets it up)",
+    );
+    let s = Server::start("sdk", &[]);
+    let status = Command::new(python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"])
+        .arg(repo_root().join("tests/e2e/test_openai_api.py"))
+        .env("APPLIANCE_BASE_URL", s.url("/v1"))
+        .env("APPLIANCE_CACERT", s.cert())
+        .env("APPLIANCE_MODEL", "smollm2")
+        .env("APPLIANCE_BIN", binary())
+        .env("APPLIANCE_DATA_DIR", &s.dir)
+        .env("APPLIANCE_TENANT", "acme")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the pytest suite failed");
+}
+
+#[test]
+fn a_worker_killed_mid_stream_ends_the_stream_cleanly_and_is_restarted() {
+    let s = Server::start("kill", &[]);
+    let key = s.key();
+    let (_curl, mut lines) = s.stream(&key, LONG_STREAM);
+    // Wait for real tokens to flow.
+    let mut seen = 0;
+    while seen < 3 {
+        let l = lines.next().expect("stream ended early").unwrap();
+        if l.starts_with("data: {") {
+            seen += 1;
+        }
+    }
+    let workers = children(s.pid());
+    assert_eq!(workers.len(), 1, "one worker process: {workers:?}");
+    let status = Command::new("kill")
+        .args(["-9", &workers[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The client gets an error event, then the stream ends (no hang, no [DONE]).
+    let rest: Vec<String> = lines
+        .map(|l| l.unwrap())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let last = rest.last().expect("an error event");
+    assert!(last.starts_with("data: {\"error\""), "last line: {last}");
+    assert!(last.contains("worker_error"), "{last}");
+    assert!(!rest.iter().any(|l| l == "data: [DONE]"));
+    // The supervisor restarts it; the next request succeeds.
+    let t0 = Instant::now();
+    loop {
+        let (out, _) = s.chat(
+            &key,
+            r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":4}"#,
+        );
+        if out.contains("\"chat.completion\"") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "not back after 30 s: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        s.metric("appliance_worker_restarts_total{model=\"smollm2\"}"),
+        Some(1.0)
+    );
+    let new_workers = children(s.pid());
+    assert_eq!(new_workers.len(), 1);
+    assert_ne!(new_workers, workers);
+    assert!(!alive(workers[0]), "the killed worker was reaped");
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_slot_at_once() {
+    let s = Server::start("disconnect", &[]);
+    let key = s.cli(&[
+        "key",
+        "create",
+        "--tenant",
+        "acme",
+        "--max-concurrency",
+        "1",
+    ]);
+    let (curl, mut lines) = s.stream(&key, LONG_STREAM);
+    for _ in 0..3 {
+        lines.next().unwrap().unwrap();
+    }
+    assert_eq!(s.metric("appliance_in_flight_requests"), Some(1.0));
+    drop(curl); // kills curl: the connection closes mid-stream
+    let t0 = Instant::now();
+    while s.metric("appliance_in_flight_requests") != Some(0.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the stream was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The key's one concurrency slot is free again.
+    let (out, _) = s.chat(
+        &key,
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#,
+    );
+    assert!(out.contains("\"chat.completion\""), "{out}");
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0() {
+    let mut s = Server::start("drain", &["--drain-timeout", "60"]);
+    let key = s.key();
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"Count to 200."}],"max_tokens":200,"ignore_eos":true,"temperature":0,"stream":true}"#;
+    let (_curl, mut lines) = s.stream(&key, body);
+    lines.next().unwrap().unwrap();
+    let workers = children(s.pid());
+    assert_eq!(workers.len(), 1);
+    Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // New requests are refused while the stream finishes.
+    let (out, _) = s.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        "-d",
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}]}"#,
+        &s.url("/v1/chat/completions"),
+    ]);
+    assert_eq!(out, "503");
+    let rest: Vec<String> = lines
+        .map(|l| l.unwrap())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("data: [DONE]"),
+        "{rest:?}"
+    );
+    let tokens = rest.iter().filter(|l| l.contains("\"content\":\"")).count();
+    assert!(
+        tokens >= 190,
+        "the stream was cut short: {tokens} content chunks"
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = s.guard.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the daemon did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(!alive(workers[0]), "the worker outlived the daemon");
+}
+
+#[test]
+fn plain_http_only_redirects_and_old_tls_is_refused() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let s = Server::start(
+        "redirect",
+        &["--redirect-listen", &format!("127.0.0.1:{port}")],
+    );
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/v1/models?x=1"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out,
+        format!("308 https://127.0.0.1:{}/v1/models?x=1", s.port)
+    );
+    // TLS 1.1 and older are not offered.
+    let (_, ok) = s.curl(&["--tlsv1.1", "--tls-max", "1.1", &s.url("/healthz")]);
+    assert!(!ok, "a TLS 1.1 handshake succeeded");
+    let (out, ok) = s.curl(&["--tlsv1.2", "--tls-max", "1.2", &s.url("/healthz")]);
+    assert!(ok && out.contains("ok"), "{out}");
+}
+
+#[test]
+fn a_bad_config_file_is_reported_with_its_line() {
+    let dir = scratch("badconfig");
+    std::fs::write(
+        dir.join("appliance.toml"),
+        "[api]\nlisten = \"0.0.0.0:8443\"\n\n[limits]\nmax_body = 5\n",
+    )
+    .unwrap();
+    let out = appliance()
+        .args(["serve", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("appliance.toml: line 5, column 1"), "{err}");
+    assert!(err.contains("max_body"), "{err}");
+}
+
+#[test]
+fn keys_cli_contract() {
+    let dir = scratch("keyscli");
+    let run = |args: &[&str]| {
+        appliance()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["tenant", "create", "acme"]).status.success());
+    let dup = run(&["tenant", "create", "acme"]);
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
+    let out = run(&[
+        "key",
+        "create",
+        "--tenant",
+        "acme",
+        "--expires-in",
+        "15m",
+        "--models",
+        "a,b",
+        "--rpm",
+        "5",
+    ]);
+    assert!(out.status.success());
+    let secret = String::from_utf8(out.stdout).unwrap();
+    // The secret alone on stdout, one line.
+    assert_eq!(secret.lines().count(), 1);
+    assert!(secret.starts_with("sk-appl-") && secret.trim().len() == 8 + 16 + 1 + 64);
+    let id = &secret[8..24];
+    let list = run(&["key", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v[0]["id"], id);
+    assert_eq!(v[0]["status"], "active");
+    assert_eq!(v[0]["models"], serde_json::json!(["a", "b"]));
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&secret[25..]),
+        "the secret leaked into the listing"
+    );
+    // The database holds no secret either.
+    let db = std::fs::read(dir.join("appliance.db")).unwrap();
+    assert!(!db.windows(64).any(|w| w == &secret.trim().as_bytes()[25..]));
+    assert!(!run(&["key", "create", "--tenant", "nobody"])
+        .status
+        .success());
+    assert!(
+        !run(&["key", "create", "--tenant", "acme", "--expires-in", "soon"])
+            .status
+            .success()
+    );
+    assert!(!run(&["key", "revoke", "0123456789abcdef"]).status.success());
+    assert!(run(&["key", "revoke", id]).status.success());
+    let rot = run(&["key", "rotate", id]);
+    assert!(!rot.status.success(), "a revoked key was rotated");
+}

@@ -252,6 +252,29 @@ fn a_worker_killed_mid_stream_ends_the_stream_cleanly_and_is_restarted() {
     assert_eq!(new_workers.len(), 1);
     assert_ne!(new_workers, workers);
     assert!(!alive(workers[0]), "the killed worker was reaped");
+    // The metrics, restarts and token counts included, are valid for Prometheus.
+    let (text, _) = s.curl(&[&s.url("/metrics")]);
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup-e2e installs it)");
+    use std::io::Write;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

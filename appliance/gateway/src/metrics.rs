@@ -32,8 +32,8 @@ impl Histogram {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// (route, status, tenant) → count
-    requests: BTreeMap<(String, u16, String), u64>,
+    /// (route, status, tenant, key) → count
+    requests: BTreeMap<(String, u16, String, String), u64>,
     /// route → latency
     latency: BTreeMap<String, Histogram>,
     /// model → time to first token
@@ -91,10 +91,15 @@ impl Metrics {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn request(&self, route: &str, status: u16, tenant: &str, elapsed: Duration) {
+    pub fn request(&self, route: &str, status: u16, tenant: &str, key: &str, elapsed: Duration) {
         let mut m = self.lock();
         *m.requests
-            .entry((route.to_string(), status, tenant.to_string()))
+            .entry((
+                route.to_string(),
+                status,
+                tenant.to_string(),
+                key.to_string(),
+            ))
             .or_default() += 1;
         m.latency
             .entry(route.to_string())
@@ -122,14 +127,15 @@ impl Metrics {
     pub fn render(&self, s: &Snapshot) -> String {
         let m = self.lock();
         let mut out = String::with_capacity(4096);
-        out.push_str("# HELP appliance_http_requests_total API requests answered, by route, status and tenant.\n");
+        out.push_str("# HELP appliance_http_requests_total API requests answered, by route, status, tenant and key id.\n");
         out.push_str("# TYPE appliance_http_requests_total counter\n");
-        for ((route, status, tenant), n) in &m.requests {
+        for ((route, status, tenant, key), n) in &m.requests {
             let _ = writeln!(
                 out,
-                "appliance_http_requests_total{{route=\"{}\",status=\"{status}\",tenant=\"{}\"}} {n}",
+                "appliance_http_requests_total{{route=\"{}\",status=\"{status}\",tenant=\"{}\",key=\"{}\"}} {n}",
                 esc(route),
-                esc(tenant)
+                esc(tenant),
+                esc(key)
             );
         }
         out.push_str("# HELP appliance_request_duration_seconds Time from request to the end of the response, by route.\n");
@@ -205,12 +211,12 @@ mod tests {
     #[test]
     fn renders_counters_and_cumulative_buckets() {
         let m = Metrics::default();
-        m.request("/v1/models", 200, "acme", Duration::from_millis(3));
-        m.request("/v1/models", 200, "acme", Duration::from_millis(300));
+        m.request("/v1/models", 200, "acme", "k1", Duration::from_millis(3));
+        m.request("/v1/models", 200, "acme", "k1", Duration::from_millis(300));
         m.tokens("acme", "k1", "m", 5, 7);
         let text = m.render(&Snapshot::default());
         assert!(text.contains(
-            "appliance_http_requests_total{route=\"/v1/models\",status=\"200\",tenant=\"acme\"} 2"
+            "appliance_http_requests_total{route=\"/v1/models\",status=\"200\",tenant=\"acme\",key=\"k1\"} 2"
         ));
         assert!(text.contains(
             "appliance_request_duration_seconds_bucket{route=\"/v1/models\",le=\"0.005\"} 1"

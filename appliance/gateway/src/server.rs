@@ -320,7 +320,13 @@ impl Gateway {
     pub(crate) fn finish(&self, ctx: &ReqCtx, status: u16, usage: Option<(usize, usize)>) {
         let elapsed = ctx.start.elapsed();
         let tenant = ctx.tenant.as_deref().unwrap_or("-");
-        self.metrics.request(ctx.route, status, tenant, elapsed);
+        self.metrics.request(
+            ctx.route,
+            status,
+            tenant,
+            ctx.key.as_deref().unwrap_or("-"),
+            elapsed,
+        );
         if let (Some((p, c)), Some(key), Some(model)) = (usage, &ctx.key, &ctx.model) {
             self.metrics.tokens(tenant, key, model, p, c);
         }

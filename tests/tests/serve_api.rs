@@ -18,7 +18,14 @@ struct Server {
 
 impl Server {
     fn start(name: &str, extra: &[&str]) -> Server {
+        Server::start_with_config(name, extra, None)
+    }
+
+    fn start_with_config(name: &str, extra: &[&str], config: Option<&str>) -> Server {
         let dir = scratch(name);
+        if let Some(c) = config {
+            std::fs::write(dir.join("appliance.toml"), c).unwrap();
+        }
         let out = appliance()
             .args(["tenant", "create", "acme", "--data-dir"])
             .arg(&dir)
@@ -308,6 +315,43 @@ fn a_client_that_disconnects_frees_its_slot_at_once() {
         r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#,
     );
     assert!(out.contains("\"chat.completion\""), "{out}");
+    // The same for a client that gives up waiting for a whole (non-streamed) answer.
+    let long = LONG_STREAM.replace(r#","stream":true"#, "");
+    let t0 = Instant::now();
+    let (_, ok) = s.curl(&[
+        "--max-time",
+        "1",
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        "-d",
+        &long,
+        &s.url("/v1/chat/completions"),
+    ]);
+    assert!(!ok, "a 2000-token answer arrived within a second");
+    while s.metric("appliance_in_flight_requests") != Some(0.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "the abandoned request kept running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (out, _) = s.chat(
+        &key,
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#,
+    );
+    assert!(out.contains("\"chat.completion\""), "{out}");
+    // Both abandoned requests were recorded as such (499), with the tokens they used.
+    let (metrics, _) = s.curl(&[&s.url("/metrics")]);
+    let abandoned = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "appliance_http_requests_total{route=\"/v1/chat/completions\",status=\"499\"",
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(abandoned, Some(2.0), "{metrics}");
 }
 
 #[test]
@@ -477,4 +521,47 @@ fn keys_cli_contract() {
     assert!(run(&["key", "revoke", id]).status.success());
     let rot = run(&["key", "rotate", id]);
     assert!(!rot.status.success(), "a revoked key was rotated");
+}
+
+/// A TLS connection (ALPN h2 or http/1.1) that never sends a request is closed after the
+/// header timeout, so silent clients cannot hold connection slots.
+#[test]
+fn silent_connections_are_closed() {
+    let python = std::env::var("APPLIANCE_TEST_PYTHON")
+        .expect("APPLIANCE_TEST_PYTHON (scripts/test sets it)");
+    let s = Server::start_with_config("silent", &[], Some("[limits]\nheader_timeout_secs = 1\n"));
+    let script = r#"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.set_alpn_protocols([sys.argv[3]])
+raw = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+assert tls.selected_alpn_protocol() == sys.argv[3], tls.selected_alpn_protocol()
+tls.settimeout(20)
+t0 = time.time()
+try:
+    while tls.recv(4096):
+        pass  # an HTTP/2 server sends its SETTINGS first
+except (ConnectionResetError, ssl.SSLError):
+    pass
+print(round(time.time() - t0, 2))
+"#;
+    for alpn in ["h2", "http/1.1"] {
+        let out = Command::new(&python)
+            .args(["-c", script, &s.port.to_string()])
+            .arg(s.cert())
+            .arg(alpn)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{alpn}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert!(
+            secs < 5.0,
+            "{alpn}: a silent connection stayed open {secs} s"
+        );
+    }
 }

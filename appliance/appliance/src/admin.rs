@@ -277,8 +277,9 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                     id: secret.id.clone(),
                     tenant: old.tenant.clone(),
                     secret_sha256: secret.sha256.clone(),
-                    // The new key keeps the old one's remaining lifetime span, if it had one.
-                    expires_at: old.expires_at.map(|e| t + (e - old.created_at).max(60)),
+                    // The new key expires when the old one would have: rotation never
+                    // extends a key's life.
+                    expires_at: old.expires_at,
                     models: old.models.clone(),
                     rpm: old.rpm,
                     tpm: old.tpm,

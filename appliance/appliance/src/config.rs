@@ -57,6 +57,9 @@ pub struct LimitsSection {
     pub header_timeout_secs: u64,
     pub body_timeout_secs: u64,
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    pub idle_timeout_secs: u64,
+    pub stall_timeout_secs: u64,
     pub drain_timeout_secs: u64,
 }
 
@@ -71,6 +74,9 @@ impl Default for LimitsSection {
             header_timeout_secs: g.header_timeout.as_secs(),
             body_timeout_secs: g.body_timeout.as_secs(),
             max_connections: g.max_connections,
+            max_connections_per_address: g.max_connections_per_address,
+            idle_timeout_secs: g.idle_timeout.as_secs(),
+            stall_timeout_secs: g.stall_timeout.as_secs(),
             drain_timeout_secs: g.drain_timeout.as_secs(),
         }
     }
@@ -124,6 +130,9 @@ pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a
 # header_timeout_secs = 10
 # body_timeout_secs = 30
 # max_connections = 4096
+# max_connections_per_address = 512
+# idle_timeout_secs = 120      # connections with no traffic and no request in progress
+# stall_timeout_secs = 60      # a stream whose client reads nothing this long is ended
 # drain_timeout_secs = 30      # in-flight requests get this long on shutdown
 
 [workers]
@@ -225,6 +234,9 @@ impl FileConfig {
             header_timeout: Duration::from_secs(l.header_timeout_secs),
             body_timeout: Duration::from_secs(l.body_timeout_secs),
             max_connections: l.max_connections,
+            max_connections_per_address: l.max_connections_per_address,
+            idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+            stall_timeout: Duration::from_secs(l.stall_timeout_secs),
             drain_timeout: Duration::from_secs(l.drain_timeout_secs),
             ..Default::default()
         }

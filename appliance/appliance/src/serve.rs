@@ -95,6 +95,17 @@ async fn serve(a: ServeArgs) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    // One daemon per data directory: held until this function returns (or the process dies).
+    let lock_path = run_dir.join("serve.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    if let Err(e) = lock.try_lock() {
+        bail!(
+            "another appliance daemon is running on {} ({}: {e})",
+            dir.display(),
+            lock_path.display()
+        );
+    }
 
     // Models: the flags, else the file.
     let models: Vec<(String, PathBuf)> = if a.models.is_empty() {
@@ -304,6 +315,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let _ = std::fs::remove_file(DataDir::control_socket(&dir));
     store.close().await;
     log::info!("stopped");
+    drop(lock);
     Ok(())
 }
 
@@ -331,6 +343,7 @@ fn control_listener(dir: &Path) -> Result<UnixListener> {
 async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let keys = keys.clone();

@@ -6,6 +6,7 @@
 //! does) or of inference (the workers do). It never logs or stores request content.
 
 pub mod auth;
+mod conn;
 pub mod error;
 pub mod keys;
 pub mod limits;

@@ -100,8 +100,9 @@ impl Drop for Permit {
     }
 }
 
+/// Refill rate; a limit of 0 (refuse everything) refills as 1/min so waits stay finite.
 fn per_sec(per_min: u32) -> f64 {
-    per_min as f64 / 60.0
+    per_min.max(1) as f64 / 60.0
 }
 
 impl Buckets {

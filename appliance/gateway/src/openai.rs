@@ -23,7 +23,11 @@ use tokio::sync::mpsc;
 
 use crate::auth::KeyEntry;
 use crate::error::ApiError;
-use crate::server::{json_response, sse_response, unix_now, Gateway, GatewayConfig, Reply, ReqCtx};
+use crate::limits::Permit;
+use crate::server::{
+    error_response, json_response, sse_response, unix_now, Gateway, GatewayConfig, InFlight, Reply,
+    ReqCtx, Slot,
+};
 
 /// Parses a JSON body, naming the offending field on a type error.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -424,7 +428,23 @@ pub(crate) async fn completions(
     .await
 }
 
-/// The stages common to both endpoints: body, drain check, key, parse, validate, run.
+/// A client-given name made safe for a log line: letters, digits and `._:/-`, at most
+/// 64 characters.
+pub(crate) fn loggable(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._:/-".contains(*c))
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "?".into()
+    } else {
+        clean
+    }
+}
+
+/// The stages common to both endpoints: drain check and key (on the headers alone; the
+/// body is then read and dropped), body, parse, validate, run.
 async fn generate<T: DeserializeOwned>(
     gw: &Arc<Gateway>,
     req: Request<Incoming>,
@@ -433,22 +453,33 @@ async fn generate<T: DeserializeOwned>(
     validate: impl FnOnce(T, &GatewayConfig) -> Result<Generation, ApiError>,
 ) -> Result<Reply, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = gw.read_body(&parts.headers, body).await;
-    if gw.is_draining() {
-        return Err(ApiError::Draining);
-    }
-    let key = gw.authenticate(&parts.headers, ctx)?;
-    let (model, r) = model_of(parse_json(&body?)?);
-    ctx.model = Some(model);
+    let admitted = if gw.is_draining() {
+        Err(ApiError::Draining)
+    } else {
+        gw.authenticate(&parts.headers, ctx)
+    };
+    let key = match admitted {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = gw.read_body(&parts.headers, body, false).await;
+            return Err(e);
+        }
+    };
+    let body = gw.read_body(&parts.headers, body, true).await?;
+    let (model, r) = model_of(parse_json(&body)?);
+    ctx.model = Some(loggable(&model));
     let g = validate(r, &gw.cfg)?;
     run(gw, key, g, ctx).await
 }
 
-fn worker_error(code: ErrorCode, message: String) -> ApiError {
+fn worker_error(code: ErrorCode, message: String, kind: Kind) -> ApiError {
     match code {
         ErrorCode::ContextOverflow => ApiError::Invalid {
             message,
-            param: Some("messages".into()),
+            param: Some(match kind {
+                Kind::Chat => "messages".into(),
+                Kind::Text => "prompt".into(),
+            }),
             code: Some("context_length_exceeded"),
         },
         ErrorCode::InvalidRequest => ApiError::invalid(message, None),
@@ -483,10 +514,6 @@ async fn run(
     if !key.may_use(&g.model) {
         return Err(ApiError::ModelNotAllowed(g.model.clone()));
     }
-    let (permit, _rate) = key
-        .limiter
-        .admit(&key.limits, Instant::now())
-        .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
     if !route.worker.is_ready() {
         return Err(ApiError::NotReady(g.model.clone()));
     }
@@ -496,52 +523,70 @@ async fn run(
             model: g.model.clone(),
             retry_after: Duration::from_secs(2),
         })?;
+    // Limits last: a request refused for another reason costs the key nothing.
+    let (permit, _rate) = key
+        .limiter
+        .admit(&key.limits, Instant::now())
+        .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
     let in_flight = gw.enter();
-    let mut conn = WorkerConn::connect(&route.worker.socket)
+    let mut hard_stop = gw.hard_stop.subscribe();
+    let start = async {
+        let mut conn = WorkerConn::connect(&route.worker.socket)
+            .await
+            .map_err(|_| ApiError::NotReady(g.model.clone()))?;
+        conn.send(Op::Generate {
+            request_id: Some(ctx.id.clone()),
+            prompt: g.prompt.clone(),
+            params: g.params.clone(),
+        })
         .await
-        .map_err(|_| ApiError::NotReady(g.model.clone()))?;
-    conn.send(Op::Generate {
-        request_id: Some(ctx.id.clone()),
-        prompt: g.prompt.clone(),
-        params: g.params.clone(),
-    })
-    .await
-    .map_err(client_error)?;
-    let prompt_tokens = match tokio::time::timeout(Duration::from_secs(60), conn.recv()).await {
-        Err(_) => return Err(ApiError::Worker("no answer within 60 s".into())),
-        Ok(Err(e)) => return Err(client_error(e)),
-        Ok(Ok(WorkerResponse::Started { prompt_tokens })) => prompt_tokens,
-        Ok(Ok(WorkerResponse::Error { code, message })) => return Err(worker_error(code, message)),
-        Ok(Ok(other)) => return Err(ApiError::Worker(format!("unexpected answer {other:?}"))),
+        .map_err(client_error)?;
+        match tokio::time::timeout(Duration::from_secs(60), conn.recv()).await {
+            Err(_) => Err(ApiError::Worker("no answer within 60 s".into())),
+            Ok(Err(e)) => Err(client_error(e)),
+            Ok(Ok(WorkerResponse::Started { prompt_tokens })) => Ok((conn, prompt_tokens)),
+            Ok(Ok(WorkerResponse::Error { code, message })) => {
+                Err(worker_error(code, message, g.kind))
+            }
+            Ok(Ok(other)) => Err(ApiError::Worker(format!("unexpected answer {other:?}"))),
+        }
     };
-    let id = match g.kind {
-        Kind::Chat => format!("chatcmpl-{}", &ctx.id[4..]),
-        Kind::Text => format!("cmpl-{}", &ctx.id[4..]),
+    let (conn, prompt_tokens) = tokio::select! {
+        r = start => r?,
+        _ = hard_stop.wait_for(|s| *s) => return Err(ApiError::Draining),
     };
-    let run = Run {
+    let mut run = Run {
         gw: gw.clone(),
         key,
         model: g.model.clone(),
         kind: g.kind,
-        id,
+        id: run_id(&ctx.id, g.kind),
         created: unix_now() as u64,
         prompt_tokens,
         soft_cap: g.soft_cap,
         conn,
-        start: ctx.start,
+        ctx: ctx.clone(),
+        count: 0,
+        settled: false,
+        hard_stop,
+        _guards: (permit, slot, in_flight),
     };
     if !g.stream {
-        let mut run = run;
-        let out = run.collect().await;
-        let (text, completion_tokens, finish) = out?;
+        let (text, completion_tokens, finish) = match run.collect().await {
+            Ok(x) => x,
+            Err(e) => {
+                run.settle(e.status().as_u16(), run.count);
+                return Ok(Reply::Settled(error_response(&e, &ctx.id)));
+            }
+        };
         let usage = Usage::new(prompt_tokens, completion_tokens);
         let resp = match g.kind {
             Kind::Chat => json_response(
                 StatusCode::OK,
                 &ChatCompletion {
-                    id: run_id(&ctx.id, g.kind),
+                    id: run.id.clone(),
                     object: "chat.completion",
-                    created: unix_now() as u64,
+                    created: run.created,
                     model: g.model.clone(),
                     choices: vec![ChatChoice {
                         index: 0,
@@ -560,9 +605,9 @@ async fn run(
             Kind::Text => json_response(
                 StatusCode::OK,
                 &Completion {
-                    id: run_id(&ctx.id, g.kind),
+                    id: run.id.clone(),
                     object: "text_completion",
-                    created: unix_now() as u64,
+                    created: run.created,
                     model: g.model.clone(),
                     choices: vec![CompletionChoice {
                         text,
@@ -576,39 +621,27 @@ async fn run(
                 &ctx.id,
             ),
         };
-        drop((permit, slot, in_flight));
-        return Ok(Reply::Done(resp, Some((prompt_tokens, completion_tokens))));
+        run.settle(200, completion_tokens);
+        return Ok(Reply::Settled(resp));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let resp = sse_response(rx, &ctx.id);
-    let ctx = ReqCtx {
-        id: ctx.id.clone(),
-        method: ctx.method.clone(),
-        route: ctx.route,
-        start: ctx.start,
-        peer: ctx.peer,
-        tenant: ctx.tenant.clone(),
-        key: ctx.key.clone(),
-        model: ctx.model.clone(),
-    };
     let include_usage = g.include_usage;
-    tokio::spawn(async move {
-        let gw = run.gw.clone();
-        let (status, usage) = run.stream(tx, include_usage).await;
-        gw.finish(&ctx, status, Some(usage));
-        drop((permit, slot, in_flight));
-    });
-    Ok(Reply::Streaming(resp))
+    tokio::spawn(run.stream(tx, include_usage));
+    Ok(Reply::Settled(resp))
 }
 
 fn run_id(req_id: &str, kind: Kind) -> String {
+    let tail = req_id.strip_prefix("req_").unwrap_or(req_id);
     match kind {
-        Kind::Chat => format!("chatcmpl-{}", &req_id[4..]),
-        Kind::Text => format!("cmpl-{}", &req_id[4..]),
+        Kind::Chat => format!("chatcmpl-{tail}"),
+        Kind::Text => format!("cmpl-{tail}"),
     }
 }
 
-/// One generation running on a worker connection.
+/// One generation running on a worker connection. It owns the request's guards (key
+/// permit, model slot, drain count) and records the request exactly once: when it ends,
+/// or, if its client goes away first (hyper drops the handler or the stream), on drop.
 struct Run {
     gw: Arc<Gateway>,
     key: Arc<KeyEntry>,
@@ -619,7 +652,21 @@ struct Run {
     prompt_tokens: usize,
     soft_cap: Option<usize>,
     conn: WorkerConn,
-    start: Instant,
+    ctx: ReqCtx,
+    /// Tokens received so far.
+    count: usize,
+    settled: bool,
+    hard_stop: tokio::sync::watch::Receiver<bool>,
+    _guards: (Permit, Slot, InFlight),
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.settled {
+            log::debug!("{}: client went away; cancelling", self.id);
+            self.settle(499, self.count);
+        }
+    }
 }
 
 enum Step {
@@ -628,19 +675,39 @@ enum Step {
 }
 
 impl Run {
-    /// The next piece of the generation.
-    async fn next(&mut self, count: usize) -> Result<Step, ApiError> {
-        if self.soft_cap.is_some_and(|cap| count >= cap) {
-            // The worker keeps going until the connection closes: dropping `conn` cancels it.
-            return Ok(Step::Done("length", count));
+    /// Charges the key's token budget and writes the access log and metrics, once.
+    fn settle(&mut self, status: u16, completion: usize) {
+        if self.settled {
+            return;
         }
-        match self.conn.recv().await.map_err(client_error)? {
+        self.settled = true;
+        self.key.limiter.charge_tokens(
+            &self.key.limits,
+            self.prompt_tokens + completion,
+            Instant::now(),
+        );
+        self.gw
+            .finish(&self.ctx, status, Some((self.prompt_tokens, completion)));
+    }
+
+    /// The next piece of the generation.
+    async fn next(&mut self) -> Result<Step, ApiError> {
+        if self.soft_cap.is_some_and(|cap| self.count >= cap) {
+            // The worker keeps going until the connection closes: dropping `conn` cancels it.
+            return Ok(Step::Done("length", self.count));
+        }
+        let msg = tokio::select! {
+            m = self.conn.recv() => m.map_err(client_error)?,
+            _ = self.hard_stop.wait_for(|s| *s) => return Err(ApiError::Draining),
+        };
+        match msg {
             WorkerResponse::Token { text, .. } => {
-                if count == 0 {
+                if self.count == 0 {
                     self.gw
                         .metrics
-                        .first_token(&self.model, self.start.elapsed());
+                        .first_token(&self.model, self.ctx.start.elapsed());
                 }
+                self.count += 1;
                 Ok(Step::Token(text))
             }
             WorkerResponse::Done {
@@ -648,42 +715,18 @@ impl Run {
                 completion_tokens,
                 ..
             } => Ok(Step::Done(finish_str(finish_reason), completion_tokens)),
-            WorkerResponse::Error { code, message } => Err(worker_error(code, message)),
+            WorkerResponse::Error { code, message } => Err(worker_error(code, message, self.kind)),
             other => Err(ApiError::Worker(format!("unexpected answer {other:?}"))),
         }
-    }
-
-    fn charge(&self, completion: usize) {
-        self.key.limiter.charge_tokens(
-            &self.key.limits,
-            self.prompt_tokens + completion,
-            Instant::now(),
-        );
     }
 
     /// Runs the generation to its end (non-streamed answer).
     async fn collect(&mut self) -> Result<(String, usize, &'static str), ApiError> {
         let mut text = String::new();
-        let mut count = 0;
-        let mut hard_stop = self.gw.hard_stop.subscribe();
         loop {
-            let step = tokio::select! {
-                s = self.next(count) => s,
-                _ = hard_stop.wait_for(|s| *s) => Err(ApiError::Draining),
-            };
-            match step {
-                Ok(Step::Token(t)) => {
-                    text.push_str(&t);
-                    count += 1;
-                }
-                Ok(Step::Done(finish, n)) => {
-                    self.charge(n);
-                    return Ok((text, n, finish));
-                }
-                Err(e) => {
-                    self.charge(count);
-                    return Err(e);
-                }
+            match self.next().await? {
+                Step::Token(t) => text.push_str(&t),
+                Step::Done(finish, n) => return Ok((text, n, finish)),
             }
         }
     }
@@ -745,15 +788,19 @@ impl Run {
         }
     }
 
+    /// Sends one event; false when the client is gone, stalled past the stall timeout,
+    /// or the drain deadline passed.
+    async fn push(&mut self, tx: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
+        let stall = self.gw.cfg.stall_timeout;
+        tokio::select! {
+            r = tx.send_timeout(frame, stall) => r.is_ok(),
+            _ = self.hard_stop.wait_for(|s| *s) => false,
+        }
+    }
+
     /// Streams the generation as server-sent events into `tx`. Ends at once (closing
     /// the worker connection, which cancels the generation) when the client goes away.
-    /// Returns the status to record and the (prompt, completion) token counts.
-    async fn stream(
-        mut self,
-        tx: mpsc::Sender<Bytes>,
-        include_usage: bool,
-    ) -> (u16, (usize, usize)) {
-        let mut hard_stop = self.gw.hard_stop.subscribe();
+    async fn stream(mut self, tx: mpsc::Sender<Bytes>, include_usage: bool) {
         if self.kind == Kind::Chat {
             let first = self.chunk(
                 Delta {
@@ -763,38 +810,26 @@ impl Run {
                 None,
                 include_usage,
             );
-            if tx.send(first).await.is_err() {
-                return (499, (self.prompt_tokens, 0));
+            if !self.push(&tx, first).await {
+                return;
             }
         }
-        let mut count = 0;
         loop {
             let step = tokio::select! {
-                s = self.next(count) => s,
-                _ = tx.closed() => {
-                    log::debug!("{}: client went away; cancelling", self.id);
-                    self.charge(count);
-                    return (499, (self.prompt_tokens, count));
-                }
-                _ = hard_stop.wait_for(|s| *s) => Err(ApiError::Draining),
+                s = self.next() => s,
+                _ = tx.closed() => return,
             };
             let frame = match step {
-                Ok(Step::Token(t)) => {
-                    count += 1;
-                    if t.is_empty() {
-                        continue;
-                    }
-                    self.chunk(
-                        Delta {
-                            role: None,
-                            content: Some(t),
-                        },
-                        None,
-                        include_usage,
-                    )
-                }
+                Ok(Step::Token(t)) if t.is_empty() => continue,
+                Ok(Step::Token(t)) => self.chunk(
+                    Delta {
+                        role: None,
+                        content: Some(t),
+                    },
+                    None,
+                    include_usage,
+                ),
                 Ok(Step::Done(finish, n)) => {
-                    self.charge(n);
                     let mut frames =
                         vec![self.chunk(Delta::default(), Some(finish), include_usage)];
                     if include_usage {
@@ -802,27 +837,28 @@ impl Run {
                     }
                     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
                     for f in frames {
-                        if tx.send(f).await.is_err() {
+                        if !self.push(&tx, f).await {
                             break;
                         }
                     }
-                    return (200, (self.prompt_tokens, n));
+                    self.settle(200, n);
+                    return;
                 }
                 Err(e) => {
-                    self.charge(count);
                     log::warn!(
                         "{}: stream ended by an error: {}",
                         self.id,
                         e.body().error.message
                     );
                     // The status line has gone out: the error travels as an event.
-                    let _ = tx.send(sse(&e.body())).await;
-                    return (e.status().as_u16(), (self.prompt_tokens, count));
+                    let _ = tx.try_send(sse(&e.body()));
+                    self.settle(e.status().as_u16(), self.count);
+                    return;
                 }
             };
-            if tx.send(frame).await.is_err() {
-                self.charge(count);
-                return (499, (self.prompt_tokens, count));
+            if !self.push(&tx, frame).await {
+                // Client gone or stalled: Drop records it (499) and the connection closes.
+                return;
             }
         }
     }

@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::auth::{KeyEntry, KeyTable};
+use crate::conn::{ConnWatch, PerAddress, Watched};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, Snapshot};
 
@@ -50,6 +51,12 @@ pub struct GatewayConfig {
     pub tls_handshake_timeout: Duration,
     /// Open connections at most; further ones are closed at once.
     pub max_connections: usize,
+    /// Open connections per client address at most.
+    pub max_connections_per_address: usize,
+    /// A connection with no traffic and no request being handled for this long is closed.
+    pub idle_timeout: Duration,
+    /// A stream whose client reads nothing for this long is ended (its slot freed).
+    pub stall_timeout: Duration,
     /// How long in-flight requests get to finish on shutdown.
     pub drain_timeout: Duration,
 }
@@ -65,6 +72,9 @@ impl Default for GatewayConfig {
             body_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            max_connections_per_address: 512,
+            idle_timeout: Duration::from_secs(120),
+            stall_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -137,6 +147,7 @@ pub fn unix_now() -> i64 {
 }
 
 /// What the access log and metrics record about a request: never its content.
+#[derive(Clone)]
 pub(crate) struct ReqCtx {
     pub id: String,
     pub method: Method,
@@ -148,11 +159,11 @@ pub(crate) struct ReqCtx {
     pub model: Option<String>,
 }
 
-/// A handler's answer: complete, or a stream whose task finishes the bookkeeping.
+/// A handler's answer: complete (the caller records it), or a generation that records
+/// itself (when it ends, whether answered whole, streamed, or abandoned by its client).
 pub(crate) enum Reply {
-    /// With the (prompt, completion) token counts of a generation.
-    Done(Response<Body>, Option<(usize, usize)>),
-    Streaming(Response<Body>),
+    Done(Response<Body>),
+    Settled(Response<Body>),
 }
 
 /// Response bodies: complete bytes or a stream of SSE frames from a channel.
@@ -344,7 +355,13 @@ impl Gateway {
         );
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        watch: Arc<ConnWatch>,
+    ) -> Response<Body> {
+        let _handling = watch.handler();
         let mut ctx = ReqCtx {
             id: self.next_request_id(),
             method: req.method().clone(),
@@ -356,11 +373,11 @@ impl Gateway {
             model: None,
         };
         match self.dispatch(req, &mut ctx).await {
-            Ok(Reply::Done(resp, usage)) => {
-                self.finish(&ctx, resp.status().as_u16(), usage);
+            Ok(Reply::Done(resp)) => {
+                self.finish(&ctx, resp.status().as_u16(), None);
                 resp
             }
-            Ok(Reply::Streaming(resp)) => resp,
+            Ok(Reply::Settled(resp)) => resp,
             Err(e) => {
                 self.finish(&ctx, e.status().as_u16(), None);
                 error_response(&e, &ctx.id)
@@ -390,14 +407,11 @@ impl Gateway {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         match (ctx.route, &method) {
-            ("/healthz", &Method::GET) => Ok(Reply::Done(
-                json_response(
-                    StatusCode::OK,
-                    &serde_json::json!({"status": "ok"}),
-                    &ctx.id,
-                ),
-                None,
-            )),
+            ("/healthz", &Method::GET) => Ok(Reply::Done(json_response(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok"}),
+                &ctx.id,
+            ))),
             ("/readyz", &Method::GET) => {
                 let ready: Vec<&str> = self
                     .models
@@ -415,7 +429,7 @@ impl Gateway {
                     "status": if ok { "ready" } else if self.is_draining() { "draining" } else { "not_ready" },
                     "ready_models": ready,
                 });
-                Ok(Reply::Done(json_response(status, &body, &ctx.id), None))
+                Ok(Reply::Done(json_response(status, &body, &ctx.id)))
             }
             ("/metrics", &Method::GET) => {
                 let text = self.metrics.render(&self.snapshot());
@@ -426,36 +440,38 @@ impl Gateway {
                 )
                 .body(Body::Full(Some(text.into())))
                 .unwrap_or_else(|_| Response::new(Body::Full(None)));
-                Ok(Reply::Done(r, None))
+                Ok(Reply::Done(r))
             }
             ("/v1/models", &Method::GET) => {
                 let key = self.authenticate(req.headers(), ctx)?;
-                Ok(Reply::Done(
-                    json_response(StatusCode::OK, &self.model_list(&key), &ctx.id),
-                    None,
-                ))
+                Ok(Reply::Done(json_response(
+                    StatusCode::OK,
+                    &self.model_list(&key),
+                    &ctx.id,
+                )))
             }
             ("/v1/models/{id}", &Method::GET) => {
                 let key = self.authenticate(req.headers(), ctx)?;
                 let name = &path["/v1/models/".len()..];
-                ctx.model = Some(name.to_string());
+                ctx.model = Some(crate::openai::loggable(name));
                 let m = self
                     .model(name)
                     .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))?;
                 if !key.may_use(name) {
                     return Err(ApiError::ModelNotAllowed(name.to_string()));
                 }
-                Ok(Reply::Done(
-                    json_response(StatusCode::OK, &model_object(m), &ctx.id),
-                    None,
-                ))
+                Ok(Reply::Done(json_response(
+                    StatusCode::OK,
+                    &model_object(m),
+                    &ctx.id,
+                )))
             }
             ("/v1/chat/completions", &Method::POST) => crate::openai::chat(self, req, ctx).await,
             ("/v1/completions", &Method::POST) => crate::openai::completions(self, req, ctx).await,
             (route, _) => {
                 // Read what the client sent so the error reaches it (see read_body).
                 let (parts, body) = req.into_parts();
-                let _ = self.read_body(&parts.headers, body).await;
+                let _ = self.read_body(&parts.headers, body, false).await;
                 Err(if route == "other" {
                     ApiError::NoRoute(path)
                 } else {
@@ -477,22 +493,29 @@ impl Gateway {
         }
     }
 
-    /// Reads a request body up to the configured limit. The body is read before any
-    /// answer, and a body over the limit is still read (and dropped) up to 16 MiB: a
+    /// Reads a request body up to the configured limit (`keep`), or reads and drops it
+    /// (`!keep`: an answer that does not need it). The body is read before any answer,
+    /// and a body over the limit is still read (and dropped) up to 16 MiB more: a
     /// connection closed with unread data resets, and the client would never see its
     /// 4xx/503.
     pub(crate) async fn read_body(
         &self,
         headers: &http::HeaderMap,
         mut body: Incoming,
+        keep: bool,
     ) -> Result<Bytes, ApiError> {
-        let limit = self.cfg.max_body_bytes;
+        let limit = self.cfg.max_body_bytes as u64;
+        let give_up = limit + (16 << 20);
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let mut buf =
-            bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+        let capacity = if keep {
+            declared.unwrap_or(0).min(limit).min(64 << 10)
+        } else {
+            0
+        };
+        let mut buf = bytes::BytesMut::with_capacity(capacity as usize);
         let mut seen: u64 = 0;
         let read = async {
             while let Some(frame) = body.frame().await {
@@ -500,10 +523,10 @@ impl Gateway {
                     .map_err(|_| ApiError::invalid("the request body could not be read", None))?;
                 if let Ok(data) = frame.into_data() {
                     seen += data.len() as u64;
-                    if seen > 16 << 20 {
+                    if seen > give_up {
                         break;
                     }
-                    if seen <= limit as u64 {
+                    if keep && seen <= limit {
                         buf.extend_from_slice(&data);
                     }
                 }
@@ -513,8 +536,68 @@ impl Gateway {
         match tokio::time::timeout(self.cfg.body_timeout, read).await {
             Err(_) => Err(ApiError::BodyTimeout),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(())) if seen > limit as u64 => Err(ApiError::BodyTooLarge(limit)),
+            Ok(Ok(())) if seen > limit => Err(ApiError::BodyTooLarge(limit as usize)),
             Ok(Ok(())) => Ok(buf.freeze()),
+        }
+    }
+
+    /// One connection: TLS handshake, then HTTP/1.1 or HTTP/2 as ALPN says, watched for a
+    /// first request and for idleness.
+    async fn connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        acceptor: tokio_rustls::TlsAcceptor,
+        graceful: hyper_util::server::graceful::Watcher,
+        h1: Arc<auto::Builder<TokioExecutor>>,
+        h2: Arc<auto::Builder<TokioExecutor>>,
+    ) {
+        let tls = match tokio::time::timeout(self.cfg.tls_handshake_timeout, acceptor.accept(tcp))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                log::debug!("TLS handshake with {peer} failed: {e}");
+                return;
+            }
+            Err(_) => {
+                log::debug!("TLS handshake with {peer} timed out");
+                return;
+            }
+        };
+        let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let watch = ConnWatch::new();
+        let io = TokioIo::new(Watched::new(tls, watch.clone()));
+        let gw = self.clone();
+        let w = watch.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let gw = gw.clone();
+            let w = w.clone();
+            async move { Ok::<_, Infallible>(gw.handle(req, peer, w).await) }
+        });
+        let builder = if is_h2 { h2 } else { h1 };
+        let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
+        tokio::pin!(conn);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        log::debug!("connection from {peer}: {e}");
+                    }
+                    return;
+                }
+                _ = tick.tick() => {
+                    let first_request_late = watch.requests.load(Ordering::Relaxed) == 0
+                        && watch.age() > self.cfg.header_timeout;
+                    let idle = watch.handlers.load(Ordering::Acquire) == 0
+                        && watch.idle_for() > self.cfg.idle_timeout;
+                    if first_request_late || idle {
+                        log::debug!("closing {} connection from {peer}", if idle { "an idle" } else { "a silent" });
+                        return;
+                    }
+                }
+            }
         }
     }
 
@@ -528,19 +611,21 @@ impl Gateway {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let graceful = GracefulShutdown::new();
         let connections = Arc::new(Semaphore::new(self.cfg.max_connections));
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        let per_address = Arc::new(PerAddress::default());
+        // The protocol comes from ALPN: no sniffing of the first bytes (which has no
+        // timeout of its own).
+        let mut h1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+        h1.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.cfg.header_timeout)
             .max_buf_size(64 * 1024);
-        builder
-            .http2()
+        let mut h2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+        h2.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(128)
             .max_header_list_size(64 * 1024)
-            .keep_alive_interval(Some(Duration::from_secs(30)));
-        let builder = Arc::new(builder);
+            .max_pending_accept_reset_streams(Some(64));
+        let (h1, h2) = (Arc::new(h1), Arc::new(h2));
         tokio::pin!(shutdown);
         let mut drain_started: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -560,33 +645,18 @@ impl Gateway {
                         log::warn!("connection from {peer} refused: {} connections open", self.cfg.max_connections);
                         continue;
                     };
+                    let Some(address_slot) = per_address.try_open(peer.ip(), self.cfg.max_connections_per_address) else {
+                        log::warn!("connection from {peer} refused: {} connections open from that address", self.cfg.max_connections_per_address);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let watcher = graceful.watcher();
-                    let builder = builder.clone();
+                    let (h1, h2) = (h1.clone(), h2.clone());
                     let gw = self.clone();
-                    let handshake = self.cfg.tls_handshake_timeout;
                     tokio::spawn(async move {
-                        let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                log::debug!("TLS handshake with {peer} failed: {e}");
-                                return;
-                            }
-                            Err(_) => {
-                                log::debug!("TLS handshake with {peer} timed out");
-                                return;
-                            }
-                        };
-                        let svc = hyper::service::service_fn(move |req| {
-                            let gw = gw.clone();
-                            async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
-                        });
-                        let conn = builder.serve_connection(TokioIo::new(tls), svc).into_owned();
-                        if let Err(e) = watcher.watch(conn).await {
-                            log::debug!("connection from {peer}: {e}");
-                        }
-                        drop(permit);
+                        gw.connection(tcp, peer, acceptor, watcher, h1, h2).await;
+                        drop((permit, address_slot));
                     });
                 }
                 _ = &mut shutdown, if drain_started.is_none() => {
@@ -608,7 +678,8 @@ impl Gateway {
                 "drain deadline reached: ending {} request(s)",
                 self.in_flight()
             );
-            let _ = self.hard_stop.send(true);
+            // send_replace: stored even while no stream is subscribed yet.
+            self.hard_stop.send_replace(true);
             let t = Instant::now();
             while self.in_flight() > 0 && t.elapsed() < Duration::from_secs(2) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -640,11 +711,17 @@ pub async fn serve_redirect(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let open = Arc::new(Semaphore::new(256));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+                let Ok((tcp, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let Ok(permit) = open.clone().try_acquire_owned() else { continue };
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
                         let host = req
                             .headers()

@@ -1,8 +1,8 @@
 //! TLS for the listeners: the site's own certificate, or a self-signed one generated on
 //! first start for this host's names and addresses (ECDSA P-256), stored as
 //! `tls/cert.pem` and `tls/key.pem` (0600) so clients can trust it with `--cacert`.
-//! When the host gains a name or address the generated certificate does not cover, a
-//! new one is generated. rustls with the ring provider: TLS 1.2 and 1.3, AEAD suites with
+//! When the host later gains a name or address the certificate does not cover, the
+//! daemon warns (clients trust this certificate; replacing it silently would break them). rustls with the ring provider: TLS 1.2 and 1.3, AEAD suites with
 //! forward secrecy only (Mozilla "intermediate"), ALPN h2 and http/1.1.
 
 use std::collections::BTreeSet;
@@ -51,6 +51,15 @@ pub fn host_names() -> BTreeSet<String> {
     }
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
         for a in addrs {
+            // Container and VM bridges come and go; they are not how the LAN reaches us.
+            let virtual_if = [
+                "docker", "veth", "br-", "virbr", "cni", "flannel", "cali", "vnet",
+            ]
+            .iter()
+            .any(|p| a.interface_name.starts_with(p));
+            if virtual_if {
+                continue;
+            }
             let Some(addr) = a.address else { continue };
             if let Some(v4) = addr.as_sockaddr_in() {
                 names.insert(v4.ip().to_string());
@@ -74,7 +83,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
 }
 
 /// Uses `tls/cert.pem` + `tls/key.pem` under `dir`, generating them (self-signed, for
-/// `names`) when missing or when they were generated for a set of names that misses one.
+/// `names`) when missing. A generated certificate that misses a name is kept, with a
+/// warning saying how to replace it.
 pub fn ensure_self_signed(dir: &Path, names: &BTreeSet<String>) -> Result<TlsFiles, TlsError> {
     let tls = dir.join("tls");
     let cert = tls.join("cert.pem");
@@ -92,21 +102,23 @@ pub fn ensure_self_signed(dir: &Path, names: &BTreeSet<String>) -> Result<TlsFil
             }
             Ok(list) => {
                 let covered: BTreeSet<String> = list.lines().map(str::to_string).collect();
-                if names.is_subset(&covered) {
-                    return Ok(TlsFiles {
-                        cert,
-                        key,
-                        generated: true,
-                    });
+                let missing: Vec<String> = names.difference(&covered).cloned().collect();
+                if !missing.is_empty() {
+                    // Not regenerated behind the clients' backs: they trust this one.
+                    log::warn!(
+                        "tls: the self-signed certificate does not cover {} (new names or addresses of this host); \
+                         clients using them will fail verification. To issue a new one, remove {} and {} and restart \
+                         (clients must then trust the new certificate), or configure the site's own certificate",
+                        missing.join(", "),
+                        cert.display(),
+                        key.display()
+                    );
                 }
-                log::warn!(
-                    "tls: this host's names changed ({}); generating a new self-signed certificate",
-                    names
-                        .difference(&covered)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
+                return Ok(TlsFiles {
+                    cert,
+                    key,
+                    generated: true,
+                });
             }
         }
     }
@@ -218,7 +230,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generates_once_and_regenerates_for_new_names() {
+    fn generates_once_and_keeps_it() {
         let d = std::env::temp_dir().join(format!("appliance-tls-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         let mut names = host_names();
@@ -235,10 +247,11 @@ mod tests {
         // Same names: kept.
         ensure_self_signed(&d, &names).unwrap();
         assert_eq!(std::fs::read(&a.cert).unwrap(), first);
-        // A new address: regenerated.
+        // A new address: kept (with a warning), since clients trust this certificate.
         names.insert("10.99.0.1".into());
-        ensure_self_signed(&d, &names).unwrap();
-        assert_ne!(std::fs::read(&a.cert).unwrap(), first);
+        let again = ensure_self_signed(&d, &names).unwrap();
+        assert!(again.generated);
+        assert_eq!(std::fs::read(&a.cert).unwrap(), first);
         // A site's own files (no generated-for list) are used as they are.
         std::fs::remove_file(d.join("tls/generated-for.txt")).unwrap();
         names.insert("10.99.0.2".into());

@@ -187,11 +187,12 @@ pub fn valid_name(kind: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
-/// Parses `NAME=PATH`.
+/// Parses `NAME=PATH`, or `NAME` alone (a registry model: the path is left empty).
 pub fn parse_model_arg(s: &str) -> Result<(String, PathBuf), String> {
-    let (name, path) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected NAME=PATH.gguf, got {s:?}"))?;
+    let Some((name, path)) = s.split_once('=') else {
+        valid_name("model", s).map_err(|e| e.to_string())?;
+        return Ok((s.to_string(), PathBuf::new()));
+    };
     valid_name("model", name).map_err(|e| e.to_string())?;
     if path.is_empty() {
         return Err(format!("model {name}: empty path"));
@@ -277,7 +278,11 @@ mod tests {
             parse_model_arg("smol=/a/b.gguf").unwrap(),
             ("smol".into(), PathBuf::from("/a/b.gguf"))
         );
-        assert!(parse_model_arg("no-equals").is_err());
+        assert_eq!(
+            parse_model_arg("registered").unwrap(),
+            ("registered".into(), PathBuf::new())
+        );
+        assert!(parse_model_arg("smol=").is_err());
         assert!(parse_model_arg("bad name=/x").is_err());
     }
 }

@@ -9,6 +9,7 @@ mod bench;
 mod chat;
 mod config;
 mod logger;
+mod model;
 mod serve;
 mod worker;
 
@@ -38,6 +39,9 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(admin::KeyCmd),
+    /// The model registry: import (with signature checks), list, inspect, remove, sign.
+    #[command(subcommand)]
+    Model(model::ModelCmd),
     /// Chat with a local model in the terminal (one-shot with --prompt).
     Chat(chat::ChatArgs),
     /// Host one model and serve it over a Unix socket (started by the supervisor).
@@ -72,6 +76,7 @@ fn main() {
         Command::Serve(a) => serve::run(a),
         Command::Tenant(c) => admin::tenant(c),
         Command::Key(c) => admin::key(c),
+        Command::Model(c) => model::run(c),
         Command::Chat(a) => chat::run(a),
         Command::Worker(a) => worker::run(a),
         Command::Bench(a) => bench::run(a),

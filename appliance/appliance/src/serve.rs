@@ -24,8 +24,8 @@ pub struct ServeArgs {
     /// HTTPS API address (default from appliance.toml, else 0.0.0.0:8443).
     #[arg(long, env = "APPLIANCE_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
-    /// A model to serve, as NAME=PATH.gguf (repeatable). Without any: the [models] of
-    /// appliance.toml.
+    /// A model to serve, as NAME=PATH.gguf or the NAME of a registry model (repeatable).
+    /// Without any: the [models] of appliance.toml, else every registry model.
     #[arg(long = "model", value_parser = config::parse_model_arg)]
     pub models: Vec<(String, PathBuf)>,
     /// Plain-HTTP address that only redirects to HTTPS.
@@ -107,25 +107,40 @@ async fn serve(a: ServeArgs) -> Result<()> {
         );
     }
 
-    // Models: the flags, else the file.
-    let models: Vec<(String, PathBuf)> = if a.models.is_empty() {
-        file.models
-            .iter()
-            .map(|(n, p)| {
-                config::valid_name("model", n)?;
-                Ok((
-                    n.clone(),
-                    if p.is_absolute() {
-                        p.clone()
-                    } else {
-                        dir.join(p)
-                    },
-                ))
-            })
-            .collect::<Result<_>>()?
+    let store = Store::open(&DataDir::db(&dir)).await?;
+    // Models: the flags (NAME=PATH, or NAME of a registry model), else the file's
+    // [models], else every model in the registry.
+    let registry = appliance_registry::Store::new(&dir);
+    let mut models: Vec<(String, PathBuf)> = Vec::new();
+    if !a.models.is_empty() {
+        for (name, path) in &a.models {
+            let path = if path.as_os_str().is_empty() {
+                let m = store.model(name).await?.with_context(|| {
+                    format!("--model {name}: no such model in the registry (appliance model list)")
+                })?;
+                registry.path_of(&m.sha256)
+            } else {
+                path.clone()
+            };
+            models.push((name.clone(), path));
+        }
+    } else if !file.models.is_empty() {
+        for (n, p) in &file.models {
+            config::valid_name("model", n)?;
+            models.push((
+                n.clone(),
+                if p.is_absolute() {
+                    p.clone()
+                } else {
+                    dir.join(p)
+                },
+            ));
+        }
     } else {
-        a.models.clone()
-    };
+        for m in store.models().await? {
+            models.push((m.name.clone(), registry.path_of(&m.sha256)));
+        }
+    }
     let mut seen = std::collections::BTreeSet::new();
     for (name, path) in &models {
         if !seen.insert(name) {
@@ -136,10 +151,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
         }
     }
     if models.is_empty() {
-        log::warn!("no models configured: give --model NAME=PATH.gguf or add them to [models] in appliance.toml");
+        log::warn!("no models: import one (appliance model import), give --model NAME=PATH.gguf, or add [models] to appliance.toml");
     }
-
-    let store = Store::open(&DataDir::db(&dir)).await?;
     let keys = Arc::new(KeyTable::load(store.clone()).await?);
 
     let tls_files = match (
@@ -222,7 +235,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
 
     // The CLI's channel to the daemon, and a slower safety net for key changes.
     let control = control_listener(&dir)?;
-    let control_task = tokio::spawn(serve_control(control, keys.clone()));
+    let served: Arc<Vec<String>> = Arc::new(models.iter().map(|m| m.0.clone()).collect());
+    let control_task = tokio::spawn(serve_control(control, keys.clone(), served));
     let poll_keys = keys.clone();
     let poll_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -339,14 +353,15 @@ fn control_listener(dir: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// One command per line: `reload-keys` → `ok <n keys>`.
-async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>) {
+/// One command per line: `reload-keys` → `ok <n keys>`; `models` → `ok a,b` (served).
+async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>, models: Arc<Vec<String>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let keys = keys.clone();
+        let models = models.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
@@ -356,6 +371,7 @@ async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>) {
                         Ok(n) => format!("ok {n}\n"),
                         Err(e) => format!("error {e}\n"),
                     },
+                    "models" => format!("ok {}\n", models.join(",")),
                     other => format!("error unknown command {other:?}\n"),
                 };
                 if w.write_all(reply.as_bytes()).await.is_err() {
@@ -366,30 +382,37 @@ async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>) {
     }
 }
 
-/// Tells a running daemon (if any) to reload its keys; waits for its answer.
-pub async fn notify_keys_changed(dir: &Path) {
+/// Sends one command to a running daemon's control socket; its answer line, or None
+/// when no daemon answers.
+pub async fn ask_daemon(dir: &Path, command: &str) -> Option<String> {
     let path = DataDir::control_socket(dir);
     if !path.exists() {
-        return;
+        return None;
     }
     let ask = async {
         let s = tokio::net::UnixStream::connect(&path).await?;
         let (r, mut w) = s.into_split();
-        w.write_all(b"reload-keys\n").await?;
+        w.write_all(format!("{command}\n").as_bytes()).await?;
         let mut line = String::new();
         BufReader::new(r).read_line(&mut line).await?;
-        Ok::<_, std::io::Error>(line)
+        Ok::<_, std::io::Error>(line.trim_end().to_string())
     };
     match tokio::time::timeout(Duration::from_secs(5), ask).await {
-        Ok(Ok(l)) if l.starts_with("ok") => {}
-        Ok(Ok(l)) => eprintln!(
-            "warning: the running daemon could not reload its keys: {}",
-            l.trim()
-        ),
-        // No daemon listening (a stale socket): nothing to tell.
-        Ok(Err(_)) => {}
-        Err(_) => eprintln!(
-            "warning: the running daemon did not answer; it will pick up the change within seconds"
-        ),
+        Ok(Ok(l)) if !l.is_empty() => Some(l),
+        // No daemon listening (a stale socket): nothing to ask.
+        Ok(_) => None,
+        Err(_) => {
+            eprintln!("warning: the running daemon did not answer {command:?} within 5 s");
+            None
+        }
+    }
+}
+
+/// Tells a running daemon (if any) to reload its keys; waits for its answer.
+pub async fn notify_keys_changed(dir: &Path) {
+    if let Some(l) = ask_daemon(dir, "reload-keys").await {
+        if !l.starts_with("ok") {
+            eprintln!("warning: the running daemon could not reload its keys: {l}");
+        }
     }
 }

@@ -174,6 +174,15 @@ impl GgufFile {
         &self.content.metadata
     }
 
+    /// Parameters: the elements of every tensor.
+    pub fn parameter_count(&self) -> u64 {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|t| t.shape.elem_count() as u64)
+            .sum()
+    }
+
     /// The dominant quantization of the file's 2-D weights, e.g. "Q4_1".
     pub fn quantization(&self) -> String {
         let mut counts: HashMap<&'static str, usize> = HashMap::new();

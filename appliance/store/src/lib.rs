@@ -36,6 +36,10 @@ pub enum StoreError {
     NoSuchTenant(String),
     #[error("no API key with id {0:?}")]
     NoSuchKey(String),
+    #[error("a model named {0:?} is already in the registry (remove it first, or import under another --name)")]
+    ModelExists(String),
+    #[error("no model named {0:?} in the registry")]
+    NoSuchModel(String),
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
 }
@@ -43,11 +47,18 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The embedded migrations, in order. Never edit one that has shipped: add a new one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "tenants and API keys",
-    include_str!("../migrations/0001_tenants_keys.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "tenants and API keys",
+        include_str!("../migrations/0001_tenants_keys.sql"),
+    ),
+    (
+        2,
+        "model registry",
+        include_str!("../migrations/0002_models.sql"),
+    ),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -100,6 +111,24 @@ pub struct NewKey {
     pub tpm: Option<u32>,
     pub max_concurrency: Option<u32>,
     pub label: Option<String>,
+}
+
+/// A model in the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRecord {
+    pub name: String,
+    pub sha256: String,
+    pub size: i64,
+    pub architecture: String,
+    pub parameters: i64,
+    pub quantization: String,
+    pub context_length: i64,
+    pub chat_template: bool,
+    pub license: Option<String>,
+    /// A JSON object.
+    pub provenance: String,
+    pub signed_by: Option<String>,
+    pub imported_at: i64,
 }
 
 #[derive(Clone)]
@@ -390,6 +419,89 @@ impl Store {
             .ok_or_else(|| StoreError::NoSuchKey(new.id.clone()))
     }
 
+    pub async fn insert_model(&self, m: &ModelRecord) -> Result<()> {
+        let r = sqlx::query(
+            "INSERT INTO models (name, sha256, size, architecture, parameters, quantization,
+                                 context_length, chat_template, license, provenance, signed_by,
+                                 imported_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&m.name)
+        .bind(&m.sha256)
+        .bind(m.size)
+        .bind(&m.architecture)
+        .bind(m.parameters)
+        .bind(&m.quantization)
+        .bind(m.context_length)
+        .bind(m.chat_template)
+        .bind(&m.license)
+        .bind(&m.provenance)
+        .bind(&m.signed_by)
+        .bind(m.imported_at)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::ModelExists(m.name.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn model_from_row(r: &sqlx::sqlite::SqliteRow) -> ModelRecord {
+        ModelRecord {
+            name: r.get(0),
+            sha256: r.get(1),
+            size: r.get(2),
+            architecture: r.get(3),
+            parameters: r.get(4),
+            quantization: r.get(5),
+            context_length: r.get(6),
+            chat_template: r.get(7),
+            license: r.get(8),
+            provenance: r.get(9),
+            signed_by: r.get(10),
+            imported_at: r.get(11),
+        }
+    }
+
+    pub async fn models(&self) -> Result<Vec<ModelRecord>> {
+        let rows = sqlx::query(
+            "SELECT name, sha256, size, architecture, parameters, quantization, context_length,
+                    chat_template, license, provenance, signed_by, imported_at
+             FROM models ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(Self::model_from_row).collect())
+    }
+
+    pub async fn model(&self, name: &str) -> Result<Option<ModelRecord>> {
+        Ok(self.models().await?.into_iter().find(|m| m.name == name))
+    }
+
+    /// Removes a model's record; returns it and whether another name still uses its file.
+    pub async fn remove_model(&self, name: &str) -> Result<(ModelRecord, bool)> {
+        let mut tx = self.pool.begin().await?;
+        let m = self
+            .models()
+            .await?
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| StoreError::NoSuchModel(name.to_string()))?;
+        sqlx::query("DELETE FROM models WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let others: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM models WHERE sha256 = ?")
+            .bind(&m.sha256)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((m, others > 0))
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -442,7 +554,7 @@ mod tests {
     async fn tenants_keys_revoke_rotate() {
         let path = tmp("basic");
         let s = Store::open(&path).await.unwrap();
-        assert_eq!(s.schema_version().await.unwrap(), 1);
+        assert_eq!(s.schema_version().await.unwrap(), 2);
         s.create_tenant("acme", 100).await.unwrap();
         assert!(matches!(
             s.create_tenant("acme", 101).await,
@@ -488,6 +600,42 @@ mod tests {
             .is_err());
         assert_eq!(s.keys(Some("acme")).await.unwrap().len(), 2);
         assert!(s.keys(Some("zzz")).await.is_err());
+        // Models: unique names, shared files.
+        let m = ModelRecord {
+            name: "a".into(),
+            sha256: "f".repeat(64),
+            size: 10,
+            architecture: "llama".into(),
+            parameters: 5,
+            quantization: "Q4_1".into(),
+            context_length: 8,
+            chat_template: true,
+            license: None,
+            provenance: "{}".into(),
+            signed_by: Some("it".into()),
+            imported_at: 1,
+        };
+        s.insert_model(&m).await.unwrap();
+        assert!(matches!(
+            s.insert_model(&m).await,
+            Err(StoreError::ModelExists(_))
+        ));
+        s.insert_model(&ModelRecord {
+            name: "b".into(),
+            ..m.clone()
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.model("a").await.unwrap().as_ref(), Some(&m));
+        let (gone, shared) = s.remove_model("a").await.unwrap();
+        assert_eq!((gone.name.as_str(), shared), ("a", true));
+        let (_, shared) = s.remove_model("b").await.unwrap();
+        assert!(!shared);
+        assert!(matches!(
+            s.remove_model("b").await,
+            Err(StoreError::NoSuchModel(_))
+        ));
+
         s.close().await;
 
         // Reopening runs no migration twice and keeps the data.

@@ -565,3 +565,147 @@ print(round(time.time() - t0, 2))
         );
     }
 }
+
+/// The worker process serving `model`, among the daemon's children.
+fn worker_of(s: &Server, model: &str) -> u32 {
+    let needle = format!("worker-{model}.sock");
+    *children(s.pid())
+        .iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no worker for {model}"))
+}
+
+fn wait_ready_again(s: &Server, key: &str, model: &str, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    let body = format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"Hi"}}],"max_tokens":2}}"#
+    );
+    loop {
+        let (out, _) = s.chat(key, &body);
+        if out.contains("\"chat.completion\"") {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{model} not back within {within:?}: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const FAST_SUPERVISION: &str = "[workers]\nrestart_backoff_initial_ms = 200\nrestart_backoff_max_secs = 2\ncrash_loop_after = 3\nhealth_interval_ms = 500\nhealth_timeout_ms = 500\nhealth_misses = 2\n";
+
+#[test]
+fn one_worker_failing_never_affects_another_model() {
+    let other = format!("other={}", model().display());
+    let s = Server::start_with_config("isolation", &["--model", &other], Some(FAST_SUPERVISION));
+    let key = s.key();
+    let (_a, mut a_lines) = s.stream(&key, LONG_STREAM);
+    let b_body = LONG_STREAM
+        .replace("smollm2", "other")
+        .replace("2000", "60");
+    let (_b, mut b_lines) = s.stream(&key, &b_body);
+    for lines in [&mut a_lines, &mut b_lines] {
+        for _ in 0..2 {
+            lines.next().unwrap().unwrap();
+        }
+    }
+    let victim = worker_of(&s, "smollm2");
+    let survivor = worker_of(&s, "other");
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    let a_rest: Vec<String> = a_lines
+        .map(|l| l.unwrap())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(
+        a_rest.last().unwrap().contains("worker_error"),
+        "{:?}",
+        a_rest.last()
+    );
+    // The other model's stream runs to its end, on the same worker.
+    let b_rest: Vec<String> = b_lines
+        .map(|l| l.unwrap())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(b_rest.last().map(String::as_str), Some("data: [DONE]"));
+    assert_eq!(worker_of(&s, "other"), survivor);
+    let took = wait_ready_again(&s, &key, "smollm2", Duration::from_secs(10));
+    eprintln!("killed worker replaced and serving after {took:?}");
+    assert!(!alive(victim));
+}
+
+#[test]
+fn a_stopped_worker_is_detected_and_replaced() {
+    let s = Server::start_with_config("sigstop", &[], Some(FAST_SUPERVISION));
+    let key = s.key();
+    let victim = worker_of(&s, "smollm2");
+    Command::new("kill")
+        .args(["-STOP", &victim.to_string()])
+        .status()
+        .unwrap();
+    let t0 = Instant::now();
+    // Liveness bound with these settings: 0.5 + 2 × (0.5 + 0.5) = 2.5 s, then a restart.
+    while children(s.pid()).contains(&victim) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "a stopped worker was not replaced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_ready_again(&s, &key, "smollm2", Duration::from_secs(10));
+    eprintln!(
+        "stopped worker replaced and serving after {:?}",
+        t0.elapsed()
+    );
+    assert!(!alive(victim), "the stopped worker was not reaped");
+    assert_eq!(
+        s.metric("appliance_worker_restarts_total{model=\"smollm2\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_worker_that_crashes_at_start_backs_off_and_is_reported() {
+    let dir = scratch("crashloop-model");
+    let bad = dir.join("bad.gguf");
+    std::fs::write(&bad, b"GGUF but not really a model").unwrap();
+    let bad_arg = format!("bad={}", bad.display());
+    let s = Server::start_with_config("crashloop", &["--model", &bad_arg], Some(FAST_SUPERVISION));
+    let t0 = Instant::now();
+    while s.metric("appliance_worker_state{model=\"bad\",state=\"failed\"}") != Some(1.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no crash loop reported"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let failures = s
+        .metric("appliance_worker_consecutive_failures{model=\"bad\"}")
+        .unwrap();
+    assert!(failures >= 3.0, "{failures}");
+    // Restart delays doubled: 0.2 s, 0.4 s, 0.8 s ... (capped at 2 s): three failures
+    // cannot happen in less than 0.2 + 0.4 s.
+    assert!(t0.elapsed() >= Duration::from_millis(600));
+    // The good model is unaffected: ready and serving.
+    let key = s.key();
+    wait_ready_again(&s, &key, "smollm2", Duration::from_secs(5));
+    let (out, _) = s.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        "-d",
+        r#"{"model":"bad","messages":[{"role":"user","content":"Hi"}]}"#,
+        &s.url("/v1/chat/completions"),
+    ]);
+    assert_eq!(out, "503");
+}

@@ -94,6 +94,15 @@ pub struct WorkersSection {
     pub grace_secs: u64,
     /// Seconds a starting worker gets to load its model.
     pub ready_timeout_secs: u64,
+    /// First restart delay after a failure; doubles per failure in a row.
+    pub restart_backoff_initial_ms: u64,
+    pub restart_backoff_max_secs: u64,
+    /// Failures in a row after which a worker is reported failed (crash loop).
+    pub crash_loop_after: u32,
+    /// Liveness: a health check every interval; `health_misses` unanswered → restart.
+    pub health_interval_ms: u64,
+    pub health_timeout_ms: u64,
+    pub health_misses: u32,
 }
 
 impl Default for WorkersSection {
@@ -104,6 +113,12 @@ impl Default for WorkersSection {
             max_context: 0,
             grace_secs: 30,
             ready_timeout_secs: 300,
+            restart_backoff_initial_ms: 1000,
+            restart_backoff_max_secs: 300,
+            crash_loop_after: 5,
+            health_interval_ms: 2000,
+            health_timeout_ms: 2000,
+            health_misses: 2,
         }
     }
 }
@@ -141,6 +156,12 @@ pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a
 # max_context = 0              # 0 = the model's own context length
 # grace_secs = 30              # SIGTERM -> SIGKILL when stopping a worker
 # ready_timeout_secs = 300
+# restart_backoff_initial_ms = 1000   # doubles per failure in a row...
+# restart_backoff_max_secs = 300      # ...up to this; reset after 2 healthy minutes
+# crash_loop_after = 5                # failures in a row reported as a crash loop
+# health_interval_ms = 2000           # liveness: a hung or stopped worker is killed
+# health_timeout_ms = 2000            #   and restarted within
+# health_misses = 2                   #   interval + misses * (interval + timeout)
 
 [models]
 # name = "path/to/model.gguf"  # relative paths are relative to the data directory
@@ -222,6 +243,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: at most 10 years"));
     }
     Ok(Duration::from_secs(secs))
+}
+
+impl WorkersSection {
+    pub fn backoff(&self) -> appliance_supervisor::Backoff {
+        appliance_supervisor::Backoff {
+            base: Duration::from_millis(self.restart_backoff_initial_ms.max(1)),
+            max: Duration::from_secs(self.restart_backoff_max_secs.max(1)),
+            crash_loop_after: self.crash_loop_after.max(1),
+            ..Default::default()
+        }
+    }
+
+    pub fn liveness(&self) -> appliance_supervisor::Liveness {
+        appliance_supervisor::Liveness {
+            interval: Duration::from_millis(self.health_interval_ms.max(100)),
+            timeout: Duration::from_millis(self.health_timeout_ms.max(100)),
+            misses: self.health_misses.max(1),
+        }
+    }
 }
 
 impl FileConfig {

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use appliance_gateway::auth::KeyTable;
 use appliance_gateway::{tls, Gateway, ModelRoute};
 use appliance_store::Store;
-use appliance_supervisor::{Backoff, Supervisor, WorkerSpec};
+use appliance_supervisor::{Supervisor, WorkerSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -220,7 +220,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
             ready_timeout: Duration::from_secs(file.workers.ready_timeout_secs),
         });
     }
-    let supervisor = Supervisor::start(specs, Backoff::default());
+    let liveness = file.workers.liveness();
+    log::info!(
+        "supervision: a hung worker is replaced within {:.1}s; restarts back off from {:?} to {:?}",
+        liveness.bound().as_secs_f64(),
+        file.workers.backoff().base,
+        file.workers.backoff().max
+    );
+    let supervisor = Supervisor::start(specs, file.workers.backoff(), liveness);
     let routes: Vec<Arc<ModelRoute>> = supervisor
         .workers()
         .iter()

@@ -56,6 +56,8 @@ pub struct Snapshot {
     /// (model, state name, 1 if in that state)
     pub worker_states: Vec<(String, &'static str, u8)>,
     pub worker_restarts: Vec<(String, u64)>,
+    /// (model, failures in a row)
+    pub worker_failures: Vec<(String, u64)>,
     pub keys: u64,
     pub draining: bool,
 }
@@ -191,6 +193,15 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "appliance_worker_restarts_total{{model=\"{}\"}} {n}",
+                esc(model)
+            );
+        }
+        out.push_str("# HELP appliance_worker_consecutive_failures Failures in a row; the worker state is failed (a crash loop) past a threshold.\n");
+        out.push_str("# TYPE appliance_worker_consecutive_failures gauge\n");
+        for (model, n) in &s.worker_failures {
+            let _ = writeln!(
+                out,
+                "appliance_worker_consecutive_failures{{model=\"{}\"}} {n}",
                 esc(model)
             );
         }

@@ -323,6 +323,8 @@ impl Gateway {
                     .push((m.name.clone(), state.as_str(), u8::from(st.state == state)));
             }
             s.worker_restarts.push((m.name.clone(), st.restarts));
+            s.worker_failures
+                .push((m.name.clone(), st.consecutive_failures as u64));
         }
         s
     }

@@ -46,21 +46,53 @@ pub struct WorkerSpec {
 }
 
 /// Restart back-off: `base · 2^(n-1)` after the n-th consecutive failure, at most `max`;
-/// the count resets once a worker has stayed up for `reset_after`.
+/// the count resets once a worker has stayed up for `reset_after`. After
+/// `crash_loop_after` failures in a row the worker is reported `failed` (a crash loop)
+/// while restarts go on at the back-off's pace.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub base: Duration,
     pub max: Duration,
     pub reset_after: Duration,
+    pub crash_loop_after: u32,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
         Backoff {
-            base: Duration::from_millis(250),
-            max: Duration::from_secs(30),
-            reset_after: Duration::from_secs(60),
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            reset_after: Duration::from_secs(120),
+            crash_loop_after: 5,
         }
+    }
+}
+
+/// Liveness: a ready worker is asked `health` every `interval`; after `misses` unanswered
+/// (each within `timeout`) it is killed (SIGKILL: a hung or stopped process ignores
+/// SIGTERM) and restarted. Detection takes at most `interval + misses · (interval +
+/// timeout)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub misses: u32,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+            misses: 2,
+        }
+    }
+}
+
+impl Liveness {
+    /// The longest a hung worker goes unnoticed.
+    pub fn bound(&self) -> Duration {
+        self.interval + (self.interval + self.timeout) * self.misses
     }
 }
 
@@ -76,15 +108,18 @@ pub enum WorkerState {
     Starting,
     Ready,
     BackingOff,
+    /// A crash loop: many failures in a row; restarts continue at the back-off's pace.
+    Failed,
     Draining,
     Stopped,
 }
 
 impl WorkerState {
-    pub const ALL: [WorkerState; 5] = [
+    pub const ALL: [WorkerState; 6] = [
         WorkerState::Starting,
         WorkerState::Ready,
         WorkerState::BackingOff,
+        WorkerState::Failed,
         WorkerState::Draining,
         WorkerState::Stopped,
     ];
@@ -94,6 +129,7 @@ impl WorkerState {
             WorkerState::Starting => "starting",
             WorkerState::Ready => "ready",
             WorkerState::BackingOff => "backing_off",
+            WorkerState::Failed => "failed",
             WorkerState::Draining => "draining",
             WorkerState::Stopped => "stopped",
         }
@@ -110,6 +146,8 @@ pub struct WorkerStatus {
     pub info: Option<WireModelInfo>,
     /// Why the last run ended, if it ended badly.
     pub last_error: Option<String>,
+    /// Failures since the worker was last healthy for the back-off's reset period.
+    pub consecutive_failures: u32,
 }
 
 /// A supervised worker as the rest of the daemon sees it.
@@ -146,7 +184,7 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Starts one task per worker. Must be called inside a tokio runtime.
-    pub fn start(specs: Vec<WorkerSpec>, backoff: Backoff) -> Supervisor {
+    pub fn start(specs: Vec<WorkerSpec>, backoff: Backoff, liveness: Liveness) -> Supervisor {
         let (stop, stop_rx) = watch::channel(false);
         let mut workers = Vec::new();
         let mut tasks = Vec::new();
@@ -157,13 +195,20 @@ impl Supervisor {
                 pid: None,
                 info: None,
                 last_error: None,
+                consecutive_failures: 0,
             });
             workers.push(Arc::new(Worker {
                 name: spec.name.clone(),
                 socket: spec.socket.clone(),
                 status: rx,
             }));
-            tasks.push(tokio::spawn(run_worker(spec, tx, stop_rx.clone(), backoff)));
+            tasks.push(tokio::spawn(run_worker(
+                spec,
+                tx,
+                stop_rx.clone(),
+                backoff,
+                liveness,
+            )));
         }
         Supervisor {
             workers,
@@ -196,6 +241,7 @@ async fn run_worker(
     status: watch::Sender<WorkerStatus>,
     mut stop: watch::Receiver<bool>,
     backoff: Backoff,
+    liveness: Liveness,
 ) {
     let mut failures = 0u32;
     loop {
@@ -223,14 +269,15 @@ async fn run_worker(
                 let pid = child.id();
                 status.send_modify(|s| s.pid = pid);
                 log::info!("worker {}: started (pid {})", spec.name, pid.unwrap_or(0));
-                match supervise(&spec, &mut child, &status, &mut stop, &backoff).await {
+                match supervise(&spec, &mut child, &status, &mut stop, &backoff, &liveness).await {
                     Outcome::Stopped => {
                         status.send_modify(|s| s.state = WorkerState::Draining);
                         terminate(&spec, &mut child).await;
                         break;
                     }
                     Outcome::Failed { reason, up_for } => {
-                        // Make sure it is gone and reaped before starting another.
+                        // Make sure it is gone and reaped before starting another
+                        // (SIGKILL: a hung or stopped worker ignores SIGTERM).
                         let _ = child.kill().await;
                         if up_for >= backoff.reset_after {
                             failures = 0;
@@ -242,16 +289,30 @@ async fn run_worker(
         };
         failures += 1;
         let delay = backoff.delay(failures);
-        log::warn!(
-            "worker {}: {failure}; restarting in {:.1}s (failure {failures} in a row)",
-            spec.name,
-            delay.as_secs_f64()
-        );
+        let crash_loop = failures >= backoff.crash_loop_after;
+        if crash_loop {
+            log::error!(
+                "worker {}: crash loop: {failures} failures in a row, the last: {failure}; next attempt in {:.0}s",
+                spec.name,
+                delay.as_secs_f64()
+            );
+        } else {
+            log::warn!(
+                "worker {}: {failure}; restarting in {:.1}s (failure {failures} in a row)",
+                spec.name,
+                delay.as_secs_f64()
+            );
+        }
         status.send_modify(|s| {
-            s.state = WorkerState::BackingOff;
+            s.state = if crash_loop {
+                WorkerState::Failed
+            } else {
+                WorkerState::BackingOff
+            };
             s.pid = None;
             s.info = None;
             s.restarts += 1;
+            s.consecutive_failures = failures;
             s.last_error = Some(failure);
         });
         tokio::select! {
@@ -295,6 +356,7 @@ async fn supervise(
     status: &watch::Sender<WorkerStatus>,
     stop: &mut watch::Receiver<bool>,
     backoff: &Backoff,
+    liveness: &Liveness,
 ) -> Outcome {
     let started = Instant::now();
     // Until ready: probe the socket every 100 ms.
@@ -338,9 +400,9 @@ async fn supervise(
             }
         }
     }
-    // Ready: a health check every 5 s; three misses in a row and it is restarted.
+    // Ready: a health check every `interval`; `misses` in a row and it is restarted.
     let ready_at = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(liveness.interval);
     tick.reset();
     let mut misses = 0;
     loop {
@@ -357,18 +419,24 @@ async fn supervise(
                 }
             }
             Event::Stop => return Outcome::Stopped,
-            Event::Tick => match client::health(&spec.socket, Duration::from_secs(5)).await {
-                Ok(_) => misses = 0,
+            Event::Tick => match client::health(&spec.socket, liveness.timeout).await {
+                Ok(_) => {
+                    misses = 0;
+                    if ready_at.elapsed() >= backoff.reset_after {
+                        status.send_modify(|s| s.consecutive_failures = 0);
+                    }
+                }
                 Err(e) => {
                     misses += 1;
                     log::warn!(
-                        "worker {}: health check failed ({misses}/3): {e}",
-                        spec.name
+                        "worker {}: health check failed ({misses}/{}): {e}",
+                        spec.name,
+                        liveness.misses
                     );
-                    if misses >= 3 {
+                    if misses >= liveness.misses {
                         return Outcome::Failed {
-                            reason: "stopped answering health checks".into(),
-                            up_for: ready_at.elapsed().min(backoff.reset_after),
+                            reason: format!("stopped answering health checks ({e})"),
+                            up_for: ready_at.elapsed(),
                         };
                     }
                 }
@@ -400,10 +468,11 @@ mod tests {
     #[test]
     fn backoff_doubles_to_a_cap() {
         let b = Backoff::default();
-        assert_eq!(b.delay(1), Duration::from_millis(250));
-        assert_eq!(b.delay(2), Duration::from_millis(500));
-        assert_eq!(b.delay(5), Duration::from_secs(4));
-        assert_eq!(b.delay(100), Duration::from_secs(30));
+        assert_eq!(b.delay(1), Duration::from_secs(1));
+        assert_eq!(b.delay(2), Duration::from_secs(2));
+        assert_eq!(b.delay(5), Duration::from_secs(16));
+        assert_eq!(b.delay(100), Duration::from_secs(300));
+        assert_eq!(Liveness::default().bound(), Duration::from_secs(10));
     }
 
     #[tokio::test]
@@ -424,15 +493,19 @@ mod tests {
                 base: Duration::from_millis(10),
                 max: Duration::from_millis(20),
                 reset_after: Duration::from_secs(60),
+                crash_loop_after: 3,
             },
+            Liveness::default(),
         );
         let w = sup.workers()[0].clone();
         let t0 = Instant::now();
-        while w.status().restarts < 3 {
+        while w.status().state != WorkerState::Failed {
             assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", w.status());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Three failures in a row: reported as a crash loop, with the reason.
         let st = w.status();
+        assert!(st.consecutive_failures >= 3 && st.restarts >= 3, "{st:?}");
         assert!(st.last_error.unwrap().contains("status 1"));
         assert!(!w.is_ready());
         sup.shutdown().await;

@@ -1,5 +1,7 @@
-//! A small stderr logger behind the `log` facade. Level from `APPLIANCE_LOG`
-//! (error, warn, info, debug; default info).
+//! Logging behind the `log` facade: to the journal (with structured fields such as
+//! REQUEST_ID, TENANT, KEY_ID, MODEL from the records' key-values) when stderr is
+//! connected to journald (`JOURNAL_STREAM`), else a small stderr logger. Level from
+//! `APPLIANCE_LOG` (error, warn, info, debug; default info).
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -34,6 +36,14 @@ pub fn init() {
         Level::Debug => LevelFilter::Debug,
         Level::Trace => LevelFilter::Trace,
     };
+    if systemd_journal_logger::connected_to_journal() {
+        if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
+            if journal.install().is_ok() {
+                log::set_max_level(filter);
+                return;
+            }
+        }
+    }
     if log::set_boxed_logger(Box::new(Stderr { level })).is_ok() {
         log::set_max_level(filter);
     }

@@ -10,6 +10,7 @@ mod chat;
 mod config;
 mod logger;
 mod model;
+mod sdnotify;
 mod serve;
 mod worker;
 

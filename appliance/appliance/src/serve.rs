@@ -303,6 +303,41 @@ async fn serve(a: ServeArgs) -> Result<()> {
         std::process::id()
     );
 
+    // systemd: READY once the API listens and every model's worker is ready (or has
+    // had its ready timeout), the watchdog pinged from the runtime that serves requests.
+    let notify_workers: Vec<_> = supervisor.workers().to_vec();
+    let ready_timeout = Duration::from_secs(file.workers.ready_timeout_secs);
+    let listen_note = bound.to_string();
+    let notify_task = tokio::spawn(async move {
+        for w in &notify_workers {
+            w.wait_ready(ready_timeout).await;
+        }
+        let ready: Vec<&str> = notify_workers
+            .iter()
+            .filter(|w| w.is_ready())
+            .map(|w| w.name.as_str())
+            .collect();
+        crate::sdnotify::notify(&format!(
+            "READY=1\nSTATUS=Serving {} of {} model(s) on {listen_note}",
+            ready.len(),
+            notify_workers.len()
+        ));
+        log::info!(
+            "ready: {} of {} model(s) serving",
+            ready.len(),
+            notify_workers.len()
+        );
+    });
+    let watchdog_task = crate::sdnotify::watchdog().map(|period| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tick.tick().await;
+                crate::sdnotify::notify("WATCHDOG=1");
+            }
+        })
+    });
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let redirect_task = redirect.map(|l| {
         let mut rx = stop_rx.clone();
@@ -323,6 +358,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             _ = term.recv() => log::info!("SIGTERM: shutting down"),
             _ = int.recv() => log::info!("SIGINT: shutting down"),
         }
+        crate::sdnotify::notify("STOPPING=1\nSTATUS=Draining");
         let _ = stop_tx.send(true);
     };
     gateway.clone().serve(listener, tls_config, shutdown).await;
@@ -333,6 +369,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     supervisor.shutdown().await;
     control_task.abort();
     poll_task.abort();
+    notify_task.abort();
+    if let Some(t) = watchdog_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(DataDir::control_socket(&dir));
     store.close().await;
     log::info!("stopped");

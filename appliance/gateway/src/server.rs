@@ -344,16 +344,20 @@ impl Gateway {
             self.metrics.tokens(tenant, key, model, p, c);
         }
         let (p, c) = usage.unwrap_or((0, 0));
+        let key = ctx.key.as_deref().unwrap_or("-");
+        let model = ctx.model.as_deref().unwrap_or("-");
+        let ms = elapsed.as_secs_f64() * 1e3;
+        // Key-values become journal fields (REQUEST_ID, TENANT, ...) under systemd.
         log::info!(
             target: "access",
-            "{} {} {} {} status={status} tenant={tenant} key={} model={} prompt_tokens={p} completion_tokens={c} ms={:.1}",
+            request_id = ctx.id.as_str(), client = ctx.peer.ip().to_string(), route = ctx.route,
+            status = status, tenant = tenant, key_id = key, model = model,
+            prompt_tokens = p, completion_tokens = c, ms = ms;
+            "{} {} {} {} status={status} tenant={tenant} key={key} model={model} prompt_tokens={p} completion_tokens={c} ms={ms:.1}",
             ctx.id,
             ctx.peer.ip(),
             ctx.method,
             ctx.route,
-            ctx.key.as_deref().unwrap_or("-"),
-            ctx.model.as_deref().unwrap_or("-"),
-            elapsed.as_secs_f64() * 1e3
         );
     }
 

@@ -260,6 +260,10 @@ async fn run_worker(
             .arg(&spec.socket)
             .args(&spec.extra_args)
             .env(PARENT_PID_ENV, std::process::id().to_string())
+            // systemd talks to the daemon only.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true);

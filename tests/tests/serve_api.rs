@@ -709,3 +709,109 @@ fn a_worker_that_crashes_at_start_backs_off_and_is_reported() {
     ]);
     assert_eq!(out, "503");
 }
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Run as root, the daemon runs its workers as an unprivileged user, with no way back,
+/// no core dumps, capped descriptors and nothing inherited. Not root, it refuses the
+/// setting clearly.
+#[test]
+fn workers_run_with_least_privilege() {
+    let dir = scratch("privilege");
+    std::fs::write(
+        dir.join("appliance.toml"),
+        "[workers]\nuser = \"nobody\"\nmax_open_files = 512\n",
+    )
+    .unwrap();
+    // A copy of the model any user can read (the checkout may sit in a private home).
+    let shared = scratch("privilege-model");
+    let model_copy = shared.join("m.gguf");
+    std::fs::copy(model(), &model_copy).unwrap();
+    let root = status_field(std::process::id(), "Uid").starts_with("0\t");
+    let mut child = appliance()
+        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .arg("--model")
+        .arg(format!("smollm2={}", model_copy.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if !root {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("needs the daemon to run as root"));
+        return;
+    }
+    let pid = child.id();
+    let out = child.stdout.take().unwrap();
+    let _daemon = Guard(child);
+    std::thread::spawn(move || for _ in BufReader::new(out).lines() {});
+    let nobody: String = std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("nobody:"))
+        .map(|l| l.split(':').nth(2).unwrap().to_string())
+        .expect("user nobody");
+    let t0 = Instant::now();
+    let worker = loop {
+        if let Some(&w) = children(pid).first() {
+            // Ready once it has dropped privileges and loaded the model.
+            if status_field(w, "Uid").starts_with(&format!("{nobody}\t"))
+                && Path::new(&dir.join("run/workers/worker-smollm2.sock")).exists()
+            {
+                break w;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no unprivileged worker came up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let uid = status_field(worker, "Uid");
+    assert!(uid.split_whitespace().all(|u| u == nobody), "uid {uid}");
+    assert_eq!(
+        status_field(worker, "Groups").split_whitespace().count(),
+        1,
+        "supplementary groups kept"
+    );
+    assert_eq!(status_field(worker, "NoNewPrivs"), "1");
+    assert_eq!(status_field(worker, "CapEff"), "0000000000000000");
+    let limits = std::fs::read_to_string(format!("/proc/{worker}/limits")).unwrap();
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| {
+                l[name.len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .unwrap()
+    };
+    assert_eq!(limit("Max core file size"), "0");
+    assert_eq!(limit("Max open files"), "512");
+    for fd in std::fs::read_dir(format!("/proc/{worker}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        let t = target.to_string_lossy();
+        assert!(
+            !t.contains("appliance.db") && !t.contains("key.pem") && !t.contains("control.sock"),
+            "worker holds {t}"
+        );
+    }
+}

@@ -103,6 +103,11 @@ pub struct WorkersSection {
     pub health_interval_ms: u64,
     pub health_timeout_ms: u64,
     pub health_misses: u32,
+    /// When the daemon runs as root, workers run as this user (default: the
+    /// `appliance-worker` user if it exists).
+    pub user: Option<String>,
+    /// RLIMIT_NOFILE of each worker.
+    pub max_open_files: u64,
 }
 
 impl Default for WorkersSection {
@@ -119,6 +124,8 @@ impl Default for WorkersSection {
             health_interval_ms: 2000,
             health_timeout_ms: 2000,
             health_misses: 2,
+            user: None,
+            max_open_files: 1024,
         }
     }
 }
@@ -162,6 +169,8 @@ pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a
 # health_interval_ms = 2000           # liveness: a hung or stopped worker is killed
 # health_timeout_ms = 2000            #   and restarted within
 # health_misses = 2                   #   interval + misses * (interval + timeout)
+# user = "appliance-worker"           # workers' user when the daemon runs as root
+# max_open_files = 1024               # per worker; core dumps are always off
 
 [models]
 # name = "path/to/model.gguf"  # relative paths are relative to the data directory

@@ -183,12 +183,45 @@ async fn serve(a: ServeArgs) -> Result<()> {
         None => None,
     };
 
-    // Workers.
+    // Workers: as an unprivileged user when the daemon is root.
+    let run_as = worker_user(&file.workers)?;
+    let sockets = run_dir.join("workers");
+    std::fs::create_dir_all(&sockets).with_context(|| format!("creating {}", sockets.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", p.display()))
+        };
+        set(&sockets, 0o700)?;
+        if let Some((uid, gid, name)) = &run_as {
+            // The worker reaches its socket folder and the registry's files, and nothing else:
+            // traverse-only folders, group-readable model files.
+            use nix::unistd::{chown, Gid, Uid};
+            chown(
+                &sockets,
+                Some(Uid::from_raw(*uid)),
+                Some(Gid::from_raw(*gid)),
+            )?;
+            set(&dir, 0o711)?;
+            set(&run_dir, 0o711)?;
+            for (_, path) in &models {
+                if path.starts_with(dir.join("models")) {
+                    for d in [dir.join("models"), dir.join("models/sha256")] {
+                        set(&d, 0o711)?;
+                    }
+                    chown(path, None, Some(Gid::from_raw(*gid)))?;
+                    set(path, 0o440)?;
+                }
+            }
+            log::info!("workers run as {name} (uid {uid}, gid {gid})");
+        }
+    }
     let exe = std::env::current_exe().context("locating the appliance binary")?;
     let threads = a.worker_threads.unwrap_or(file.workers.threads);
     let mut specs = Vec::new();
     for (name, path) in &models {
-        let socket = run_dir.join(format!("worker-{name}.sock"));
+        let socket = sockets.join(format!("worker-{name}.sock"));
         if socket.as_os_str().len() > 100 {
             bail!(
                 "the socket path {} is too long for a Unix socket; use a shorter data directory",
@@ -203,6 +236,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
         ];
         if threads > 0 {
             extra.extend(["--threads".into(), threads.to_string().into()]);
+        }
+        extra.extend([
+            "--max-open-files".into(),
+            file.workers.max_open_files.to_string().into(),
+        ]);
+        if let Some((uid, gid, _)) = &run_as {
+            extra.extend(["--run-as".into(), format!("{uid}:{gid}").into()]);
         }
         if file.workers.max_context > 0 {
             extra.extend([
@@ -378,6 +418,35 @@ async fn serve(a: ServeArgs) -> Result<()> {
     log::info!("stopped");
     drop(lock);
     Ok(())
+}
+
+/// The user workers run as: only when the daemon is root; the configured user, else
+/// `appliance-worker` if it exists (the image creates it), else root with a warning.
+fn worker_user(w: &config::WorkersSection) -> Result<Option<(u32, u32, String)>> {
+    let root = nix::unistd::geteuid().is_root();
+    let name = w.user.clone().unwrap_or_else(|| "appliance-worker".into());
+    if !root {
+        if w.user.is_some() {
+            bail!(
+                "[workers] user = {name:?} needs the daemon to run as root (it runs as uid {}); \
+                 remove the setting to run workers as this user",
+                nix::unistd::geteuid()
+            );
+        }
+        return Ok(None);
+    }
+    match nix::unistd::User::from_name(&name) {
+        Ok(Some(u)) if u.uid.is_root() => bail!("[workers] user {name:?} is root"),
+        Ok(Some(u)) => Ok(Some((u.uid.as_raw(), u.gid.as_raw(), name))),
+        _ if w.user.is_some() => bail!("[workers] user {name:?} does not exist"),
+        _ => {
+            log::warn!(
+                "the daemon runs as root and there is no user {name:?}: workers run as root too; \
+                 create the user (the image does) or set [workers] user"
+            );
+            Ok(None)
+        }
+    }
 }
 
 fn control_listener(dir: &Path) -> Result<UnixListener> {

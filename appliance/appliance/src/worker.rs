@@ -43,6 +43,54 @@ pub struct WorkerArgs {
     /// Seconds running generations get to finish on SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    /// Started as root: become UID:GID (no supplementary groups) before reading anything.
+    #[arg(long, value_parser = parse_uid_gid)]
+    pub run_as: Option<(u32, u32)>,
+    /// Most open files (RLIMIT_NOFILE).
+    #[arg(long, default_value_t = 1024)]
+    pub max_open_files: u64,
+}
+
+fn parse_uid_gid(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').ok_or("expected UID:GID")?;
+    Ok((
+        u.parse().map_err(|_| "bad uid")?,
+        g.parse().map_err(|_| "bad gid")?,
+    ))
+}
+
+/// Least privilege, before the model file is opened: close inherited descriptors, no
+/// core dumps (a core would hold prompts and weights), a cap on open files, the
+/// unprivileged user with no supplementary groups, and no way back (no_new_privs).
+fn lock_down(a: &WorkerArgs) -> Result<()> {
+    use nix::sys::resource::{setrlimit, Resource};
+    // Descriptors beyond stdio that the parent let through.
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .filter(|&fd| fd > 2)
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds {
+        // The directory iterator's own descriptor is gone by now; others are inherited.
+        let _ = nix::unistd::close(fd);
+    }
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).context("RLIMIT_CORE")?;
+    setrlimit(Resource::RLIMIT_NOFILE, a.max_open_files, a.max_open_files)
+        .context("RLIMIT_NOFILE")?;
+    if let Some((uid, gid)) = a.run_as {
+        use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+        setgroups(&[Gid::from_raw(gid)]).context("setgroups")?;
+        setgid(Gid::from_raw(gid)).context("setgid")?;
+        setuid(Uid::from_raw(uid)).context("setuid")?;
+        if nix::unistd::geteuid().is_root() || setuid(Uid::from_raw(0)).is_ok() {
+            anyhow::bail!("could not drop root privileges");
+        }
+    }
+    nix::sys::prctl::set_no_new_privs().context("no_new_privs")?;
+    Ok(())
 }
 
 pub fn to_params(p: WireParams) -> SamplingParams {
@@ -107,6 +155,7 @@ fn die_with_supervisor() -> Result<()> {
 
 pub fn run(a: WorkerArgs) -> Result<()> {
     die_with_supervisor()?;
+    lock_down(&a)?;
     crate::set_threads(a.threads);
     let config = EngineConfig {
         max_batch: a.max_batch,

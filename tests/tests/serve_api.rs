@@ -815,3 +815,53 @@ fn workers_run_with_least_privilege() {
         );
     }
 }
+
+/// Placement refuses a model whose estimate does not fit, with the numbers; a placed
+/// model's device, estimate and the hardware show in `appliance status` and `/metrics`.
+#[test]
+fn placement_and_status() {
+    let dir = scratch("placement");
+    std::fs::write(
+        dir.join("appliance.toml"),
+        "[workers]\nmax_batch = 100000\n",
+    )
+    .unwrap();
+    let out = appliance()
+        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .arg("--model")
+        .arg(format!("smollm2={}", model().display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("placement: model smollm2 needs"), "{err}");
+    assert!(
+        err.contains("for 100000 sequences of 8192 tokens") && err.contains("free: cpu"),
+        "{err}"
+    );
+    let s = Server::start("status", &[]);
+    let status = s.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let w = &v["workers"][0];
+    assert_eq!(w["model"], "smollm2");
+    assert_eq!(w["state"], "ready");
+    assert_eq!(w["device"], "cpu");
+    // 30 layers × 3 KV heads × 64 × 2 (K, V) × 4 bytes × 8 sequences × 8192 tokens, plus weights.
+    let kv = 30 * 3 * 64 * 2 * 4 * 8 * 8192u64;
+    let est = w["estimate_bytes"].as_u64().unwrap();
+    assert!(est > kv && est < kv + (200 << 20), "{est}");
+    let inv = &v["inventory"];
+    assert!(inv["memory_total"].as_u64().unwrap() > 0 && inv["cpu_threads"].as_u64().unwrap() >= 1);
+    assert!(inv["gpus"].as_array().unwrap().is_empty() || inv["gpu_note"].is_null());
+    assert_eq!(
+        s.metric("appliance_model_memory_estimate_bytes{model=\"smollm2\",device=\"cpu\"}"),
+        Some(est as f64)
+    );
+    assert!(s.metric("appliance_memory_available_bytes").unwrap() > 0.0);
+    let human = s.cli(&["status"]);
+    assert!(
+        human.contains("smollm2") && human.contains("ready"),
+        "{human}"
+    );
+}

@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub workers: WorkersSection,
     /// Model name → GGUF path (relative paths are relative to the data directory).
     pub models: BTreeMap<String, PathBuf>,
+    /// Model name → pinned device ("cpu", "cuda:0"); unpinned models are placed by memory.
+    pub devices: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,7 +116,7 @@ impl Default for WorkersSection {
     fn default() -> Self {
         WorkersSection {
             threads: 0,
-            max_batch: 32,
+            max_batch: 8,
             max_context: 0,
             grace_secs: 30,
             ready_timeout_secs: 300,
@@ -159,7 +161,8 @@ pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a
 
 [workers]
 # threads = 0                  # compute threads per worker; 0 = all cores
-# max_batch = 32               # sequences decoded together
+# max_batch = 8                # sequences decoded together (KV cache is sized for
+#                              # max_batch x context when placing the model)
 # max_context = 0              # 0 = the model's own context length
 # grace_secs = 30              # SIGTERM -> SIGKILL when stopping a worker
 # ready_timeout_secs = 300
@@ -174,6 +177,9 @@ pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a
 
 [models]
 # name = "path/to/model.gguf"  # relative paths are relative to the data directory
+
+[devices]
+# name = "cuda:0"              # pin a model to a device; others go where memory is free
 "#;
 
 /// Reads `DIR/appliance.toml`, writing the commented default first if there is none.

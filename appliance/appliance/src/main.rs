@@ -40,6 +40,13 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(admin::KeyCmd),
+    /// The running daemon's workers (state, device, restarts) and the hardware.
+    Status {
+        #[command(flatten)]
+        data: serve::DataDir,
+        #[arg(long)]
+        json: bool,
+    },
     /// The model registry: import (with signature checks), list, inspect, remove, sign.
     #[command(subcommand)]
     Model(model::ModelCmd),
@@ -78,6 +85,7 @@ fn main() {
         Command::Tenant(c) => admin::tenant(c),
         Command::Key(c) => admin::key(c),
         Command::Model(c) => model::run(c),
+        Command::Status { data, json } => serve::status(data, json),
         Command::Chat(a) => chat::run(a),
         Command::Worker(a) => worker::run(a),
         Command::Bench(a) => bench::run(a),

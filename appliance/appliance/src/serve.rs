@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use appliance_gateway::auth::KeyTable;
 use appliance_gateway::{tls, Gateway, ModelRoute};
 use appliance_store::Store;
+use appliance_supervisor::placement::{Device, Needs};
 use appliance_supervisor::{Supervisor, WorkerSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -217,6 +218,49 @@ async fn serve(a: ServeArgs) -> Result<()> {
             log::info!("workers run as {name} (uid {uid}, gid {gid})");
         }
     }
+    // Placement: each model's memory estimate against what the box has free.
+    let inventory = appliance_supervisor::inventory::read(&dir);
+    log::info!(
+        "hardware: {} ({} cores, {} threads), {:.1} GiB RAM available of {:.1}, {} GPU(s){}",
+        inventory.cpu_model,
+        inventory.cpu_cores,
+        inventory.cpu_threads,
+        inventory.memory_available as f64 / (1u64 << 30) as f64,
+        inventory.memory_total as f64 / (1u64 << 30) as f64,
+        inventory.gpus.len(),
+        inventory
+            .gpu_note
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
+    );
+    let mut needs = Vec::new();
+    for (name, path) in &models {
+        let pinned = match file.devices.get(name) {
+            Some(d) => Some(
+                d.parse::<Device>()
+                    .map_err(|e| anyhow::anyhow!("[devices] {name}: {e}"))?,
+            ),
+            None => None,
+        };
+        needs.push(estimate(name, path, &file.workers, pinned));
+    }
+    for d in file.devices.keys() {
+        if !models.iter().any(|m| &m.0 == d) {
+            log::warn!("[devices] names {d}, which is not served");
+        }
+    }
+    let placements =
+        appliance_supervisor::placement::place(&needs, &inventory, cfg!(feature = "cuda"))
+            .map_err(|e| anyhow::anyhow!("placement: {e}"))?;
+    for p in &placements {
+        log::info!(
+            "placement: {} on {} ({:.2} GiB estimated)",
+            p.model,
+            p.device,
+            p.bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     let exe = std::env::current_exe().context("locating the appliance binary")?;
     let threads = a.worker_threads.unwrap_or(file.workers.threads);
     let mut specs = Vec::new();
@@ -241,6 +285,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
             "--max-open-files".into(),
             file.workers.max_open_files.to_string().into(),
         ]);
+        if let Some(p) = placements.iter().find(|p| &p.model == name) {
+            extra.extend(["--device".into(), p.device.to_string().into()]);
+        }
         if let Some((uid, gid, _)) = &run_as {
             extra.extend(["--run-as".into(), format!("{uid}:{gid}").into()]);
         }
@@ -271,10 +318,20 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let routes: Vec<Arc<ModelRoute>> = supervisor
         .workers()
         .iter()
-        .map(|w| Arc::new(ModelRoute::new(w.name.clone(), w.clone())))
+        .map(|w| {
+            let p = placements.iter().find(|p| p.model == w.name);
+            Arc::new(ModelRoute::new(
+                w.name.clone(),
+                w.clone(),
+                p.map(|p| p.device.to_string())
+                    .unwrap_or_else(|| "cpu".into()),
+                p.map(|p| p.bytes).unwrap_or(0),
+            ))
+        })
         .collect();
 
     let mut gcfg = file.gateway();
+    gcfg.data_dir = Some(dir.clone());
     if let Some(t) = a.drain_timeout {
         gcfg.drain_timeout = Duration::from_secs(t);
     }
@@ -283,7 +340,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
     // The CLI's channel to the daemon, and a slower safety net for key changes.
     let control = control_listener(&dir)?;
     let served: Arc<Vec<String>> = Arc::new(models.iter().map(|m| m.0.clone()).collect());
-    let control_task = tokio::spawn(serve_control(control, keys.clone(), served));
+    let control_task = tokio::spawn(serve_control(
+        control,
+        keys.clone(),
+        served,
+        gateway.clone(),
+    ));
     let poll_keys = keys.clone();
     let poll_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -420,6 +482,45 @@ async fn serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// What a model will need: weights (for the CPU engine, the file plus its widened Q4_1
+/// scales, ~25%) and the KV cache (f32 keys and values, every layer) for `max_batch`
+/// sequences of the served context. A file whose header cannot be read is estimated by
+/// its size; its worker will then fail and say why.
+fn estimate(name: &str, path: &Path, w: &config::WorkersSection, pinned: Option<Device>) -> Needs {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let on_cpu = !matches!(pinned, Some(Device::Cuda(_))) && !cfg!(feature = "cuda");
+    let weights = if on_cpu { size + size / 4 } else { size };
+    match appliance_engine::gguf::GgufFile::open(path) {
+        Ok(f) => {
+            let c = &f.config;
+            let context = if w.max_context > 0 {
+                w.max_context.min(c.context_length)
+            } else {
+                c.context_length.min(32768)
+            };
+            Needs {
+                model: name.to_string(),
+                weights,
+                kv_per_token: (c.n_layer * c.n_head_kv * c.head_dim * 2 * 4) as u64,
+                context: context as u64,
+                batch: w.max_batch.max(1) as u64,
+                pinned,
+            }
+        }
+        Err(e) => {
+            log::warn!("model {name}: cannot read its header for placement ({e})");
+            Needs {
+                model: name.to_string(),
+                weights,
+                kv_per_token: 0,
+                context: 0,
+                batch: 0,
+                pinned,
+            }
+        }
+    }
+}
+
 /// The user workers run as: only when the daemon is root; the configured user, else
 /// `appliance-worker` if it exists (the image creates it), else root with a warning.
 fn worker_user(w: &config::WorkersSection) -> Result<Option<(u32, u32, String)>> {
@@ -469,8 +570,14 @@ fn control_listener(dir: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// One command per line: `reload-keys` → `ok <n keys>`; `models` → `ok a,b` (served).
-async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>, models: Arc<Vec<String>>) {
+/// One command per line: `reload-keys` → `ok <n keys>`; `models` → `ok a,b` (served);
+/// `status` → `ok {json}` (workers and hardware).
+async fn serve_control(
+    listener: UnixListener,
+    keys: Arc<KeyTable>,
+    models: Arc<Vec<String>>,
+    gateway: Arc<Gateway>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -478,6 +585,7 @@ async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>, models: Arc<
         };
         let keys = keys.clone();
         let models = models.clone();
+        let gateway = gateway.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
@@ -488,6 +596,7 @@ async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>, models: Arc<
                         Err(e) => format!("error {e}\n"),
                     },
                     "models" => format!("ok {}\n", models.join(",")),
+                    "status" => format!("ok {}\n", gateway.status()),
                     other => format!("error unknown command {other:?}\n"),
                 };
                 if w.write_all(reply.as_bytes()).await.is_err() {
@@ -531,4 +640,66 @@ pub async fn notify_keys_changed(dir: &Path) {
             eprintln!("warning: the running daemon could not reload its keys: {l}");
         }
     }
+}
+
+/// `appliance status`: asks the running daemon.
+pub fn status(data: DataDir, json: bool) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let dir = data.prepare()?;
+    let line = rt
+        .block_on(ask_daemon(&dir, "status"))
+        .with_context(|| format!("no appliance daemon is running on {}", dir.display()))?;
+    let v: serde_json::Value = serde_json::from_str(line.strip_prefix("ok ").unwrap_or(&line))
+        .with_context(|| format!("unexpected answer from the daemon: {line}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let gib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+    let inv = &v["inventory"];
+    println!(
+        "host: {} ({} cores / {} threads), memory {:.1} of {:.1} GiB available, disk {:.1} of {:.1} GiB free, load {}",
+        inv["cpu_model"].as_str().unwrap_or("?"),
+        inv["cpu_cores"],
+        inv["cpu_threads"],
+        gib(&inv["memory_available"]),
+        gib(&inv["memory_total"]),
+        gib(&inv["disk_available"]),
+        gib(&inv["disk_total"]),
+        inv["load_average"]
+    );
+    for g in inv["gpus"].as_array().into_iter().flatten() {
+        println!(
+            "gpu {}: {} memory {:.1}/{:.1} GiB used, {}% busy, {} °C, {} W",
+            g["index"],
+            g["name"].as_str().unwrap_or("?"),
+            gib(&g["memory_used"]),
+            gib(&g["memory_total"]),
+            g["utilization_percent"],
+            g["temperature_celsius"],
+            g["power_watts"]
+        );
+    }
+    if let Some(note) = inv["gpu_note"].as_str() {
+        println!("gpus: none ({note})");
+    }
+    println!(
+        "{:<20}  {:<12}  {:<8}  {:>9}  {:>8}  {:>9}  LAST ERROR",
+        "MODEL", "STATE", "DEVICE", "ESTIMATE", "RESTARTS", "IN FLIGHT"
+    );
+    for w in v["workers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20}  {:<12}  {:<8}  {:>7.2}Gi  {:>8}  {:>9}  {}",
+            w["model"].as_str().unwrap_or("?"),
+            w["state"].as_str().unwrap_or("?"),
+            w["device"].as_str().unwrap_or("?"),
+            gib(&w["estimate_bytes"]),
+            w["restarts"].as_u64().unwrap_or(0),
+            w["in_flight"].as_u64().unwrap_or(0),
+            w["last_error"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(())
 }

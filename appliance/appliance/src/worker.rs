@@ -46,6 +46,9 @@ pub struct WorkerArgs {
     /// Started as root: become UID:GID (no supplementary groups) before reading anything.
     #[arg(long, value_parser = parse_uid_gid)]
     pub run_as: Option<(u32, u32)>,
+    /// The device: cpu, or cuda:N (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: appliance_supervisor::placement::Device,
     /// Most open files (RLIMIT_NOFILE).
     #[arg(long, default_value_t = 1024)]
     pub max_open_files: u64,
@@ -158,6 +161,12 @@ pub fn run(a: WorkerArgs) -> Result<()> {
     lock_down(&a)?;
     crate::set_threads(a.threads);
     let config = EngineConfig {
+        device: match a.device {
+            appliance_supervisor::placement::Device::Cpu => appliance_engine::DeviceSpec::Cpu,
+            appliance_supervisor::placement::Device::Cuda(i) => {
+                appliance_engine::DeviceSpec::Cuda(i as usize)
+            }
+        },
         max_batch: a.max_batch,
         max_context: a.max_context,
         ..Default::default()

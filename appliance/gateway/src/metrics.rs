@@ -60,6 +60,9 @@ pub struct Snapshot {
     pub worker_failures: Vec<(String, u64)>,
     pub keys: u64,
     pub draining: bool,
+    /// (model, device, estimated bytes)
+    pub placements: Vec<(String, String, u64)>,
+    pub inventory: Option<appliance_supervisor::inventory::Inventory>,
 }
 
 fn esc(s: &str) -> String {
@@ -204,6 +207,98 @@ impl Metrics {
                 "appliance_worker_consecutive_failures{{model=\"{}\"}} {n}",
                 esc(model)
             );
+        }
+        out.push_str("# HELP appliance_model_memory_estimate_bytes Memory placement reserved for each model, by device.\n");
+        out.push_str("# TYPE appliance_model_memory_estimate_bytes gauge\n");
+        for (model, device, bytes) in &s.placements {
+            let _ = writeln!(
+                out,
+                "appliance_model_memory_estimate_bytes{{model=\"{}\",device=\"{device}\"}} {bytes}",
+                esc(model)
+            );
+        }
+        if let Some(inv) = &s.inventory {
+            let gauges: [(&str, &str, f64); 8] = [
+                (
+                    "appliance_cpu_cores",
+                    "Physical CPU cores.",
+                    inv.cpu_cores as f64,
+                ),
+                (
+                    "appliance_cpu_threads",
+                    "Logical CPUs.",
+                    inv.cpu_threads as f64,
+                ),
+                (
+                    "appliance_memory_total_bytes",
+                    "Installed memory.",
+                    inv.memory_total as f64,
+                ),
+                (
+                    "appliance_memory_available_bytes",
+                    "Memory available to new work.",
+                    inv.memory_available as f64,
+                ),
+                (
+                    "appliance_load1",
+                    "Load average over 1 minute.",
+                    inv.load_average[0],
+                ),
+                (
+                    "appliance_load5",
+                    "Load average over 5 minutes.",
+                    inv.load_average[1],
+                ),
+                (
+                    "appliance_disk_total_bytes",
+                    "Size of the data directory's filesystem.",
+                    inv.disk_total as f64,
+                ),
+                (
+                    "appliance_disk_available_bytes",
+                    "Free space on the data directory's filesystem.",
+                    inv.disk_available as f64,
+                ),
+            ];
+            for (name, help, v) in gauges {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            }
+            type Reading = fn(&appliance_supervisor::inventory::Gpu) -> f64;
+            let per_gpu: [(&str, &str, Reading); 5] = [
+                ("appliance_gpu_memory_total_bytes", "GPU memory.", |g| {
+                    g.memory_total as f64
+                }),
+                (
+                    "appliance_gpu_memory_used_bytes",
+                    "GPU memory in use.",
+                    |g| g.memory_used as f64,
+                ),
+                (
+                    "appliance_gpu_utilization_ratio",
+                    "GPU busy fraction.",
+                    |g| g.utilization_percent as f64 / 100.0,
+                ),
+                (
+                    "appliance_gpu_temperature_celsius",
+                    "GPU temperature.",
+                    |g| g.temperature_celsius as f64,
+                ),
+                ("appliance_gpu_power_watts", "GPU power draw.", |g| {
+                    g.power_watts
+                }),
+            ];
+            for (name, help, f) in per_gpu {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for g in &inv.gpus {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{gpu=\"{}\",name=\"{}\"}} {}",
+                        g.index,
+                        esc(&g.name),
+                        f(g)
+                    );
+                }
+            }
         }
         out.push_str("# HELP appliance_api_keys Keys known to the daemon (any state).\n");
         out.push_str("# TYPE appliance_api_keys gauge\n");

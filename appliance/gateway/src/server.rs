@@ -59,6 +59,8 @@ pub struct GatewayConfig {
     pub stall_timeout: Duration,
     /// How long in-flight requests get to finish on shutdown.
     pub drain_timeout: Duration,
+    /// The data directory, whose disk the hardware inventory reports.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -76,6 +78,7 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
+            data_dir: None,
         }
     }
 }
@@ -87,6 +90,9 @@ pub struct ModelRoute {
     pub worker: Arc<Worker>,
     pub created: u64,
     pub in_flight: AtomicUsize,
+    /// Where placement put it ("cpu", "cuda:0") and its memory estimate in bytes.
+    pub device: String,
+    pub estimate: u64,
 }
 
 /// Releases a model queue slot when dropped.
@@ -99,12 +105,14 @@ impl Drop for Slot {
 }
 
 impl ModelRoute {
-    pub fn new(name: String, worker: Arc<Worker>) -> ModelRoute {
+    pub fn new(name: String, worker: Arc<Worker>, device: String, estimate: u64) -> ModelRoute {
         ModelRoute {
             name,
             worker,
             created: unix_now() as u64,
             in_flight: AtomicUsize::new(0),
+            device,
+            estimate,
         }
     }
 
@@ -307,8 +315,41 @@ impl Gateway {
         format!("req_{}{n:010x}", self.request_prefix)
     }
 
+    /// Workers and hardware, for the CLI (`appliance status`) and the console.
+    pub fn status(&self) -> serde_json::Value {
+        let workers: Vec<_> = self
+            .models
+            .iter()
+            .map(|m| {
+                let st = m.worker.status();
+                serde_json::json!({
+                    "model": m.name,
+                    "state": st.state.as_str(),
+                    "pid": st.pid,
+                    "restarts": st.restarts,
+                    "consecutive_failures": st.consecutive_failures,
+                    "last_error": st.last_error,
+                    "device": m.device,
+                    "estimate_bytes": m.estimate,
+                    "in_flight": m.in_flight.load(Ordering::Acquire),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "draining": self.is_draining(),
+            "in_flight": self.in_flight(),
+            "workers": workers,
+            "inventory": self.cfg.data_dir.as_ref().map(|d| appliance_supervisor::inventory::read(d)),
+        })
+    }
+
     fn snapshot(&self) -> Snapshot {
         let mut s = Snapshot {
+            inventory: self
+                .cfg
+                .data_dir
+                .as_ref()
+                .map(|d| appliance_supervisor::inventory::read(d)),
             in_flight: self.in_flight() as u64,
             keys: self.keys.len() as u64,
             draining: self.is_draining(),
@@ -323,6 +364,8 @@ impl Gateway {
                     .push((m.name.clone(), state.as_str(), u8::from(st.state == state)));
             }
             s.worker_restarts.push((m.name.clone(), st.restarts));
+            s.placements
+                .push((m.name.clone(), m.device.clone(), m.estimate));
             s.worker_failures
                 .push((m.name.clone(), st.consecutive_failures as u64));
         }

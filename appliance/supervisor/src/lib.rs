@@ -12,6 +12,8 @@
 //! or policy.
 
 pub mod client;
+pub mod inventory;
+pub mod placement;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

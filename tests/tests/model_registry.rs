@@ -297,8 +297,6 @@ fn import_checks_hash_signature_and_trust_and_leaves_nothing_behind() {
         .status
         .success());
     assert_clean(&data, 1);
-    assert!(run(&data, &["model", "remove", "bare"]).status.success());
-    assert_clean(&data, 1);
     let o = run(&data, &["model", "remove", "nope"]);
     assert!(
         !o.status.success() && err(&o).contains("no model named"),
@@ -323,6 +321,11 @@ fn import_checks_hash_signature_and_trust_and_leaves_nothing_behind() {
     let out = child.stdout.take().unwrap();
     let mut daemon = Guard(child);
     let mut lines = BufReader::new(out).lines();
+    let api = lines
+        .find(|l| l.as_ref().unwrap().starts_with("appliance: API"))
+        .unwrap()
+        .unwrap();
+    let base = api.split_whitespace().last().unwrap().to_string();
     let line = lines
         .find(|l| l.as_ref().unwrap().starts_with("appliance: models"))
         .unwrap()
@@ -333,7 +336,13 @@ fn import_checks_hash_signature_and_trust_and_leaves_nothing_behind() {
     loop {
         let o = run(&data, &["model", "list", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        if v[0]["loaded"] == true {
+        let smol = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "smol")
+            .unwrap();
+        if smol["loaded"] == true {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(30), "{v}");
@@ -345,6 +354,64 @@ fn import_checks_hash_signature_and_trust_and_leaves_nothing_behind() {
         "{}",
         err(&o)
     );
+
+    // Load and unload while serving; the API's model list follows.
+    let key = {
+        assert!(run(&data, &["tenant", "create", "acme"]).status.success());
+        let o = run(&data, &["key", "create", "--tenant", "acme"]);
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let api_models = || {
+        let out = Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "--cacert"])
+            .arg(data.join("tls/cert.pem"))
+            .args(["-H", &format!("Authorization: Bearer {key}")])
+            .arg(format!("{base}/models"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ids: Vec<String> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(api_models(), vec!["smol"]);
+    let o = run(&data, &["model", "load", "bare"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(err(&o).contains("loaded bare on cpu"), "{}", err(&o));
+    assert_eq!(api_models(), vec!["bare", "smol"]);
+    let o = run(&data, &["model", "load", "bare"]);
+    assert!(
+        !o.status.success() && err(&o).contains("already loaded"),
+        "{}",
+        err(&o)
+    );
+    let o = run(&data, &["model", "load", "nope"]);
+    assert!(
+        !o.status.success() && err(&o).contains("no model named"),
+        "{}",
+        err(&o)
+    );
+    let o = run(&data, &["model", "remove", "bare"]);
+    assert!(
+        !o.status.success() && err(&o).contains("loaded"),
+        "{}",
+        err(&o)
+    );
+    let o = run(&data, &["model", "unload", "bare"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(api_models(), vec!["smol"]);
+    let o = run(&data, &["model", "unload", "bare"]);
+    assert!(
+        !o.status.success() && err(&o).contains("not loaded"),
+        "{}",
+        err(&o)
+    );
+    assert!(run(&data, &["model", "remove", "bare"]).status.success());
     Command::new("kill")
         .args(["-TERM", &daemon.0.id().to_string()])
         .status()

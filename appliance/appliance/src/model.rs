@@ -51,6 +51,18 @@ pub enum ModelCmd {
         #[command(flatten)]
         data: DataDir,
     },
+    /// Load a registry model into the running daemon (placed by memory; waits until ready).
+    Load {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Unload a model from the running daemon (its requests in flight finish first).
+    Unload {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
     /// Create an Ed25519 signing key for the site's own models; prints its public key.
     Keygen {
         /// The private key file to create (0600).
@@ -166,8 +178,31 @@ pub async fn served_models(dir: &Path) -> Vec<String> {
     }
 }
 
+/// Sends `load NAME` or `unload NAME` to the running daemon.
+fn change(verb: &str, name: &str, data: DataDir) -> Result<()> {
+    runtime()?.block_on(async {
+        let dir = data.prepare()?;
+        let answer = crate::serve::ask_daemon_within(
+            &dir,
+            &format!("{verb} {name}"),
+            std::time::Duration::from_secs(900),
+        )
+        .await
+        .with_context(|| format!("no appliance daemon is running on {}", dir.display()))?;
+        match answer.strip_prefix("ok ") {
+            Some(msg) => {
+                eprintln!("{msg}");
+                Ok(())
+            }
+            None => bail!("{}", answer.strip_prefix("error ").unwrap_or(&answer)),
+        }
+    })
+}
+
 pub fn run(cmd: ModelCmd) -> Result<()> {
     match cmd {
+        ModelCmd::Load { name, data } => change("load", &name, data),
+        ModelCmd::Unload { name, data } => change("unload", &name, data),
         ModelCmd::Keygen { out } => {
             let k = SigningKey::generate(&out)?;
             println!("{}", k.public_key());

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use appliance_gateway::auth::KeyTable;
 use appliance_gateway::{tls, Gateway, ModelRoute};
 use appliance_store::Store;
-use appliance_supervisor::placement::{Device, Needs};
+use appliance_supervisor::placement::{Device, Needs, Placement};
 use appliance_supervisor::{Supervisor, WorkerSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -196,8 +196,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
         };
         set(&sockets, 0o700)?;
         if let Some((uid, gid, name)) = &run_as {
-            // The worker reaches its socket folder and the registry's files, and nothing else:
-            // traverse-only folders, group-readable model files.
+            // The worker reaches its socket folder and the registry's files, and nothing
+            // else: traverse-only folders, group-readable model files.
             use nix::unistd::{chown, Gid, Uid};
             chown(
                 &sockets,
@@ -206,18 +206,19 @@ async fn serve(a: ServeArgs) -> Result<()> {
             )?;
             set(&dir, 0o711)?;
             set(&run_dir, 0o711)?;
-            for (_, path) in &models {
-                if path.starts_with(dir.join("models")) {
-                    for d in [dir.join("models"), dir.join("models/sha256")] {
-                        set(&d, 0o711)?;
-                    }
-                    chown(path, None, Some(Gid::from_raw(*gid)))?;
-                    set(path, 0o440)?;
-                }
-            }
             log::info!("workers run as {name} (uid {uid}, gid {gid})");
         }
     }
+    let launcher = Launcher {
+        dir: dir.clone(),
+        sockets,
+        exe: std::env::current_exe().context("locating the appliance binary")?,
+        threads: a.worker_threads.unwrap_or(file.workers.threads),
+        run_as,
+        workers: file.workers.clone(),
+        devices: file.devices.clone(),
+        store: store.clone(),
+    };
     // Placement: each model's memory estimate against what the box has free.
     let inventory = appliance_supervisor::inventory::read(&dir);
     log::info!(
@@ -236,14 +237,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     );
     let mut needs = Vec::new();
     for (name, path) in &models {
-        let pinned = match file.devices.get(name) {
-            Some(d) => Some(
-                d.parse::<Device>()
-                    .map_err(|e| anyhow::anyhow!("[devices] {name}: {e}"))?,
-            ),
-            None => None,
-        };
-        needs.push(estimate(name, path, &file.workers, pinned));
+        needs.push(launcher.needs(name, path)?);
     }
     for d in file.devices.keys() {
         if !models.iter().any(|m| &m.0 == d) {
@@ -253,60 +247,6 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let placements =
         appliance_supervisor::placement::place(&needs, &inventory, cfg!(feature = "cuda"))
             .map_err(|e| anyhow::anyhow!("placement: {e}"))?;
-    for p in &placements {
-        log::info!(
-            "placement: {} on {} ({:.2} GiB estimated)",
-            p.model,
-            p.device,
-            p.bytes as f64 / (1u64 << 30) as f64
-        );
-    }
-    let exe = std::env::current_exe().context("locating the appliance binary")?;
-    let threads = a.worker_threads.unwrap_or(file.workers.threads);
-    let mut specs = Vec::new();
-    for (name, path) in &models {
-        let socket = sockets.join(format!("worker-{name}.sock"));
-        if socket.as_os_str().len() > 100 {
-            bail!(
-                "the socket path {} is too long for a Unix socket; use a shorter data directory",
-                socket.display()
-            );
-        }
-        let mut extra: Vec<std::ffi::OsString> = vec![
-            "--max-batch".into(),
-            file.workers.max_batch.to_string().into(),
-            "--grace".into(),
-            file.workers.grace_secs.to_string().into(),
-        ];
-        if threads > 0 {
-            extra.extend(["--threads".into(), threads.to_string().into()]);
-        }
-        extra.extend([
-            "--max-open-files".into(),
-            file.workers.max_open_files.to_string().into(),
-        ]);
-        if let Some(p) = placements.iter().find(|p| &p.model == name) {
-            extra.extend(["--device".into(), p.device.to_string().into()]);
-        }
-        if let Some((uid, gid, _)) = &run_as {
-            extra.extend(["--run-as".into(), format!("{uid}:{gid}").into()]);
-        }
-        if file.workers.max_context > 0 {
-            extra.extend([
-                "--max-context".into(),
-                file.workers.max_context.to_string().into(),
-            ]);
-        }
-        specs.push(WorkerSpec {
-            name: name.clone(),
-            model: path.clone(),
-            socket,
-            program: exe.clone(),
-            extra_args: extra,
-            grace: Duration::from_secs(file.workers.grace_secs + 5),
-            ready_timeout: Duration::from_secs(file.workers.ready_timeout_secs),
-        });
-    }
     let liveness = file.workers.liveness();
     log::info!(
         "supervision: a hung worker is replaced within {:.1}s; restarts back off from {:?} to {:?}",
@@ -314,38 +254,28 @@ async fn serve(a: ServeArgs) -> Result<()> {
         file.workers.backoff().base,
         file.workers.backoff().max
     );
-    let supervisor = Supervisor::start(specs, file.workers.backoff(), liveness);
-    let routes: Vec<Arc<ModelRoute>> = supervisor
-        .workers()
-        .iter()
-        .map(|w| {
-            let p = placements.iter().find(|p| p.model == w.name);
-            Arc::new(ModelRoute::new(
-                w.name.clone(),
-                w.clone(),
-                p.map(|p| p.device.to_string())
-                    .unwrap_or_else(|| "cpu".into()),
-                p.map(|p| p.bytes).unwrap_or(0),
-            ))
-        })
-        .collect();
-
+    let supervisor = Supervisor::start(vec![], file.workers.backoff(), liveness);
     let mut gcfg = file.gateway();
     gcfg.data_dir = Some(dir.clone());
     if let Some(t) = a.drain_timeout {
         gcfg.drain_timeout = Duration::from_secs(t);
     }
-    let gateway = Gateway::new(gcfg, keys.clone(), routes);
+    let drain_timeout = gcfg.drain_timeout;
+    let gateway = Gateway::new(gcfg, keys.clone(), vec![]);
+    let daemon = Arc::new(Daemon {
+        launcher,
+        supervisor,
+        gateway: gateway.clone(),
+        changes: tokio::sync::Mutex::new(()),
+        drain_timeout,
+    });
+    for ((name, path), p) in models.iter().zip(&placements) {
+        daemon.start_model(name, path, p)?;
+    }
 
     // The CLI's channel to the daemon, and a slower safety net for key changes.
     let control = control_listener(&dir)?;
-    let served: Arc<Vec<String>> = Arc::new(models.iter().map(|m| m.0.clone()).collect());
-    let control_task = tokio::spawn(serve_control(
-        control,
-        keys.clone(),
-        served,
-        gateway.clone(),
-    ));
+    let control_task = tokio::spawn(serve_control(control, keys.clone(), daemon.clone()));
     let poll_keys = keys.clone();
     let poll_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -407,7 +337,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
 
     // systemd: READY once the API listens and every model's worker is ready (or has
     // had its ready timeout), the watchdog pinged from the runtime that serves requests.
-    let notify_workers: Vec<_> = supervisor.workers().to_vec();
+    let notify_workers: Vec<_> = daemon.supervisor.workers();
     let ready_timeout = Duration::from_secs(file.workers.ready_timeout_secs);
     let listen_note = bound.to_string();
     let notify_task = tokio::spawn(async move {
@@ -468,7 +398,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         let _ = t.await;
     }
     log::info!("stopping workers");
-    supervisor.shutdown().await;
+    daemon.supervisor.shutdown().await;
     control_task.abort();
     poll_task.abort();
     notify_task.abort();
@@ -571,35 +501,48 @@ fn control_listener(dir: &Path) -> Result<UnixListener> {
 }
 
 /// One command per line: `reload-keys` → `ok <n keys>`; `models` → `ok a,b` (served);
-/// `status` → `ok {json}` (workers and hardware).
-async fn serve_control(
-    listener: UnixListener,
-    keys: Arc<KeyTable>,
-    models: Arc<Vec<String>>,
-    gateway: Arc<Gateway>,
-) {
+/// `status` → `ok {json}` (workers and hardware); `load NAME` / `unload NAME` → `ok
+/// <what happened>`. Errors answer `error <message>`.
+async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>, daemon: Arc<Daemon>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let keys = keys.clone();
-        let models = models.clone();
-        let gateway = gateway.clone();
+        let daemon = daemon.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let reply = match line.trim() {
-                    "reload-keys" => match keys.reload().await {
-                        Ok(n) => format!("ok {n}\n"),
-                        Err(e) => format!("error {e}\n"),
+                let mut words = line.split_whitespace();
+                let reply = match (words.next().unwrap_or(""), words.next()) {
+                    ("reload-keys", None) => match keys.reload().await {
+                        Ok(n) => format!("ok {n}"),
+                        Err(e) => format!("error {e}"),
                     },
-                    "models" => format!("ok {}\n", models.join(",")),
-                    "status" => format!("ok {}\n", gateway.status()),
-                    other => format!("error unknown command {other:?}\n"),
+                    ("models", None) => format!(
+                        "ok {}",
+                        daemon
+                            .gateway
+                            .models()
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                    ("status", None) => format!("ok {}", daemon.gateway.status()),
+                    ("load", Some(name)) => match daemon.load(name).await {
+                        Ok(m) => format!("ok {m}"),
+                        Err(e) => format!("error {e:#}"),
+                    },
+                    ("unload", Some(name)) => match daemon.unload(name).await {
+                        Ok(m) => format!("ok {m}"),
+                        Err(e) => format!("error {e:#}"),
+                    },
+                    _ => format!("error unknown command {line:?}"),
                 };
-                if w.write_all(reply.as_bytes()).await.is_err() {
+                if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
                     break;
                 }
             }
@@ -607,9 +550,214 @@ async fn serve_control(
     }
 }
 
+/// How workers are started: the settings every worker shares.
+struct Launcher {
+    dir: PathBuf,
+    sockets: PathBuf,
+    exe: PathBuf,
+    threads: usize,
+    run_as: Option<(u32, u32, String)>,
+    workers: config::WorkersSection,
+    devices: std::collections::BTreeMap<String, String>,
+    store: Store,
+}
+
+impl Launcher {
+    fn needs(&self, name: &str, path: &Path) -> Result<Needs> {
+        let pinned = match self.devices.get(name) {
+            Some(d) => Some(
+                d.parse::<Device>()
+                    .map_err(|e| anyhow::anyhow!("[devices] {name}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(estimate(name, path, &self.workers, pinned))
+    }
+
+    /// Lets the unprivileged worker read a registry model file.
+    fn grant(&self, path: &Path) -> Result<()> {
+        let Some((_, gid, _)) = &self.run_as else {
+            return Ok(());
+        };
+        if !path.starts_with(self.dir.join("models")) {
+            return Ok(());
+        }
+        use std::os::unix::fs::PermissionsExt;
+        for d in [self.dir.join("models"), self.dir.join("models/sha256")] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711))?;
+        }
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(*gid)))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o440))?;
+        Ok(())
+    }
+
+    fn spec(&self, name: &str, path: &Path, device: Device) -> Result<WorkerSpec> {
+        let w = &self.workers;
+        let socket = self.sockets.join(format!("worker-{name}.sock"));
+        if socket.as_os_str().len() > 100 {
+            bail!(
+                "the socket path {} is too long for a Unix socket; use a shorter data directory",
+                socket.display()
+            );
+        }
+        let mut extra: Vec<std::ffi::OsString> = vec![
+            "--max-batch".into(),
+            w.max_batch.to_string().into(),
+            "--grace".into(),
+            w.grace_secs.to_string().into(),
+            "--max-open-files".into(),
+            w.max_open_files.to_string().into(),
+            "--device".into(),
+            device.to_string().into(),
+        ];
+        if self.threads > 0 {
+            extra.extend(["--threads".into(), self.threads.to_string().into()]);
+        }
+        if let Some((uid, gid, _)) = &self.run_as {
+            extra.extend(["--run-as".into(), format!("{uid}:{gid}").into()]);
+        }
+        if w.max_context > 0 {
+            extra.extend(["--max-context".into(), w.max_context.to_string().into()]);
+        }
+        Ok(WorkerSpec {
+            name: name.to_string(),
+            model: path.to_path_buf(),
+            socket,
+            program: self.exe.clone(),
+            extra_args: extra,
+            grace: Duration::from_secs(w.grace_secs + 5),
+            ready_timeout: Duration::from_secs(w.ready_timeout_secs),
+        })
+    }
+}
+
+/// The running daemon's model set: what `load` and `unload` change.
+struct Daemon {
+    launcher: Launcher,
+    supervisor: Supervisor,
+    gateway: Arc<Gateway>,
+    /// One load or unload at a time.
+    changes: tokio::sync::Mutex<()>,
+    drain_timeout: Duration,
+}
+
+impl Daemon {
+    /// Spawns a placed model's worker and routes to it.
+    fn start_model(&self, name: &str, path: &Path, p: &Placement) -> Result<()> {
+        self.launcher.grant(path)?;
+        let worker = self
+            .supervisor
+            .add(self.launcher.spec(name, path, p.device)?)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        self.gateway.add_model(Arc::new(ModelRoute::new(
+            name.to_string(),
+            worker,
+            p.device.to_string(),
+            p.bytes,
+        )));
+        log::info!(
+            "placement: {name} on {} ({:.2} GiB estimated)",
+            p.device,
+            p.bytes as f64 / (1u64 << 30) as f64
+        );
+        Ok(())
+    }
+
+    /// Loads a registry model while serving: placed against what is free now (models
+    /// already loaded count with their full estimate), then waits until it is ready.
+    async fn load(&self, name: &str) -> Result<String> {
+        let _one = self.changes.lock().await;
+        if self.gateway.model(name).is_some() {
+            bail!("model {name} is already loaded");
+        }
+        let m = self
+            .launcher
+            .store
+            .model(name)
+            .await?
+            .with_context(|| format!("no model named {name:?} in the registry"))?;
+        let path = appliance_registry::Store::new(&self.launcher.dir).path_of(&m.sha256);
+        let mut inv = appliance_supervisor::inventory::read(&self.launcher.dir);
+        // Loaded models will grow to their estimate; what they use now is already gone
+        // from the available memory, so reserve the rest.
+        for r in self.gateway.models() {
+            let rss = r.worker.status().pid.map(rss_bytes).unwrap_or(0);
+            let rest = r.estimate.saturating_sub(rss);
+            if r.device == "cpu" {
+                inv.memory_available = inv.memory_available.saturating_sub(rest);
+            } else if let Ok(Device::Cuda(i)) = r.device.parse::<Device>() {
+                if let Some(g) = inv.gpus.iter_mut().find(|g| g.index == i) {
+                    g.memory_used = g.memory_used.saturating_add(rest);
+                }
+            }
+        }
+        let needs = self.launcher.needs(name, &path)?;
+        let p = appliance_supervisor::placement::place(&[needs], &inv, cfg!(feature = "cuda"))
+            .map_err(|e| anyhow::anyhow!(e))?
+            .remove(0);
+        self.start_model(name, &path, &p)?;
+        let ready = match self.gateway.model(name) {
+            Some(r) => {
+                r.worker
+                    .wait_ready(Duration::from_secs(
+                        self.launcher.workers.ready_timeout_secs,
+                    ))
+                    .await
+            }
+            None => false,
+        };
+        Ok(format!(
+            "loaded {name} on {} ({:.2} GiB estimated){}",
+            p.device,
+            p.bytes as f64 / (1u64 << 30) as f64,
+            if ready {
+                ""
+            } else {
+                "; not ready yet, see appliance status"
+            }
+        ))
+    }
+
+    /// Stops routing to a model, lets its requests in flight finish (up to the drain
+    /// timeout), then stops its worker.
+    async fn unload(&self, name: &str) -> Result<String> {
+        let _one = self.changes.lock().await;
+        let route = self
+            .gateway
+            .remove_model(name)
+            .with_context(|| format!("model {name} is not loaded"))?;
+        let t0 = std::time::Instant::now();
+        while route.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0
+            && t0.elapsed() < self.drain_timeout
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.supervisor.remove(name).await;
+        log::info!("unloaded {name}");
+        Ok(format!("unloaded {name}"))
+    }
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
 /// Sends one command to a running daemon's control socket; its answer line, or None
 /// when no daemon answers.
 pub async fn ask_daemon(dir: &Path, command: &str) -> Option<String> {
+    ask_daemon_within(dir, command, Duration::from_secs(5)).await
+}
+
+/// As [`ask_daemon`], waiting up to `limit` for the answer.
+pub async fn ask_daemon_within(dir: &Path, command: &str, limit: Duration) -> Option<String> {
     let path = DataDir::control_socket(dir);
     if !path.exists() {
         return None;
@@ -622,12 +770,12 @@ pub async fn ask_daemon(dir: &Path, command: &str) -> Option<String> {
         BufReader::new(r).read_line(&mut line).await?;
         Ok::<_, std::io::Error>(line.trim_end().to_string())
     };
-    match tokio::time::timeout(Duration::from_secs(5), ask).await {
+    match tokio::time::timeout(limit, ask).await {
         Ok(Ok(l)) if !l.is_empty() => Some(l),
         // No daemon listening (a stale socket): nothing to ask.
         Ok(_) => None,
         Err(_) => {
-            eprintln!("warning: the running daemon did not answer {command:?} within 5 s");
+            eprintln!("warning: the running daemon did not answer {command:?} within {limit:?}");
             None
         }
     }

@@ -509,7 +509,6 @@ async fn run(
 ) -> Result<Reply, ApiError> {
     let route = gw
         .model(&g.model)
-        .cloned()
         .ok_or_else(|| ApiError::ModelNotFound(g.model.clone()))?;
     if !key.may_use(&g.model) {
         return Err(ApiError::ModelNotAllowed(g.model.clone()));

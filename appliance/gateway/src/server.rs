@@ -138,7 +138,7 @@ impl Drop for InFlight {
 pub struct Gateway {
     pub(crate) cfg: GatewayConfig,
     pub(crate) keys: Arc<KeyTable>,
-    pub(crate) models: Vec<Arc<ModelRoute>>,
+    models: std::sync::RwLock<Vec<Arc<ModelRoute>>>,
     pub(crate) metrics: Metrics,
     draining: AtomicBool,
     in_flight: AtomicUsize,
@@ -275,7 +275,7 @@ impl Gateway {
         Arc::new(Gateway {
             cfg,
             keys,
-            models,
+            models: std::sync::RwLock::new(models),
             metrics: Metrics::default(),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -289,8 +289,29 @@ impl Gateway {
         &self.keys
     }
 
-    pub fn models(&self) -> &[Arc<ModelRoute>] {
-        &self.models
+    /// The models served now.
+    pub fn models(&self) -> Vec<Arc<ModelRoute>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Starts routing to a model; false if the name is taken.
+    pub fn add_model(&self, route: Arc<ModelRoute>) -> bool {
+        let mut m = self.models.write().unwrap_or_else(|p| p.into_inner());
+        if m.iter().any(|r| r.name == route.name) {
+            return false;
+        }
+        m.push(route);
+        true
+    }
+
+    /// Stops routing to a model (new requests get 404); requests in flight go on.
+    pub fn remove_model(&self, name: &str) -> Option<Arc<ModelRoute>> {
+        let mut m = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let i = m.iter().position(|r| r.name == name)?;
+        Some(m.remove(i))
     }
 
     pub fn is_draining(&self) -> bool {
@@ -306,8 +327,13 @@ impl Gateway {
         InFlight(self.clone())
     }
 
-    pub(crate) fn model(&self, name: &str) -> Option<&Arc<ModelRoute>> {
-        self.models.iter().find(|m| m.name == name)
+    pub fn model(&self, name: &str) -> Option<Arc<ModelRoute>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|m| m.name == name)
+            .cloned()
     }
 
     fn next_request_id(&self) -> String {
@@ -318,7 +344,7 @@ impl Gateway {
     /// Workers and hardware, for the CLI (`appliance status`) and the console.
     pub fn status(&self) -> serde_json::Value {
         let workers: Vec<_> = self
-            .models
+            .models()
             .iter()
             .map(|m| {
                 let st = m.worker.status();
@@ -355,7 +381,7 @@ impl Gateway {
             draining: self.is_draining(),
             ..Default::default()
         };
-        for m in &self.models {
+        for m in &self.models() {
             let st = m.worker.status();
             s.queue_depth
                 .push((m.name.clone(), m.in_flight.load(Ordering::Acquire) as u64));
@@ -390,10 +416,11 @@ impl Gateway {
         let key = ctx.key.as_deref().unwrap_or("-");
         let model = ctx.model.as_deref().unwrap_or("-");
         let ms = elapsed.as_secs_f64() * 1e3;
+        let client = ctx.peer.ip().to_string();
         // Key-values become journal fields (REQUEST_ID, TENANT, ...) under systemd.
         log::info!(
             target: "access",
-            request_id = ctx.id.as_str(), client = ctx.peer.ip().to_string(), route = ctx.route,
+            request_id = ctx.id.as_str(), client = client.as_str(), route = ctx.route,
             status = status, tenant = tenant, key_id = key, model = model,
             prompt_tokens = p, completion_tokens = c, ms = ms;
             "{} {} {} {} status={status} tenant={tenant} key={key} model={model} prompt_tokens={p} completion_tokens={c} ms={ms:.1}",
@@ -462,8 +489,8 @@ impl Gateway {
                 &ctx.id,
             ))),
             ("/readyz", &Method::GET) => {
-                let ready: Vec<&str> = self
-                    .models
+                let models = self.models();
+                let ready: Vec<&str> = models
                     .iter()
                     .filter(|m| m.worker.is_ready())
                     .map(|m| m.name.as_str())
@@ -511,7 +538,7 @@ impl Gateway {
                 }
                 Ok(Reply::Done(json_response(
                     StatusCode::OK,
-                    &model_object(m),
+                    &model_object(&m),
                     &ctx.id,
                 )))
             }
@@ -534,7 +561,7 @@ impl Gateway {
         appliance_api::openai::ModelList {
             object: "list",
             data: self
-                .models
+                .models()
                 .iter()
                 .filter(|m| key.may_use(&m.name))
                 .map(|m| model_object(m))

@@ -178,56 +178,93 @@ impl Worker {
     }
 }
 
-pub struct Supervisor {
-    workers: Vec<Arc<Worker>>,
+struct Entry {
+    worker: Arc<Worker>,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
+}
+
+/// The set of supervised workers; workers are added and removed while it runs.
+pub struct Supervisor {
+    entries: std::sync::Mutex<Vec<Entry>>,
+    backoff: Backoff,
+    liveness: Liveness,
 }
 
 impl Supervisor {
     /// Starts one task per worker. Must be called inside a tokio runtime.
     pub fn start(specs: Vec<WorkerSpec>, backoff: Backoff, liveness: Liveness) -> Supervisor {
-        let (stop, stop_rx) = watch::channel(false);
-        let mut workers = Vec::new();
-        let mut tasks = Vec::new();
+        let s = Supervisor {
+            entries: std::sync::Mutex::new(Vec::new()),
+            backoff,
+            liveness,
+        };
         for spec in specs {
-            let (tx, rx) = watch::channel(WorkerStatus {
-                state: WorkerState::Starting,
-                restarts: 0,
-                pid: None,
-                info: None,
-                last_error: None,
-                consecutive_failures: 0,
-            });
-            workers.push(Arc::new(Worker {
-                name: spec.name.clone(),
-                socket: spec.socket.clone(),
-                status: rx,
-            }));
-            tasks.push(tokio::spawn(run_worker(
-                spec,
-                tx,
-                stop_rx.clone(),
-                backoff,
-                liveness,
-            )));
+            // Names are unique in a fresh set.
+            let _ = s.add(spec);
         }
-        Supervisor {
-            workers,
+        s
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts supervising one more worker; refused if the name is taken.
+    pub fn add(&self, spec: WorkerSpec) -> Result<Arc<Worker>, String> {
+        let mut entries = self.lock();
+        if entries.iter().any(|e| e.worker.name == spec.name) {
+            return Err(format!("a worker for {} is already running", spec.name));
+        }
+        let (tx, rx) = watch::channel(WorkerStatus {
+            state: WorkerState::Starting,
+            restarts: 0,
+            pid: None,
+            info: None,
+            last_error: None,
+            consecutive_failures: 0,
+        });
+        let worker = Arc::new(Worker {
+            name: spec.name.clone(),
+            socket: spec.socket.clone(),
+            status: rx,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_worker(spec, tx, stop_rx, self.backoff, self.liveness));
+        entries.push(Entry {
+            worker: worker.clone(),
             stop,
-            tasks,
+            task,
+        });
+        Ok(worker)
+    }
+
+    /// Stops one worker (SIGTERM, grace, SIGKILL) and waits for it; false if unknown.
+    pub async fn remove(&self, name: &str) -> bool {
+        let entry = {
+            let mut entries = self.lock();
+            match entries.iter().position(|e| e.worker.name == name) {
+                Some(i) => entries.remove(i),
+                None => return false,
+            }
+        };
+        let _ = entry.stop.send(true);
+        let _ = entry.task.await;
+        true
+    }
+
+    pub fn workers(&self) -> Vec<Arc<Worker>> {
+        self.lock().iter().map(|e| e.worker.clone()).collect()
+    }
+
+    /// Stops every worker (SIGTERM, grace, SIGKILL), all at once, and waits for them.
+    pub async fn shutdown(&self) {
+        let entries: Vec<Entry> = std::mem::take(&mut *self.lock());
+        for e in &entries {
+            let _ = e.stop.send(true);
         }
-    }
-
-    pub fn workers(&self) -> &[Arc<Worker>] {
-        &self.workers
-    }
-
-    /// Stops every worker (SIGTERM, grace, SIGKILL) and waits for all of them.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        for e in entries {
+            let _ = e.task.await;
         }
     }
 }

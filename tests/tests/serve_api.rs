@@ -61,12 +61,29 @@ impl Server {
         // Keep draining stdout so the daemon never blocks on it.
         std::thread::spawn(move || for _ in lines {});
         let s = Server { guard, dir, port };
+        // Ready: every worker has finished starting (readyz needs only one ready), and
+        // at least one is ready.
         let t0 = Instant::now();
-        while s
-            .curl(&["-o", "/dev/null", "-w", "%{http_code}", &s.url("/readyz")])
-            .0
-            != "200"
-        {
+        loop {
+            let out = appliance()
+                .args(["status", "--json", "--data-dir"])
+                .arg(&s.dir)
+                .output()
+                .unwrap();
+            let settled = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| {
+                    let w = v["workers"].as_array()?.clone();
+                    Some(
+                        w.iter().any(|w| w["state"] == "ready")
+                            && w.iter()
+                                .all(|w| w["state"] != "starting" || w["restarts"] != 0),
+                    )
+                })
+                .unwrap_or(false);
+            if settled {
+                break;
+            }
             assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -252,7 +269,7 @@ fn a_worker_killed_mid_stream_ends_the_stream_cleanly_and_is_restarted() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(
-        s.metric("appliance_worker_restarts_total{model=\"smollm2\"}"),
+        s.metric("appliance_worker_restarts_total{model=\"smollm2\",instance=\"0\"}"),
         Some(1.0)
     );
     let new_workers = children(s.pid());
@@ -666,7 +683,7 @@ fn a_stopped_worker_is_detected_and_replaced() {
     );
     assert!(!alive(victim), "the stopped worker was not reaped");
     assert_eq!(
-        s.metric("appliance_worker_restarts_total{model=\"smollm2\"}"),
+        s.metric("appliance_worker_restarts_total{model=\"smollm2\",instance=\"0\"}"),
         Some(1.0)
     );
 }
@@ -679,7 +696,9 @@ fn a_worker_that_crashes_at_start_backs_off_and_is_reported() {
     let bad_arg = format!("bad={}", bad.display());
     let s = Server::start_with_config("crashloop", &["--model", &bad_arg], Some(FAST_SUPERVISION));
     let t0 = Instant::now();
-    while s.metric("appliance_worker_state{model=\"bad\",state=\"failed\"}") != Some(1.0) {
+    while s.metric("appliance_worker_state{model=\"bad\",instance=\"0\",state=\"failed\"}")
+        != Some(1.0)
+    {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "no crash loop reported"
@@ -687,7 +706,7 @@ fn a_worker_that_crashes_at_start_backs_off_and_is_reported() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let failures = s
-        .metric("appliance_worker_consecutive_failures{model=\"bad\"}")
+        .metric("appliance_worker_consecutive_failures{model=\"bad\",instance=\"0\"}")
         .unwrap();
     assert!(failures >= 3.0, "{failures}");
     // Restart delays doubled: 0.2 s, 0.4 s, 0.8 s ... (capped at 2 s): three failures
@@ -855,7 +874,7 @@ fn placement_and_status() {
     assert!(inv["memory_total"].as_u64().unwrap() > 0 && inv["cpu_threads"].as_u64().unwrap() >= 1);
     assert!(inv["gpus"].as_array().unwrap().is_empty() || inv["gpu_note"].is_null());
     assert_eq!(
-        s.metric("appliance_model_memory_estimate_bytes{model=\"smollm2\",device=\"cpu\"}"),
+        s.metric("appliance_model_memory_estimate_bytes{model=\"smollm2\",instance=\"0\",device=\"cpu\"}"),
         Some(est as f64)
     );
     assert!(s.metric("appliance_memory_available_bytes").unwrap() > 0.0);
@@ -863,5 +882,51 @@ fn placement_and_status() {
     assert!(
         human.contains("smollm2") && human.contains("ready"),
         "{human}"
+    );
+}
+
+/// Two instances of one model: requests are spread by queue depth, and one instance
+/// failing leaves the model served by the other.
+#[test]
+fn instances_share_the_load_and_cover_for_each_other() {
+    let s = Server::start_with_config(
+        "instances",
+        &[],
+        Some(&format!("{FAST_SUPERVISION}\n[instances]\nsmollm2 = 2\n")),
+    );
+    let t0 = Instant::now();
+    while children(s.pid()).len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let key = s.key();
+    // Two long streams at once: one on each instance.
+    let (_a, mut a) = s.stream(&key, LONG_STREAM);
+    let (_b, mut b) = s.stream(&key, LONG_STREAM);
+    for lines in [&mut a, &mut b] {
+        lines.next().unwrap().unwrap();
+    }
+    let v: serde_json::Value = serde_json::from_str(&s.cli(&["status", "--json"])).unwrap();
+    let per: Vec<u64> = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["in_flight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(per, vec![1, 1], "{v}");
+    // Kill instance 0: its stream ends with an error; the model stays served.
+    let victim = worker_of(&s, "smollm2#0");
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    let (out, _) = s.chat(
+        &key,
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#,
+    );
+    assert!(out.contains("\"chat.completion\""), "{out}");
+    assert_eq!(
+        s.metric("appliance_worker_restarts_total{model=\"smollm2\",instance=\"1\"}"),
+        Some(0.0)
     );
 }

@@ -22,6 +22,9 @@ pub struct FileConfig {
     pub models: BTreeMap<String, PathBuf>,
     /// Model name → pinned device ("cpu", "cuda:0"); unpinned models are placed by memory.
     pub devices: BTreeMap<String, String>,
+    /// Model name → worker processes serving it (default 1); requests go to the ready
+    /// one with the fewest in flight.
+    pub instances: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +183,9 @@ pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a
 
 [devices]
 # name = "cuda:0"              # pin a model to a device; others go where memory is free
+
+[instances]
+# name = 2                     # worker processes for a model (throughput); default 1
 "#;
 
 /// Reads `DIR/appliance.toml`, writing the commented default first if there is none.

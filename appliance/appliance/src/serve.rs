@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use appliance_gateway::auth::KeyTable;
-use appliance_gateway::{tls, Gateway, ModelRoute};
+use appliance_gateway::{tls, Gateway, Instance, ModelRoute};
 use appliance_store::Store;
 use appliance_supervisor::placement::{Device, Needs, Placement};
 use appliance_supervisor::{Supervisor, WorkerSpec};
@@ -217,6 +217,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         run_as,
         workers: file.workers.clone(),
         devices: file.devices.clone(),
+        instances: file.instances.clone(),
         store: store.clone(),
     };
     // Placement: each model's memory estimate against what the box has free.
@@ -237,7 +238,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     );
     let mut needs = Vec::new();
     for (name, path) in &models {
-        needs.push(launcher.needs(name, path)?);
+        needs.extend(launcher.needs_all(name, path)?);
     }
     for d in file.devices.keys() {
         if !models.iter().any(|m| &m.0 == d) {
@@ -269,8 +270,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
         changes: tokio::sync::Mutex::new(()),
         drain_timeout,
     });
-    for ((name, path), p) in models.iter().zip(&placements) {
-        daemon.start_model(name, path, p)?;
+    for (name, path) in &models {
+        daemon.start_model(name, path, &placements)?;
     }
 
     // The CLI's channel to the daemon, and a slower safety net for key changes.
@@ -559,10 +560,37 @@ struct Launcher {
     run_as: Option<(u32, u32, String)>,
     workers: config::WorkersSection,
     devices: std::collections::BTreeMap<String, String>,
+    instances: std::collections::BTreeMap<String, u32>,
     store: Store,
 }
 
+/// The supervisor's name for instance `i` of `n` of a model: the model's own name when
+/// it runs once, else `name#i`.
+fn instance_name(model: &str, i: u32, n: u32) -> String {
+    if n <= 1 {
+        model.to_string()
+    } else {
+        format!("{model}#{i}")
+    }
+}
+
 impl Launcher {
+    fn count(&self, model: &str) -> u32 {
+        self.instances.get(model).copied().unwrap_or(1).clamp(1, 64)
+    }
+
+    /// One placement request per instance of a model.
+    fn needs_all(&self, model: &str, path: &Path) -> Result<Vec<Needs>> {
+        let n = self.count(model);
+        let one = self.needs(model, path)?;
+        Ok((0..n)
+            .map(|i| Needs {
+                model: instance_name(model, i, n),
+                ..one.clone()
+            })
+            .collect())
+    }
+
     fn needs(&self, name: &str, path: &Path) -> Result<Needs> {
         let pinned = match self.devices.get(name) {
             Some(d) => Some(
@@ -642,24 +670,28 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Spawns a placed model's worker and routes to it.
-    fn start_model(&self, name: &str, path: &Path, p: &Placement) -> Result<()> {
+    /// Spawns a placed model's workers (one per instance) and routes to them.
+    fn start_model(&self, name: &str, path: &Path, placements: &[Placement]) -> Result<()> {
         self.launcher.grant(path)?;
-        let worker = self
-            .supervisor
-            .add(self.launcher.spec(name, path, p.device)?)
-            .map_err(|e| anyhow::anyhow!(e))?;
-        self.gateway.add_model(Arc::new(ModelRoute::new(
-            name.to_string(),
-            worker,
-            p.device.to_string(),
-            p.bytes,
-        )));
-        log::info!(
-            "placement: {name} on {} ({:.2} GiB estimated)",
-            p.device,
-            p.bytes as f64 / (1u64 << 30) as f64
-        );
+        let n = self.launcher.count(name);
+        let mut instances = Vec::new();
+        for i in 0..n {
+            let iname = instance_name(name, i, n);
+            let p = placements
+                .iter()
+                .find(|p| p.model == iname)
+                .with_context(|| format!("no placement for {iname}"))?;
+            let spec = self.launcher.spec(&iname, path, p.device)?;
+            let worker = self.supervisor.add(spec).map_err(|e| anyhow::anyhow!(e))?;
+            log::info!(
+                "placement: {iname} on {} ({:.2} GiB estimated)",
+                p.device,
+                p.bytes as f64 / (1u64 << 30) as f64
+            );
+            instances.push(Instance::new(worker, p.device.to_string(), p.bytes));
+        }
+        self.gateway
+            .add_model(Arc::new(ModelRoute::new(name.to_string(), instances)));
         Ok(())
     }
 
@@ -681,35 +713,35 @@ impl Daemon {
         // Loaded models will grow to their estimate; what they use now is already gone
         // from the available memory, so reserve the rest.
         for r in self.gateway.models() {
-            let rss = r.worker.status().pid.map(rss_bytes).unwrap_or(0);
-            let rest = r.estimate.saturating_sub(rss);
-            if r.device == "cpu" {
-                inv.memory_available = inv.memory_available.saturating_sub(rest);
-            } else if let Ok(Device::Cuda(i)) = r.device.parse::<Device>() {
-                if let Some(g) = inv.gpus.iter_mut().find(|g| g.index == i) {
-                    g.memory_used = g.memory_used.saturating_add(rest);
+            for inst in &r.instances {
+                let rss = inst.worker.status().pid.map(rss_bytes).unwrap_or(0);
+                let rest = inst.estimate.saturating_sub(rss);
+                if inst.device == "cpu" {
+                    inv.memory_available = inv.memory_available.saturating_sub(rest);
+                } else if let Ok(Device::Cuda(i)) = inst.device.parse::<Device>() {
+                    if let Some(g) = inv.gpus.iter_mut().find(|g| g.index == i) {
+                        g.memory_used = g.memory_used.saturating_add(rest);
+                    }
                 }
             }
         }
-        let needs = self.launcher.needs(name, &path)?;
-        let p = appliance_supervisor::placement::place(&[needs], &inv, cfg!(feature = "cuda"))
-            .map_err(|e| anyhow::anyhow!(e))?
-            .remove(0);
-        self.start_model(name, &path, &p)?;
-        let ready = match self.gateway.model(name) {
-            Some(r) => {
-                r.worker
-                    .wait_ready(Duration::from_secs(
-                        self.launcher.workers.ready_timeout_secs,
-                    ))
-                    .await
+        let needs = self.launcher.needs_all(name, &path)?;
+        let placed = appliance_supervisor::placement::place(&needs, &inv, cfg!(feature = "cuda"))
+            .map_err(|e| anyhow::anyhow!(e))?;
+        self.start_model(name, &path, &placed)?;
+        let timeout = Duration::from_secs(self.launcher.workers.ready_timeout_secs);
+        let mut ready = true;
+        if let Some(r) = self.gateway.model(name) {
+            for inst in &r.instances {
+                ready &= inst.worker.wait_ready(timeout).await;
             }
-            None => false,
-        };
+        }
+        let where_: Vec<String> = placed.iter().map(|p| p.device.to_string()).collect();
+        let bytes: u64 = placed.iter().map(|p| p.bytes).sum();
         Ok(format!(
             "loaded {name} on {} ({:.2} GiB estimated){}",
-            p.device,
-            p.bytes as f64 / (1u64 << 30) as f64,
+            where_.join(", "),
+            bytes as f64 / (1u64 << 30) as f64,
             if ready {
                 ""
             } else {
@@ -732,7 +764,9 @@ impl Daemon {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.supervisor.remove(name).await;
+        for inst in &route.instances {
+            self.supervisor.remove(&inst.worker.name).await;
+        }
         log::info!("unloaded {name}");
         Ok(format!("unloaded {name}"))
     }

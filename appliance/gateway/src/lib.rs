@@ -15,4 +15,4 @@ pub mod openai;
 pub mod server;
 pub mod tls;
 
-pub use server::{Gateway, GatewayConfig, ModelRoute};
+pub use server::{Gateway, GatewayConfig, Instance, ModelRoute};

@@ -53,15 +53,15 @@ pub struct Snapshot {
     pub in_flight: u64,
     /// (model, requests at the gateway waiting or running)
     pub queue_depth: Vec<(String, u64)>,
-    /// (model, state name, 1 if in that state)
-    pub worker_states: Vec<(String, &'static str, u8)>,
-    pub worker_restarts: Vec<(String, u64)>,
-    /// (model, failures in a row)
-    pub worker_failures: Vec<(String, u64)>,
+    /// ((model, instance), state name, 1 if in that state)
+    pub worker_states: Vec<((String, usize), &'static str, u8)>,
+    pub worker_restarts: Vec<((String, usize), u64)>,
+    /// ((model, instance), failures in a row)
+    pub worker_failures: Vec<((String, usize), u64)>,
     pub keys: u64,
     pub draining: bool,
-    /// (model, device, estimated bytes)
-    pub placements: Vec<(String, String, u64)>,
+    /// ((model, instance), device, estimated bytes)
+    pub placements: Vec<((String, usize), String, u64)>,
     pub inventory: Option<appliance_supervisor::inventory::Inventory>,
 }
 
@@ -183,37 +183,37 @@ impl Metrics {
         }
         out.push_str("# HELP appliance_worker_state 1 for the state each model's worker is in.\n");
         out.push_str("# TYPE appliance_worker_state gauge\n");
-        for (model, state, v) in &s.worker_states {
+        for ((model, i), state, v) in &s.worker_states {
             let _ = writeln!(
                 out,
-                "appliance_worker_state{{model=\"{}\",state=\"{state}\"}} {v}",
+                "appliance_worker_state{{model=\"{}\",instance=\"{i}\",state=\"{state}\"}} {v}",
                 esc(model)
             );
         }
         out.push_str("# HELP appliance_worker_restarts_total Worker restarts after a crash or failed start.\n");
         out.push_str("# TYPE appliance_worker_restarts_total counter\n");
-        for (model, n) in &s.worker_restarts {
+        for ((model, i), n) in &s.worker_restarts {
             let _ = writeln!(
                 out,
-                "appliance_worker_restarts_total{{model=\"{}\"}} {n}",
+                "appliance_worker_restarts_total{{model=\"{}\",instance=\"{i}\"}} {n}",
                 esc(model)
             );
         }
         out.push_str("# HELP appliance_worker_consecutive_failures Failures in a row; the worker state is failed (a crash loop) past a threshold.\n");
         out.push_str("# TYPE appliance_worker_consecutive_failures gauge\n");
-        for (model, n) in &s.worker_failures {
+        for ((model, i), n) in &s.worker_failures {
             let _ = writeln!(
                 out,
-                "appliance_worker_consecutive_failures{{model=\"{}\"}} {n}",
+                "appliance_worker_consecutive_failures{{model=\"{}\",instance=\"{i}\"}} {n}",
                 esc(model)
             );
         }
         out.push_str("# HELP appliance_model_memory_estimate_bytes Memory placement reserved for each model, by device.\n");
         out.push_str("# TYPE appliance_model_memory_estimate_bytes gauge\n");
-        for (model, device, bytes) in &s.placements {
+        for ((model, i), device, bytes) in &s.placements {
             let _ = writeln!(
                 out,
-                "appliance_model_memory_estimate_bytes{{model=\"{}\",device=\"{device}\"}} {bytes}",
+                "appliance_model_memory_estimate_bytes{{model=\"{}\",instance=\"{i}\",device=\"{device}\"}} {bytes}",
                 esc(model)
             );
         }

@@ -513,15 +513,16 @@ async fn run(
     if !key.may_use(&g.model) {
         return Err(ApiError::ModelNotAllowed(g.model.clone()));
     }
-    if !route.worker.is_ready() {
+    if !route.is_ready() {
         return Err(ApiError::NotReady(g.model.clone()));
     }
-    let slot = route
-        .try_slot(gw.cfg.queue_per_model)
-        .ok_or_else(|| ApiError::Overloaded {
-            model: g.model.clone(),
-            retry_after: Duration::from_secs(2),
-        })?;
+    let overloaded = || ApiError::Overloaded {
+        model: g.model.clone(),
+        retry_after: Duration::from_secs(2),
+    };
+    let mut slot = route
+        .try_slot(gw.cfg.queue_per_model, &[])
+        .ok_or_else(overloaded)?;
     // Limits last: a request refused for another reason costs the key nothing.
     let (permit, _rate) = key
         .limiter
@@ -529,10 +530,20 @@ async fn run(
         .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
     let in_flight = gw.enter();
     let mut hard_stop = gw.hard_stop.subscribe();
+    // An instance that died a moment ago may still look ready: try the others.
+    let mut tried = vec![];
+    let mut conn = loop {
+        match WorkerConn::connect(&slot.instance().worker.socket).await {
+            Ok(c) => break c,
+            Err(_) => {
+                tried.push(slot.index());
+                slot = route
+                    .try_slot(gw.cfg.queue_per_model, &tried)
+                    .ok_or_else(|| ApiError::NotReady(g.model.clone()))?;
+            }
+        }
+    };
     let start = async {
-        let mut conn = WorkerConn::connect(&route.worker.socket)
-            .await
-            .map_err(|_| ApiError::NotReady(g.model.clone()))?;
         conn.send(Op::Generate {
             request_id: Some(ctx.id.clone()),
             prompt: g.prompt.clone(),

@@ -83,46 +83,101 @@ impl Default for GatewayConfig {
     }
 }
 
-/// A model the API serves, and its gateway-side queue.
+/// One worker process serving a model, where placement put it.
+#[derive(Debug)]
+pub struct Instance {
+    pub worker: Arc<Worker>,
+    /// "cpu", "cuda:0".
+    pub device: String,
+    /// Placement's memory estimate in bytes.
+    pub estimate: u64,
+    /// Requests admitted to this instance and not finished.
+    pub in_flight: AtomicUsize,
+}
+
+impl Instance {
+    pub fn new(worker: Arc<Worker>, device: String, estimate: u64) -> Instance {
+        Instance {
+            worker,
+            device,
+            estimate,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// A model the API serves: one or more instances, and its gateway-side queue.
 #[derive(Debug)]
 pub struct ModelRoute {
     pub name: String,
-    pub worker: Arc<Worker>,
+    pub instances: Vec<Instance>,
     pub created: u64,
+    /// Requests admitted for the model (all instances) and not finished.
     pub in_flight: AtomicUsize,
-    /// Where placement put it ("cpu", "cuda:0") and its memory estimate in bytes.
-    pub device: String,
-    pub estimate: u64,
 }
 
-/// Releases a model queue slot when dropped.
-pub(crate) struct Slot(Arc<ModelRoute>);
+/// A queue slot on one instance; released when dropped.
+pub(crate) struct Slot(Arc<ModelRoute>, usize);
+
+impl Slot {
+    pub fn instance(&self) -> &Instance {
+        &self.0.instances[self.1]
+    }
+
+    pub fn index(&self) -> usize {
+        self.1
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.instances[self.1]
+            .in_flight
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl ModelRoute {
-    pub fn new(name: String, worker: Arc<Worker>, device: String, estimate: u64) -> ModelRoute {
+    pub fn new(name: String, instances: Vec<Instance>) -> ModelRoute {
         ModelRoute {
             name,
-            worker,
+            instances,
             created: unix_now() as u64,
             in_flight: AtomicUsize::new(0),
-            device,
-            estimate,
         }
     }
 
-    pub(crate) fn try_slot(self: &Arc<Self>, max: usize) -> Option<Slot> {
+    pub fn is_ready(&self) -> bool {
+        self.instances.iter().any(|i| i.worker.is_ready())
+    }
+
+    /// A slot on the ready instance with the fewest requests (not one in `skip`), if the
+    /// model's queue (`max` per instance) has room.
+    pub(crate) fn try_slot(self: &Arc<Self>, max: usize, skip: &[usize]) -> Option<Slot> {
+        let cap = max * self.instances.len();
         self.in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
+                (n < cap).then_some(n + 1)
             })
-            .ok()
-            .map(|_| Slot(self.clone()))
+            .ok()?;
+        let best = self
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(k, i)| i.worker.is_ready() && !skip.contains(k))
+            .min_by_key(|(_, i)| i.in_flight.load(Ordering::Acquire))
+            .map(|(k, _)| k);
+        match best {
+            Some(k) => {
+                self.instances[k].in_flight.fetch_add(1, Ordering::AcqRel);
+                Some(Slot(self.clone(), k))
+            }
+            None => {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        }
     }
 }
 
@@ -343,24 +398,24 @@ impl Gateway {
 
     /// Workers and hardware, for the CLI (`appliance status`) and the console.
     pub fn status(&self) -> serde_json::Value {
-        let workers: Vec<_> = self
-            .models()
-            .iter()
-            .map(|m| {
-                let st = m.worker.status();
-                serde_json::json!({
+        let mut workers = Vec::new();
+        for m in self.models() {
+            for (k, inst) in m.instances.iter().enumerate() {
+                let st = inst.worker.status();
+                workers.push(serde_json::json!({
                     "model": m.name,
+                    "instance": k,
                     "state": st.state.as_str(),
                     "pid": st.pid,
                     "restarts": st.restarts,
                     "consecutive_failures": st.consecutive_failures,
                     "last_error": st.last_error,
-                    "device": m.device,
-                    "estimate_bytes": m.estimate,
-                    "in_flight": m.in_flight.load(Ordering::Acquire),
-                })
-            })
-            .collect();
+                    "device": inst.device,
+                    "estimate_bytes": inst.estimate,
+                    "in_flight": inst.in_flight.load(Ordering::Acquire),
+                }));
+            }
+        }
         serde_json::json!({
             "draining": self.is_draining(),
             "in_flight": self.in_flight(),
@@ -382,18 +437,20 @@ impl Gateway {
             ..Default::default()
         };
         for m in &self.models() {
-            let st = m.worker.status();
             s.queue_depth
                 .push((m.name.clone(), m.in_flight.load(Ordering::Acquire) as u64));
-            for state in appliance_supervisor::WorkerState::ALL {
-                s.worker_states
-                    .push((m.name.clone(), state.as_str(), u8::from(st.state == state)));
+            for (k, inst) in m.instances.iter().enumerate() {
+                let st = inst.worker.status();
+                let id = (m.name.clone(), k);
+                for state in appliance_supervisor::WorkerState::ALL {
+                    s.worker_states
+                        .push((id.clone(), state.as_str(), u8::from(st.state == state)));
+                }
+                s.worker_restarts.push((id.clone(), st.restarts));
+                s.worker_failures
+                    .push((id.clone(), st.consecutive_failures as u64));
+                s.placements.push((id, inst.device.clone(), inst.estimate));
             }
-            s.worker_restarts.push((m.name.clone(), st.restarts));
-            s.placements
-                .push((m.name.clone(), m.device.clone(), m.estimate));
-            s.worker_failures
-                .push((m.name.clone(), st.consecutive_failures as u64));
         }
         s
     }
@@ -492,7 +549,7 @@ impl Gateway {
                 let models = self.models();
                 let ready: Vec<&str> = models
                     .iter()
-                    .filter(|m| m.worker.is_ready())
+                    .filter(|m| m.is_ready())
                     .map(|m| m.name.as_str())
                     .collect();
                 let ok = !ready.is_empty() && !self.is_draining();

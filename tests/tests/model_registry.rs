@@ -411,6 +411,64 @@ fn import_checks_hash_signature_and_trust_and_leaves_nothing_behind() {
         "{}",
         err(&o)
     );
+    // The same through the HTTPS admin API, with an admin key (and only with one).
+    let admin = {
+        let o = run(&data, &["key", "create", "--tenant", "acme", "--admin"]);
+        assert!(o.status.success(), "{}", err(&o));
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let http = |method: &str, path: &str, key: &str| -> (u16, serde_json::Value) {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--noproxy",
+                "*",
+                "-X",
+                method,
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+            ])
+            .arg(data.join("tls/cert.pem"))
+            .args(["-H", &format!("Authorization: Bearer {key}")])
+            .arg(format!("{}{path}", base.trim_end_matches("/v1")))
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (
+            code.parse().unwrap(),
+            serde_json::from_str(body).unwrap_or_default(),
+        )
+    };
+    let (code, status) = http("GET", "/admin/v1/status", &admin);
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["workers"][0]["model"], "smol");
+    assert!(status["inventory"]["memory_total"].as_u64().unwrap() > 0);
+    let (code, body) = http("GET", "/admin/v1/status", &key);
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (403, Some("wrong_key_scope"))
+    );
+    let (code, body) = http("GET", "/v1/models", &admin);
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (403, Some("wrong_key_scope"))
+    );
+    let (code, body) = http("POST", "/admin/v1/models/bare/load", &admin);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(api_models(), vec!["bare", "smol"]);
+    let (code, _) = http("POST", "/admin/v1/models/bare/load", &admin);
+    assert_eq!(code, 409);
+    let (code, _) = http("POST", "/admin/v1/models/nope/load", &admin);
+    assert_eq!(code, 404);
+    let (code, _) = http("POST", "/admin/v1/models/bare/unload", &key);
+    assert_eq!(code, 403);
+    let (code, body) = http("POST", "/admin/v1/models/bare/unload", &admin);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(api_models(), vec!["smol"]);
+    let (code, _) = http("POST", "/admin/v1/models/bare/unload", &admin);
+    assert_eq!(code, 409);
     assert!(run(&data, &["model", "remove", "bare"]).status.success());
     Command::new("kill")
         .args(["-TERM", &daemon.0.id().to_string()])

@@ -53,6 +53,9 @@ pub enum KeyCmd {
         /// A note for the listing (e.g. the application using it).
         #[arg(long)]
         label: Option<String>,
+        /// An admin key: the admin API only (status, model load/unload), no inference.
+        #[arg(long, conflicts_with_all = ["models", "rpm", "tpm", "max_concurrency"])]
+        admin: bool,
         #[command(flatten)]
         data: DataDir,
     },
@@ -149,6 +152,7 @@ fn key_json(k: &KeyRecord, now: i64) -> serde_json::Value {
         "max_concurrency": k.max_concurrency,
         "replaced_by": k.replaced_by,
         "label": k.label,
+        "scope": k.scope,
     })
 }
 
@@ -180,6 +184,7 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                 tpm,
                 max_concurrency,
                 label,
+                admin,
                 data,
             } => {
                 let models = models.map(|m| m.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>());
@@ -206,6 +211,7 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                             tpm: limit(tpm, "tpm")?,
                             max_concurrency: limit(max_concurrency, "max-concurrency")?,
                             label,
+                            scope: if admin { "admin" } else { "inference" }.into(),
                         },
                         t,
                     )
@@ -228,8 +234,8 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
                     println!(
-                        "{:<16}  {:<16}  {:<8}  {:<10}  {:<10}  {:<20}  LIMITS",
-                        "ID", "TENANT", "STATUS", "CREATED", "EXPIRES", "MODELS"
+                        "{:<16}  {:<16}  {:<9}  {:<8}  {:<10}  {:<10}  {:<20}  LIMITS",
+                        "ID", "TENANT", "SCOPE", "STATUS", "CREATED", "EXPIRES", "MODELS"
                     );
                     for k in &ks {
                         let limits = [
@@ -242,9 +248,10 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(" ");
                         println!(
-                            "{:<16}  {:<16}  {:<8}  {:<10}  {:<10}  {:<20}  {}",
+                            "{:<16}  {:<16}  {:<9}  {:<8}  {:<10}  {:<10}  {:<20}  {}",
                             k.id,
                             k.tenant,
+                            k.scope,
                             k.status(t),
                             when(Some(k.created_at), t),
                             when(k.expires_at, t),
@@ -285,6 +292,7 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                     tpm: old.tpm,
                     max_concurrency: old.max_concurrency,
                     label: old.label.clone(),
+                    scope: old.scope.clone(),
                 };
                 let rec = store.rotate_key(&id, &new, t + grace.as_secs() as i64, t).await?;
                 notify_keys_changed(&dir).await;

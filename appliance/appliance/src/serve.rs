@@ -273,6 +273,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     for (name, path) in &models {
         daemon.start_model(name, path, &placements)?;
     }
+    gateway.set_admin(Arc::new(AdminLink(daemon.clone())));
 
     // The CLI's channel to the daemon, and a slower safety net for key changes.
     let control = control_listener(&dir)?;
@@ -769,6 +770,33 @@ impl Daemon {
         }
         log::info!("unloaded {name}");
         Ok(format!("unloaded {name}"))
+    }
+}
+
+/// The admin API's handle on the daemon's model set.
+struct AdminLink(Arc<Daemon>);
+
+fn admin_error(e: anyhow::Error) -> appliance_gateway::admin::AdminError {
+    use appliance_gateway::admin::AdminError;
+    let m = format!("{e:#}");
+    if m.contains("no model named") {
+        AdminError::NotFound(m)
+    } else if m.contains("already loaded") || m.contains("is not loaded") {
+        AdminError::Conflict(m)
+    } else {
+        AdminError::Failed(m)
+    }
+}
+
+impl appliance_gateway::admin::AdminOps for AdminLink {
+    fn load(&self, model: String) -> appliance_gateway::admin::AdminFuture {
+        let d = self.0.clone();
+        Box::pin(async move { d.load(&model).await.map_err(admin_error) })
+    }
+
+    fn unload(&self, model: String) -> appliance_gateway::admin::AdminFuture {
+        let d = self.0.clone();
+        Box::pin(async move { d.unload(&model).await.map_err(admin_error) })
     }
 }
 

@@ -23,6 +23,8 @@ pub struct KeyEntry {
     pub models: Option<Vec<String>>,
     pub limits: Limits,
     pub limiter: Arc<Limiter>,
+    /// An admin key: the admin API only.
+    pub admin: bool,
 }
 
 impl KeyEntry {
@@ -76,6 +78,7 @@ impl KeyTable {
             secret_sha256: r.secret_sha256,
             expires_at: r.expires_at,
             revoked: r.revoked_at.is_some(),
+            admin: r.scope == "admin",
             models: r.models,
             limiter,
         }

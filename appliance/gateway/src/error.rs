@@ -49,6 +49,12 @@ pub enum ApiError {
     Draining,
     /// 500: the worker failed.
     Worker(String),
+    /// 403: an admin key on the inference API, or an inference key on the admin API.
+    WrongScope(&'static str),
+    /// 409: an admin action that conflicts with the current state.
+    Conflict(String),
+    /// 500: an admin action failed.
+    AdminFailed(String),
 }
 
 impl ApiError {
@@ -76,7 +82,9 @@ impl ApiError {
             ApiError::Overloaded { .. } | ApiError::NotReady(_) | ApiError::Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Worker(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Worker(_) | ApiError::AdminFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::WrongScope(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -225,6 +233,16 @@ impl ApiError {
                 None,
                 format!("The model worker failed: {m}"),
             ),
+            ApiError::WrongScope(m) => (
+                "permission_error",
+                Some("wrong_key_scope"),
+                None,
+                m.to_string(),
+            ),
+            ApiError::Conflict(m) => ("invalid_request_error", Some("conflict"), None, m.clone()),
+            ApiError::AdminFailed(m) => {
+                ("server_error", Some("admin_action_failed"), None, m.clone())
+            }
         };
         ErrorBody {
             error: ErrorDetail {

@@ -5,6 +5,7 @@
 //! (`error.rs`). It knows nothing of SQL (the store does), of processes (the supervisor
 //! does) or of inference (the workers do). It never logs or stores request content.
 
+pub mod admin;
 pub mod auth;
 mod conn;
 pub mod error;

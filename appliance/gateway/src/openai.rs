@@ -458,6 +458,15 @@ async fn generate<T: DeserializeOwned>(
     } else {
         gw.authenticate(&parts.headers, ctx)
     };
+    let admitted = admitted.and_then(|k| {
+        if k.admin {
+            Err(ApiError::WrongScope(
+                "Admin keys are for the admin API; use an inference key.",
+            ))
+        } else {
+            Ok(k)
+        }
+    });
     let key = match admitted {
         Ok(k) => k,
         Err(e) => {

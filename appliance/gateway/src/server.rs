@@ -200,6 +200,7 @@ pub struct Gateway {
     pub(crate) hard_stop: watch::Sender<bool>,
     request_prefix: String,
     request_counter: AtomicU64,
+    admin: std::sync::OnceLock<Arc<dyn crate::admin::AdminOps>>,
 }
 
 pub fn unix_now() -> i64 {
@@ -316,6 +317,12 @@ fn route_of(path: &str) -> &'static str {
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
+        "/admin/v1/status" => "/admin/v1/status",
+        p if p.starts_with("/admin/v1/models/")
+            && (p.ends_with("/load") || p.ends_with("/unload")) =>
+        {
+            "/admin/v1/models/{id}/{action}"
+        }
         _ => "other",
     }
 }
@@ -337,11 +344,31 @@ impl Gateway {
             hard_stop,
             request_prefix: crate::keys::random_hex::<4>(),
             request_counter: AtomicU64::new(0),
+            admin: std::sync::OnceLock::new(),
         })
     }
 
     pub fn keys(&self) -> &Arc<KeyTable> {
         &self.keys
+    }
+
+    /// Connects the admin API to the daemon's model set.
+    pub fn set_admin(&self, ops: Arc<dyn crate::admin::AdminOps>) {
+        let _ = self.admin.set(ops);
+    }
+
+    fn authenticate_admin(
+        &self,
+        headers: &http::HeaderMap,
+        ctx: &mut ReqCtx,
+    ) -> Result<Arc<KeyEntry>, ApiError> {
+        let key = self.authenticate(headers, ctx)?;
+        if !key.admin {
+            return Err(ApiError::WrongScope(
+                "This endpoint needs an admin key (appliance key create --admin).",
+            ));
+        }
+        Ok(key)
     }
 
     /// The models served now.
@@ -575,8 +602,51 @@ impl Gateway {
                 .unwrap_or_else(|_| Response::new(Body::Full(None)));
                 Ok(Reply::Done(r))
             }
+            ("/admin/v1/status", &Method::GET) => {
+                self.authenticate_admin(req.headers(), ctx)?;
+                Ok(Reply::Done(json_response(
+                    StatusCode::OK,
+                    &self.status(),
+                    &ctx.id,
+                )))
+            }
+            ("/admin/v1/models/{id}/{action}", &Method::POST) => {
+                let (parts, body) = req.into_parts();
+                let _ = self.read_body(&parts.headers, body, false).await;
+                self.authenticate_admin(&parts.headers, ctx)?;
+                let rest = &path["/admin/v1/models/".len()..];
+                let (name, action) = rest.rsplit_once('/').unwrap_or((rest, ""));
+                ctx.model = Some(crate::openai::loggable(name));
+                let ops = self
+                    .admin
+                    .get()
+                    .ok_or_else(|| ApiError::AdminFailed("the admin API is not connected".into()))?
+                    .clone();
+                let result = match action {
+                    "load" => ops.load(name.to_string()).await,
+                    _ => ops.unload(name.to_string()).await,
+                };
+                log::info!(target: "admin", "{} {action} {name} by key {}: {result:?}", ctx.id, ctx.key.as_deref().unwrap_or("-"));
+                match result {
+                    Ok(message) => Ok(Reply::Done(json_response(
+                        StatusCode::OK,
+                        &serde_json::json!({"model": name, "action": action, "message": message}),
+                        &ctx.id,
+                    ))),
+                    Err(crate::admin::AdminError::NotFound(_)) => {
+                        Err(ApiError::ModelNotFound(name.to_string()))
+                    }
+                    Err(crate::admin::AdminError::Conflict(m)) => Err(ApiError::Conflict(m)),
+                    Err(crate::admin::AdminError::Failed(m)) => Err(ApiError::AdminFailed(m)),
+                }
+            }
             ("/v1/models", &Method::GET) => {
                 let key = self.authenticate(req.headers(), ctx)?;
+                if key.admin {
+                    return Err(ApiError::WrongScope(
+                        "Admin keys are for the admin API; use an inference key.",
+                    ));
+                }
                 Ok(Reply::Done(json_response(
                     StatusCode::OK,
                     &self.model_list(&key),
@@ -585,6 +655,11 @@ impl Gateway {
             }
             ("/v1/models/{id}", &Method::GET) => {
                 let key = self.authenticate(req.headers(), ctx)?;
+                if key.admin {
+                    return Err(ApiError::WrongScope(
+                        "Admin keys are for the admin API; use an inference key.",
+                    ));
+                }
                 let name = &path["/v1/models/".len()..];
                 ctx.model = Some(crate::openai::loggable(name));
                 let m = self

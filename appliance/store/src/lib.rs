@@ -58,6 +58,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "model registry",
         include_str!("../migrations/0002_models.sql"),
     ),
+    (
+        3,
+        "key scopes",
+        include_str!("../migrations/0003_key_scope.sql"),
+    ),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +89,8 @@ pub struct KeyRecord {
     pub max_concurrency: Option<u32>,
     pub replaced_by: Option<String>,
     pub label: Option<String>,
+    /// "inference" or "admin".
+    pub scope: String,
 }
 
 impl KeyRecord {
@@ -111,6 +118,8 @@ pub struct NewKey {
     pub tpm: Option<u32>,
     pub max_concurrency: Option<u32>,
     pub label: Option<String>,
+    /// "inference" or "admin".
+    pub scope: String,
 }
 
 /// A model in the registry.
@@ -274,8 +283,8 @@ impl Store {
     ) -> Result<()> {
         sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, secret_sha256, created_at, expires_at, models,
-                                   rpm, tpm, max_concurrency, label)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   rpm, tpm, max_concurrency, label, scope)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&k.id)
         .bind(tenant_id)
@@ -287,6 +296,11 @@ impl Store {
         .bind(k.tpm.map(i64::from))
         .bind(k.max_concurrency.map(i64::from))
         .bind(&k.label)
+        .bind(if k.scope.is_empty() {
+            "inference"
+        } else {
+            k.scope.as_str()
+        })
         .execute(tx)
         .await?;
         Ok(())
@@ -332,6 +346,7 @@ impl Store {
             max_concurrency: u32_of(10),
             replaced_by: r.get(11),
             label: r.get(12),
+            scope: r.get(13),
         }
     }
 
@@ -510,20 +525,23 @@ impl Store {
 // sqlx takes `&'static str` queries; these are the key queries spelled out once.
 fn const_format_key_by_id() -> &'static str {
     "SELECT k.id, k.tenant_id, t.name, k.secret_sha256, k.created_at, k.expires_at,
-            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label
+            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label,
+            k.scope
      FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.id = ?"
 }
 
 fn const_format_keys_of_tenant() -> &'static str {
     "SELECT k.id, k.tenant_id, t.name, k.secret_sha256, k.created_at, k.expires_at,
-            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label
+            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label,
+            k.scope
      FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE t.name = ?
      ORDER BY k.created_at, k.id"
 }
 
 fn const_format_all_keys() -> &'static str {
     "SELECT k.id, k.tenant_id, t.name, k.secret_sha256, k.created_at, k.expires_at,
-            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label
+            k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label,
+            k.scope
      FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
      ORDER BY k.created_at, k.id"
 }
@@ -554,7 +572,7 @@ mod tests {
     async fn tenants_keys_revoke_rotate() {
         let path = tmp("basic");
         let s = Store::open(&path).await.unwrap();
-        assert_eq!(s.schema_version().await.unwrap(), 2);
+        assert_eq!(s.schema_version().await.unwrap(), 3);
         s.create_tenant("acme", 100).await.unwrap();
         assert!(matches!(
             s.create_tenant("acme", 101).await,

@@ -113,6 +113,9 @@ pub struct WorkersSection {
     pub user: Option<String>,
     /// RLIMIT_NOFILE of each worker.
     pub max_open_files: u64,
+    /// A cgroup v2 memory limit per worker (placement's estimate + 25%), where the host
+    /// delegates the memory controller to the daemon.
+    pub memory_limit: bool,
 }
 
 impl Default for WorkersSection {
@@ -131,6 +134,7 @@ impl Default for WorkersSection {
             health_misses: 2,
             user: None,
             max_open_files: 1024,
+            memory_limit: true,
         }
     }
 }
@@ -177,6 +181,7 @@ pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a
 # health_misses = 2                   #   interval + misses * (interval + timeout)
 # user = "appliance-worker"           # workers' user when the daemon runs as root
 # max_open_files = 1024               # per worker; core dumps are always off
+# memory_limit = true                 # cgroup v2 memory.max per worker, where delegated
 
 [models]
 # name = "path/to/model.gguf"  # relative paths are relative to the data directory

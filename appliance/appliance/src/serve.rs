@@ -255,7 +255,16 @@ async fn serve(a: ServeArgs) -> Result<()> {
         file.workers.backoff().base,
         file.workers.backoff().max
     );
-    let supervisor = Supervisor::start(vec![], file.workers.backoff(), liveness);
+    let mut supervisor = Supervisor::start(vec![], file.workers.backoff(), liveness);
+    if file.workers.memory_limit {
+        match appliance_supervisor::cgroup::Cgroups::detect() {
+            Ok(cg) => {
+                log::info!("workers get a cgroup v2 memory limit (placement's estimate + 25%)");
+                supervisor.set_cgroups(Some(cg));
+            }
+            Err(why) => log::info!("no per-worker memory limit: {why}"),
+        }
+    }
     let mut gcfg = file.gateway();
     gcfg.data_dir = Some(dir.clone());
     if let Some(t) = a.drain_timeout {
@@ -656,6 +665,7 @@ impl Launcher {
             extra_args: extra,
             grace: Duration::from_secs(w.grace_secs + 5),
             ready_timeout: Duration::from_secs(w.ready_timeout_secs),
+            memory_limit: None,
         })
     }
 }
@@ -682,7 +692,10 @@ impl Daemon {
                 .iter()
                 .find(|p| p.model == iname)
                 .with_context(|| format!("no placement for {iname}"))?;
-            let spec = self.launcher.spec(&iname, path, p.device)?;
+            let mut spec = self.launcher.spec(&iname, path, p.device)?;
+            if p.device == Device::Cpu && p.bytes > 0 {
+                spec.memory_limit = Some(p.bytes + p.bytes / 4 + (256 << 20));
+            }
             let worker = self.supervisor.add(spec).map_err(|e| anyhow::anyhow!(e))?;
             log::info!(
                 "placement: {iname} on {} ({:.2} GiB estimated)",

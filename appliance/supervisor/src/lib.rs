@@ -11,6 +11,7 @@
 //! This crate is the only one that spawns processes. It knows nothing of HTTP, tenants
 //! or policy.
 
+pub mod cgroup;
 pub mod client;
 pub mod inventory;
 pub mod placement;
@@ -45,6 +46,8 @@ pub struct WorkerSpec {
     pub grace: Duration,
     /// Time a starting worker gets to answer `hello`.
     pub ready_timeout: Duration,
+    /// A cgroup v2 memory limit in bytes, applied where the host offers cgroups.
+    pub memory_limit: Option<u64>,
 }
 
 /// Restart back-off: `base · 2^(n-1)` after the n-th consecutive failure, at most `max`;
@@ -189,6 +192,7 @@ pub struct Supervisor {
     entries: std::sync::Mutex<Vec<Entry>>,
     backoff: Backoff,
     liveness: Liveness,
+    cgroups: Option<cgroup::Cgroups>,
 }
 
 impl Supervisor {
@@ -198,12 +202,18 @@ impl Supervisor {
             entries: std::sync::Mutex::new(Vec::new()),
             backoff,
             liveness,
+            cgroups: None,
         };
         for spec in specs {
             // Names are unique in a fresh set.
             let _ = s.add(spec);
         }
         s
+    }
+
+    /// Workers started from now on get their memory limit through these cgroups.
+    pub fn set_cgroups(&mut self, cgroups: Option<cgroup::Cgroups>) {
+        self.cgroups = cgroups;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
@@ -230,7 +240,14 @@ impl Supervisor {
             status: rx,
         });
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run_worker(spec, tx, stop_rx, self.backoff, self.liveness));
+        let task = tokio::spawn(run_worker(
+            spec,
+            tx,
+            stop_rx,
+            self.backoff,
+            self.liveness,
+            self.cgroups.clone(),
+        ));
         entries.push(Entry {
             worker: worker.clone(),
             stop,
@@ -281,6 +298,7 @@ async fn run_worker(
     mut stop: watch::Receiver<bool>,
     backoff: Backoff,
     liveness: Liveness,
+    cgroups: Option<cgroup::Cgroups>,
 ) {
     let mut failures = 0u32;
     loop {
@@ -311,6 +329,11 @@ async fn run_worker(
             Ok(mut child) => {
                 let pid = child.id();
                 status.send_modify(|s| s.pid = pid);
+                if let (Some(cg), Some(limit), Some(pid)) = (&cgroups, spec.memory_limit, pid) {
+                    if let Err(e) = cg.limit(&spec.name, pid, limit) {
+                        log::warn!("worker {}: no memory limit: {e}", spec.name);
+                    }
+                }
                 log::info!("worker {}: started (pid {})", spec.name, pid.unwrap_or(0));
                 match supervise(&spec, &mut child, &status, &mut stop, &backoff, &liveness).await {
                     Outcome::Stopped => {
@@ -367,6 +390,9 @@ async fn run_worker(
         s.state = WorkerState::Stopped;
         s.pid = None;
     });
+    if let Some(cg) = &cgroups {
+        cg.release(&spec.name);
+    }
     log::info!("worker {}: stopped", spec.name);
 }
 
@@ -529,6 +555,7 @@ mod tests {
             extra_args: vec![],
             grace: Duration::from_secs(1),
             ready_timeout: Duration::from_secs(5),
+            memory_limit: None,
         };
         let sup = Supervisor::start(
             vec![spec],

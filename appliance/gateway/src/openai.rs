@@ -539,40 +539,49 @@ async fn run(
         .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
     let in_flight = gw.enter();
     let mut hard_stop = gw.hard_stop.subscribe();
-    // An instance that died a moment ago may still look ready: try the others.
+    // An instance that died a moment ago may still look ready: until the worker has
+    // accepted the request (nothing generated yet), a broken connection means trying
+    // another instance.
     let mut tried = vec![];
-    let mut conn = loop {
-        match WorkerConn::connect(&slot.instance().worker.socket).await {
-            Ok(c) => break c,
-            Err(_) => {
+    let (conn, prompt_tokens) = loop {
+        let socket = slot.instance().worker.socket.clone();
+        let attempt = async {
+            // (retryable, error)
+            let mut conn = WorkerConn::connect(&socket)
+                .await
+                .map_err(|_| (true, ApiError::NotReady(g.model.clone())))?;
+            conn.send(Op::Generate {
+                request_id: Some(ctx.id.clone()),
+                prompt: g.prompt.clone(),
+                params: g.params.clone(),
+            })
+            .await
+            .map_err(|e| (true, client_error(e)))?;
+            match tokio::time::timeout(Duration::from_secs(60), conn.recv()).await {
+                Err(_) => Err((false, ApiError::Worker("no answer within 60 s".into()))),
+                Ok(Err(e)) => Err((true, client_error(e))),
+                Ok(Ok(WorkerResponse::Started { prompt_tokens })) => Ok((conn, prompt_tokens)),
+                Ok(Ok(WorkerResponse::Error { code, message })) => {
+                    Err((false, worker_error(code, message, g.kind)))
+                }
+                Ok(Ok(other)) => Err((
+                    false,
+                    ApiError::Worker(format!("unexpected answer {other:?}")),
+                )),
+            }
+        };
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = hard_stop.wait_for(|s| *s) => return Err(ApiError::Draining),
+        };
+        match result {
+            Ok(started) => break started,
+            Err((true, e)) => {
                 tried.push(slot.index());
-                slot = route
-                    .try_slot(gw.cfg.queue_per_model, &tried)
-                    .ok_or_else(|| ApiError::NotReady(g.model.clone()))?;
+                slot = route.try_slot(gw.cfg.queue_per_model, &tried).ok_or(e)?;
             }
+            Err((false, e)) => return Err(e),
         }
-    };
-    let start = async {
-        conn.send(Op::Generate {
-            request_id: Some(ctx.id.clone()),
-            prompt: g.prompt.clone(),
-            params: g.params.clone(),
-        })
-        .await
-        .map_err(client_error)?;
-        match tokio::time::timeout(Duration::from_secs(60), conn.recv()).await {
-            Err(_) => Err(ApiError::Worker("no answer within 60 s".into())),
-            Ok(Err(e)) => Err(client_error(e)),
-            Ok(Ok(WorkerResponse::Started { prompt_tokens })) => Ok((conn, prompt_tokens)),
-            Ok(Ok(WorkerResponse::Error { code, message })) => {
-                Err(worker_error(code, message, g.kind))
-            }
-            Ok(Ok(other)) => Err(ApiError::Worker(format!("unexpected answer {other:?}"))),
-        }
-    };
-    let (conn, prompt_tokens) = tokio::select! {
-        r = start => r?,
-        _ = hard_stop.wait_for(|s| *s) => return Err(ApiError::Draining),
     };
     let mut run = Run {
         gw: gw.clone(),

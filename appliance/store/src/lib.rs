@@ -482,28 +482,33 @@ impl Store {
     }
 
     pub async fn models(&self) -> Result<Vec<ModelRecord>> {
-        let rows = sqlx::query(
-            "SELECT name, sha256, size, architecture, parameters, quantization, context_length,
-                    chat_template, license, provenance, signed_by, imported_at
-             FROM models ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(const_concat_models_all())
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(Self::model_from_row).collect())
     }
 
+    async fn model_in(
+        conn: &mut sqlx::SqliteConnection,
+        name: &str,
+    ) -> Result<Option<ModelRecord>> {
+        let row = sqlx::query(const_concat_model_by_name())
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
+        Ok(row.as_ref().map(Self::model_from_row))
+    }
+
     pub async fn model(&self, name: &str) -> Result<Option<ModelRecord>> {
-        Ok(self.models().await?.into_iter().find(|m| m.name == name))
+        let mut conn = self.pool.acquire().await?;
+        Self::model_in(&mut conn, name).await
     }
 
     /// Removes a model's record; returns it and whether another name still uses its file.
     pub async fn remove_model(&self, name: &str) -> Result<(ModelRecord, bool)> {
         let mut tx = self.pool.begin().await?;
-        let m = self
-            .models()
+        let m = Self::model_in(&mut tx, name)
             .await?
-            .into_iter()
-            .find(|m| m.name == name)
             .ok_or_else(|| StoreError::NoSuchModel(name.to_string()))?;
         sqlx::query("DELETE FROM models WHERE name = ?")
             .bind(name)
@@ -522,7 +527,19 @@ impl Store {
     }
 }
 
-// sqlx takes `&'static str` queries; these are the key queries spelled out once.
+// sqlx takes `&'static str` queries; these are spelled out once each.
+fn const_concat_models_all() -> &'static str {
+    "SELECT name, sha256, size, architecture, parameters, quantization, context_length,
+            chat_template, license, provenance, signed_by, imported_at
+     FROM models ORDER BY name"
+}
+
+fn const_concat_model_by_name() -> &'static str {
+    "SELECT name, sha256, size, architecture, parameters, quantization, context_length,
+            chat_template, license, provenance, signed_by, imported_at
+     FROM models WHERE name = ?"
+}
+
 fn const_format_key_by_id() -> &'static str {
     "SELECT k.id, k.tenant_id, t.name, k.secret_sha256, k.created_at, k.expires_at,
             k.revoked_at, k.models, k.rpm, k.tpm, k.max_concurrency, k.replaced_by, k.label,

@@ -1,8 +1,20 @@
-//! The audit log's tamper evidence. Today: the Merkle tree of RFC 6962 / RFC 9162 §2.1 —
-//! leaf and node hashes with domain separation, tree heads, inclusion and consistency
-//! proofs and their verification. Pure functions over hashes; no storage, no HTTP.
+//! The audit log: a tamper-evident, content-free record of every request and admin action.
 //!
-//! Still to come (issue 5): the record schema, durable appends with group commit, signed
-//! checkpoints in the C2SP note format, `appliance audit verify|export|verify-export`.
+//! - [`record`]: the record and its canonical text (the Merkle leaf is its hash);
+//! - [`merkle`]: RFC 6962 / RFC 9162 §2.1 tree hashes, inclusion and consistency proofs;
+//! - [`note`]: signed checkpoints (C2SP tlog-checkpoint in a signed-note, Ed25519);
+//! - [`writer`]: the one writer task, durable group commit, intents, checkpoints, pruning;
+//! - [`verify`]: offline verification of the stored log and of export files.
+//!
+//! No SQL and no HTTP here: the store implements [`writer::LogBackend`], the gateway and
+//! the command line record through [`writer::Auditor`].
 
 pub mod merkle;
+pub mod note;
+pub mod record;
+pub mod verify;
+pub mod writer;
+
+pub use note::{Checkpoint, NoteError, Signer, VerifierKey};
+pub use record::Record;
+pub use writer::{AuditError, Auditor, Ticket};

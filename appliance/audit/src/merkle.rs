@@ -179,6 +179,165 @@ pub fn verify_consistency(
     snode == 0 && &fr == root1 && &sr == root2
 }
 
+/// The right edge of a growing tree (its perfect subtrees, largest first): appends in
+/// O(1) amortised, the root at the current size in O(log n), without keeping the leaves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frontier {
+    size: u64,
+    /// (height, hash) of each perfect subtree, left to right.
+    stack: Vec<(u32, Hash)>,
+}
+
+impl Frontier {
+    pub fn new() -> Frontier {
+        Frontier::default()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = (0u32, leaf);
+        while let Some(&(h, left)) = self.stack.last() {
+            if h != node.0 {
+                break;
+            }
+            self.stack.pop();
+            node = (h + 1, node_hash(&left, &node.1));
+        }
+        self.stack.push(node);
+        self.size += 1;
+    }
+
+    /// MTH of the leaves pushed so far.
+    pub fn root(&self) -> Hash {
+        let mut it = self.stack.iter().rev();
+        let Some(&(_, mut r)) = it.next() else {
+            return empty_root();
+        };
+        for (_, left) in it {
+            r = node_hash(left, &r);
+        }
+        r
+    }
+}
+
+/// A whole tree kept level by level (about 2n hashes), for many proofs over one size:
+/// each subtree hash the RFC recursion asks for is a lookup, so a proof costs O(log n).
+#[derive(Debug, Clone)]
+pub struct Tree {
+    /// levels[0] = leaves; levels[j][i] covers leaves [i·2^j, min((i+1)·2^j, n)).
+    levels: Vec<Vec<Hash>>,
+}
+
+impl Tree {
+    pub fn new(leaves: Vec<Hash>) -> Tree {
+        let mut levels = vec![leaves];
+        while levels.last().is_some_and(|l| l.len() > 1) {
+            let below = levels.last().map(|l| l.as_slice()).unwrap_or(&[]);
+            let up: Vec<Hash> = below
+                .chunks(2)
+                .map(|c| {
+                    if c.len() == 2 {
+                        node_hash(&c[0], &c[1])
+                    } else {
+                        c[0]
+                    }
+                })
+                .collect();
+            levels.push(up);
+        }
+        Tree { levels }
+    }
+
+    pub fn size(&self) -> usize {
+        self.levels[0].len()
+    }
+
+    pub fn leaves(&self) -> &[Hash] {
+        &self.levels[0]
+    }
+
+    pub fn root(&self) -> Hash {
+        match self.levels.last() {
+            Some(top) if top.len() == 1 => top[0],
+            _ => empty_root(),
+        }
+    }
+
+    /// MTH of leaves [lo, hi).
+    fn mth(&self, lo: usize, hi: usize) -> Hash {
+        let n = hi - lo;
+        if n == 0 {
+            return empty_root();
+        }
+        let j = n.next_power_of_two().trailing_zeros() as usize;
+        let aligned = lo % (1 << j) == 0 && (n == 1 << j || hi == self.size());
+        if aligned && j < self.levels.len() {
+            return self.levels[j][lo >> j];
+        }
+        let k = split(n);
+        node_hash(&self.mth(lo, lo + k), &self.mth(lo + k, hi))
+    }
+
+    /// The audit path of leaf `m` in the tree of the first `size` leaves.
+    pub fn inclusion_proof(&self, m: usize, size: usize) -> Vec<Hash> {
+        assert!(m < size && size <= self.size());
+        let mut out = vec![];
+        self.path(m, 0, size, &mut out);
+        out
+    }
+
+    fn path(&self, m: usize, lo: usize, hi: usize, out: &mut Vec<Hash>) {
+        let n = hi - lo;
+        if n <= 1 {
+            return;
+        }
+        let k = split(n);
+        if m < k {
+            self.path(m, lo, lo + k, out);
+            out.push(self.mth(lo + k, hi));
+        } else {
+            self.path(m - k, lo + k, hi, out);
+            out.push(self.mth(lo, lo + k));
+        }
+    }
+
+    /// The consistency proof from the first `m` leaves to the first `size` leaves.
+    pub fn consistency_proof(&self, m: usize, size: usize) -> Vec<Hash> {
+        assert!(m <= size && size <= self.size());
+        let mut out = vec![];
+        if m > 0 && m < size {
+            self.sub(m, 0, size, true, &mut out);
+        }
+        out
+    }
+
+    fn sub(&self, m: usize, lo: usize, hi: usize, complete: bool, out: &mut Vec<Hash>) {
+        let n = hi - lo;
+        if m == n {
+            if !complete {
+                out.push(self.mth(lo, hi));
+            }
+            return;
+        }
+        let k = split(n);
+        if m <= k {
+            self.sub(m, lo, lo + k, complete, out);
+            out.push(self.mth(lo + k, hi));
+        } else {
+            self.sub(m - k, lo + k, hi, false, out);
+            out.push(self.mth(lo, lo + k));
+        }
+    }
+
+    /// MTH of the first `size` leaves.
+    pub fn root_at(&self, size: usize) -> Hash {
+        self.mth(0, size)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +467,41 @@ mod tests {
                     assert!(!verify_consistency(m as u64, n as u64, &bad, &r1, &r2));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn frontier_and_tree_agree_with_the_recursive_definitions() {
+        let mut rng = Rng(7);
+        let leaves: Vec<Hash> = (0..300u32).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut f = Frontier::new();
+        assert_eq!(f.root(), empty_root());
+        for (i, l) in leaves.iter().enumerate() {
+            f.push(*l);
+            assert_eq!(f.size(), i as u64 + 1);
+            assert_eq!(
+                f.root(),
+                root(&leaves[..=i]),
+                "frontier root at size {}",
+                i + 1
+            );
+        }
+        let tree = Tree::new(leaves.clone());
+        assert_eq!(tree.root(), root(&leaves));
+        for _ in 0..400 {
+            let size = 1 + (rng.next() as usize) % leaves.len();
+            let m = (rng.next() as usize) % size;
+            assert_eq!(tree.root_at(size), root(&leaves[..size]));
+            assert_eq!(
+                tree.inclusion_proof(m, size),
+                inclusion_proof(m, &leaves[..size])
+            );
+            let m2 = (rng.next() as usize) % (size + 1);
+            assert_eq!(
+                tree.consistency_proof(m2, size),
+                consistency_proof(m2, &leaves[..size]),
+                "consistency {m2} -> {size}"
+            );
         }
     }
 }

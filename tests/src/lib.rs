@@ -1,8 +1,10 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: where the real binary and the
 //! real model are, and a child process that is killed when dropped.
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -60,4 +62,191 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
+}
+
+/// A running `appliance serve` on a scratch data directory, with tenant `acme`, the
+/// real model as `smollm2`, and an ephemeral port; killed when dropped.
+pub struct Server {
+    pub guard: Guard,
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn start(name: &str, extra: &[&str]) -> Server {
+        Server::start_with_config(name, extra, None)
+    }
+
+    pub fn start_with_config(name: &str, extra: &[&str], config: Option<&str>) -> Server {
+        Server::start_in(scratch(name), extra, config, None)
+    }
+
+    /// Starts on `dir` (which may hold an earlier run's data); the daemon's log goes to
+    /// `log` when given (else to this process's stderr).
+    pub fn start_in(
+        dir: PathBuf,
+        extra: &[&str],
+        config: Option<&str>,
+        log: Option<&Path>,
+    ) -> Server {
+        if let Some(c) = config {
+            std::fs::write(dir.join("appliance.toml"), c).unwrap();
+        }
+        if !dir.join("appliance.db").exists() {
+            let out = appliance()
+                .args(["tenant", "create", "acme", "--data-dir"])
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut cmd = appliance();
+        if let Some(log) = log {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap();
+            cmd.stderr(f);
+        }
+        let mut child = cmd
+            .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .arg("--model")
+            .arg(format!("smollm2={}", model().display()))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let guard = Guard(child);
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("serve ended before printing its address")
+                .unwrap();
+            if let Some(url) = line.strip_prefix("appliance: API     https://") {
+                let port = url.split(':').nth(1).unwrap().trim_end_matches("/v1");
+                break port.parse().unwrap();
+            }
+        };
+        // Keep draining stdout so the daemon never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        let s = Server { guard, dir, port };
+        // Ready: every worker has finished starting (readyz needs only one ready), and
+        // at least one is ready.
+        let t0 = Instant::now();
+        loop {
+            let out = appliance()
+                .args(["status", "--json", "--data-dir"])
+                .arg(&s.dir)
+                .output()
+                .unwrap();
+            let settled = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| {
+                    let w = v["workers"].as_array()?.clone();
+                    Some(
+                        w.iter().any(|w| w["state"] == "ready")
+                            && w.iter()
+                                .all(|w| w["state"] != "starting" || w["restarts"] != 0),
+                    )
+                })
+                .unwrap_or(false);
+            if settled {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.0.id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("tls/cert.pem")
+    }
+
+    /// Runs curl with the appliance's CA; returns (stdout, success).
+    pub fn curl(&self, args: &[&str]) -> (String, bool) {
+        let out = Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "--max-time", "120", "--cacert"])
+            .arg(self.cert())
+            .args(args)
+            .output()
+            .expect("curl");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.status.success(),
+        )
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = appliance()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn key(&self) -> String {
+        self.cli(&["key", "create", "--tenant", "acme"])
+    }
+
+    pub fn chat(&self, key: &str, body: &str) -> (String, bool) {
+        self.curl(&[
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            &self.url("/v1/chat/completions"),
+        ])
+    }
+
+    /// A streaming curl whose output is read line by line.
+    pub fn stream(
+        &self,
+        key: &str,
+        body: &str,
+    ) -> (Guard, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+        let mut c = Command::new("curl")
+            .args(["-sS", "-N", "--noproxy", "*", "--cacert"])
+            .arg(self.cert())
+            .args(["-H", &format!("Authorization: Bearer {key}"), "-d", body])
+            .arg(self.url("/v1/chat/completions"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = c.stdout.take().unwrap();
+        (Guard(c), BufReader::new(out).lines())
+    }
+
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        let (text, _) = self.curl(&[&self.url("/metrics")]);
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
 }

@@ -10,6 +10,9 @@ use appliance_store::{KeyRecord, NewKey, Store};
 use clap::Subcommand;
 
 use crate::config::{self, parse_duration};
+use appliance_audit::Record;
+
+use crate::audit::record_cli;
 use crate::serve::{notify_keys_changed, DataDir};
 
 #[derive(Subcommand)]
@@ -109,13 +112,41 @@ fn limit(v: Option<u32>, what: &str) -> Result<Option<u32>> {
     }
 }
 
+/// Records a failed admin action (best effort: the failure itself is reported anyway).
+async fn record_failure(data: &DataDir, action: &str, e: &anyhow::Error) {
+    let Ok(dir) = data.prepare() else { return };
+    let mut r = Record::action(action, 400);
+    r.error = Some("failed".into());
+    r.detail = Some(format!("{e:#}").chars().take(200).collect());
+    if let Err(e2) = record_cli(&dir, r).await {
+        eprintln!("warning: the failed action could not be recorded: {e2:#}");
+    }
+}
+
 pub fn tenant(cmd: TenantCmd) -> Result<()> {
-    runtime()?.block_on(async {
+    let audited = match &cmd {
+        TenantCmd::Create { data, .. } => Some(("tenant.create", data.clone())),
+        _ => None,
+    };
+    let rt = runtime()?;
+    let result = rt.block_on(tenant_inner(cmd));
+    if let (Err(e), Some((action, data))) = (&result, audited) {
+        rt.block_on(record_failure(&data, action, e));
+    }
+    result
+}
+
+async fn tenant_inner(cmd: TenantCmd) -> Result<()> {
+    {
         match cmd {
             TenantCmd::Create { name, data } => {
                 config::valid_name("tenant", &name)?;
                 let (_, store) = open(&data).await?;
                 let t = store.create_tenant(&name, now()).await?;
+                let mut r = Record::action("tenant.create", 200);
+                r.tenant = Some(t.name.clone());
+                r.resource = Some(format!("tenant:{}", t.name));
+                record_cli(&data.prepare()?, r).await?;
                 eprintln!("created tenant {} (id {})", t.name, t.id);
             }
             TenantCmd::List { data, json } => {
@@ -135,7 +166,7 @@ pub fn tenant(cmd: TenantCmd) -> Result<()> {
             }
         }
         Ok(())
-    })
+    }
 }
 
 fn key_json(k: &KeyRecord, now: i64) -> serde_json::Value {
@@ -174,7 +205,22 @@ fn human(s: i64) -> String {
 }
 
 pub fn key(cmd: KeyCmd) -> Result<()> {
-    runtime()?.block_on(async {
+    let audited = match &cmd {
+        KeyCmd::Create { data, .. } => Some(("key.create", data.clone())),
+        KeyCmd::Revoke { data, .. } => Some(("key.revoke", data.clone())),
+        KeyCmd::Rotate { data, .. } => Some(("key.rotate", data.clone())),
+        KeyCmd::List { .. } => None,
+    };
+    let rt = runtime()?;
+    let result = rt.block_on(key_inner(cmd));
+    if let (Err(e), Some((action, data))) = (&result, audited) {
+        rt.block_on(record_failure(&data, action, e));
+    }
+    result
+}
+
+async fn key_inner(cmd: KeyCmd) -> Result<()> {
+    {
         match cmd {
             KeyCmd::Create {
                 tenant,
@@ -187,7 +233,12 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                 admin,
                 data,
             } => {
-                let models = models.map(|m| m.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>());
+                let models = models.map(|m| {
+                    m.into_iter()
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>()
+                });
                 if let Some(ms) = &models {
                     if ms.is_empty() {
                         bail!("--models is empty; leave it out to allow every model");
@@ -216,6 +267,15 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                         t,
                     )
                     .await?;
+                // Recorded before the secret is shown; unrecorded, the key is withdrawn.
+                let mut r = Record::action("key.create", 200);
+                r.tenant = Some(rec.tenant.clone());
+                r.resource = Some(format!("key:{}", rec.id));
+                r.detail = Some(format!("scope {}", rec.scope));
+                if let Err(e) = record_cli(&dir, r).await {
+                    let _ = store.revoke_key(&rec.id, now()).await;
+                    return Err(e.context("the new key was revoked"));
+                }
                 notify_keys_changed(&dir).await;
                 println!("{}", secret.text);
                 eprintln!(
@@ -255,8 +315,15 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                             k.status(t),
                             when(Some(k.created_at), t),
                             when(k.expires_at, t),
-                            k.models.as_ref().map(|m| m.join(",")).unwrap_or_else(|| "all".into()),
-                            if limits.is_empty() { "-".into() } else { limits }
+                            k.models
+                                .as_ref()
+                                .map(|m| m.join(","))
+                                .unwrap_or_else(|| "all".into()),
+                            if limits.is_empty() {
+                                "-".into()
+                            } else {
+                                limits
+                            }
                         );
                     }
                 }
@@ -266,6 +333,10 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                 let (dir, store) = open(&data).await?;
                 let k = store.revoke_key(&id, now()).await?;
                 notify_keys_changed(&dir).await;
+                let mut r = Record::action("key.revoke", 200);
+                r.tenant = Some(k.tenant.clone());
+                r.resource = Some(format!("key:{}", k.id));
+                record_cli(&dir, r).await?;
                 eprintln!("revoked key {} of tenant {}", k.id, k.tenant);
             }
             KeyCmd::Rotate { id, grace, data } => {
@@ -277,7 +348,10 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                     .with_context(|| format!("no API key with id {id:?}"))?;
                 let t = now();
                 if old.status(t) != "active" {
-                    bail!("key {id} is {}; only an active key can be rotated", old.status(t));
+                    bail!(
+                        "key {id} is {}; only an active key can be rotated",
+                        old.status(t)
+                    );
                 }
                 let secret = keys::generate();
                 let new = NewKey {
@@ -294,7 +368,20 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
                     label: old.label.clone(),
                     scope: old.scope.clone(),
                 };
-                let rec = store.rotate_key(&id, &new, t + grace.as_secs() as i64, t).await?;
+                let rec = store
+                    .rotate_key(&id, &new, t + grace.as_secs() as i64, t)
+                    .await?;
+                let mut r = Record::action("key.rotate", 200);
+                r.tenant = Some(rec.tenant.clone());
+                r.resource = Some(format!("key:{}", rec.id));
+                r.detail = Some(format!(
+                    "replaces key:{id}; old key valid {}s more",
+                    grace.as_secs()
+                ));
+                if let Err(e) = record_cli(&dir, r).await {
+                    let _ = store.revoke_key(&rec.id, now()).await;
+                    return Err(e.context("the new key was revoked"));
+                }
                 notify_keys_changed(&dir).await;
                 println!("{}", secret.text);
                 eprintln!(
@@ -306,7 +393,7 @@ pub fn key(cmd: KeyCmd) -> Result<()> {
             }
         }
         Ok(())
-    })
+    }
 }
 
 /// Accepts a key id, or a whole key (from which the id is taken; the secret is ignored).

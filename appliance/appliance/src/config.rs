@@ -25,6 +25,32 @@ pub struct FileConfig {
     /// Model name → worker processes serving it (default 1); requests go to the ready
     /// one with the fewest in flight.
     pub instances: BTreeMap<String, u32>,
+    pub audit: AuditSection,
+}
+
+/// The audit log (`DIR/audit/`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSection {
+    /// A signed checkpoint is written this often (seconds) while the log grows, and
+    /// always at shutdown.
+    pub checkpoint_interval_secs: u64,
+    /// Records older than this many days lose their text (their hashes stay); 0 keeps
+    /// everything. Checked hourly; each pruning is itself recorded.
+    pub retention_days: u32,
+    /// How long a write waits for a lock held by another process before the request
+    /// is refused (milliseconds).
+    pub lock_timeout_ms: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            checkpoint_interval_secs: 10,
+            retention_days: 0,
+            lock_timeout_ms: 2000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,6 +5,7 @@
 //! and installs the logger.
 
 mod admin;
+mod audit;
 mod bench;
 mod chat;
 mod config;
@@ -50,6 +51,9 @@ enum Command {
     /// The model registry: import (with signature checks), list, inspect, remove, sign.
     #[command(subcommand)]
     Model(model::ModelCmd),
+    /// The audit log: verify it, export it with proofs, check an export, sign a checkpoint.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
     /// Chat with a local model in the terminal (one-shot with --prompt).
     Chat(chat::ChatArgs),
     /// Host one model and serve it over a Unix socket (started by the supervisor).
@@ -85,6 +89,7 @@ fn main() {
         Command::Tenant(c) => admin::tenant(c),
         Command::Key(c) => admin::key(c),
         Command::Model(c) => model::run(c),
+        Command::Audit(c) => audit::run(c),
         Command::Status { data, json } => serve::status(data, json),
         Command::Chat(a) => chat::run(a),
         Command::Worker(a) => worker::run(a),

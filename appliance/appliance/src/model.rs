@@ -199,7 +199,47 @@ fn change(verb: &str, name: &str, data: DataDir) -> Result<()> {
     })
 }
 
+/// Runs a model command; the ones that change the appliance are recorded in the audit
+/// log with their outcome (a success that cannot be recorded is reported as a failure).
 pub fn run(cmd: ModelCmd) -> Result<()> {
+    let audited = match &cmd {
+        ModelCmd::Load { name, data } => Some(("model.load", name.clone(), data.clone())),
+        ModelCmd::Unload { name, data } => Some(("model.unload", name.clone(), data.clone())),
+        ModelCmd::Remove { name, data } => Some(("model.remove", name.clone(), data.clone())),
+        ModelCmd::Import {
+            name, path, data, ..
+        } => Some((
+            "model.import",
+            name.clone().unwrap_or_else(|| path.display().to_string()),
+            data.clone(),
+        )),
+        _ => None,
+    };
+    let result = run_inner(cmd);
+    let Some((action, name, data)) = audited else {
+        return result;
+    };
+    let mut r = appliance_audit::Record::action(action, if result.is_ok() { 200 } else { 400 });
+    r.resource = Some(format!("model:{name}"));
+    if let Err(e) = &result {
+        r.error = Some("failed".into());
+        r.detail = Some(format!("{e:#}").chars().take(200).collect());
+    }
+    let recorded =
+        runtime()?.block_on(async { crate::audit::record_cli(&data.prepare()?, r).await });
+    match (result, recorded) {
+        (Ok(()), Err(e)) => Err(e.context(format!(
+            "{action} {name} was done but could not be recorded"
+        ))),
+        (Err(e), Err(e2)) => {
+            eprintln!("warning: the failed action could not be recorded: {e2:#}");
+            Err(e)
+        }
+        (result, Ok(())) => result,
+    }
+}
+
+fn run_inner(cmd: ModelCmd) -> Result<()> {
     match cmd {
         ModelCmd::Load { name, data } => change("load", &name, data),
         ModelCmd::Unload { name, data } => change("unload", &name, data),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use appliance_audit::{Auditor, Record};
 use appliance_gateway::auth::KeyTable;
 use appliance_gateway::{tls, Gateway, Instance, ModelRoute};
 use appliance_store::Store;
@@ -97,18 +98,42 @@ async fn serve(a: ServeArgs) -> Result<()> {
         std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))?;
     }
     // One daemon per data directory: held until this function returns (or the process dies).
-    let lock_path = run_dir.join("serve.lock");
-    let lock = std::fs::File::create(&lock_path)
-        .with_context(|| format!("creating {}", lock_path.display()))?;
-    if let Err(e) = lock.try_lock() {
+    let Some(lock) = try_lock(&dir)? else {
         bail!(
-            "another appliance daemon is running on {} ({}: {e})",
+            "another appliance daemon is running on {} (it holds {})",
             dir.display(),
-            lock_path.display()
+            run_dir.join("serve.lock").display()
         );
-    }
+    };
 
     let store = Store::open(&DataDir::db(&dir)).await?;
+    // The audit log first: nothing is served unless it can be written.
+    let (auditor, audit_task) = crate::audit::start(&dir, &file.audit).await?;
+    let mut started = Record::action("daemon.start", 200);
+    started.source = Some("local".into());
+    started.detail = Some(format!("appliance {}", env!("CARGO_PKG_VERSION")));
+    auditor
+        .record(started)
+        .await
+        .context("the audit log cannot be written; not starting")?;
+    let retention_task = (file.audit.retention_days > 0).then(|| {
+        let auditor = auditor.clone();
+        let days = file.audit.retention_days as i64;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                let cutoff = appliance_gateway::server::unix_now() * 1000 - days * 86_400_000;
+                match auditor.prune(cutoff).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        log::info!("audit: pruned the text of {n} records older than {days} days")
+                    }
+                    Err(e) => log::warn!("audit: pruning failed: {e}"),
+                }
+            }
+        })
+    });
     // Models: the flags (NAME=PATH, or NAME of a registry model), else the file's
     // [models], else every model in the registry.
     let registry = appliance_registry::Store::new(&dir);
@@ -271,7 +296,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         gcfg.drain_timeout = Duration::from_secs(t);
     }
     let drain_timeout = gcfg.drain_timeout;
-    let gateway = Gateway::new(gcfg, keys.clone(), vec![]);
+    let gateway = Gateway::new(gcfg, keys.clone(), vec![], auditor.clone());
     let daemon = Arc::new(Daemon {
         launcher,
         supervisor,
@@ -286,7 +311,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
 
     // The CLI's channel to the daemon, and a slower safety net for key changes.
     let control = control_listener(&dir)?;
-    let control_task = tokio::spawn(serve_control(control, keys.clone(), daemon.clone()));
+    let control_task = tokio::spawn(serve_control(
+        control,
+        keys.clone(),
+        daemon.clone(),
+        auditor.clone(),
+    ));
     let poll_keys = keys.clone();
     let poll_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -417,6 +447,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
         t.abort();
     }
     let _ = std::fs::remove_file(DataDir::control_socket(&dir));
+    if let Some(t) = retention_task {
+        t.abort();
+    }
+    let mut stopped = Record::action("daemon.stop", 200);
+    stopped.source = Some("local".into());
+    auditor.stop(Some(stopped)).await;
+    let _ = audit_task.await;
     store.close().await;
     log::info!("stopped");
     drop(lock);
@@ -514,7 +551,12 @@ fn control_listener(dir: &Path) -> Result<UnixListener> {
 /// One command per line: `reload-keys` → `ok <n keys>`; `models` → `ok a,b` (served);
 /// `status` → `ok {json}` (workers and hardware); `load NAME` / `unload NAME` → `ok
 /// <what happened>`. Errors answer `error <message>`.
-async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>, daemon: Arc<Daemon>) {
+async fn serve_control(
+    listener: UnixListener,
+    keys: Arc<KeyTable>,
+    daemon: Arc<Daemon>,
+    auditor: Auditor,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -522,12 +564,31 @@ async fn serve_control(listener: UnixListener, keys: Arc<KeyTable>, daemon: Arc<
         };
         let keys = keys.clone();
         let daemon = daemon.clone();
+        let auditor = auditor.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(json) = line.strip_prefix("audit ") {
+                    // A command-line action's record, written by this daemon's writer.
+                    let reply = match serde_json::from_str::<Record>(json) {
+                        Ok(r) => match auditor.record(r).await {
+                            Ok(seq) => format!("ok {seq}"),
+                            Err(e) => format!("error {e}"),
+                        },
+                        Err(e) => format!("error not a record: {e}"),
+                    };
+                    if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 let mut words = line.split_whitespace();
                 let reply = match (words.next().unwrap_or(""), words.next()) {
+                    ("checkpoint", None) => match auditor.checkpoint().await {
+                        Ok(note) => format!("ok {}", serde_json::Value::String(note)),
+                        Err(e) => format!("error {e}"),
+                    },
                     ("reload-keys", None) => match keys.reload().await {
                         Ok(n) => format!("ok {n}"),
                         Err(e) => format!("error {e}"),
@@ -823,6 +884,17 @@ fn rss_bytes(pid: u32) -> u64 {
         })
         .map(|kib| kib * 1024)
         .unwrap_or(0)
+}
+
+/// Takes the data directory's daemon lock (`DIR/run/serve.lock`) if no one holds it:
+/// the daemon for its lifetime, a command that writes the audit log for a moment.
+pub fn try_lock(dir: &Path) -> Result<Option<std::fs::File>> {
+    let run_dir = dir.join("run");
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let path = run_dir.join("serve.lock");
+    let lock =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(lock.try_lock().is_ok().then_some(lock))
 }
 
 /// Sends one command to a running daemon's control socket; its answer line, or None

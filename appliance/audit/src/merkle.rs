@@ -273,7 +273,7 @@ impl Tree {
             return empty_root();
         }
         let j = n.next_power_of_two().trailing_zeros() as usize;
-        let aligned = lo % (1 << j) == 0 && (n == 1 << j || hi == self.size());
+        let aligned = lo.is_multiple_of(1 << j) && (n == 1 << j || hi == self.size());
         if aligned && j < self.levels.len() {
             return self.levels[j][lo >> j];
         }

@@ -81,6 +81,13 @@ pub enum AuditError {
     Stopped,
 }
 
+/// A record to append, the intent it resolves, and who waits for it (nobody: retried).
+type Append = (
+    Record,
+    Option<u64>,
+    Option<oneshot::Sender<Result<u64, AuditError>>>,
+);
+
 enum Msg {
     Append {
         record: Record,
@@ -99,6 +106,7 @@ enum Msg {
         reply: oneshot::Sender<Result<u64, AuditError>>,
     },
     Stop {
+        last: Option<Record>,
         reply: oneshot::Sender<()>,
     },
 }
@@ -136,10 +144,21 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Commits the request's record (and resolves its intent); returns its seq.
-    pub async fn finish(mut self, record: Record) -> Result<u64, AuditError> {
+    /// Commits the request's record (and resolves its intent); returns its seq. On
+    /// failure the ticket comes back, for a record of what the client got instead.
+    pub async fn finish(mut self, record: Record) -> Result<u64, (AuditError, Ticket)> {
         self.done = true;
-        self.auditor.send_append(record, Some(self.id)).await
+        let (id, auditor) = (self.id, self.auditor.clone());
+        auditor.send_append(record, Some(id)).await.map_err(|e| {
+            (
+                e,
+                Ticket {
+                    id,
+                    auditor: auditor.clone(),
+                    done: false,
+                },
+            )
+        })
     }
 
     /// Queues the request's record without waiting; the writer retries it until it is
@@ -278,10 +297,11 @@ impl Auditor {
         rx.await.unwrap_or(Err(AuditError::Stopped))
     }
 
-    /// Writes what is queued, a last checkpoint, and stops the writer.
-    pub async fn stop(&self) {
+    /// Writes what is queued, `last` (e.g. the daemon's stop), a last checkpoint, and
+    /// stops the writer.
+    pub async fn stop(&self, last: Option<Record>) {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Msg::Stop { reply }).is_ok() {
+        if self.tx.send(Msg::Stop { last, reply }).is_ok() {
             let _ = rx.await;
         }
     }
@@ -347,13 +367,11 @@ impl<B: LogBackend> Writer<B> {
                     Msg::Intent { record, reply } => intents.push((record, reply)),
                     Msg::Checkpoint { reply } => checkpoints.push(reply),
                     Msg::Prune { before_ms, reply } => prunes.push((before_ms, reply)),
-                    Msg::Stop { reply } => stop = Some(reply),
+                    Msg::Stop { last, reply } => {
+                        appends.extend(last.map(|r| (r, None, None)));
+                        stop = Some(reply);
+                    }
                 }
-            }
-            if stop.is_some() {
-                let mut r = Record::action("daemon.stop", 200);
-                r.source = Some("local".into());
-                appends.push((r, None, None));
             }
             let sign = want_checkpoint || !checkpoints.is_empty() || stop.is_some();
             self.commit(appends, intents, checkpoints, sign).await;
@@ -392,11 +410,7 @@ impl<B: LogBackend> Writer<B> {
 
     async fn commit(
         &mut self,
-        appends: Vec<(
-            Record,
-            Option<u64>,
-            Option<oneshot::Sender<Result<u64, AuditError>>>,
-        )>,
+        appends: Vec<Append>,
         intents: Vec<(Record, oneshot::Sender<Result<u64, AuditError>>)>,
         checkpoints: Vec<oneshot::Sender<Result<String, AuditError>>>,
         sign: bool,
@@ -635,15 +649,16 @@ mod tests {
         assert_eq!(log.inner.lock().unwrap().records.len(), 1);
         log.inner.lock().unwrap().fail = None;
         let seq = a.record(Record::action("four", 200)).await.unwrap();
-        let g = log.inner.lock().unwrap();
-        let actions: Vec<String> = g
+        let actions: Vec<String> = log
+            .inner
+            .lock()
+            .unwrap()
             .records
             .iter()
             .map(|r| Record::parse(&r.body).unwrap().action)
             .collect();
         assert_eq!(actions, ["one", "later", "four"]);
         assert_eq!(seq, 3);
-        drop(g);
         let c = Checkpoint::open(&a.checkpoint().await.unwrap(), &key.verifier()).unwrap();
         assert_eq!(c.size, 3);
     }
@@ -658,7 +673,7 @@ mod tests {
         assert_eq!(log.inner.lock().unwrap().intents.len(), 1);
         assert!(log.inner.lock().unwrap().records.is_empty());
         r.status = 200;
-        t.finish(r).await.unwrap();
+        t.finish(r).await.map_err(|e| e.0).unwrap();
         let g = log.inner.lock().unwrap();
         assert!(g.intents.is_empty());
         assert_eq!(g.records.len(), 1);

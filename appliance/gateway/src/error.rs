@@ -55,6 +55,8 @@ pub enum ApiError {
     Conflict(String),
     /// 500: an admin action failed.
     AdminFailed(String),
+    /// 503: the audit record could not be written, so nothing was done.
+    AuditUnavailable,
 }
 
 impl ApiError {
@@ -79,9 +81,10 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Overloaded { .. } | ApiError::NotReady(_) | ApiError::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded { .. }
+            | ApiError::NotReady(_)
+            | ApiError::Draining
+            | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Worker(_) | ApiError::AdminFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::WrongScope(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -97,6 +100,7 @@ impl ApiError {
             ApiError::Overloaded { retry_after, .. } => Some(retry_after.as_secs().max(1)),
             ApiError::NotReady(_) => Some(5),
             ApiError::Draining => Some(10),
+            ApiError::AuditUnavailable => Some(5),
             _ => None,
         }
     }
@@ -113,6 +117,12 @@ impl ApiError {
             h.push(("www-authenticate", "Bearer".into()));
         }
         h
+    }
+
+    /// The stable code of the error (its OpenAI type where it has no code), for records.
+    pub fn code(&self) -> String {
+        let d = self.body().error;
+        d.code.unwrap_or(d.kind)
     }
 
     pub fn body(&self) -> ErrorBody {
@@ -226,6 +236,12 @@ impl ApiError {
                 Some("shutting_down"),
                 None,
                 "The appliance is shutting down; try again shortly.".into(),
+            ),
+            ApiError::AuditUnavailable => (
+                "server_error",
+                Some("audit_unavailable"),
+                None,
+                "The audit log cannot be written right now, so the request was refused and nothing was done; try again shortly.".into(),
             ),
             ApiError::Worker(m) => (
                 "server_error",

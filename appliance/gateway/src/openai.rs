@@ -21,6 +21,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use appliance_audit::Ticket;
+
 use crate::auth::KeyEntry;
 use crate::error::ApiError;
 use crate::limits::Permit;
@@ -538,6 +540,13 @@ async fn run(
         .admit(&key.limits, Instant::now())
         .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
     let in_flight = gw.enter();
+    // Fail closed: no worker is called before the request's intent is durable.
+    ctx.destination = Some(format!("local/{}", slot.instance().device));
+    let ticket = gw
+        .audit
+        .intent(gw.audit_record(ctx, 0, None, None))
+        .await
+        .map_err(|_| ApiError::AuditUnavailable)?;
     let mut hard_stop = gw.hard_stop.subscribe();
     // An instance that died a moment ago may still look ready: until the worker has
     // accepted the request (nothing generated yet), a broken connection means trying
@@ -572,15 +581,21 @@ async fn run(
         };
         let result = tokio::select! {
             r = attempt => r,
-            _ = hard_stop.wait_for(|s| *s) => return Err(ApiError::Draining),
+            _ = hard_stop.wait_for(|s| *s) => Err((false, ApiError::Draining)),
         };
         match result {
             Ok(started) => break started,
             Err((true, e)) => {
                 tried.push(slot.index());
-                slot = route.try_slot(gw.cfg.queue_per_model, &tried).ok_or(e)?;
+                match route.try_slot(gw.cfg.queue_per_model, &tried) {
+                    Some(s) => {
+                        slot = s;
+                        ctx.destination = Some(format!("local/{}", slot.instance().device));
+                    }
+                    None => return refuse_after_intent(gw, ctx, ticket, e).await,
+                }
             }
-            Err((false, e)) => return Err(e),
+            Err((false, e)) => return refuse_after_intent(gw, ctx, ticket, e).await,
         }
     };
     let mut run = Run {
@@ -596,6 +611,7 @@ async fn run(
         ctx: ctx.clone(),
         count: 0,
         settled: false,
+        ticket: Some(ticket),
         hard_stop,
         _guards: (permit, slot, in_flight),
     };
@@ -603,7 +619,14 @@ async fn run(
         let (text, completion_tokens, finish) = match run.collect().await {
             Ok(x) => x,
             Err(e) => {
-                run.settle(e.status().as_u16(), run.count);
+                let count = run.count;
+                let e = match run
+                    .conclude(e.status().as_u16(), count, Some(e.code()))
+                    .await
+                {
+                    Ok(()) => e,
+                    Err(()) => ApiError::AuditUnavailable,
+                };
                 return Ok(Reply::Settled(error_response(&e, &ctx.id)));
             }
         };
@@ -649,7 +672,13 @@ async fn run(
                 &ctx.id,
             ),
         };
-        run.settle(200, completion_tokens);
+        // The record is durable before the answer leaves.
+        if run.conclude(200, completion_tokens, None).await.is_err() {
+            return Ok(Reply::Settled(error_response(
+                &ApiError::AuditUnavailable,
+                &ctx.id,
+            )));
+        }
         return Ok(Reply::Settled(resp));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -657,6 +686,27 @@ async fn run(
     let include_usage = g.include_usage;
     tokio::spawn(run.stream(tx, include_usage));
     Ok(Reply::Settled(resp))
+}
+
+/// Ends a request whose intent is recorded but that never reached generation: its
+/// record first, then its answer (503 if the record cannot be written).
+async fn refuse_after_intent(
+    gw: &Arc<Gateway>,
+    ctx: &ReqCtx,
+    ticket: Ticket,
+    e: ApiError,
+) -> Result<Reply, ApiError> {
+    let record = gw.audit_record(ctx, e.status().as_u16(), Some(e.code()), None);
+    let e = match ticket.finish(record).await {
+        Ok(_) => e,
+        Err((_, ticket)) => {
+            let refused = ApiError::AuditUnavailable;
+            ticket.finish_later(gw.audit_record(ctx, 503, Some(refused.code()), None));
+            refused
+        }
+    };
+    gw.finish(ctx, e.status().as_u16(), None);
+    Ok(Reply::Settled(error_response(&e, &ctx.id)))
 }
 
 fn run_id(req_id: &str, kind: Kind) -> String {
@@ -684,6 +734,8 @@ struct Run {
     /// Tokens received so far.
     count: usize,
     settled: bool,
+    /// The request's audit intent, until its record is written.
+    ticket: Option<Ticket>,
     hard_stop: tokio::sync::watch::Receiver<bool>,
     _guards: (Permit, Slot, InFlight),
 }
@@ -693,6 +745,15 @@ impl Drop for Run {
         if !self.settled {
             log::debug!("{}: client went away; cancelling", self.id);
             self.settle(499, self.count);
+        }
+        if let Some(t) = self.ticket.take() {
+            let usage = Some((self.prompt_tokens, self.count));
+            t.finish_later(self.gw.audit_record(
+                &self.ctx,
+                499,
+                Some("client_closed".into()),
+                usage,
+            ));
         }
     }
 }
@@ -716,6 +777,32 @@ impl Run {
         );
         self.gw
             .finish(&self.ctx, status, Some((self.prompt_tokens, completion)));
+    }
+
+    /// Writes the request's audit record, then settles it. `Err` when the record could
+    /// not be written: the client must then get 503 instead of the outcome (which is what
+    /// the record written later says).
+    async fn conclude(
+        &mut self,
+        status: u16,
+        completion: usize,
+        error: Option<String>,
+    ) -> Result<(), ()> {
+        let usage = Some((self.prompt_tokens, completion));
+        let record = self.gw.audit_record(&self.ctx, status, error, usage);
+        let mut result = Ok(());
+        if let Some(t) = self.ticket.take() {
+            if let Err((_, t)) = t.finish(record).await {
+                let refused = ApiError::AuditUnavailable;
+                t.finish_later(
+                    self.gw
+                        .audit_record(&self.ctx, 503, Some(refused.code()), usage),
+                );
+                result = Err(());
+            }
+        }
+        self.settle(if result.is_ok() { status } else { 503 }, completion);
+        result
     }
 
     /// The next piece of the generation.
@@ -858,6 +945,13 @@ impl Run {
                     include_usage,
                 ),
                 Ok(Step::Done(finish, n)) => {
+                    if self.conclude(200, n, None).await.is_err() {
+                        // The text has gone out, but not the end: say why it stops.
+                        let _ = self
+                            .push(&tx, sse(&ApiError::AuditUnavailable.body()))
+                            .await;
+                        return;
+                    }
                     let mut frames =
                         vec![self.chunk(Delta::default(), Some(finish), include_usage)];
                     if include_usage {
@@ -869,7 +963,6 @@ impl Run {
                             break;
                         }
                     }
-                    self.settle(200, n);
                     return;
                 }
                 Err(e) => {
@@ -878,9 +971,16 @@ impl Run {
                         self.id,
                         e.body().error.message
                     );
+                    let count = self.count;
+                    let e = match self
+                        .conclude(e.status().as_u16(), count, Some(e.code()))
+                        .await
+                    {
+                        Ok(()) => e,
+                        Err(()) => ApiError::AuditUnavailable,
+                    };
                     // The status line has gone out: the error travels as an event.
                     let _ = tx.try_send(sse(&e.body()));
-                    self.settle(e.status().as_u16(), self.count);
                     return;
                 }
             };

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use appliance_audit::{Auditor, Record};
 use appliance_supervisor::Worker;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -201,6 +202,7 @@ pub struct Gateway {
     request_prefix: String,
     request_counter: AtomicU64,
     admin: std::sync::OnceLock<Arc<dyn crate::admin::AdminOps>>,
+    pub(crate) audit: Auditor,
 }
 
 pub fn unix_now() -> i64 {
@@ -221,6 +223,10 @@ pub(crate) struct ReqCtx {
     pub tenant: Option<String>,
     pub key: Option<String>,
     pub model: Option<String>,
+    /// The audit record's action (from the route; admin routes refine it).
+    pub action: &'static str,
+    /// Where the request was sent, once routed.
+    pub destination: Option<String>,
 }
 
 /// A handler's answer: complete (the caller records it), or a generation that records
@@ -327,11 +333,27 @@ fn route_of(path: &str) -> &'static str {
     }
 }
 
+/// The audit action of a route.
+fn action_of(route: &str) -> &'static str {
+    match route {
+        "/v1/chat/completions" => "chat.completions",
+        "/v1/completions" => "completions",
+        "/v1/models" => "models.list",
+        "/v1/models/{id}" => "models.get",
+        "/metrics" => "metrics.read",
+        "/admin/v1/status" => "admin.status",
+        "/admin/v1/models/{id}/{action}" => "admin.model",
+        "/healthz" | "/readyz" => "health",
+        _ => "unknown_route",
+    }
+}
+
 impl Gateway {
     pub fn new(
         cfg: GatewayConfig,
         keys: Arc<KeyTable>,
         models: Vec<Arc<ModelRoute>>,
+        audit: Auditor,
     ) -> Arc<Gateway> {
         let (hard_stop, _) = watch::channel(false);
         Arc::new(Gateway {
@@ -345,6 +367,7 @@ impl Gateway {
             request_prefix: crate::keys::random_hex::<4>(),
             request_counter: AtomicU64::new(0),
             admin: std::sync::OnceLock::new(),
+            audit,
         })
     }
 
@@ -522,26 +545,64 @@ impl Gateway {
         watch: Arc<ConnWatch>,
     ) -> Response<Body> {
         let _handling = watch.handler();
+        let route = route_of(req.uri().path());
         let mut ctx = ReqCtx {
             id: self.next_request_id(),
             method: req.method().clone(),
-            route: route_of(req.uri().path()),
+            route,
             start: Instant::now(),
             peer,
             tenant: None,
             key: None,
             model: None,
+            action: action_of(route),
+            destination: None,
         };
-        match self.dispatch(req, &mut ctx).await {
-            Ok(Reply::Done(resp)) => {
-                self.finish(&ctx, resp.status().as_u16(), None);
-                resp
+        // Health probes carry no identity and touch nothing: the only unaudited routes.
+        let audited = !matches!(route, "/healthz" | "/readyz");
+        let (resp, error) = match self.dispatch(req, &mut ctx).await {
+            Ok(Reply::Settled(resp)) => return resp,
+            Ok(Reply::Done(resp)) => (resp, None),
+            Err(e) => (error_response(&e, &ctx.id), Some(e)),
+        };
+        let status = resp.status().as_u16();
+        if audited {
+            let code = error.as_ref().map(ApiError::code);
+            let record = self.audit_record(&ctx, status, code, None);
+            if self.audit.record(record).await.is_err() {
+                // No record, no answer.
+                self.finish(&ctx, 503, None);
+                return error_response(&ApiError::AuditUnavailable, &ctx.id);
             }
-            Ok(Reply::Settled(resp)) => resp,
-            Err(e) => {
-                self.finish(&ctx, e.status().as_u16(), None);
-                error_response(&e, &ctx.id)
-            }
+        }
+        self.finish(&ctx, status, None);
+        resp
+    }
+
+    /// The audit record of a request: who, from where, what, on what, with what outcome;
+    /// never its content.
+    pub(crate) fn audit_record(
+        &self,
+        ctx: &ReqCtx,
+        status: u16,
+        error: Option<String>,
+        usage: Option<(usize, usize)>,
+    ) -> Record {
+        let (p, c) = usage.unwrap_or((0, 0));
+        Record {
+            tenant: ctx.tenant.clone(),
+            key_id: ctx.key.clone(),
+            source: Some(ctx.peer.ip().to_string()),
+            action: ctx.action.to_string(),
+            resource: ctx.model.clone(),
+            destination: ctx.destination.clone(),
+            status,
+            error,
+            prompt_tokens: p as u64,
+            completion_tokens: c as u64,
+            latency_ms: ctx.start.elapsed().as_millis() as u64,
+            request_id: Some(ctx.id.clone()),
+            ..Record::default()
         }
     }
 
@@ -617,6 +678,11 @@ impl Gateway {
                 let rest = &path["/admin/v1/models/".len()..];
                 let (name, action) = rest.rsplit_once('/').unwrap_or((rest, ""));
                 ctx.model = Some(crate::openai::loggable(name));
+                ctx.action = if action == "load" {
+                    "admin.model.load"
+                } else {
+                    "admin.model.unload"
+                };
                 let ops = self
                     .admin
                     .get()

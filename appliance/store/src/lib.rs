@@ -15,6 +15,8 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
+pub mod audit;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {source}")]

@@ -1,0 +1,548 @@
+//! The audit log's files and commands: `DIR/audit/` holds `audit.db` (records, intents,
+//! checkpoints), `signing.key` (0600, the checkpoint key, made on first start),
+//! `public.key` (for auditors) and `node-id`. `appliance audit verify | export |
+//! verify-export | checkpoint | public-key`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use appliance_audit::merkle::{Frontier, Hash};
+use appliance_audit::note::{Checkpoint, Signer, VerifierKey};
+use appliance_audit::record::{format_time, parse_time};
+use appliance_audit::verify::{verify_export, Exporter, LogVerifier, Row};
+use appliance_audit::writer::{Batch, LogBackend, Resume, WriterConfig};
+use appliance_audit::{Auditor, Record};
+use appliance_store::audit::{AuditDb, NewAuditRow};
+use clap::Subcommand;
+
+use crate::config::AuditSection;
+use crate::serve::{ask_daemon, DataDir};
+
+/// Rows read per query when scanning the log.
+const PAGE: u32 = 20_000;
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Re-hash every record, rebuild the tree and check every signed checkpoint; names
+    /// the first bad record. Exit status 1 on any failure.
+    Verify {
+        #[command(flatten)]
+        data: DataDir,
+        /// The auditor's copy of the public key (file or key text); default: the data
+        /// directory's.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// Older signed checkpoints kept elsewhere (files): the log must still match them.
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Write records (with inclusion proofs) and checkpoints (with consistency proofs)
+    /// as JSON lines, for `verify-export` on another machine.
+    Export {
+        #[command(flatten)]
+        data: DataDir,
+        /// Records from this UTC time (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ).
+        #[arg(long)]
+        since: Option<String>,
+        /// Records before this UTC time.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check an export file with nothing but the log's public key.
+    VerifyExport {
+        file: PathBuf,
+        /// The log's public key: a file holding it, or its text.
+        #[arg(long)]
+        public_key: String,
+    },
+    /// Sign a checkpoint of the log now (through the running daemon if there is one).
+    Checkpoint {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Print the log's public key (give it to auditors).
+    PublicKey {
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+pub fn dir(data: &Path) -> PathBuf {
+    data.join("audit")
+}
+
+pub fn db_path(data: &Path) -> PathBuf {
+    dir(data).join("audit.db")
+}
+
+/// The store as the writer's backend.
+pub struct StoreBackend(pub AuditDb);
+
+impl LogBackend for StoreBackend {
+    async fn commit(&mut self, batch: &Batch) -> Result<(), String> {
+        let records: Vec<NewAuditRow> = batch
+            .records
+            .iter()
+            .map(|r| NewAuditRow {
+                seq: r.seq,
+                time_ms: r.time_ms,
+                leaf: &r.leaf,
+                body: &r.body,
+            })
+            .collect();
+        let intents: Vec<(u64, &str)> = batch
+            .intents
+            .iter()
+            .map(|(id, b)| (*id, b.as_str()))
+            .collect();
+        let checkpoint = batch
+            .checkpoint
+            .as_ref()
+            .map(|c| (c.size, c.time_ms, c.note.as_str()));
+        self.0
+            .commit(&records, &intents, &batch.resolved, checkpoint)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn prune(&mut self, before_ms: i64) -> Result<u64, String> {
+        self.0.prune(before_ms).await.map_err(|e| e.to_string())
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The node id and signing key, made on first use.
+fn identity(data: &Path) -> Result<(String, Signer)> {
+    let d = dir(data);
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let node_path = d.join("node-id");
+    if !node_path.exists() {
+        let id = format!("node-{}", appliance_gateway::keys::random_hex::<6>());
+        write_private(&node_path, &format!("{id}\n"))?;
+    }
+    let node = std::fs::read_to_string(&node_path)?.trim().to_string();
+    let key_path = d.join("signing.key");
+    let signer = if key_path.exists() {
+        let text = std::fs::read_to_string(&key_path)
+            .with_context(|| format!("reading {}", key_path.display()))?;
+        Signer::from_text(&text).with_context(|| format!("{}", key_path.display()))?
+    } else {
+        let s = Signer::generate(&format!("appliance.audit/{node}"))?;
+        write_private(&key_path, &format!("{}\n", s.to_text()))?;
+        log::info!("audit: new checkpoint signing key {}", key_path.display());
+        s
+    };
+    let public = d.join("public.key");
+    let text = format!("{}\n", signer.verifier());
+    if std::fs::read_to_string(&public).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(&public, text)?;
+    }
+    Ok((node, signer))
+}
+
+/// Opens the log and reads where the writer resumes: the tree's right edge (checked
+/// against the newest checkpoint: a log that does not match its own signature is not
+/// appended to), the last time, and intents left by a crash.
+async fn resume(db: &AuditDb, key: &VerifierKey) -> Result<Resume> {
+    let mut checkpoints = vec![];
+    for (_, _, note) in db.checkpoints().await? {
+        checkpoints.push(Checkpoint::open(&note, key).context("a stored audit checkpoint")?);
+    }
+    let newest = checkpoints.iter().max_by_key(|c| c.size).cloned();
+    let mut frontier = Frontier::new();
+    let mut from = 1;
+    loop {
+        let page = db.leaves(from, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        from = last.0 + 1;
+        for (seq, leaf) in page {
+            if seq != frontier.size() + 1 {
+                bail!(
+                    "the audit log is missing record {} (run `appliance audit verify`)",
+                    frontier.size() + 1
+                );
+            }
+            frontier.push(leaf_of(&leaf)?);
+            if let Some(c) = &newest {
+                if c.size == frontier.size() && c.root != frontier.root() {
+                    bail!(
+                        "the audit log does not match its checkpoint of size {}: it was altered; refusing to append (run `appliance audit verify`)",
+                        c.size
+                    );
+                }
+            }
+        }
+    }
+    if let Some(c) = &newest {
+        if c.size > frontier.size() {
+            bail!(
+                "the audit log has {} records but its checkpoint covers {}: records were removed; refusing to append (run `appliance audit verify`)",
+                frontier.size(),
+                c.size
+            );
+        }
+    }
+    Ok(Resume {
+        last_time_ms: db.last().await?.map(|l| l.1).unwrap_or(0),
+        last_checkpoint_size: newest.map(|c| c.size).unwrap_or(0),
+        intents: db.intents().await?,
+        frontier,
+    })
+}
+
+fn leaf_of(raw: &[u8]) -> Result<Hash> {
+    <[u8; 32]>::try_from(raw).map_err(|_| anyhow::anyhow!("a stored leaf hash is not 32 bytes"))
+}
+
+/// Opens the log and starts its writer.
+pub async fn start(
+    data: &Path,
+    cfg: &AuditSection,
+) -> Result<(Auditor, tokio::task::JoinHandle<()>)> {
+    let (node, signer) = identity(data)?;
+    let db = AuditDb::open(&db_path(data), Duration::from_millis(cfg.lock_timeout_ms)).await?;
+    let resume = resume(&db, &signer.verifier()).await?;
+    if !resume.intents.is_empty() {
+        log::warn!(
+            "audit: {} request(s) were in progress when the daemon last stopped; recording them as interrupted",
+            resume.intents.len()
+        );
+    }
+    let wcfg = WriterConfig {
+        origin: signer.name().to_string(),
+        node,
+        checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+    };
+    Ok(Auditor::start(StoreBackend(db), resume, signer, wcfg))
+}
+
+/// The local operator, for records of command-line actions.
+fn local_user() -> String {
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => u.name,
+        _ => format!("uid:{uid}"),
+    }
+}
+
+/// Records a command-line action: through the running daemon (its writer owns the log),
+/// or, with no daemon, directly under the data directory's lock. Fails when the record
+/// cannot be written: the caller must not report success.
+pub async fn record_cli(data: &Path, mut record: Record) -> Result<()> {
+    record.user = Some(local_user());
+    record.source = Some("local".into());
+    for attempt in 0..3 {
+        if let Some(reply) = ask_daemon(data, &format!("audit {}", record.canonical())).await {
+            return match reply.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None => bail!("the audit record could not be written: {reply}"),
+            };
+        }
+        match crate::serve::try_lock(data)? {
+            Some(lock) => {
+                let (auditor, task) = start(data, &AuditSection::default()).await?;
+                let result = auditor.record(record).await;
+                auditor.stop(None).await;
+                let _ = task.await;
+                drop(lock);
+                result.context("the audit record could not be written")?;
+                return Ok(());
+            }
+            // A daemon is starting: ask it in a moment.
+            None if attempt < 2 => tokio::time::sleep(Duration::from_millis(500)).await,
+            None => {}
+        }
+    }
+    bail!(
+        "a daemon holds {} but does not answer; the audit record was not written",
+        data.display()
+    )
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn read_key(arg: &str) -> Result<VerifierKey> {
+    let text = if Path::new(arg).exists() {
+        std::fs::read_to_string(arg).with_context(|| format!("reading {arg}"))?
+    } else {
+        arg.to_string()
+    };
+    VerifierKey::parse(&text).with_context(|| format!("public key {arg}"))
+}
+
+fn data_key(data: &Path) -> Result<VerifierKey> {
+    let p = dir(data).join("public.key");
+    read_key(&p.display().to_string()).with_context(|| {
+        format!(
+            "no audit log under {} (it is made when the daemon first starts)",
+            data.display()
+        )
+    })
+}
+
+pub fn run(cmd: AuditCmd) -> Result<()> {
+    match cmd {
+        AuditCmd::VerifyExport { file, public_key } => {
+            let key = read_key(&public_key)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            match verify_export(&text, &key) {
+                Ok(s) => {
+                    println!(
+                        "OK: {} records, each included in the checkpoint of size {} signed by {}; {} checkpoint(s) consistent",
+                        s.records, s.anchor_size, key.name, s.checkpoints
+                    );
+                    Ok(())
+                }
+                Err(f) => bail!("{}: {f}", file.display()),
+            }
+        }
+        AuditCmd::PublicKey { data } => {
+            let dir = data.prepare()?;
+            println!("{}", data_key(&dir)?);
+            Ok(())
+        }
+        AuditCmd::Verify {
+            data,
+            public_key,
+            checkpoints,
+        } => runtime()?.block_on(verify(data, public_key, checkpoints)),
+        AuditCmd::Export {
+            data,
+            since,
+            until,
+            out,
+        } => runtime()?.block_on(export(data, since, until, out)),
+        AuditCmd::Checkpoint { data } => runtime()?.block_on(async {
+            let dir = data.prepare()?;
+            let note = checkpoint(&dir).await?;
+            print!("{note}");
+            Ok(())
+        }),
+    }
+}
+
+/// A fresh checkpoint: from the daemon, or signed here when none runs.
+async fn checkpoint(dir: &Path) -> Result<String> {
+    if let Some(reply) = ask_daemon(dir, "checkpoint").await {
+        let Some(json) = reply.strip_prefix("ok ") else {
+            bail!("the daemon could not sign a checkpoint: {reply}");
+        };
+        return Ok(serde_json::from_str(json)?);
+    }
+    let Some(lock) = crate::serve::try_lock(dir)? else {
+        bail!("a daemon holds {} but does not answer", dir.display());
+    };
+    let (auditor, task) = start(dir, &AuditSection::default()).await?;
+    let note = auditor.checkpoint().await;
+    auditor.stop(None).await;
+    let _ = task.await;
+    drop(lock);
+    Ok(note?)
+}
+
+async fn open_read(dir: &Path) -> Result<AuditDb> {
+    let path = db_path(dir);
+    if !path.exists() {
+        bail!(
+            "no audit log at {} (it is made when the daemon first starts)",
+            path.display()
+        );
+    }
+    Ok(AuditDb::open(&path, Duration::from_secs(10)).await?)
+}
+
+async fn verify(data: DataDir, public_key: Option<String>, extra: Vec<PathBuf>) -> Result<()> {
+    let dir = data.prepare()?;
+    let key = match &public_key {
+        Some(k) => read_key(k)?,
+        None => data_key(&dir)?,
+    };
+    let db = open_read(&dir).await?;
+    let mut notes: Vec<String> = db.checkpoints().await?.into_iter().map(|c| c.2).collect();
+    for p in &extra {
+        notes.push(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?);
+    }
+    let started = std::time::Instant::now();
+    let mut v = LogVerifier::new(&key, &notes).map_err(|f| anyhow::anyhow!("FAILED: {f}"))?;
+    let mut from = 1;
+    loop {
+        let page = db.rows(from, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        let rows: Vec<Row> = page
+            .into_iter()
+            .map(|r| {
+                Ok(Row {
+                    seq: r.seq,
+                    time_ms: r.time_ms,
+                    leaf: leaf_of(&r.leaf).with_context(|| format!("record {}", r.seq))?,
+                    body: r.body,
+                })
+            })
+            .collect::<Result<_>>()?;
+        if let Err(f) = v.push_batch(&rows) {
+            report_verify(&dir, false, &f.to_string()).await;
+            match f.seq {
+                Some(s) => bail!("FAILED at record {s}: {f}"),
+                None => bail!("FAILED: {f}"),
+            }
+        }
+    }
+    let s = match v.finish() {
+        Ok(s) => s,
+        Err(f) => {
+            report_verify(&dir, false, &f.to_string()).await;
+            match f.seq {
+                Some(s) => bail!("FAILED at record {s}: {f}"),
+                None => bail!("FAILED: {f}"),
+            }
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "OK: {} records ({} pruned to their hashes), {} signed checkpoint(s) match, verified in {:.2} s ({:.0} records/s)",
+        s.records,
+        s.pruned,
+        s.checkpoints,
+        secs,
+        s.records as f64 / secs.max(1e-9)
+    );
+    if s.records > s.signed_size {
+        println!(
+            "note: records {}..{} are after the newest checkpoint (size {}) and not yet signed; `appliance audit checkpoint` signs them",
+            s.signed_size + 1,
+            s.records,
+            s.signed_size
+        );
+    }
+    report_verify(&dir, true, &format!("{} records", s.records)).await;
+    Ok(())
+}
+
+/// Audit reads are themselves audited (best effort for verification: a failed record of
+/// a read must not hide the read's result).
+async fn report_verify(dir: &Path, ok: bool, detail: &str) {
+    let mut r = Record::action("audit.verify", if ok { 200 } else { 409 });
+    r.detail = Some(detail.chars().take(200).collect());
+    if let Err(e) = record_cli(dir, r).await {
+        eprintln!("warning: the verification itself could not be recorded: {e:#}");
+    }
+}
+
+async fn export(
+    data: DataDir,
+    since: Option<String>,
+    until: Option<String>,
+    out: PathBuf,
+) -> Result<()> {
+    let dir = data.prepare()?;
+    let since_ms = since
+        .as_deref()
+        .map(parse_time)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let until_ms = until
+        .as_deref()
+        .map(parse_time)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let key = data_key(&dir)?;
+    // The export is recorded before it is written, and then signed into a checkpoint
+    // that covers everything exported.
+    let mut r = Record::action("audit.export", 200);
+    r.detail = Some(format!(
+        "since {} until {} to {}",
+        since_ms.map(format_time).unwrap_or_else(|| "-".into()),
+        until_ms.map(format_time).unwrap_or_else(|| "-".into()),
+        out.display()
+    ));
+    record_cli(&dir, r).await?;
+    let anchor_note = checkpoint(&dir).await?;
+    let anchor = Checkpoint::open(&anchor_note, &key)?;
+    let db = open_read(&dir).await?;
+    let mut leaves = Vec::with_capacity(anchor.size as usize);
+    let mut from = 1;
+    while (leaves.len() as u64) < anchor.size {
+        let page = db.leaves(from, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        from = last.0 + 1;
+        for (_, l) in page {
+            leaves.push(leaf_of(&l)?);
+        }
+    }
+    let ex = Exporter::new(leaves, anchor.clone()).map_err(anyhow::Error::msg)?;
+    let tmp = out.with_extension("partial");
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    writeln!(w, "{}", ex.header(&key, since_ms, until_ms, now))?;
+    let in_range = |t: i64| since_ms.is_none_or(|s| t >= s) && until_ms.is_none_or(|u| t < u);
+    let mut cps = 0;
+    for (size, time_ms, note) in db.checkpoints().await? {
+        if size <= anchor.size && (in_range(time_ms) || note == anchor_note) {
+            writeln!(w, "{}", ex.checkpoint(size, &note))?;
+            cps += 1;
+        }
+    }
+    let mut n = 0u64;
+    let mut pruned = 0u64;
+    if let Some((first, last)) = db.seq_range(since_ms, until_ms).await? {
+        let last = last.min(anchor.size);
+        let mut from = first;
+        while from <= last {
+            let page = db.rows(from, PAGE).await?;
+            let Some(l) = page.last() else { break };
+            from = l.seq + 1;
+            for r in page
+                .into_iter()
+                .filter(|r| r.seq <= last && in_range(r.time_ms))
+            {
+                match &r.body {
+                    Some(b) => {
+                        writeln!(w, "{}", ex.record(r.seq, b))?;
+                        n += 1;
+                    }
+                    None => pruned += 1,
+                }
+            }
+        }
+    }
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "exported {n} records ({pruned} in range already pruned) and {cps} checkpoint(s) to {}; check it with: appliance audit verify-export {} --public-key '{key}'",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The audit log's SQL: its own SQLite file (`audit.db`), WAL with `synchronous=FULL`, so
+//! a committed batch survives power loss; writes wait at most the busy timeout for a lock
+//! held elsewhere, then fail (and the gateway refuses the request).
+//!
+//! Tables: `audit_records(seq, time_ms, leaf, body)` (body NULL once pruned: the leaf hash
+//! stays so the tree still verifies), `audit_intents(id, body)` (requests in progress),
+//! `audit_checkpoints(size, time_ms, note)`.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row};
+
+use crate::{Result, StoreError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit_records (
+    seq INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    leaf BLOB NOT NULL,
+    body TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records(time_ms);
+CREATE TABLE IF NOT EXISTS audit_intents (
+    id INTEGER PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    size INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    note TEXT NOT NULL,
+    PRIMARY KEY (size, time_ms)
+);
+";
+
+/// A stored record row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub leaf: Vec<u8>,
+    pub body: Option<String>,
+}
+
+/// A record to insert.
+#[derive(Debug, Clone, Copy)]
+pub struct NewAuditRow<'a> {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub leaf: &'a [u8],
+    pub body: &'a str,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditDb {
+    pool: SqlitePool,
+}
+
+/// Rows per INSERT statement (4 parameters each, under SQLite's 32766).
+const ROWS_PER_INSERT: usize = 4000;
+
+impl AuditDb {
+    /// Opens (creating if needed) the audit database. Writes wait up to `busy` for a lock.
+    pub async fn open(path: &Path, busy: Duration) -> Result<AuditDb> {
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        #[cfg(unix)]
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            // The log names tenants, keys and addresses: the daemon's user only.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(open_err)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(busy);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(busy + Duration::from_secs(5))
+            .connect_with(opts)
+            .await
+            .map_err(open_err)?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(open_err)?;
+        Ok(AuditDb { pool })
+    }
+
+    /// Writes one batch in one transaction (one fsync of the WAL at commit).
+    pub async fn commit(
+        &self,
+        records: &[NewAuditRow<'_>],
+        intents: &[(u64, &str)],
+        resolved: &[u64],
+        checkpoint: Option<(u64, i64, &str)>,
+    ) -> Result<()> {
+        // Plain BEGIN/COMMIT rather than sqlx's transaction: a COMMIT that fails with
+        // SQLITE_FULL or SQLITE_BUSY leaves SQLite's transaction open, and the connection
+        // must be rolled back and dropped, not reused inside it.
+        let mut conn = self.pool.acquire().await?;
+        let result = async {
+            sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+            for chunk in records.chunks(ROWS_PER_INSERT) {
+                let mut q =
+                    QueryBuilder::new("INSERT INTO audit_records (seq, time_ms, leaf, body) ");
+                q.push_values(chunk, |mut b, r| {
+                    b.push_bind(r.seq as i64)
+                        .push_bind(r.time_ms)
+                        .push_bind(r.leaf)
+                        .push_bind(r.body);
+                });
+                q.build().execute(&mut *conn).await?;
+            }
+            for chunk in intents.chunks(ROWS_PER_INSERT) {
+                let mut q = QueryBuilder::new("INSERT INTO audit_intents (id, body) ");
+                q.push_values(chunk, |mut b, (id, body)| {
+                    b.push_bind(*id as i64).push_bind(*body);
+                });
+                q.build().execute(&mut *conn).await?;
+            }
+            for chunk in resolved.chunks(ROWS_PER_INSERT) {
+                let mut q = QueryBuilder::new("DELETE FROM audit_intents WHERE id IN (");
+                let mut list = q.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id as i64);
+                }
+                q.push(")");
+                q.build().execute(&mut *conn).await?;
+            }
+            if let Some((size, time_ms, note)) = checkpoint {
+                sqlx::query("INSERT INTO audit_checkpoints (size, time_ms, note) VALUES (?, ?, ?)")
+                    .bind(size as i64)
+                    .bind(time_ms)
+                    .bind(note)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+            Ok::<(), sqlx::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            conn.close_on_drop();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Drops the text of records older than `before_ms`; returns how many.
+    pub async fn prune(&self, before_ms: i64) -> Result<u64> {
+        let r = sqlx::query(
+            "UPDATE audit_records SET body = NULL WHERE time_ms < ? AND body IS NOT NULL",
+        )
+        .bind(before_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Up to `limit` rows with seq ≥ `from`, in seq order.
+    pub async fn rows(&self, from: u64, limit: u32) -> Result<Vec<AuditRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, time_ms, leaf, body FROM audit_records WHERE seq >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(from as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(AuditRow {
+                    seq: r.try_get::<i64, _>(0)? as u64,
+                    time_ms: r.try_get(1)?,
+                    leaf: r.try_get(2)?,
+                    body: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Leaf hashes of up to `limit` records with seq ≥ `from`: (seq, leaf).
+    pub async fn leaves(&self, from: u64, limit: u32) -> Result<Vec<(u64, Vec<u8>)>> {
+        let rows =
+            sqlx::query("SELECT seq, leaf FROM audit_records WHERE seq >= ? ORDER BY seq LIMIT ?")
+                .bind(from as i64)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)? as u64, r.try_get(1)?)))
+            .collect()
+    }
+
+    /// The last record's seq and time.
+    pub async fn last(&self) -> Result<Option<(u64, i64)>> {
+        let r = sqlx::query("SELECT seq, time_ms FROM audit_records ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => Some((r.try_get::<i64, _>(0)? as u64, r.try_get(1)?)),
+            None => None,
+        })
+    }
+
+    /// Seq range [first, last] of records with since ≤ time < until.
+    pub async fn seq_range(
+        &self,
+        since: Option<i64>,
+        until: Option<i64>,
+    ) -> Result<Option<(u64, u64)>> {
+        let r = sqlx::query(
+            "SELECT MIN(seq), MAX(seq) FROM audit_records WHERE time_ms >= ? AND time_ms < ?",
+        )
+        .bind(since.unwrap_or(i64::MIN))
+        .bind(until.unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await?;
+        let (a, b): (Option<i64>, Option<i64>) = (r.try_get(0)?, r.try_get(1)?);
+        Ok(a.zip(b).map(|(a, b)| (a as u64, b as u64)))
+    }
+
+    /// Every checkpoint: (size, time_ms, note), oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<(u64, i64, String)>> {
+        let rows =
+            sqlx::query("SELECT size, time_ms, note FROM audit_checkpoints ORDER BY size, time_ms")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)? as u64, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    /// Intents of requests in progress (or interrupted): (id, body).
+    pub async fn intents(&self) -> Result<Vec<(u64, String)>> {
+        let rows = sqlx::query("SELECT id, body FROM audit_intents ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)? as u64, r.try_get(1)?)))
+            .collect()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_are_all_or_nothing() {
+        let dir = std::env::temp_dir().join(format!("audit-db-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = AuditDb::open(&dir.join("audit.db"), Duration::from_millis(200))
+            .await
+            .unwrap();
+        let leaf = [1u8; 32];
+        let rows: Vec<NewAuditRow> = (1..=5000)
+            .map(|seq| NewAuditRow {
+                seq,
+                time_ms: seq as i64,
+                leaf: &leaf,
+                body: "{}",
+            })
+            .collect();
+        db.commit(
+            &rows,
+            &[(1, "{\"a\":1}"), (2, "{}")],
+            &[],
+            Some((5000, 9, "note")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(db.last().await.unwrap(), Some((5000, 5000)));
+        assert_eq!(db.intents().await.unwrap().len(), 2);
+        // A batch with a duplicate seq fails whole: the intent it resolves stays.
+        let dup = [
+            NewAuditRow {
+                seq: 5001,
+                time_ms: 1,
+                leaf: &leaf,
+                body: "x",
+            },
+            rows[0],
+        ];
+        assert!(db.commit(&dup, &[], &[1], None).await.is_err());
+        assert_eq!(db.last().await.unwrap(), Some((5000, 5000)));
+        assert_eq!(db.intents().await.unwrap().len(), 2);
+        db.commit(
+            &[NewAuditRow {
+                seq: 5001,
+                time_ms: 6000,
+                leaf: &leaf,
+                body: "y",
+            }],
+            &[(3, "{}")],
+            &[1, 3],
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(db.intents().await.unwrap(), vec![(2, "{}".to_string())]);
+        assert_eq!(db.prune(100).await.unwrap(), 99);
+        let r = db.rows(99, 3).await.unwrap();
+        assert_eq!(
+            r.iter().map(|r| r.body.is_some()).collect::<Vec<_>>(),
+            [false, true, true]
+        );
+        assert_eq!(
+            db.seq_range(Some(4999), Some(6001)).await.unwrap(),
+            Some((4999, 5001))
+        );
+        assert_eq!(db.checkpoints().await.unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

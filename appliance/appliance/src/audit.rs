@@ -11,10 +11,10 @@ use anyhow::{bail, Context, Result};
 use appliance_audit::merkle::{Frontier, Hash};
 use appliance_audit::note::{Checkpoint, Signer, VerifierKey};
 use appliance_audit::record::{format_time, parse_time};
-use appliance_audit::verify::{verify_export, Exporter, LogVerifier, Row};
+use appliance_audit::verify::{verify_export, Exporter, Failure, LogVerifier, Row, Summary};
 use appliance_audit::writer::{Batch, LogBackend, Resume, WriterConfig};
 use appliance_audit::{Auditor, Record};
-use appliance_store::audit::{AuditDb, NewAuditRow};
+use appliance_store::audit::{AuditDb, NewAuditRow, PackedRows};
 use clap::Subcommand;
 
 use crate::config::AuditSection;
@@ -68,6 +68,23 @@ pub enum AuditCmd {
     PublicKey {
         #[command(flatten)]
         data: DataDir,
+    },
+    /// Benchmark: durable appends with group commit against one commit per record, and
+    /// verification of a large log. Works in a scratch directory (on the disk to measure).
+    #[command(hide = true)]
+    Bench {
+        /// A scratch directory (emptied first).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Concurrent writers for the group-commit run.
+        #[arg(long, default_value_t = 256)]
+        writers: usize,
+        /// Seconds of the group-commit run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Records in the log to verify.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
     },
 }
 
@@ -338,6 +355,12 @@ pub fn run(cmd: AuditCmd) -> Result<()> {
             until,
             out,
         } => runtime()?.block_on(export(data, since, until, out)),
+        AuditCmd::Bench {
+            dir,
+            writers,
+            seconds,
+            records,
+        } => runtime()?.block_on(bench(dir, writers, seconds, records)),
         AuditCmd::Checkpoint { data } => runtime()?.block_on(async {
             let dir = data.prepare()?;
             let note = checkpoint(&dir).await?;
@@ -389,32 +412,7 @@ async fn verify(data: DataDir, public_key: Option<String>, extra: Vec<PathBuf>) 
         notes.push(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?);
     }
     let started = std::time::Instant::now();
-    let mut v = LogVerifier::new(&key, &notes).map_err(|f| anyhow::anyhow!("FAILED: {f}"))?;
-    let mut from = 1;
-    loop {
-        let page = db.rows(from, PAGE).await?;
-        let Some(last) = page.last() else { break };
-        from = last.seq + 1;
-        let rows: Vec<Row> = page
-            .into_iter()
-            .map(|r| {
-                Ok(Row {
-                    seq: r.seq,
-                    time_ms: r.time_ms,
-                    leaf: leaf_of(&r.leaf).with_context(|| format!("record {}", r.seq))?,
-                    body: r.body,
-                })
-            })
-            .collect::<Result<_>>()?;
-        if let Err(f) = v.push_batch(&rows) {
-            report_verify(&dir, false, &f.to_string()).await;
-            match f.seq {
-                Some(s) => bail!("FAILED at record {s}: {f}"),
-                None => bail!("FAILED: {f}"),
-            }
-        }
-    }
-    let s = match v.finish() {
+    let s = match scan(&db, &key, &notes).await? {
         Ok(s) => s,
         Err(f) => {
             report_verify(&dir, false, &f.to_string()).await;
@@ -442,6 +440,258 @@ async fn verify(data: DataDir, public_key: Option<String>, extra: Vec<PathBuf>) 
         );
     }
     report_verify(&dir, true, &format!("{} records", s.records)).await;
+    Ok(())
+}
+
+/// Re-hashes every stored record, rebuilds the tree and checks every checkpoint.
+/// Outer error: the database could not be read; inner: the log does not verify.
+async fn scan(
+    db: &AuditDb,
+    key: &VerifierKey,
+    notes: &[String],
+) -> Result<Result<Summary, Failure>> {
+    let mut v = match LogVerifier::new(key, notes) {
+        Ok(v) => v,
+        Err(f) => return Ok(Err(f)),
+    };
+    // Pages by seq range, up to the last stored seq (a gap is the verifier's to find);
+    // the next page is read while this one is checked.
+    let end = db.last().await?.map(|l| l.0).unwrap_or(0);
+    let fetch = |from: u64| {
+        let db = db.clone();
+        tokio::spawn(async move { db.packed_rows(from, PACKED_PAGE).await })
+    };
+    let mut from = 1;
+    let mut next = fetch(from);
+    while from <= end {
+        let page = next.await??;
+        from += PACKED_PAGE as u64;
+        next = fetch(from);
+        let Some(text) = page else { continue };
+        let rows = match unpack(&text) {
+            Ok(rows) => rows,
+            Err(f) => return Ok(Err(f)),
+        };
+        if let Err(f) = v.push_batch(&rows) {
+            return Ok(Err(f));
+        }
+    }
+    Ok(v.finish())
+}
+
+/// Rows per packed page when verifying.
+const PACKED_PAGE: u32 = 4000;
+
+/// Splits a packed page (see `AuditDb::packed_rows`) into rows.
+fn unpack(p: &PackedRows) -> Result<Vec<Row<'_>>, Failure> {
+    let bad = |seq: Option<u64>, message: String| Failure { seq, message };
+    let mut seqs = p.seqs.split(',');
+    let mut times = p.times.split(',');
+    let mut bodies = p.bodies.split('\n');
+    let leaves = p.leaves.as_bytes();
+    let mut rows = Vec::with_capacity(leaves.len() / 64);
+    for (i, hex) in leaves.chunks(64).enumerate() {
+        let (Some(seq), Some(time), Some(body)) = (seqs.next(), times.next(), bodies.next()) else {
+            return Err(bad(None, format!("a stored page is malformed (row {i})")));
+        };
+        let seq: u64 = seq
+            .parse()
+            .map_err(|_| bad(None, format!("a stored seq is not a number: {seq:?}")))?;
+        if hex.len() != 64 {
+            return Err(bad(
+                Some(seq),
+                format!("record {seq}: the stored leaf hash is not 32 bytes"),
+            ));
+        }
+        let mut hash = [0u8; 32];
+        for (j, b) in hash.iter_mut().enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+            match (digit(hex[2 * j]), digit(hex[2 * j + 1])) {
+                (Some(h), Some(l)) => *b = h << 4 | l,
+                _ => {
+                    return Err(bad(
+                        Some(seq),
+                        format!("record {seq}: the stored leaf hash is not hex"),
+                    ))
+                }
+            }
+        }
+        rows.push(Row {
+            seq,
+            time_ms: time
+                .parse()
+                .map_err(|_| bad(Some(seq), format!("record {seq}: its time is not a number")))?,
+            leaf: hash,
+            body: (body != "-").then_some(body),
+        });
+    }
+    if seqs.next().is_some() || bodies.next().is_some() {
+        // A body with a raw newline (not canonical) shifts the rest: name where.
+        let at = rows
+            .iter()
+            .find(|r| r.body.is_some_and(|b| !b.ends_with('}')))
+            .or(rows.first())
+            .map(|r| r.seq);
+        return Err(bad(
+            at,
+            "the stored rows do not line up (a record's text holds a raw newline): the log was altered".into(),
+        ));
+    }
+    Ok(rows)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn bench(dir: PathBuf, writers: usize, seconds: u64, records: u64) -> Result<()> {
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let sample = |i: usize| {
+        let mut r = Record::action("chat.completions", 200);
+        r.tenant = Some("acme".into());
+        r.key_id = Some("0123456789abcdef".into());
+        r.source = Some("10.1.2.3".into());
+        r.resource = Some("smollm2".into());
+        r.destination = Some("local/cpu".into());
+        r.prompt_tokens = 40;
+        r.completion_tokens = 120;
+        r.latency_ms = 812;
+        r.request_id = Some(format!("req_bench{i:012}"));
+        r
+    };
+    // 1. One commit (one fsync) per record: the baseline.
+    let one = AuditDb::open(&dir.join("one.db"), Duration::from_secs(5)).await?;
+    let n_one = 2000;
+    let mut lat = Vec::with_capacity(n_one);
+    let t0 = std::time::Instant::now();
+    for i in 0..n_one {
+        let body = sample(i).canonical();
+        let leaf = appliance_audit::merkle::leaf_hash(body.as_bytes());
+        let t = std::time::Instant::now();
+        one.commit(
+            &[NewAuditRow {
+                seq: i as u64 + 1,
+                time_ms: 0,
+                leaf: &leaf,
+                body: &body,
+            }],
+            &[],
+            &[],
+            None,
+        )
+        .await?;
+        lat.push(t.elapsed());
+    }
+    let one_rate = n_one as f64 / t0.elapsed().as_secs_f64();
+    lat.sort();
+    println!(
+        "per-record commit (synchronous=FULL), 1 writer: {:.0} appends/s, p50 {:.3} ms, p99 {:.3} ms",
+        one_rate,
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99))
+    );
+    one.close().await;
+
+    // 2. Group commit through the writer, `writers` concurrent callers, and 1 caller.
+    let data = dir.join("data");
+    for (label, callers, secs) in [
+        ("1 writer", 1usize, seconds.min(3)),
+        ("concurrent", writers, seconds),
+    ] {
+        let _ = std::fs::remove_dir_all(&data);
+        let (auditor, task) = start(&data, &AuditSection::default()).await?;
+        let until = std::time::Instant::now() + Duration::from_secs(secs);
+        let mut tasks = vec![];
+        for w in 0..callers {
+            let a = auditor.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = vec![];
+                let mut i = w * 10_000_000;
+                while std::time::Instant::now() < until {
+                    let t = std::time::Instant::now();
+                    a.record(sample(i)).await.map_err(anyhow::Error::from)?;
+                    lat.push(t.elapsed());
+                    i += 1;
+                }
+                Ok::<_, anyhow::Error>(lat)
+            }));
+        }
+        let mut lat = vec![];
+        for t in tasks {
+            lat.extend(t.await??);
+        }
+        auditor.stop(None).await;
+        let _ = task.await;
+        lat.sort();
+        println!(
+            "group commit, {label} ({callers} callers): {:.0} appends/s, p50 {:.3} ms, p99 {:.3} ms ({} appends; {:.1}x the per-record commit)",
+            lat.len() as f64 / secs as f64,
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99)),
+            lat.len(),
+            lat.len() as f64 / secs as f64 / one_rate
+        );
+    }
+
+    // 3. Verification of a log of `records` records.
+    let _ = std::fs::remove_dir_all(&data);
+    let (auditor, task) = start(&data, &AuditSection::default()).await?;
+    let t0 = std::time::Instant::now();
+    for i in 0..records as usize {
+        auditor.record_later(sample(i));
+        if i % 100_000 == 99_999 {
+            auditor.checkpoint().await?;
+        }
+    }
+    auditor.checkpoint().await?;
+    auditor.stop(None).await;
+    let _ = task.await;
+    println!(
+        "filled {records} records in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let db = open_read(&data).await?;
+    let key = data_key(&data)?;
+    let notes: Vec<String> = db.checkpoints().await?.into_iter().map(|c| c.2).collect();
+    // Reading alone (the floor), then checking alone, then the two overlapped.
+    let t1 = std::time::Instant::now();
+    let mut pages = vec![];
+    let mut from = 1;
+    while let Some(text) = db.packed_rows(from, PACKED_PAGE).await? {
+        from += PACKED_PAGE as u64;
+        pages.push(text);
+    }
+    let read_secs = t1.elapsed().as_secs_f64();
+    let bytes: usize = pages.iter().map(|p| p.bodies.len()).sum();
+    let t1 = std::time::Instant::now();
+    let mut v = LogVerifier::new(&key, &notes).map_err(|f| anyhow::anyhow!("{f}"))?;
+    for p in &pages {
+        let rows = unpack(p).map_err(|f| anyhow::anyhow!("{f}"))?;
+        v.push_batch(&rows).map_err(|f| anyhow::anyhow!("{f}"))?;
+    }
+    v.finish().map_err(|f| anyhow::anyhow!("{f}"))?;
+    let check_secs = t1.elapsed().as_secs_f64();
+    drop(pages);
+    let t0 = std::time::Instant::now();
+    let s = scan(&db, &key, &notes)
+        .await?
+        .map_err(|f| anyhow::anyhow!("{f}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "verify: {} records ({:.0} MB of text), {} checkpoints in {:.2} s = {:.0} records/s (reading alone {:.2} s, checking alone {:.2} s)",
+        s.records,
+        bytes as f64 / 1e6,
+        s.checkpoints,
+        secs,
+        s.records as f64 / secs,
+        read_secs,
+        check_secs
+    );
     Ok(())
 }
 

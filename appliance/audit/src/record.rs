@@ -1,8 +1,8 @@
 //! The audit record: what happened, never what was said.
 //!
 //! A record is stored and hashed as its canonical JSON text: the fields below in this
-//! order, every field present (null when unknown), no whitespace, `seq` first. The Merkle
-//! leaf is `SHA-256(0x00 || text)`, so a verifier needs nothing but the bytes.
+//! order, absent when unknown (never `null`), no whitespace, `seq` then `time` first. The
+//! Merkle leaf is `SHA-256(0x00 || text)`, so a verifier needs nothing but the bytes.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,31 +17,44 @@ pub struct Record {
     /// The appliance that wrote it.
     pub node: String,
     /// Actor: the tenant and key of an API request, or the admin user / local operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Where the request came from: an IP address, or `local` for the command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// What was done: `chat.completions`, `key.create`, `daemon.start`, ...
     pub action: String,
     /// What it was done to: a model, a key id, a tenant, a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<String>,
     /// Where the request was sent (a local model, an upstream) once routed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
     /// The policy's decision, the data classes it detected and the policy's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_version: Option<String>,
     /// HTTP status of the answer (or the CLI's equivalent), and the error code if any.
     pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub latency_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     /// Opt-in content evidence (a keyed HMAC or ciphertext); absent by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     /// A short machine-written detail for admin actions (never client text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
 
@@ -109,6 +122,35 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     )
 }
 
+/// Writes `2026-11-22T08:38:42.123Z` for unix milliseconds into `out` (no allocation;
+/// years 0–9999).
+pub fn write_time(unix_ms: i64, out: &mut [u8; 24]) {
+    let days = unix_ms.div_euclid(86_400_000);
+    let ms = unix_ms.rem_euclid(86_400_000);
+    let (y, m, d) = civil_from_days(days);
+    let fields: [(i64, usize); 7] = [
+        (y.clamp(0, 9999), 4),
+        (m as i64, 2),
+        (d as i64, 2),
+        (ms / 3_600_000, 2),
+        (ms / 60_000 % 60, 2),
+        (ms / 1000 % 60, 2),
+        (ms % 1000, 3),
+    ];
+    let seps = [b'-', b'-', b'T', b':', b':', b'.', b'Z'];
+    let mut at = 0;
+    for ((v, width), sep) in fields.into_iter().zip(seps) {
+        let mut v = v;
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        at += width;
+        out[at] = sep;
+        at += 1;
+    }
+}
+
 /// `2026-11-22T08:38:42.123Z` for unix milliseconds.
 pub fn format_time(unix_ms: i64) -> String {
     let days = unix_ms.div_euclid(86_400_000);
@@ -172,14 +214,23 @@ mod tests {
         let text = r.canonical();
         assert!(text.starts_with(&seq_prefix(42)), "{text}");
         assert!(!text.contains(' '), "{text}");
+        assert!(!text.contains("null"), "unknown fields are absent: {text}");
         assert_eq!(Record::parse(&text).unwrap(), r);
-        // The same record with fields reordered or spaced is not canonical.
+        // The same record with fields reordered, spaced or with explicit nulls is not
+        // canonical.
         let spaced = text.replace(",\"time\"", ", \"time\"");
         assert!(Record::parse(&spaced).is_err());
+        let nulls = text.replace(",\"status\"", ",\"user\":null,\"status\"");
+        assert!(Record::parse(&nulls).is_err());
     }
 
     #[test]
     fn times_round_trip() {
+        let mut buf = [0u8; 24];
+        for ms in [0i64, 951_782_400_000, 1_763_800_722_123, 4_102_444_799_999] {
+            write_time(ms, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), format_time(ms));
+        }
         assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
         for ms in [0i64, 951_782_400_000, 1_763_800_722_123, 4_102_444_799_999] {

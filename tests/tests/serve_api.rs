@@ -609,7 +609,7 @@ fn workers_run_with_least_privilege() {
     }
     let pid = child.id();
     let out = child.stdout.take().unwrap();
-    let _daemon = Guard(child);
+    let mut daemon = Guard(child);
     std::thread::spawn(move || for _ in BufReader::new(out).lines() {});
     let nobody: String = std::fs::read_to_string("/etc/passwd")
         .unwrap()
@@ -665,9 +665,24 @@ fn workers_run_with_least_privilege() {
         let target = std::fs::read_link(fd.path()).unwrap_or_default();
         let t = target.to_string_lossy();
         assert!(
-            !t.contains("appliance.db") && !t.contains("key.pem") && !t.contains("control.sock"),
+            !t.contains("appliance.db")
+                && !t.contains("audit")
+                && !t.contains("key.pem")
+                && !t.contains("control.sock"),
             "worker holds {t}"
         );
+    }
+    // Dropping privileges must not lose the parent-death signal: kill -9 of the daemon
+    // ends the unprivileged worker too.
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    let t0 = Instant::now();
+    while alive(worker) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the worker outlived its daemon"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -157,8 +157,10 @@ fn die_with_supervisor() -> Result<()> {
 }
 
 pub fn run(a: WorkerArgs) -> Result<()> {
-    die_with_supervisor()?;
     lock_down(&a)?;
+    // After dropping privileges: the kernel clears the parent-death signal when the
+    // credentials change.
+    die_with_supervisor()?;
     crate::set_threads(a.threads);
     let config = EngineConfig {
         device: match a.device {

@@ -187,26 +187,14 @@ async fn resume(db: &AuditDb, key: &VerifierKey) -> Result<Resume> {
     }
     let newest = checkpoints.iter().max_by_key(|c| c.size).cloned();
     let mut frontier = Frontier::new();
-    let mut from = 1;
-    loop {
-        let page = db.leaves(from, PAGE).await?;
-        let Some(last) = page.last() else { break };
-        from = last.0 + 1;
-        for (seq, leaf) in page {
-            if seq != frontier.size() + 1 {
+    for (_, leaf) in all_leaves(db, u64::MAX).await? {
+        frontier.push(leaf);
+        if let Some(c) = &newest {
+            if c.size == frontier.size() && c.root != frontier.root() {
                 bail!(
-                    "the audit log is missing record {} (run `appliance audit verify`)",
-                    frontier.size() + 1
+                    "the audit log does not match its checkpoint of size {}: it was altered; refusing to append (run `appliance audit verify`)",
+                    c.size
                 );
-            }
-            frontier.push(leaf_of(&leaf)?);
-            if let Some(c) = &newest {
-                if c.size == frontier.size() && c.root != frontier.root() {
-                    bail!(
-                        "the audit log does not match its checkpoint of size {}: it was altered; refusing to append (run `appliance audit verify`)",
-                        c.size
-                    );
-                }
             }
         }
     }
@@ -227,8 +215,43 @@ async fn resume(db: &AuditDb, key: &VerifierKey) -> Result<Resume> {
     })
 }
 
-fn leaf_of(raw: &[u8]) -> Result<Hash> {
-    <[u8; 32]>::try_from(raw).map_err(|_| anyhow::anyhow!("a stored leaf hash is not 32 bytes"))
+/// The leaf hashes of records 1..=`upto` (or all), in order, read in packed pages;
+/// a missing record is an error naming it.
+async fn all_leaves(db: &AuditDb, upto: u64) -> Result<Vec<(u64, Hash)>> {
+    let mut out = vec![];
+    let mut from = 1u64;
+    while from <= upto {
+        let Some((first, last, hex)) = db.packed_leaves(from, PACKED_PAGE * 4).await? else {
+            break;
+        };
+        if first != from {
+            bail!("the audit log is missing record {from} (run `appliance audit verify`)");
+        }
+        for (i, h) in hex.as_bytes().chunks(64).enumerate() {
+            let seq = first + i as u64;
+            if seq > upto {
+                break;
+            }
+            out.push((seq, hex_leaf(h).with_context(|| format!("record {seq}"))?));
+        }
+        from = last + 1;
+    }
+    Ok(out)
+}
+
+fn hex_leaf(hex: &[u8]) -> Result<Hash> {
+    if hex.len() != 64 {
+        bail!("the stored leaf hash is not 32 bytes");
+    }
+    let mut hash = [0u8; 32];
+    for (j, b) in hash.iter_mut().enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        match (digit(hex[2 * j]), digit(hex[2 * j + 1])) {
+            (Some(h), Some(l)) => *b = h << 4 | l,
+            _ => bail!("the stored leaf hash is not hex"),
+        }
+    }
+    Ok(hash)
 }
 
 /// Opens the log and starts its writer.
@@ -497,25 +520,7 @@ fn unpack(p: &PackedRows) -> Result<Vec<Row<'_>>, Failure> {
         let seq: u64 = seq
             .parse()
             .map_err(|_| bad(None, format!("a stored seq is not a number: {seq:?}")))?;
-        if hex.len() != 64 {
-            return Err(bad(
-                Some(seq),
-                format!("record {seq}: the stored leaf hash is not 32 bytes"),
-            ));
-        }
-        let mut hash = [0u8; 32];
-        for (j, b) in hash.iter_mut().enumerate() {
-            let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-            match (digit(hex[2 * j]), digit(hex[2 * j + 1])) {
-                (Some(h), Some(l)) => *b = h << 4 | l,
-                _ => {
-                    return Err(bad(
-                        Some(seq),
-                        format!("record {seq}: the stored leaf hash is not hex"),
-                    ))
-                }
-            }
-        }
+        let hash = hex_leaf(hex).map_err(|e| bad(Some(seq), format!("record {seq}: {e}")))?;
         rows.push(Row {
             seq,
             time_ms: time
@@ -736,16 +741,11 @@ async fn export(
     let anchor_note = checkpoint(&dir).await?;
     let anchor = Checkpoint::open(&anchor_note, &key)?;
     let db = open_read(&dir).await?;
-    let mut leaves = Vec::with_capacity(anchor.size as usize);
-    let mut from = 1;
-    while (leaves.len() as u64) < anchor.size {
-        let page = db.leaves(from, PAGE).await?;
-        let Some(last) = page.last() else { break };
-        from = last.0 + 1;
-        for (_, l) in page {
-            leaves.push(leaf_of(&l)?);
-        }
-    }
+    let leaves: Vec<Hash> = all_leaves(&db, anchor.size)
+        .await?
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
     let ex = Exporter::new(leaves, anchor.clone()).map_err(anyhow::Error::msg)?;
     let tmp = out.with_extension("partial");
     let mut w = std::io::BufWriter::new(

@@ -111,7 +111,19 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let (auditor, audit_task) = crate::audit::start(&dir, &file.audit).await?;
     let mut started = Record::action("daemon.start", 200);
     started.source = Some("local".into());
-    started.detail = Some(format!("appliance {}", env!("CARGO_PKG_VERSION")));
+    // The configuration in force, by hash: a changed file shows as a changed hash.
+    let config_hash = match std::fs::read(dir.join("appliance.toml")) {
+        Ok(bytes) => appliance_audit::merkle::sha256_of(&bytes)
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .fold("sha256:".to_string(), |s, h| s + &h),
+        Err(_) => "none".into(),
+    };
+    started.detail = Some(format!(
+        "appliance {}; appliance.toml {config_hash}",
+        env!("CARGO_PKG_VERSION")
+    ));
     auditor
         .record(started)
         .await

@@ -16,6 +16,11 @@ fn sha256(parts: &[&[u8]]) -> Hash {
     out
 }
 
+/// Plain SHA-256 (for fingerprints that are not tree hashes).
+pub fn sha256_of(data: &[u8]) -> Hash {
+    sha256(&[data])
+}
+
 pub fn leaf_hash(data: &[u8]) -> Hash {
     sha256(&[&[0x00], data])
 }

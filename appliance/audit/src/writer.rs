@@ -664,6 +664,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pruning_keeps_the_tree_verifiable_and_is_itself_recorded() {
+        let log = MemoryLog::default();
+        let (a, _h, key) = start(&log);
+        for i in 0..5 {
+            a.record(Record::action(&format!("a{i}"), 200))
+                .await
+                .unwrap();
+        }
+        a.checkpoint().await.unwrap();
+        let cutoff = log.inner.lock().unwrap().records[2].time_ms + 1;
+        let n = a.prune(cutoff).await.unwrap();
+        assert!(n >= 3, "{n}");
+        a.checkpoint().await.unwrap();
+        let g = log.inner.lock().unwrap();
+        let last = Record::parse(&g.records.last().unwrap().body).unwrap();
+        assert_eq!(last.action, "audit.prune");
+        assert!(last.detail.unwrap().contains(&format!("{n} records")));
+        let rows: Vec<crate::verify::Row> = g
+            .records
+            .iter()
+            .map(|r| crate::verify::Row {
+                seq: r.seq,
+                time_ms: r.time_ms,
+                leaf: r.leaf,
+                body: (!r.body.is_empty()).then_some(r.body.as_str()),
+            })
+            .collect();
+        let notes: Vec<String> = g.checkpoints.iter().map(|c| c.note.clone()).collect();
+        let mut v = crate::verify::LogVerifier::new(&key.verifier(), &notes).unwrap();
+        v.push_batch(&rows).unwrap();
+        let s = v.finish().unwrap();
+        assert_eq!((s.records, s.pruned), (6, n));
+    }
+
+    #[tokio::test]
     async fn an_intent_is_resolved_by_its_record_and_survives_until_then() {
         let log = MemoryLog::default();
         let (a, _h, _key) = start(&log);

@@ -228,17 +228,35 @@ impl AuditDb {
         }))
     }
 
-    /// Leaf hashes of up to `limit` records with seq ≥ `from`: (seq, leaf).
-    pub async fn leaves(&self, from: u64, limit: u32) -> Result<Vec<(u64, Vec<u8>)>> {
-        let rows =
-            sqlx::query("SELECT seq, leaf FROM audit_records WHERE seq >= ? ORDER BY seq LIMIT ?")
-                .bind(from as i64)
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.into_iter()
-            .map(|r| Ok((r.try_get::<i64, _>(0)? as u64, r.try_get(1)?)))
-            .collect()
+    /// The leaf hashes of records `from` ≤ seq < `from + limit`, as one hex text (64
+    /// digits each, in seq order), with the first and last seq; None past the end.
+    pub async fn packed_leaves(&self, from: u64, limit: u32) -> Result<Option<(u64, u64, String)>> {
+        let row = sqlx::query(
+            "SELECT min(seq), max(seq), count(*), group_concat(hex(leaf), '')
+             FROM audit_records WHERE seq >= ? AND seq < ?",
+        )
+        .bind(from as i64)
+        .bind(from as i64 + limit as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        let (first, last, n): (Option<i64>, Option<i64>, i64) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(None);
+        };
+        if last - first + 1 != n {
+            // A gap: the caller reports the first missing seq.
+            let missing: i64 = sqlx::query_scalar(
+                "SELECT min(seq) + 1 FROM audit_records a WHERE seq >= ? AND seq < ?
+                 AND NOT EXISTS (SELECT 1 FROM audit_records b WHERE b.seq = a.seq + 1)",
+            )
+            .bind(first)
+            .bind(last)
+            .fetch_one(&self.pool)
+            .await?;
+            return Err(StoreError::AuditGap(missing as u64));
+        }
+        Ok(Some((first as u64, last as u64, row.try_get(3)?)))
     }
 
     /// The last record's seq and time.

@@ -42,6 +42,8 @@ pub enum StoreError {
     ModelExists(String),
     #[error("no model named {0:?} in the registry")]
     NoSuchModel(String),
+    #[error("the audit log is missing record {0} (run `appliance audit verify`)")]
+    AuditGap(u64),
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
 }

@@ -250,3 +250,31 @@ impl Server {
             .and_then(|v| v.parse().ok())
     }
 }
+
+/// Every record of the log, through `audit export` (checked with `verify-export`).
+pub fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
+    let out = dir.join("export.jsonl");
+    let r = appliance()
+        .args(["audit", "export", "--out"])
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = appliance()
+        .args(["audit", "verify-export"])
+        .arg(&out)
+        .arg("--public-key")
+        .arg(dir.join("audit/public.key"))
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "record")
+        .map(|v| v["record"].clone())
+        .collect()
+}

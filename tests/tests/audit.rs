@@ -60,34 +60,6 @@ fn bad_seq(report: &str) -> u64 {
         .unwrap()
 }
 
-/// Every record of the log, through `audit export` (checked with `verify-export`).
-fn records(dir: &Path) -> Vec<serde_json::Value> {
-    let out = dir.join("export.jsonl");
-    let r = appliance()
-        .args(["audit", "export", "--out"])
-        .arg(&out)
-        .arg("--data-dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let r = appliance()
-        .args(["audit", "verify-export"])
-        .arg(&out)
-        .arg("--public-key")
-        .arg(dir.join("audit/public.key"))
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["type"] == "record")
-        .map(|v| v["record"].clone())
-        .collect()
-}
-
 /// One request with curl: (HTTP status, x-request-id).
 fn request(s: &Server, args: &[&str]) -> (u16, String) {
     let mut all = vec![
@@ -193,7 +165,7 @@ fn every_request_gets_exactly_one_complete_record() {
     assert_eq!(code, 200);
 
     let dir = stop(s);
-    let all = records(&dir);
+    let all = audit_records(&dir);
     for (code, id, authed) in &sent {
         let mine: Vec<&serde_json::Value> = all
             .iter()
@@ -427,7 +399,7 @@ fn a_lock_held_by_another_process_refuses_requests_until_it_is_released() {
         assert!(t0.elapsed() < Duration::from_secs(10), "did not recover");
     };
     let dir = stop(s);
-    let all = records(&dir);
+    let all = audit_records(&dir);
     assert!(all.iter().any(|r| r["request_id"] == id_ok.as_str()));
     assert!(all.iter().all(|r| r["request_id"] != id_refused.as_str()));
     let (ok, report) = verify(&dir, &[]);
@@ -496,7 +468,7 @@ fn a_full_disk_refuses_requests_and_service_resumes_when_space_returns() {
         assert!(t0.elapsed() < Duration::from_secs(10), "did not recover");
     }
     let dir = stop(s);
-    let all = records(&dir);
+    let all = audit_records(&dir);
     for id in &answered {
         assert!(
             all.iter().any(|r| r["request_id"] == id.as_str()),
@@ -564,7 +536,7 @@ fn kill_9_under_load_loses_no_answered_request() {
     let dir = stop(s);
     let (ok, report) = verify(&dir, &[]);
     assert!(ok, "{report}");
-    let all = records(&dir);
+    let all = audit_records(&dir);
     let ids: std::collections::HashSet<&str> = all
         .iter()
         .filter_map(|r| r["request_id"].as_str())

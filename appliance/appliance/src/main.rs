@@ -11,6 +11,7 @@ mod chat;
 mod config;
 mod logger;
 mod model;
+mod policy;
 mod sdnotify;
 mod serve;
 mod worker;
@@ -51,6 +52,9 @@ enum Command {
     /// The model registry: import (with signature checks), list, inspect, remove, sign.
     #[command(subcommand)]
     Model(model::ModelCmd),
+    /// The sovereignty policy: check a policy file, explain a decision.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
     /// The audit log: verify it, export it with proofs, check an export, sign a checkpoint.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -90,6 +94,7 @@ fn main() {
         Command::Key(c) => admin::key(c),
         Command::Model(c) => model::run(c),
         Command::Audit(c) => audit::run(c),
+        Command::Policy(c) => policy::run(c),
         Command::Status { data, json } => serve::status(data, json),
         Command::Chat(a) => chat::run(a),
         Command::Worker(a) => worker::run(a),

@@ -128,6 +128,18 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .record(started)
         .await
         .context("the audit log cannot be written; not starting")?;
+    // The site's policy; one that does not validate keeps the daemon from starting.
+    let policy_state = crate::policy::load_site(&dir)?;
+    log::info!(
+        "policy: {} ({}), {} rule(s)",
+        policy_state.policy.name,
+        policy_state.policy.version,
+        policy_state.policy.rules.len()
+    );
+    auditor
+        .record(crate::policy::load_record(Some(&policy_state), None))
+        .await
+        .context("the audit log cannot be written; not starting")?;
     let retention_task = (file.audit.retention_days > 0).then(|| {
         let auditor = auditor.clone();
         let days = file.audit.retention_days as i64;
@@ -309,6 +321,23 @@ async fn serve(a: ServeArgs) -> Result<()> {
     }
     let drain_timeout = gcfg.drain_timeout;
     let gateway = Gateway::new(gcfg, keys.clone(), vec![], auditor.clone());
+    gateway.set_policy(policy_state);
+    let hup_task = {
+        let (gateway, auditor, dir) = (gateway.clone(), auditor.clone(), dir.clone());
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match reload_policy(&dir, &gateway, &auditor).await {
+                    Ok(v) => log::info!("SIGHUP: policy {v} in force"),
+                    Err(e) => log::error!("SIGHUP: policy not reloaded: {e:#}"),
+                }
+            }
+        })
+    };
     let daemon = Arc::new(Daemon {
         launcher,
         supervisor,
@@ -462,6 +491,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     if let Some(t) = retention_task {
         t.abort();
     }
+    hup_task.abort();
     let mut stopped = Record::action("daemon.stop", 200);
     stopped.source = Some("local".into());
     auditor.stop(Some(stopped)).await;
@@ -597,6 +627,12 @@ async fn serve_control(
                 }
                 let mut words = line.split_whitespace();
                 let reply = match (words.next().unwrap_or(""), words.next()) {
+                    ("reload-policy", None) => {
+                        match reload_policy(&daemon.launcher.dir, &daemon.gateway, &auditor).await {
+                            Ok(v) => format!("ok {v}"),
+                            Err(e) => format!("error {}", format!("{e:#}").replace('\n', " | ")),
+                        }
+                    }
                     ("checkpoint", None) => match auditor.checkpoint().await {
                         Ok(note) => format!("ok {}", serde_json::Value::String(note)),
                         Err(e) => format!("error {e}"),
@@ -896,6 +932,28 @@ fn rss_bytes(pid: u32) -> u64 {
         })
         .map(|kib| kib * 1024)
         .unwrap_or(0)
+}
+
+/// Reads the site's policy again; a valid one is put in force (and recorded), an invalid
+/// one is refused (and recorded) and the running one stays.
+async fn reload_policy(dir: &Path, gateway: &Gateway, auditor: &Auditor) -> Result<String> {
+    match crate::policy::load_site(dir) {
+        Ok(state) => {
+            let version = state.policy.version.clone();
+            auditor
+                .record(crate::policy::load_record(Some(&state), None))
+                .await
+                .context("the audit log cannot be written; the policy was not changed")?;
+            gateway.set_policy(state);
+            Ok(version)
+        }
+        Err(e) => {
+            let _ = auditor
+                .record(crate::policy::load_record(None, Some(&format!("{e:#}"))))
+                .await;
+            Err(e)
+        }
+    }
 }
 
 /// Takes the data directory's daemon lock (`DIR/run/serve.lock`) if no one holds it:

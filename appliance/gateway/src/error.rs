@@ -57,6 +57,10 @@ pub enum ApiError {
     AdminFailed(String),
     /// 503: the audit record could not be written, so nothing was done.
     AuditUnavailable,
+    /// 403: the policy does not allow this request (to this model).
+    PolicyDenied(String),
+    /// 503: the policy allows this request only to destinations that are not available.
+    NoDestination(String),
 }
 
 impl ApiError {
@@ -84,9 +88,10 @@ impl ApiError {
             ApiError::Overloaded { .. }
             | ApiError::NotReady(_)
             | ApiError::Draining
-            | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::AuditUnavailable
+            | ApiError::NoDestination(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Worker(_) | ApiError::AdminFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::WrongScope(_) => StatusCode::FORBIDDEN,
+            ApiError::WrongScope(_) | ApiError::PolicyDenied(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
@@ -236,6 +241,18 @@ impl ApiError {
                 Some("shutting_down"),
                 None,
                 "The appliance is shutting down; try again shortly.".into(),
+            ),
+            ApiError::PolicyDenied(m) => (
+                "permission_error",
+                Some("policy_denied"),
+                None,
+                m.clone(),
+            ),
+            ApiError::NoDestination(m) => (
+                "server_error",
+                Some("no_allowed_destination"),
+                None,
+                m.clone(),
             ),
             ApiError::AuditUnavailable => (
                 "server_error",

@@ -27,8 +27,8 @@ use crate::auth::KeyEntry;
 use crate::error::ApiError;
 use crate::limits::Permit;
 use crate::server::{
-    error_response, json_response, sse_response, unix_now, Gateway, GatewayConfig, InFlight, Reply,
-    ReqCtx, Slot,
+    error_response, json_response, sse_response, unix_now, Gateway, GatewayConfig, InFlight,
+    PolicyNote, Reply, ReqCtx, Slot,
 };
 
 /// Parses a JSON body, naming the offending field on a type error.
@@ -512,12 +512,110 @@ fn finish_str(f: WireFinish) -> &'static str {
 }
 
 /// Admits and runs a validated generation.
+/// The texts of a prompt the policy classifies: each message's content, or the prompt.
+/// Token ids carry no text to classify (and stay on the appliance).
+pub fn parts_of(p: &WirePrompt) -> Vec<&str> {
+    match p {
+        WirePrompt::Chat(m) => m.iter().map(|m| m.content.as_str()).collect(),
+        WirePrompt::Text(t) => vec![t.as_str()],
+        WirePrompt::Tokens(_) => vec![],
+    }
+}
+
+/// The model and the policy's parts of a chat or completions request body, as the
+/// gateway sees them (for `appliance policy explain` and content HMACs).
+pub fn request_parts(body: &[u8], cfg: &GatewayConfig) -> Result<(String, Vec<String>), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let g = if v.get("messages").is_some() {
+        validate_chat(parse_json(body).map_err(|e| e.body().error.message)?, cfg)
+    } else {
+        validate_completion(parse_json(body).map_err(|e| e.body().error.message)?, cfg)
+    }
+    .map_err(|e| e.body().error.message)?;
+    let parts = parts_of(&g.prompt)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    Ok((g.model, parts))
+}
+
+/// The content evidence of a request under an HMAC policy: HMAC-SHA-256 over its parts
+/// joined by newlines, as `hmac-sha256:<hex>`.
+pub fn content_hmac(key: &ring::hmac::Key, parts: &[&str]) -> String {
+    let tag = ring::hmac::sign(key, parts.join("\n").as_bytes());
+    tag.as_ref()
+        .iter()
+        .fold("hmac-sha256:".to_string(), |s, b| s + &format!("{b:02x}"))
+}
+
+/// Classifies the request, decides, notes the decision for the audit record, and returns
+/// the local model the policy routes it to.
+fn apply_policy(
+    gw: &Gateway,
+    key: &KeyEntry,
+    g: &Generation,
+    ctx: &mut ReqCtx,
+) -> Result<String, ApiError> {
+    let state = gw.policy();
+    let policy = &state.policy;
+    let parts = parts_of(&g.prompt);
+    let found = policy.classify(&parts);
+    let decision = policy.decide(&key.tenant, &found);
+    ctx.policy = Some(PolicyNote {
+        decision: format!("{}: {}", decision.action.as_str(), decision.rule),
+        classes: decision.classes.clone(),
+        version: decision.version.clone(),
+        content: state.content_key.as_ref().map(|k| content_hmac(k, &parts)),
+    });
+    let classes = if decision.classes.is_empty() {
+        "no sensitive data".to_string()
+    } else {
+        decision.classes.join(", ")
+    };
+    if decision.action == appliance_policy::Action::Deny {
+        return Err(ApiError::PolicyDenied(format!(
+            "The policy does not allow this request ({classes}; rule \"{}\").",
+            decision.rule
+        )));
+    }
+    if let Some(m) = policy.route_local(&decision, &g.model) {
+        return Ok(m);
+    }
+    let allowed = decision.destinations.join(", ");
+    if policy.aliases.contains_key(&g.model) {
+        return Err(ApiError::NoDestination(format!(
+            "No destination this request may go to is available ({classes}; rule \"{}\" allows: {allowed}).",
+            decision.rule
+        )));
+    }
+    if gw.model(&g.model).is_some() {
+        return Err(ApiError::PolicyDenied(format!(
+            "The policy does not allow this request on the model '{}' ({classes}; rule \"{}\" allows: {allowed}).",
+            g.model, decision.rule
+        )));
+    }
+    if policy
+        .destinations
+        .values()
+        .any(|d| d.model.as_deref() == Some(g.model.as_str()))
+    {
+        return Err(ApiError::NoDestination(format!(
+            "The model '{}' is only reachable through an upstream, and upstreams are not available on this appliance yet ({classes}; rule \"{}\").",
+            g.model, decision.rule
+        )));
+    }
+    Err(ApiError::ModelNotFound(g.model.clone()))
+}
+
 async fn run(
     gw: &Arc<Gateway>,
     key: Arc<KeyEntry>,
-    g: Generation,
+    mut g: Generation,
     ctx: &mut ReqCtx,
 ) -> Result<Reply, ApiError> {
+    g.model = apply_policy(gw, &key, &g, ctx)?;
+    ctx.model = Some(loggable(&g.model));
     let route = gw
         .model(&g.model)
         .ok_or_else(|| ApiError::ModelNotFound(g.model.clone()))?;

@@ -203,6 +203,22 @@ pub struct Gateway {
     request_counter: AtomicU64,
     admin: std::sync::OnceLock<Arc<dyn crate::admin::AdminOps>>,
     pub(crate) audit: Auditor,
+    policy: std::sync::RwLock<Arc<PolicyState>>,
+}
+
+/// The policy in force and, when it asks for content HMACs, their key.
+pub struct PolicyState {
+    pub policy: appliance_policy::Policy,
+    pub content_key: Option<ring::hmac::Key>,
+}
+
+/// What the policy decided about a request, for its audit record.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PolicyNote {
+    pub decision: String,
+    pub classes: Vec<String>,
+    pub version: String,
+    pub content: Option<String>,
 }
 
 pub fn unix_now() -> i64 {
@@ -227,6 +243,8 @@ pub(crate) struct ReqCtx {
     pub action: &'static str,
     /// Where the request was sent, once routed.
     pub destination: Option<String>,
+    /// The policy's decision, once made.
+    pub policy: Option<PolicyNote>,
 }
 
 /// A handler's answer: complete (the caller records it), or a generation that records
@@ -368,7 +386,28 @@ impl Gateway {
             request_counter: AtomicU64::new(0),
             admin: std::sync::OnceLock::new(),
             audit,
+            policy: std::sync::RwLock::new(Arc::new(PolicyState {
+                policy: appliance_policy::Policy::builtin(),
+                content_key: None,
+            })),
         })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<PolicyState> {
+        self.policy
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Puts a (validated) policy in force for the requests that start from now on.
+    pub fn set_policy(&self, state: PolicyState) {
+        let state = Arc::new(state);
+        match self.policy.write() {
+            Ok(mut p) => *p = state,
+            Err(e) => *e.into_inner() = state,
+        }
     }
 
     pub fn keys(&self) -> &Arc<KeyTable> {
@@ -557,6 +596,7 @@ impl Gateway {
             model: None,
             action: action_of(route),
             destination: None,
+            policy: None,
         };
         // Health probes carry no identity and touch nothing: the only unaudited routes.
         let audited = !matches!(route, "/healthz" | "/readyz");
@@ -589,7 +629,12 @@ impl Gateway {
         usage: Option<(usize, usize)>,
     ) -> Record {
         let (p, c) = usage.unwrap_or((0, 0));
+        let policy = ctx.policy.clone().unwrap_or_default();
         Record {
+            decision: (!policy.decision.is_empty()).then_some(policy.decision),
+            classes: policy.classes,
+            policy_version: (!policy.version.is_empty()).then_some(policy.version),
+            content: policy.content,
             tenant: ctx.tenant.clone(),
             key_id: ctx.key.clone(),
             source: Some(ctx.peer.ip().to_string()),

@@ -370,3 +370,167 @@ fn spans_are_byte_offsets_into_unicode_text() {
     assert_eq!(only(t, "iban"), ["DE89370400440532013000"]);
     assert_eq!(only(t, "dob"), ["12.03.1980"]);
 }
+
+mod documents {
+    use crate::{parse, Action, ContentMode, Policy};
+
+    const HOSPITAL: &str = include_str!("../../../policy/examples/hospital/policy.toml");
+    const BANK: &str = include_str!("../../../policy/examples/bank/policy.toml");
+    const CONSORTIUM: &str = include_str!("../../../policy/examples/consortium/policy.toml");
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text)
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_shipped_examples_are_valid() {
+        for (name, text) in [
+            ("hospital", HOSPITAL),
+            ("bank", BANK),
+            ("consortium", CONSORTIUM),
+        ] {
+            let p = parse(text).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert!(
+                p.version.starts_with("sha256:") && p.version.len() == 23,
+                "{}",
+                p.version
+            );
+        }
+        assert_eq!(parse(BANK).unwrap().content, ContentMode::Hmac);
+        assert_eq!(parse(HOSPITAL).unwrap().retention_days, Some(2555));
+    }
+
+    #[test]
+    fn problems_are_reported_with_line_and_column() {
+        let text = "name = \"x\"\n[destinations.cloud]\nkind = \"external\"\nurl = \"http://cloud.example/v1\"\njurisdiction = \"US\"\n";
+        assert_eq!(
+            problems(text),
+            ["4:7: destination \"cloud\": an external destination must use https://"]
+        );
+        let text = "[detectors.mrn]\nclass = \"PHI\"\npattern = 'MRN(\\d{7}'\n";
+        let p = problems(text);
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("3:11: detector \"mrn\": the pattern does not compile"),
+            "{p:?}"
+        );
+        let text = "[detectors.x]\nclass = \"secret\"\nkeywords = [\"a\"]\n";
+        assert!(problems(text)[0].starts_with("2:9: detector \"x\": unknown class \"secret\""));
+        let text = "[[rules]]\naction = \"allow\"\ndestinations = [\"nowhere\"]\n";
+        assert_eq!(
+            problems(text),
+            ["3:17: rule 1: unknown destination \"nowhere\""]
+        );
+        let text = "[[rules]]\naction = \"maybe\"\n";
+        assert!(problems(text)[0].starts_with("2:10: rule 1: action \"maybe\""));
+        // Syntax and unknown keys come from the TOML parser, located too.
+        let p = problems("name = \n");
+        assert!(p[0].starts_with("1:"), "{p:?}");
+        let p = problems("[audit]\nkeep = 3\n");
+        assert!(p[0].starts_with("2:1: unknown field `keep`"), "{p:?}");
+    }
+
+    #[test]
+    fn unreachable_rules_are_refused() {
+        let text = r#"
+[destinations.local]
+kind = "local"
+model = "m"
+
+[[rules]]
+classes = ["PHI", "PII"]
+action = "allow"
+destinations = ["local"]
+
+[[rules]]
+classes = ["PII"]
+action = "deny"
+
+[[rules]]
+action = "allow"
+destinations = ["local"]
+
+[[rules]]
+classes = ["PCI"]
+action = "deny"
+"#;
+        let p = problems(text);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with(
+                "11:1: rule 2: unreachable: every class it names is matched by an earlier rule"
+            ),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with("19:1: rule 4: unreachable: rule 3 matches every request"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn decisions_follow_the_first_matching_rule() {
+        let p = parse(HOSPITAL).unwrap();
+        let decide = |tenant: &str, text: &str| {
+            let found = p.classify(&[text]);
+            p.decide(tenant, &found)
+        };
+        let d = decide(
+            "acme",
+            "Discharge summary for MRN-1234567: metastasis found.",
+        );
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::Allow, "patient data stays on the appliance")
+        );
+        assert_eq!(d.classes, ["PHI"]);
+        assert_eq!(d.destinations, ["local"]);
+        assert_eq!(d.version, p.version);
+        let d = decide("acme", "Charge card 4111 1111 1111 1111 please");
+        assert_eq!(d.action, Action::Deny);
+        assert_eq!(d.classes, ["PCI"]);
+        let d = decide("acme", "Email jane@example.org about the rota");
+        assert_eq!(
+            (d.action, d.destinations.clone()),
+            (
+                Action::Redact,
+                vec!["onprem-vllm".to_string(), "local".into()]
+            )
+        );
+        let d = decide("acme", "Draft a polite note about the parking rules.");
+        assert_eq!(d.classes, ["public"]);
+        assert_eq!(d.destinations, ["eu-cloud", "onprem-vllm", "local"]);
+        // The research tenant's own rule comes first.
+        let d = decide("research", "Draft a polite note about the parking rules.");
+        assert_eq!(d.rule, "research stays on premises");
+        // Local routing: an alias picks the first allowed local model; a named model
+        // must be allowed.
+        assert_eq!(p.route_local(&d, "default").as_deref(), Some("smollm2"));
+        assert_eq!(p.route_local(&d, "smollm2").as_deref(), Some("smollm2"));
+        assert_eq!(p.route_local(&d, "other-model"), None);
+        let denied = decide("acme", "card 4111 1111 1111 1111");
+        assert_eq!(p.route_local(&denied, "smollm2"), None);
+        // Site detectors can be switched off: the hospital does not count IP addresses.
+        assert!(p.classify(&["ping 10.0.0.1"]).is_empty());
+        // Keywords match whole words, case-insensitively; spans point into the part.
+        let found = p.classify(&["x", "Start CHEMOTHERAPY now; chemotherapyx no"]);
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].part, found[0].start, found[0].end), (1, 6, 18));
+    }
+
+    #[test]
+    fn without_a_policy_everything_stays_local() {
+        let p = Policy::builtin();
+        let found = p.classify(&["My card is 4111 1111 1111 1111"]);
+        assert_eq!(found[0].class, "PCI");
+        let d = p.decide("acme", &found);
+        assert_eq!((d.action, d.local_only), (Action::Allow, true));
+        assert_eq!(d.version, "builtin");
+        assert_eq!(p.route_local(&d, "smollm2").as_deref(), Some("smollm2"));
+    }
+}

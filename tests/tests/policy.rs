@@ -1,0 +1,227 @@
+//! The sovereignty policy in the running daemon: requests are classified, decided and
+//! routed by the site's policy; the decision is in each audit record; a policy is reloaded
+//! on SIGHUP, and an invalid one never replaces the one in force.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use appliance_tests::*;
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(
+        repo_root()
+            .join("policy/examples")
+            .join(name)
+            .join("policy.toml"),
+    )
+    .unwrap()
+}
+
+fn with_policy(name: &str, policy: &str) -> PathBuf {
+    let dir = scratch(name);
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/policy.toml"), policy).unwrap();
+    dir
+}
+
+fn chat(s: &Server, key: &str, model: &str, text: &str) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({
+        "model": model, "max_tokens": 2,
+        "messages": [{"role": "user", "content": text}],
+    });
+    let (out, _) = s.curl(&[
+        "-w",
+        "\n%{http_code}",
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body.to_string(),
+        &s.url("/v1/chat/completions"),
+    ]);
+    let (json, code) = out.rsplit_once('\n').unwrap();
+    (
+        code.trim().parse().unwrap(),
+        serde_json::from_str(json).unwrap_or_default(),
+    )
+}
+
+fn hup(s: &Server) {
+    Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn requests_are_classified_decided_and_recorded() {
+    let hospital = example("hospital");
+    let dir = with_policy("policy-hospital", &hospital);
+    let s = Server::start_in(dir, &[], None, None);
+    let key = s.key();
+
+    // Patient data: allowed, on the appliance.
+    let (code, v) = chat(
+        &s,
+        &key,
+        "smollm2",
+        "Summarise the discharge summary for MRN-1234567.",
+    );
+    assert_eq!(code, 200, "{v}");
+    // Card data: refused by rule, without echoing it.
+    let (code, v) = chat(
+        &s,
+        &key,
+        "smollm2",
+        "Charge 4111 1111 1111 1111 for the parking.",
+    );
+    assert_eq!(code, 403, "{v}");
+    assert_eq!(v["error"]["code"], "policy_denied");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("PCI") && !msg.contains("4111"), "{msg}");
+    // An alias: the policy picks the first allowed local model.
+    let (code, v) = chat(&s, &key, "gpt-4o", "Draft a note about the parking rules.");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["model"], "smollm2");
+    // A cloud destination's model: upstreams are not served yet, so nothing allowed is
+    // available; an unknown model is unknown.
+    let (code, v) = chat(&s, &key, "large-2", "Draft a note about the parking rules.");
+    assert_eq!(code, 503, "{v}");
+    assert_eq!(v["error"]["code"], "no_allowed_destination");
+    let (code, v) = chat(
+        &s,
+        &key,
+        "nonexistent",
+        "Draft a note about the parking rules.",
+    );
+    assert_eq!(code, 404, "{v}");
+
+    // Reload: a new valid policy (card data now allowed locally) is put in force.
+    let relaxed = hospital.replace(
+        "name = \"card data is refused\"\nclasses = [\"PCI\"]\naction = \"deny\"",
+        "name = \"card data locally\"\nclasses = [\"PCI\"]\naction = \"allow\"\ndestinations = [\"local\"]",
+    );
+    assert_ne!(relaxed, hospital);
+    std::fs::write(s.dir.join("policy/policy.toml"), &relaxed).unwrap();
+    hup(&s);
+    let t0 = Instant::now();
+    loop {
+        let (code, _) = chat(&s, &key, "smollm2", "Charge 4111 1111 1111 1111 please.");
+        if code == 200 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the new policy was not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // An invalid policy is refused: the one in force stays, requests unaffected.
+    std::fs::write(
+        s.dir.join("policy/policy.toml"),
+        relaxed.replace("action = \"redact\"", "action = \"refuse\""),
+    )
+    .unwrap();
+    let out = appliance()
+        .args(["policy", "check"])
+        .arg(s.dir.join("policy"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy.toml:") && err.contains("action \"refuse\""),
+        "{err}"
+    );
+    hup(&s);
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, _) = chat(&s, &key, "smollm2", "Charge 4111 1111 1111 1111 please.");
+    assert_eq!(code, 200, "the refused policy replaced the good one");
+
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let chats: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|r| r["action"] == "chat.completions")
+        .collect();
+    let first = appliance_policy_version(&hospital);
+    assert_eq!(chats[0]["classes"], serde_json::json!(["PHI"]));
+    assert_eq!(
+        chats[0]["decision"],
+        "allow: patient data stays on the appliance"
+    );
+    assert_eq!(chats[0]["policy_version"], first.as_str());
+    assert_eq!(chats[1]["status"], 403);
+    assert_eq!(chats[1]["classes"], serde_json::json!(["PCI"]));
+    assert_eq!(chats[1]["decision"], "deny: card data is refused");
+    assert_eq!(chats[2]["classes"], serde_json::json!(["public"]));
+    assert_eq!(chats[2]["resource"], "smollm2");
+    let last = chats.last().unwrap();
+    assert_eq!(last["decision"], "allow: card data locally");
+    assert_ne!(last["policy_version"], first.as_str());
+    let actions: Vec<&str> = all.iter().filter_map(|r| r["action"].as_str()).collect();
+    assert!(
+        actions.iter().filter(|a| **a == "policy.load").count() >= 2,
+        "{actions:?}"
+    );
+    assert!(actions.contains(&"policy.reject"), "{actions:?}");
+    // No text of any request in any record.
+    let text = std::fs::read_to_string(dir.join("export.jsonl")).unwrap();
+    assert!(!text.contains("4111") && !text.contains("MRN-1234567"));
+}
+
+/// The version the appliance gives a policy text (sha256: + 16 hex digits).
+fn appliance_policy_version(text: &str) -> String {
+    let f = scratch("policy-version").join("policy.toml");
+    std::fs::write(&f, text).unwrap();
+    let out = appliance()
+        .args(["policy", "check"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    let at = s.find("(sha256:").unwrap();
+    s[at + 1..at + 24].to_string()
+}
+
+#[test]
+fn an_hmac_policy_records_a_checkable_digest_of_the_content_and_nothing_else() {
+    let bank = example("bank").replace("model = \"qwen2.5-72b-instruct\"", "model = \"big\"");
+    let dir = with_policy("policy-bank", &bank);
+    let s = Server::start_in(dir, &[], None, None);
+    let key = s.key();
+    let text = "Summarise the merger memo for the board.";
+    let (code, v) = chat(&s, &key, "smollm2", text);
+    assert_eq!(code, 200, "{v}");
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let r = all
+        .iter()
+        .find(|r| r["action"] == "chat.completions")
+        .unwrap();
+    assert_eq!(r["classes"], serde_json::json!(["confidential"]));
+    let content = r["content"].as_str().unwrap();
+    // An auditor holding the text and the site's key gets the same digest.
+    let key_hex = std::fs::read_to_string(dir.join("audit/content.key")).unwrap();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import hmac, hashlib; print('hmac-sha256:' + hmac.new(bytes.fromhex({:?}), {:?}.encode(), hashlib.sha256).hexdigest())",
+            key_hex.trim(),
+            text
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), content);
+    let load = all.iter().find(|r| r["action"] == "policy.load").unwrap();
+    assert!(
+        load["detail"].as_str().unwrap().contains("content hmac"),
+        "{load}"
+    );
+    let export = std::fs::read_to_string(dir.join("export.jsonl")).unwrap();
+    assert!(!export.contains("merger memo"));
+}

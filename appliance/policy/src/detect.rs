@@ -30,16 +30,53 @@ pub const BUILT_IN: &[(&str, &str)] = &[
     ("icd10", "PHI"),
 ];
 
+/// A vector of at most 48 small values, kept inline (a run is built for every number in
+/// a text: no allocation per number).
+#[derive(Debug, Clone, Copy)]
+struct Small<T: Copy + Default> {
+    len: usize,
+    items: [T; 48],
+}
+
+impl<T: Copy + Default> Small<T> {
+    fn new() -> Self {
+        Small {
+            len: 0,
+            items: [T::default(); 48],
+        }
+    }
+
+    fn push(&mut self, v: T) {
+        if self.len < 48 {
+            self.items[self.len] = v;
+            self.len += 1;
+        }
+    }
+}
+
+impl<T: Copy + Default> std::ops::Deref for Small<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.items[..self.len]
+    }
+}
+
+impl<T: Copy + Default + PartialEq, const M: usize> PartialEq<[T; M]> for Small<T> {
+    fn eq(&self, other: &[T; M]) -> bool {
+        **self == other[..]
+    }
+}
+
 /// A run of digit groups and where it is.
 #[derive(Debug)]
 struct Run {
     start: usize,
     end: usize,
-    digits: Vec<u8>,
+    digits: Small<u8>,
     /// The separators between groups, in order (b' ', b'-', b'.', b'/').
-    seps: Vec<u8>,
+    seps: Small<u8>,
     /// Digits per group.
-    groups: Vec<usize>,
+    groups: Small<usize>,
 }
 
 fn is_word(b: u8) -> bool {
@@ -59,9 +96,9 @@ fn runs(text: &[u8]) -> Vec<Run> {
         let mut run = Run {
             start,
             end: start,
-            digits: vec![],
-            seps: vec![],
-            groups: vec![],
+            digits: Small::new(),
+            seps: Small::new(),
+            groups: Small::new(),
         };
         let mut group = 0;
         loop {
@@ -283,7 +320,7 @@ fn date(r: &Run) -> bool {
             x
         })
         .collect();
-    match r.groups.as_slice() {
+    match &*r.groups {
         [4, 1..=2, 1..=2] => valid_date(v[0], v[1], v[2]),
         [1..=2, 1..=2, 4] => valid_date(v[2], v[1], v[0]) || valid_date(v[2], v[0], v[1]),
         _ => false,
@@ -362,23 +399,22 @@ const DOB_CONTEXT: &[&str] = &[
 /// birth-context word.
 fn dob(text: &str, lower: &str, runs: &[Run]) -> Vec<(usize, usize)> {
     let mut out = vec![];
-    let mut contexts = vec![];
-    for w in DOB_CONTEXT {
-        let mut from = 0;
-        while let Some(p) = lower[from..].find(w) {
-            let at = from + p;
-            let end = at + w.len();
-            let word_start = at == 0 || !is_word(lower.as_bytes()[at - 1]);
-            if word_start {
-                contexts.push(end);
-            }
-            from = end;
-        }
-    }
-    if contexts.is_empty() {
-        return out;
-    }
-    let near = |start: usize| contexts.iter().any(|&c| start >= c && start - c <= 40);
+    // Context is looked for only in the 40 bytes (plus the word) before a candidate.
+    let near = |start: usize| {
+        let from = lower.floor_char_boundary(start.saturating_sub(40 + 24));
+        let Some(window) = lower.get(from..start) else {
+            return false;
+        };
+        DOB_CONTEXT.iter().any(|w| {
+            window.match_indices(w).any(|(at, _)| {
+                let abs = from + at;
+                let end = abs + w.len();
+                (abs == 0 || !is_word(lower.as_bytes()[abs - 1]))
+                    && start >= end
+                    && start - end <= 40
+            })
+        })
+    };
     for r in runs {
         if date(r) && near(r.start) {
             out.push((r.start, r.end));
@@ -640,15 +676,13 @@ fn ipv6(text: &str) -> Vec<(usize, usize)> {
 
 /// Runs every built-in detector over `text`.
 pub fn scan(text: &str) -> Vec<Finding> {
+    scan_lower(text, &text.to_ascii_lowercase())
+}
+
+/// As [`scan`], given `text.to_ascii_lowercase()` (context words are matched in it; ASCII
+/// lowercasing keeps byte offsets).
+pub fn scan_lower(text: &str, lower: &str) -> Vec<Finding> {
     let b = text.as_bytes();
-    let lower = text.to_lowercase();
-    // Lowercasing can change byte lengths outside ASCII; context lookups then use the
-    // original text lowercased per ASCII only.
-    let lower = if lower.len() == text.len() {
-        lower
-    } else {
-        text.to_ascii_lowercase()
-    };
     let mut out = vec![];
     let mut push = |detector: &'static str, (start, end): (usize, usize)| {
         out.push(Finding {
@@ -676,7 +710,7 @@ pub fn scan(text: &str) -> Vec<Finding> {
             push("phone", s);
         }
     }
-    for s in dob(text, &lower, &runs) {
+    for s in dob(text, lower, &runs) {
         push("dob", s);
     }
     for s in iban(b) {
@@ -685,7 +719,7 @@ pub fn scan(text: &str) -> Vec<Finding> {
     for s in fr_nir(b) {
         push("fr_nir", s);
     }
-    for s in icd10(b, &lower) {
+    for s in icd10(b, lower) {
         push("icd10", s);
     }
     for s in email(b) {

@@ -46,7 +46,8 @@ impl Policy {
     pub fn classify(&self, parts: &[&str]) -> Vec<Detection> {
         let mut out = vec![];
         for (i, text) in parts.iter().enumerate() {
-            let builtins = detect::scan(text);
+            let lower = text.to_ascii_lowercase();
+            let builtins = detect::scan_lower(text, &lower);
             for f in builtins {
                 if let Some(d) = self
                     .detectors
@@ -62,7 +63,6 @@ impl Policy {
                     });
                 }
             }
-            let lower = text.to_ascii_lowercase();
             for d in self.detectors.iter().filter(|d| d.enabled) {
                 if let Some(re) = &d.pattern {
                     for m in re.find_iter(text) {

@@ -534,3 +534,10 @@ action = "deny"
         assert_eq!(p.route_local(&d, "smollm2").as_deref(), Some("smollm2"));
     }
 }
+
+#[test]
+fn context_windows_cut_inside_multibyte_text() {
+    // The window before the date starts inside "é" and "ü" bytes.
+    let t = "ééééééééééééééééééééééééééééééüüüü geboren am 12.03.1980";
+    assert_eq!(only(t, "dob"), ["12.03.1980"]);
+}

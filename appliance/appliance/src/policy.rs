@@ -183,7 +183,7 @@ fn corpus(bytes: usize) -> Vec<String> {
         let mut doc = String::with_capacity(4200);
         while doc.len() < 4000 {
             doc.push_str(PROSE[i % PROSE.len()]);
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 doc.push_str(SENSITIVE[(i / 5) % SENSITIVE.len()]);
             }
             i += 1;

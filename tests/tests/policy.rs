@@ -62,6 +62,44 @@ fn requests_are_classified_decided_and_recorded() {
     let s = Server::start_in(dir, &[], None, None);
     let key = s.key();
 
+    // Explain: the decision, sending nothing; admin keys only.
+    let admin = s.cli(&["key", "create", "--tenant", "acme", "--admin"]);
+    let body = serde_json::json!({
+        "tenant": "research",
+        "request": {"model": "gpt-4o", "messages": [
+            {"role": "system", "content": "You are a clerk."},
+            {"role": "user", "content": "Patient MRN-1234567, born 12/03/1980."}]},
+    })
+    .to_string();
+    let explain = |key: &str| {
+        let (out, _) = s.curl(&[
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            "-d",
+            &body,
+            &s.url("/v1/policy/explain"),
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let v = explain(&admin);
+    assert_eq!(v["rule"], "patient data stays on the appliance", "{v}");
+    assert_eq!(v["classes"], serde_json::json!(["PHI"]));
+    assert_eq!(v["local_model"], "smollm2");
+    let spans: Vec<(u64, u64, u64)> = v["detections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["part"].as_u64().unwrap(),
+                d["start"].as_u64().unwrap(),
+                d["end"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(spans, [(1, 8, 19), (1, 26, 36)], "{v}");
+    assert_eq!(explain(&key)["error"]["code"], "wrong_key_scope");
+
     // Patient data: allowed, on the appliance.
     let (code, v) = chat(
         &s,

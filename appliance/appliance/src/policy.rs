@@ -274,38 +274,8 @@ pub fn run(cmd: PolicyCmd) -> Result<()> {
             let body =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let cfg = appliance_gateway::GatewayConfig::default();
-            let (model, parts) = appliance_gateway::openai::request_parts(&body, &cfg)
+            let out = appliance_gateway::openai::explain(&p, &tenant, &body, &cfg)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-            let found = p.classify(&refs);
-            let d = p.decide(&tenant, &found);
-            let route = p.route_local(&d, &model);
-            let detections: Vec<serde_json::Value> = found
-                .iter()
-                .map(|f| {
-                    serde_json::json!({
-                        "class": f.class, "detector": f.detector, "part": f.part,
-                        "start": f.start, "end": f.end,
-                    })
-                })
-                .collect();
-            let out = serde_json::json!({
-                "policy": p.name,
-                "policy_version": d.version,
-                "tenant": tenant,
-                "requested_model": model,
-                "detections": detections,
-                "classes": d.classes,
-                "rule": d.rule,
-                "action": d.action.as_str(),
-                "allowed_destinations": if d.local_only { vec!["(any local model)".to_string()] } else { d.destinations.clone() },
-                "local_model": route,
-                "outcome": match (&route, d.action) {
-                    (_, appliance_policy::Action::Deny) => "refused: 403 policy_denied".to_string(),
-                    (Some(m), _) => format!("served by the local model {m}"),
-                    (None, _) => "refused: no allowed destination is available here (403 policy_denied or 503 no_allowed_destination)".to_string(),
-                },
-            });
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }

@@ -540,6 +540,49 @@ pub fn request_parts(body: &[u8], cfg: &GatewayConfig) -> Result<(String, Vec<St
     Ok((g.model, parts))
 }
 
+/// What `policy` would do with a request body from `tenant`, sending nothing: the
+/// detections (class, detector, message index, byte span), the rule, the action, the
+/// allowed destinations and the local model it would run on.
+pub fn explain(
+    policy: &appliance_policy::Policy,
+    tenant: &str,
+    body: &[u8],
+    cfg: &GatewayConfig,
+) -> Result<serde_json::Value, String> {
+    let (model, parts) = request_parts(body, cfg)?;
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let found = policy.classify(&refs);
+    let d = policy.decide(tenant, &found);
+    let route = policy.route_local(&d, &model);
+    let detections: Vec<serde_json::Value> = found
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "class": f.class, "detector": f.detector, "part": f.part,
+                "start": f.start, "end": f.end,
+            })
+        })
+        .collect();
+    let outcome = match (&route, d.action) {
+        (_, appliance_policy::Action::Deny) => "refused: 403 policy_denied".to_string(),
+        (Some(m), _) => format!("served by the local model {m}"),
+        (None, _) => "refused: no allowed destination is available here".to_string(),
+    };
+    Ok(serde_json::json!({
+        "policy": policy.name,
+        "policy_version": d.version,
+        "tenant": tenant,
+        "requested_model": model,
+        "detections": detections,
+        "classes": d.classes,
+        "rule": d.rule,
+        "action": d.action.as_str(),
+        "allowed_destinations": if d.local_only { vec!["(any local model)".to_string()] } else { d.destinations.clone() },
+        "local_model": route,
+        "outcome": outcome,
+    }))
+}
+
 /// The content evidence of a request under an HMAC policy: HMAC-SHA-256 over its parts
 /// joined by newlines, as `hmac-sha256:<hex>`.
 pub fn content_hmac(key: &ring::hmac::Key, parts: &[&str]) -> String {

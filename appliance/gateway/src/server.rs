@@ -342,6 +342,7 @@ fn route_of(path: &str) -> &'static str {
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
         "/admin/v1/status" => "/admin/v1/status",
+        "/v1/policy/explain" => "/v1/policy/explain",
         p if p.starts_with("/admin/v1/models/")
             && (p.ends_with("/load") || p.ends_with("/unload")) =>
         {
@@ -360,6 +361,7 @@ fn action_of(route: &str) -> &'static str {
         "/v1/models/{id}" => "models.get",
         "/metrics" => "metrics.read",
         "/admin/v1/status" => "admin.status",
+        "/v1/policy/explain" => "policy.explain",
         "/admin/v1/models/{id}/{action}" => "admin.model",
         "/healthz" | "/readyz" => "health",
         _ => "unknown_route",
@@ -715,6 +717,37 @@ impl Gateway {
                     &self.status(),
                     &ctx.id,
                 )))
+            }
+            ("/v1/policy/explain", &Method::POST) => {
+                let (parts, body) = req.into_parts();
+                if let Err(e) = self.authenticate_admin(&parts.headers, ctx) {
+                    let _ = self.read_body(&parts.headers, body, false).await;
+                    return Err(e);
+                }
+                let body = self.read_body(&parts.headers, body, true).await?;
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Explain {
+                    tenant: String,
+                    request: Box<serde_json::value::RawValue>,
+                }
+                let e: Explain = crate::openai::parse_json(&body)?;
+                let state = self.policy();
+                let out = crate::openai::explain(
+                    &state.policy,
+                    &e.tenant,
+                    e.request.get().as_bytes(),
+                    &self.cfg,
+                )
+                .map_err(|m| ApiError::invalid(format!("'request': {m}"), Some("request")))?;
+                let note = PolicyNote {
+                    decision: format!("explain: {}", out["rule"].as_str().unwrap_or("")),
+                    classes: vec![],
+                    version: state.policy.version.clone(),
+                    content: None,
+                };
+                ctx.policy = Some(note);
+                Ok(Reply::Done(json_response(StatusCode::OK, &out, &ctx.id)))
             }
             ("/admin/v1/models/{id}/{action}", &Method::POST) => {
                 let (parts, body) = req.into_parts();

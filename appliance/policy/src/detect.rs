@@ -149,12 +149,38 @@ fn luhn(d: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
+/// Whether the issuer prefix fits the length: Visa 4 (13, 16, 19), Mastercard 51–55 and
+/// 2221–2720 (16), Amex 34/37 (15), Diners 36/38/300–305 (14), Discover 6011/644–649/65,
+/// JCB 35, UnionPay 62, Maestro 50/56–69 (12–19).
+fn card_prefix(d: &[u8]) -> bool {
+    let p = |k: usize| d[..k].iter().fold(0u32, |a, &x| a * 10 + x as u32);
+    let n = d.len();
+    match d[0] {
+        4 => matches!(n, 13 | 16 | 19),
+        3 => match p(2) {
+            34 | 37 => n == 15,
+            36 | 38 => n == 14,
+            30 => (300..=305).contains(&p(3)) && n == 14,
+            35 => (16..=19).contains(&n),
+            _ => false,
+        },
+        2 => (2221..=2720).contains(&p(4)) && n == 16,
+        5 => match p(2) {
+            51..=55 => n == 16,
+            50 | 56..=59 => (12..=19).contains(&n),
+            _ => false,
+        },
+        6 => (12..=19).contains(&n),
+        _ => false,
+    }
+}
+
 fn card(r: &Run) -> bool {
     let n = r.digits.len();
     (13..=19).contains(&n)
         && r.seps.iter().all(|&s| s == b' ' || s == b'-')
         && (r.seps.is_empty() || r.groups.iter().all(|&g| (3..=6).contains(&g)))
-        && (2..=6).contains(&r.digits[0])
+        && card_prefix(&r.digits)
         && luhn(&r.digits)
 }
 
@@ -692,8 +718,24 @@ pub fn scan_lower(text: &str, lower: &str) -> Vec<Finding> {
         })
     };
     let runs = runs(b);
+    // A French NIR (15 digits) passes Luhn one time in ten: it is a NIR, not a card.
+    let nirs = fr_nir(b);
+    // "version 10.2.0.1" is a version, not an address.
+    let versioned = |start: usize| {
+        let from = lower.floor_char_boundary(start.saturating_sub(9));
+        lower.get(from..start).is_some_and(|w| {
+            let w = w.trim_end();
+            w.ends_with("version")
+                || w.ends_with("release")
+                || w.ends_with(" v")
+                || w.ends_with("build")
+        })
+    };
     for r in &runs {
         let span = (r.start, r.end);
+        if nirs.contains(&span) {
+            continue;
+        }
         if card(r) {
             push("card", span);
         } else if us_ssn(r) {
@@ -704,7 +746,7 @@ pub fn scan_lower(text: &str, lower: &str) -> Vec<Finding> {
             push("bsn", span);
         } else if de_tax_id(r) {
             push("de_tax_id", span);
-        } else if ipv4(r) {
+        } else if ipv4(r) && !versioned(r.start) {
             push("ip", span);
         } else if let Some(s) = paren_phone(b, r).or_else(|| phone(b, r)) {
             push("phone", s);
@@ -716,7 +758,7 @@ pub fn scan_lower(text: &str, lower: &str) -> Vec<Finding> {
     for s in iban(b) {
         push("iban", s);
     }
-    for s in fr_nir(b) {
+    for s in nirs {
         push("fr_nir", s);
     }
     for s in icd10(b, lower) {

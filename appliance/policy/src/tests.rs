@@ -75,7 +75,10 @@ fn cards_pass_luhn_and_near_misses_do_not() {
     let mut rng = Rng(1);
     for len in [15usize, 16, 19] {
         for _ in 0..50 {
-            let mut p = vec![4];
+            let mut p = match len {
+                15 => vec![3, 7],
+                _ => vec![4],
+            };
             while p.len() < len - 1 {
                 p.push(rng.digit());
             }
@@ -540,4 +543,22 @@ fn context_windows_cut_inside_multibyte_text() {
     // The window before the date starts inside "é" and "ü" bytes.
     let t = "ééééééééééééééééééééééééééééééüüüü geboren am 12.03.1980";
     assert_eq!(only(t, "dob"), ["12.03.1980"]);
+}
+
+#[test]
+fn a_luhn_valid_number_with_a_wrong_issuer_prefix_is_not_a_card() {
+    // 15 digits passing Luhn (a NIR with a wrong key) but not an Amex prefix.
+    for t in ["NIR : 238097502936842 (assuré).", "Numéro 299075922132453."] {
+        assert!(found(t).is_empty(), "{:?}", found(t));
+    }
+    // A NIR that also passes Luhn is reported as a NIR only.
+    let nir = "1850578006084";
+    let n: u64 = nir.parse().unwrap();
+    let full = format!("{nir}{:02}", 97 - n % 97);
+    assert!(found(&format!("NIR {full}"))
+        .iter()
+        .all(|f| f.0 == "fr_nir"));
+    // Amex (15 digits, 34/37) and Mastercard 2-series are cards.
+    assert_eq!(only("Amex 378282246310005 ok", "card"), ["378282246310005"]);
+    assert_eq!(only("MC 2223003122003222 ok", "card"), ["2223003122003222"]);
 }

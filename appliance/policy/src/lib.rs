@@ -4,6 +4,7 @@
 
 pub mod detect;
 pub mod doc;
+pub mod redact;
 
 use std::collections::BTreeSet;
 

@@ -187,7 +187,7 @@ async fn resume(db: &AuditDb, key: &VerifierKey) -> Result<Resume> {
     }
     let newest = checkpoints.iter().max_by_key(|c| c.size).cloned();
     let mut frontier = Frontier::new();
-    for (_, leaf) in all_leaves(db, u64::MAX).await? {
+    each_leaf(db, u64::MAX, |leaf| {
         frontier.push(leaf);
         if let Some(c) = &newest {
             if c.size == frontier.size() && c.root != frontier.root() {
@@ -197,7 +197,9 @@ async fn resume(db: &AuditDb, key: &VerifierKey) -> Result<Resume> {
                 );
             }
         }
-    }
+        Ok(())
+    })
+    .await?;
     if let Some(c) = &newest {
         if c.size > frontier.size() {
             bail!(
@@ -215,10 +217,9 @@ async fn resume(db: &AuditDb, key: &VerifierKey) -> Result<Resume> {
     })
 }
 
-/// The leaf hashes of records 1..=`upto` (or all), in order, read in packed pages;
-/// a missing record is an error naming it.
-async fn all_leaves(db: &AuditDb, upto: u64) -> Result<Vec<(u64, Hash)>> {
-    let mut out = vec![];
+/// Calls `f` with the leaf hash of each record 1..=`upto` (or all), in order, read in
+/// packed pages (nothing kept); a missing record is an error naming it.
+async fn each_leaf(db: &AuditDb, upto: u64, mut f: impl FnMut(Hash) -> Result<()>) -> Result<()> {
     let mut from = 1u64;
     while from <= upto {
         let Some((first, last, hex)) = db.packed_leaves(from, PACKED_PAGE * 4).await? else {
@@ -232,11 +233,11 @@ async fn all_leaves(db: &AuditDb, upto: u64) -> Result<Vec<(u64, Hash)>> {
             if seq > upto {
                 break;
             }
-            out.push((seq, hex_leaf(h).with_context(|| format!("record {seq}"))?));
+            f(hex_leaf(h).with_context(|| format!("record {seq}"))?)?;
         }
         from = last + 1;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn hex_leaf(hex: &[u8]) -> Result<Hash> {
@@ -741,11 +742,12 @@ async fn export(
     let anchor_note = checkpoint(&dir).await?;
     let anchor = Checkpoint::open(&anchor_note, &key)?;
     let db = open_read(&dir).await?;
-    let leaves: Vec<Hash> = all_leaves(&db, anchor.size)
-        .await?
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let mut leaves: Vec<Hash> = Vec::with_capacity(anchor.size as usize);
+    each_leaf(&db, anchor.size, |l| {
+        leaves.push(l);
+        Ok(())
+    })
+    .await?;
     let ex = Exporter::new(leaves, anchor.clone()).map_err(anyhow::Error::msg)?;
     let tmp = out.with_extension("partial");
     let mut w = std::io::BufWriter::new(

@@ -242,6 +242,36 @@ impl Server {
         (Guard(c), BufReader::new(out).lines())
     }
 
+    /// A one-message chat completion: (HTTP status, JSON body).
+    pub fn chat_status(
+        &self,
+        key: &str,
+        model: &str,
+        max_tokens: u32,
+        text: &str,
+    ) -> (u16, serde_json::Value) {
+        let body = serde_json::json!({
+            "model": model, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": text}],
+        });
+        let (out, _) = self.curl(&[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body.to_string(),
+            &self.url("/v1/chat/completions"),
+        ]);
+        let (json, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(json).unwrap_or_default(),
+        )
+    }
+
     pub fn metric(&self, prefix: &str) -> Option<f64> {
         let (text, _) = self.curl(&[&self.url("/metrics")]);
         text.lines()

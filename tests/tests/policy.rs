@@ -26,26 +26,7 @@ fn with_policy(name: &str, policy: &str) -> PathBuf {
 }
 
 fn chat(s: &Server, key: &str, model: &str, text: &str) -> (u16, serde_json::Value) {
-    let body = serde_json::json!({
-        "model": model, "max_tokens": 2,
-        "messages": [{"role": "user", "content": text}],
-    });
-    let (out, _) = s.curl(&[
-        "-w",
-        "\n%{http_code}",
-        "-H",
-        &format!("Authorization: Bearer {key}"),
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        &body.to_string(),
-        &s.url("/v1/chat/completions"),
-    ]);
-    let (json, code) = out.rsplit_once('\n').unwrap();
-    (
-        code.trim().parse().unwrap(),
-        serde_json::from_str(json).unwrap_or_default(),
-    )
+    s.chat_status(key, model, 2, text)
 }
 
 fn hup(s: &Server) {
@@ -57,7 +38,14 @@ fn hup(s: &Server) {
 
 #[test]
 fn requests_are_classified_decided_and_recorded() {
-    let hospital = example("hospital");
+    // The example's upstreams, made unreachable at once (a closed loopback port): every
+    // request the policy would send there falls back to the local model.
+    let hospital = example("hospital")
+        .replace("https://api.eu-cloud.example/v1", "https://127.0.0.1:9/v1")
+        .replace(
+            "https://vllm.hospital.internal/v1",
+            "https://127.0.0.1:9/v1",
+        );
     let dir = with_policy("policy-hospital", &hospital);
     let s = Server::start_in(dir, &[], None, None);
     let key = s.key();
@@ -123,11 +111,11 @@ fn requests_are_classified_decided_and_recorded() {
     let (code, v) = chat(&s, &key, "gpt-4o", "Draft a note about the parking rules.");
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["model"], "smollm2");
-    // A cloud destination's model: upstreams are not served yet, so nothing allowed is
-    // available; an unknown model is unknown.
+    // A cloud destination's model, the cloud unreachable: the rule's local model answers;
+    // an unknown model is unknown.
     let (code, v) = chat(&s, &key, "large-2", "Draft a note about the parking rules.");
-    assert_eq!(code, 503, "{v}");
-    assert_eq!(v["error"]["code"], "no_allowed_destination");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["model"], "smollm2");
     let (code, v) = chat(
         &s,
         &key,

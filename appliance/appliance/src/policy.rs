@@ -31,6 +31,13 @@ pub enum PolicyCmd {
         #[command(flatten)]
         data: DataDir,
     },
+    /// Store an upstream credential (read from standard input; never shown again).
+    CredentialSet {
+        /// The name destinations refer to with `credential = "NAME"`.
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
     /// Benchmark: classification throughput (MB/s, one thread) on a generated corpus.
     #[command(hide = true)]
     Bench {
@@ -88,10 +95,49 @@ pub fn load_site(data: &Path) -> Result<PolicyState> {
         ContentMode::None => None,
         ContentMode::Hmac => Some(content_key(data)?),
     };
+    let credentials = load_credentials(data, &policy)?;
     Ok(PolicyState {
         policy,
         content_key,
+        credentials,
     })
+}
+
+/// Where upstream credentials are kept: one file per name, 0600, the secret alone.
+pub fn credentials_dir(data: &Path) -> PathBuf {
+    data.join("policy").join("credentials")
+}
+
+/// The credentials the policy's destinations name. A missing one is a warning (the
+/// destination will be refused by its server), a group- or world-readable one an error.
+fn load_credentials(
+    data: &Path,
+    policy: &Policy,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = std::collections::BTreeMap::new();
+    for d in policy.destinations.values() {
+        let Some(name) = &d.credential else { continue };
+        let path = credentials_dir(data).join(name);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => bail!(
+                "{}: readable by others; chmod 600 it (the credential of destination {:?})",
+                path.display(),
+                d.name
+            ),
+            Ok(_) => {
+                let secret = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                out.insert(name.clone(), secret.trim().to_string());
+            }
+            Err(_) => log::warn!(
+                "destination {:?}: no credential {:?} (appliance policy credential set {name})",
+                d.name,
+                name
+            ),
+        }
+    }
+    Ok(out)
 }
 
 fn content_key(data: &Path) -> Result<ring::hmac::Key> {
@@ -196,6 +242,50 @@ fn corpus(bytes: usize) -> Vec<String> {
 
 pub fn run(cmd: PolicyCmd) -> Result<()> {
     match cmd {
+        PolicyCmd::CredentialSet { name, data } => {
+            use std::io::{Read, Write};
+            use std::os::unix::fs::OpenOptionsExt;
+            if name.is_empty()
+                || name.starts_with('.')
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                bail!("credential names are letters, digits and . _ - (got {name:?})");
+            }
+            let dir = data.prepare()?;
+            let mut secret = String::new();
+            std::io::stdin().read_to_string(&mut secret)?;
+            let secret = secret.trim();
+            if secret.is_empty() {
+                bail!("no secret on standard input");
+            }
+            let cdir = credentials_dir(&dir);
+            std::fs::create_dir_all(&cdir)?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&cdir, std::fs::Permissions::from_mode(0o700))?;
+            }
+            let path = cdir.join(&name);
+            let tmp = cdir.join(format!(".{name}.new"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(secret.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            let mut r = Record::action("credential.set", 200);
+            r.resource = Some(format!("credential:{name}"));
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::audit::record_cli(&dir, r))?;
+            eprintln!("stored credential {name}; send the daemon SIGHUP (or restart it) to use it");
+            Ok(())
+        }
         PolicyCmd::Bench { policy, mb } => {
             let p = match policy {
                 Some(path) => load_file(&path)?,

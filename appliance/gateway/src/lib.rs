@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod openai;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 pub use server::{Gateway, GatewayConfig, Instance, ModelRoute};

@@ -479,8 +479,32 @@ async fn generate<T: DeserializeOwned>(
     let body = gw.read_body(&parts.headers, body, true).await?;
     let (model, r) = model_of(parse_json(&body)?);
     ctx.model = Some(loggable(&model));
-    let g = validate(r, &gw.cfg)?;
-    run(gw, key, g, ctx).await
+    let mut g = validate(r, &gw.cfg)?;
+    match apply_policy(gw, &key, &g, ctx)? {
+        Route::Local(m) => g.model = m,
+        Route::Upstream {
+            chain,
+            fallback,
+            redact,
+            found,
+        } => {
+            if !g.stream && matches!(g.prompt, WirePrompt::Chat(_)) {
+                return run_upstream(gw, key, g, ctx, chain, fallback, redact, found).await;
+            }
+            // Streams and text completions are not sent upstream yet: a local model the
+            // rule allows serves them, else nothing may.
+            match fallback {
+                Some(m) => g.model = m,
+                None => {
+                    return Err(ApiError::NoDestination(
+                        "Only upstream destinations are allowed for this request, and streamed or text-completion requests are not sent upstream yet.".into(),
+                    ))
+                }
+            }
+        }
+    }
+    ctx.model = Some(loggable(&g.model));
+    run(gw, key, g, ctx, None).await
 }
 
 fn worker_error(code: ErrorCode, message: String, kind: Kind) -> ApiError {
@@ -594,12 +618,26 @@ pub fn content_hmac(key: &ring::hmac::Key, parts: &[&str]) -> String {
 
 /// Classifies the request, decides, notes the decision for the audit record, and returns
 /// the local model the policy routes it to.
+/// Where the policy sends a request.
+pub(crate) enum Route {
+    /// One of the appliance's own models.
+    Local(String),
+    /// Upstream destinations in order of preference, then a local model to fall back to
+    /// if they all fail before answering.
+    Upstream {
+        chain: Vec<appliance_policy::Destination>,
+        fallback: Option<String>,
+        redact: bool,
+        found: Vec<appliance_policy::Detection>,
+    },
+}
+
 fn apply_policy(
     gw: &Gateway,
     key: &KeyEntry,
     g: &Generation,
     ctx: &mut ReqCtx,
-) -> Result<String, ApiError> {
+) -> Result<Route, ApiError> {
     let state = gw.policy();
     let policy = &state.policy;
     let parts = parts_of(&g.prompt);
@@ -622,8 +660,38 @@ fn apply_policy(
             decision.rule
         )));
     }
+    // A client naming an alias or an upstream's model goes where the rule prefers, when
+    // that is an upstream. Token-id prompts carry no text the policy could classify:
+    // they stay on the appliance.
+    let named_local = gw.model(&g.model).is_some();
+    if !decision.local_only && !named_local && !matches!(g.prompt, WirePrompt::Tokens(_)) {
+        let dests: Vec<&appliance_policy::Destination> = decision
+            .destinations
+            .iter()
+            .filter_map(|n| policy.destinations.get(n))
+            .collect();
+        let via_alias = policy.aliases.contains_key(&g.model);
+        let chain: Vec<appliance_policy::Destination> = dests
+            .iter()
+            .take_while(|d| d.kind != appliance_policy::Kind::Local)
+            .filter(|d| via_alias || d.model.as_deref() == Some(g.model.as_str()))
+            .map(|d| (*d).clone())
+            .collect();
+        if !chain.is_empty() {
+            let fallback = dests
+                .iter()
+                .find(|d| d.kind == appliance_policy::Kind::Local)
+                .and_then(|d| d.model.clone());
+            return Ok(Route::Upstream {
+                chain,
+                fallback,
+                redact: decision.action == appliance_policy::Action::Redact,
+                found,
+            });
+        }
+    }
     if let Some(m) = policy.route_local(&decision, &g.model) {
-        return Ok(m);
+        return Ok(Route::Local(m));
     }
     let allowed = decision.destinations.join(", ");
     if policy.aliases.contains_key(&g.model) {
@@ -643,22 +711,20 @@ fn apply_policy(
         .values()
         .any(|d| d.model.as_deref() == Some(g.model.as_str()))
     {
-        return Err(ApiError::NoDestination(format!(
-            "The model '{}' is only reachable through an upstream, and upstreams are not available on this appliance yet ({classes}; rule \"{}\").",
+        return Err(ApiError::PolicyDenied(format!(
+            "The policy does not allow this request on the model '{}' ({classes}; rule \"{}\" allows: {allowed}).",
             g.model, decision.rule
         )));
     }
     Err(ApiError::ModelNotFound(g.model.clone()))
 }
 
-async fn run(
+/// The admission checks of a local generation: model, key, readiness, queue, limits.
+fn admit_local(
     gw: &Arc<Gateway>,
-    key: Arc<KeyEntry>,
-    mut g: Generation,
-    ctx: &mut ReqCtx,
-) -> Result<Reply, ApiError> {
-    g.model = apply_policy(gw, &key, &g, ctx)?;
-    ctx.model = Some(loggable(&g.model));
+    key: &KeyEntry,
+    g: &Generation,
+) -> Result<(Arc<crate::server::ModelRoute>, Slot, Permit), ApiError> {
     let route = gw
         .model(&g.model)
         .ok_or_else(|| ApiError::ModelNotFound(g.model.clone()))?;
@@ -668,26 +734,49 @@ async fn run(
     if !route.is_ready() {
         return Err(ApiError::NotReady(g.model.clone()));
     }
-    let overloaded = || ApiError::Overloaded {
-        model: g.model.clone(),
-        retry_after: Duration::from_secs(2),
-    };
-    let mut slot = route
+    let slot = route
         .try_slot(gw.cfg.queue_per_model, &[])
-        .ok_or_else(overloaded)?;
+        .ok_or_else(|| ApiError::Overloaded {
+            model: g.model.clone(),
+            retry_after: Duration::from_secs(2),
+        })?;
     // Limits last: a request refused for another reason costs the key nothing.
     let (permit, _rate) = key
         .limiter
         .admit(&key.limits, Instant::now())
         .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
+    Ok((route, slot, permit))
+}
+
+/// Runs a generation on a local model. `ticket`: the intent already recorded when the
+/// request comes back from upstreams that all failed.
+async fn run(
+    gw: &Arc<Gateway>,
+    key: Arc<KeyEntry>,
+    g: Generation,
+    ctx: &mut ReqCtx,
+    ticket: Option<Ticket>,
+) -> Result<Reply, ApiError> {
+    let (route, mut slot, permit) = match admit_local(gw, &key, &g) {
+        Ok(x) => x,
+        Err(e) => {
+            return match ticket {
+                Some(t) => refuse_after_intent(gw, ctx, t, e).await,
+                None => Err(e),
+            }
+        }
+    };
     let in_flight = gw.enter();
     // Fail closed: no worker is called before the request's intent is durable.
     ctx.destination = Some(format!("local/{}", slot.instance().device));
-    let ticket = gw
-        .audit
-        .intent(gw.audit_record(ctx, 0, None, None))
-        .await
-        .map_err(|_| ApiError::AuditUnavailable)?;
+    let ticket = match ticket {
+        Some(t) => t,
+        None => gw
+            .audit
+            .intent(gw.audit_record(ctx, 0, None, None))
+            .await
+            .map_err(|_| ApiError::AuditUnavailable)?,
+    };
     let mut hard_stop = gw.hard_stop.subscribe();
     // An instance that died a moment ago may still look ready: until the worker has
     // accepted the request (nothing generated yet), a broken connection means trying
@@ -827,6 +916,135 @@ async fn run(
     let include_usage = g.include_usage;
     tokio::spawn(run.stream(tx, include_usage));
     Ok(Reply::Settled(resp))
+}
+
+/// Sends a chat request to the upstreams the policy allows, in order, with redaction
+/// when the rule says so; falls back to the rule's local model when every upstream
+/// failed before answering. One intent before the first call, one record at the end.
+#[allow(clippy::too_many_arguments)]
+async fn run_upstream(
+    gw: &Arc<Gateway>,
+    key: Arc<KeyEntry>,
+    mut g: Generation,
+    ctx: &mut ReqCtx,
+    chain: Vec<appliance_policy::Destination>,
+    fallback: Option<String>,
+    redact: bool,
+    found: Vec<appliance_policy::Detection>,
+) -> Result<Reply, ApiError> {
+    let WirePrompt::Chat(messages) = &g.prompt else {
+        return Err(ApiError::NoDestination(
+            "only chat requests go upstream".into(),
+        ));
+    };
+    let (permit, _rate) = key
+        .limiter
+        .admit(&key.limits, Instant::now())
+        .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
+    let in_flight = gw.enter();
+    ctx.destination = Some(chain[0].name.clone());
+    ctx.model = chain[0].model.as_deref().map(loggable);
+    // Fail closed: nothing leaves before the intent is durable.
+    let ticket = gw
+        .audit
+        .intent(gw.audit_record(ctx, 0, None, None))
+        .await
+        .map_err(|_| ApiError::AuditUnavailable)?;
+    let (sent, redaction) = if redact {
+        let parts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        let (out, r) = appliance_policy::redact::redact(&parts, &found);
+        let sent: Vec<WireMessage> = messages
+            .iter()
+            .zip(out)
+            .map(|(m, content)| WireMessage {
+                role: m.role.clone(),
+                content,
+            })
+            .collect();
+        (sent, Some(r))
+    } else {
+        (messages.clone(), None)
+    };
+    let state = gw.policy();
+    let mut failures = vec![];
+    for dest in &chain {
+        ctx.destination = Some(dest.name.clone());
+        ctx.model = dest.model.as_deref().map(loggable);
+        let credential = dest
+            .credential
+            .as_ref()
+            .and_then(|c| state.credentials.get(c))
+            .map(String::as_str);
+        match crate::upstream::chat(dest, credential, &sent, g.params.max_tokens).await {
+            Ok(answer) => {
+                let content = match &redaction {
+                    Some(r) => r.restore(&answer.content),
+                    None => answer.content,
+                };
+                let usage = (
+                    answer.prompt_tokens as usize,
+                    answer.completion_tokens as usize,
+                );
+                let record = gw.audit_record(ctx, 200, None, Some(usage));
+                if let Err((_, t)) = ticket.finish(record).await {
+                    let refused = ApiError::AuditUnavailable;
+                    t.finish_later(gw.audit_record(ctx, 503, Some(refused.code()), Some(usage)));
+                    gw.finish(ctx, 503, Some(usage));
+                    return Ok(Reply::Settled(error_response(&refused, &ctx.id)));
+                }
+                key.limiter
+                    .charge_tokens(&key.limits, usage.0 + usage.1, Instant::now());
+                gw.finish(ctx, 200, Some(usage));
+                drop((permit, in_flight));
+                let resp = json_response(
+                    StatusCode::OK,
+                    &ChatCompletion {
+                        id: run_id(&ctx.id, Kind::Chat),
+                        object: "chat.completion",
+                        created: unix_now() as u64,
+                        model: dest.model.clone().unwrap_or_default(),
+                        choices: vec![ChatChoice {
+                            index: 0,
+                            message: AssistantMessage {
+                                role: "assistant",
+                                content,
+                            },
+                            logprobs: None,
+                            finish_reason: if answer.finish_reason == "length" {
+                                "length"
+                            } else {
+                                "stop"
+                            },
+                        }],
+                        usage: Usage::new(usage.0, usage.1),
+                        system_fingerprint: None,
+                    },
+                    &ctx.id,
+                );
+                return Ok(Reply::Settled(resp));
+            }
+            Err(e) => {
+                log::warn!("{}: upstream {} failed: {e}", ctx.id, dest.name);
+                failures.push(dest.name.clone());
+            }
+        }
+    }
+    drop((permit, in_flight));
+    match fallback {
+        Some(m) => {
+            log::info!("{}: falling back to the local model {m}", ctx.id);
+            g.model = m;
+            ctx.model = Some(loggable(&g.model));
+            Box::pin(run(gw, key, g, ctx, Some(ticket))).await
+        }
+        None => {
+            let e = ApiError::NoDestination(format!(
+                "Every destination this request may go to failed ({}).",
+                failures.join(", ")
+            ));
+            refuse_after_intent(gw, ctx, ticket, e).await
+        }
+    }
 }
 
 /// Ends a request whose intent is recorded but that never reached generation: its

@@ -210,6 +210,8 @@ pub struct Gateway {
 pub struct PolicyState {
     pub policy: appliance_policy::Policy,
     pub content_key: Option<ring::hmac::Key>,
+    /// Upstream credentials by name (secrets: never logged, never recorded).
+    pub credentials: std::collections::BTreeMap<String, String>,
 }
 
 /// What the policy decided about a request, for its audit record.
@@ -391,6 +393,7 @@ impl Gateway {
             policy: std::sync::RwLock::new(Arc::new(PolicyState {
                 policy: appliance_policy::Policy::builtin(),
                 content_key: None,
+                credentials: Default::default(),
             })),
         })
     }

@@ -86,6 +86,7 @@ struct RawDestination {
     price_out_per_1k: Option<f64>,
     timeout_ms: Option<u64>,
     credential: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,7 +153,10 @@ pub struct Destination {
     pub price_in_per_1k: f64,
     pub price_out_per_1k: f64,
     pub timeout_ms: u64,
+    /// The name of the stored credential (`DATA/policy/credentials/NAME`), never a secret.
     pub credential: Option<String>,
+    /// The CA bundle the destination's certificate must chain to (default: the system's).
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -365,6 +369,16 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
                 }
             }
         }
+        if let Some(cred) = &d.credential {
+            let plain = !cred.is_empty()
+                && !cred.starts_with('.')
+                && cred
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch));
+            if !plain {
+                c.at(span.clone(), format!("destination {name:?}: credential {cred:?} must be a plain name (letters, digits, . _ -)"));
+            }
+        }
         if kind == Kind::External && d.jurisdiction.is_none() {
             c.at(span.clone(), format!("destination {name:?}: an external destination states its `jurisdiction` (e.g. \"EU\", \"US\")"));
         }
@@ -392,6 +406,7 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
                 price_out_per_1k: d.price_out_per_1k.unwrap_or(0.0),
                 timeout_ms: d.timeout_ms.unwrap_or(60_000),
                 credential: d.credential.clone(),
+                ca_file: d.ca_file.clone(),
             },
         );
     }

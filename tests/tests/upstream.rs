@@ -1,0 +1,274 @@
+//! Upstream destinations under the policy, against a fake cloud server on loopback that
+//! records every byte it receives (`tests/e2e/fake_upstream.py`, HTTPS with its own CA
+//! given to the destination as `ca_file`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use appliance_tests::*;
+
+struct Fake {
+    _guard: Guard,
+    port: u16,
+    log: PathBuf,
+}
+
+/// A CA (`ca.pem`, what the destination trusts) and a certificate for 127.0.0.1 signed
+/// by it (openssl), and the fake upstream in `mode`.
+fn fake(dir: &Path, mode: &str) -> Fake {
+    let (cert, key) = (dir.join("up-cert.pem"), dir.join("up-key.pem"));
+    if !cert.exists() {
+        let run = |args: &[&str]| {
+            let ok = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl");
+            assert!(ok.success(), "openssl {args:?}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut a = vec![
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=fake-ca",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+        ];
+        a.extend(ec);
+        run(&a);
+        let mut a = vec![
+            "req",
+            "-subj",
+            "/CN=fake-upstream",
+            "-keyout",
+            "up-key.pem",
+            "-out",
+            "up.csr",
+        ];
+        a.extend(ec);
+        run(&a);
+        std::fs::write(
+            dir.join("up.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "up.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "up.ext",
+            "-out",
+            "up-cert.pem",
+        ]);
+    }
+    let log = dir.join(format!("upstream-{mode}.log"));
+    let portfile = dir.join(format!("upstream-{mode}.port"));
+    let _ = std::fs::remove_file(&portfile);
+    std::fs::write(&log, b"").unwrap();
+    let child = Command::new("python3")
+        .arg(repo_root().join("tests/e2e/fake_upstream.py"))
+        .args([&cert, &key, &log, &portfile])
+        .arg(mode)
+        .spawn()
+        .unwrap();
+    let guard = Guard(child);
+    let t0 = Instant::now();
+    let port = loop {
+        if let Ok(p) = std::fs::read_to_string(&portfile) {
+            if let Ok(p) = p.trim().parse() {
+                break p;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "fake upstream did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Fake {
+        _guard: guard,
+        port,
+        log,
+    }
+}
+
+fn policy(port: u16, cert: &Path) -> String {
+    format!(
+        r#"
+[destinations.local]
+kind = "local"
+model = "smollm2"
+
+[destinations.cloud]
+kind = "external"
+url = "https://127.0.0.1:{port}/v1"
+model = "cloud-large"
+jurisdiction = "EU"
+provider = "Fake Cloud"
+ca_file = "{}"
+credential = "cloud"
+timeout_ms = 5000
+
+[[rules]]
+name = "patient data stays here"
+classes = ["PHI"]
+action = "allow"
+destinations = ["local"]
+
+[[rules]]
+name = "personal data redacted"
+classes = ["PII"]
+action = "redact"
+destinations = ["cloud", "local"]
+
+[[rules]]
+name = "the rest"
+action = "allow"
+destinations = ["cloud", "local"]
+
+[aliases]
+default = "cloud"
+"#,
+        cert.display()
+    )
+}
+
+fn chat(s: &Server, key: &str, text: &str) -> (u16, serde_json::Value) {
+    s.chat_status(key, "default", 4, text)
+}
+
+#[test]
+fn only_what_policy_allows_reaches_the_cloud_redacted_and_restored() {
+    let dir = scratch("upstream");
+    let up = fake(&dir, "ok");
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    std::fs::write(
+        dir.join("policy/policy.toml"),
+        policy(up.port, &dir.join("ca.pem")),
+    )
+    .unwrap();
+    // The credential, stored write-only through the CLI.
+    let mut c = appliance()
+        .args(["policy", "credential-set", "cloud", "--data-dir"])
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(c.stdin.as_mut().unwrap(), b"sk-cloud-SECRET-7\n").unwrap();
+    drop(c.stdin.take());
+    assert!(c.wait().unwrap().success());
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+
+    // Patient data: answered locally, not one byte to the cloud.
+    let (code, v) = chat(&s, &key, "NHS number 943 476 5919: summarise the referral.");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["model"], "smollm2");
+    assert_eq!(
+        std::fs::read(&up.log).unwrap().len(),
+        0,
+        "PHI reached the upstream"
+    );
+
+    // Nothing sensitive: the cloud answers, with the stored credential.
+    let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");
+    assert_eq!(code, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        answer,
+        "UPSTREAM heard: Draft a note about the parking rules."
+    );
+    let seen = std::fs::read_to_string(&up.log).unwrap();
+    assert!(seen.contains("Bearer sk-cloud-SECRET-7"), "{seen}");
+
+    // Personal data: the cloud sees placeholders, the client the original values.
+    let (code, v) = chat(
+        &s,
+        &key,
+        "Email jane.doe@example.org and copy jane.doe@example.org.",
+    );
+    assert_eq!(code, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        answer,
+        "UPSTREAM heard: Email jane.doe@example.org and copy jane.doe@example.org."
+    );
+    let seen = std::fs::read_to_string(&up.log).unwrap();
+    assert!(!seen.contains("jane.doe"), "{seen}");
+    assert!(seen.contains("Email [PII_1] and copy [PII_1]."), "{seen}");
+
+    // The cloud goes down: the request falls back to the local model.
+    drop(up);
+    let (code, v) = chat(&s, &key, "Draft another note about the parking rules.");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["model"], "smollm2");
+
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let chats: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|r| r["action"] == "chat.completions")
+        .collect();
+    let dests: Vec<&str> = chats
+        .iter()
+        .map(|r| r["destination"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        dests,
+        ["local/cpu", "cloud", "cloud", "local/cpu"],
+        "{chats:?}"
+    );
+    assert_eq!(chats[2]["decision"], "redact: personal data redacted");
+    // The secret is in no record and no persisted file but its own.
+    let export = std::fs::read_to_string(dir.join("export.jsonl")).unwrap();
+    assert!(!export.contains("SECRET"));
+    assert!(all.iter().any(|r| r["action"] == "credential.set"));
+}
+
+#[test]
+fn a_failing_cloud_without_a_local_fallback_is_a_clear_503() {
+    let dir = scratch("upstream-500");
+    let up = fake(&dir, "error500");
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    let p = policy(up.port, &dir.join("ca.pem")).replace(
+        "name = \"the rest\"\naction = \"allow\"\ndestinations = [\"cloud\", \"local\"]",
+        "name = \"the rest\"\naction = \"allow\"\ndestinations = [\"cloud\"]",
+    );
+    std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+    let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");
+    assert_eq!(code, 503, "{v}");
+    assert_eq!(v["error"]["code"], "no_allowed_destination");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("cloud"),
+        "{v}"
+    );
+    // It did try (and the body it sent was the request).
+    assert!(std::fs::read_to_string(&up.log)
+        .unwrap()
+        .contains("parking rules"));
+}

@@ -155,6 +155,14 @@ default = "cloud"
     )
 }
 
+/// The test policy with no local fallback for requests without sensitive data.
+fn cloud_only(policy: &str) -> String {
+    policy.replace(
+        "name = \"the rest\"\naction = \"allow\"\ndestinations = [\"cloud\", \"local\"]",
+        "name = \"the rest\"\naction = \"allow\"\ndestinations = [\"cloud\"]",
+    )
+}
+
 fn chat(s: &Server, key: &str, text: &str) -> (u16, serde_json::Value) {
     s.chat_status(key, "default", 4, text)
 }
@@ -253,10 +261,7 @@ fn a_failing_cloud_without_a_local_fallback_is_a_clear_503() {
     let dir = scratch("upstream-500");
     let up = fake(&dir, "error500");
     std::fs::create_dir_all(dir.join("policy")).unwrap();
-    let p = policy(up.port, &dir.join("ca.pem")).replace(
-        "name = \"the rest\"\naction = \"allow\"\ndestinations = [\"cloud\", \"local\"]",
-        "name = \"the rest\"\naction = \"allow\"\ndestinations = [\"cloud\"]",
-    );
+    let p = cloud_only(&policy(up.port, &dir.join("ca.pem")));
     std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
     let s = Server::start_in(dir.clone(), &[], None, None);
     let key = s.key();
@@ -271,4 +276,66 @@ fn a_failing_cloud_without_a_local_fallback_is_a_clear_503() {
     assert!(std::fs::read_to_string(&up.log)
         .unwrap()
         .contains("parking rules"));
+}
+
+/// Requests the fake upstream has received so far.
+fn received(up: &Fake) -> usize {
+    std::fs::read_to_string(&up.log)
+        .unwrap()
+        .matches("\"messages\"")
+        .count()
+}
+
+#[test]
+fn a_failing_upstream_opens_its_circuit_and_is_probed_after_the_cooldown() {
+    let dir = scratch("upstream-breaker");
+    let up = fake(&dir, "error500");
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    let p = policy(up.port, &dir.join("ca.pem")).replace(
+        "timeout_ms = 5000",
+        "timeout_ms = 5000\nbreaker_failures = 2\nbreaker_cooldown_ms = 1500",
+    );
+    std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+    let ask = || {
+        let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["model"], "smollm2", "served by the local fallback");
+    };
+    ask();
+    ask();
+    assert_eq!(received(&up), 2);
+    // Open: the upstream is not even tried.
+    ask();
+    ask();
+    assert_eq!(received(&up), 2);
+    // After the cooldown one probe goes through; it fails, and the circuit opens again.
+    std::thread::sleep(Duration::from_millis(1600));
+    ask();
+    assert_eq!(received(&up), 3);
+    ask();
+    assert_eq!(received(&up), 3);
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_refused() {
+    let dir = scratch("upstream-wrong-ca");
+    let up = fake(&dir, "ok");
+    // Another CA, made the same way in another directory.
+    let other = scratch("upstream-other-ca");
+    let _other_up = fake(&other, "ok");
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    let p = cloud_only(&policy(up.port, &other.join("ca.pem")));
+    std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+    let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");
+    assert_eq!(code, 503, "{v}");
+    assert_eq!(v["error"]["code"], "no_allowed_destination");
+    assert_eq!(
+        received(&up),
+        0,
+        "a request was sent over an unverified connection"
+    );
 }

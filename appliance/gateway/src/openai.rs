@@ -968,6 +968,15 @@ async fn run_upstream(
     let state = gw.policy();
     let mut failures = vec![];
     for dest in &chain {
+        if !gw.breakers.allow(dest) {
+            log::info!(
+                "{}: upstream {} skipped: its circuit is open",
+                ctx.id,
+                dest.name
+            );
+            failures.push(format!("{} (circuit open)", dest.name));
+            continue;
+        }
         ctx.destination = Some(dest.name.clone());
         ctx.model = dest.model.as_deref().map(loggable);
         let credential = dest
@@ -977,6 +986,7 @@ async fn run_upstream(
             .map(String::as_str);
         match crate::upstream::chat(dest, credential, &sent, g.params.max_tokens).await {
             Ok(answer) => {
+                gw.breakers.success(dest);
                 let content = match &redaction {
                     Some(r) => r.restore(&answer.content),
                     None => answer.content,
@@ -1024,6 +1034,7 @@ async fn run_upstream(
                 return Ok(Reply::Settled(resp));
             }
             Err(e) => {
+                gw.breakers.failure(dest);
                 log::warn!("{}: upstream {} failed: {e}", ctx.id, dest.name);
                 failures.push(dest.name.clone());
             }

@@ -204,6 +204,7 @@ pub struct Gateway {
     admin: std::sync::OnceLock<Arc<dyn crate::admin::AdminOps>>,
     pub(crate) audit: Auditor,
     policy: std::sync::RwLock<Arc<PolicyState>>,
+    pub(crate) breakers: crate::upstream::Breakers,
 }
 
 /// The policy in force and, when it asks for content HMACs, their key.
@@ -390,6 +391,7 @@ impl Gateway {
             request_counter: AtomicU64::new(0),
             admin: std::sync::OnceLock::new(),
             audit,
+            breakers: Default::default(),
             policy: std::sync::RwLock::new(Arc::new(PolicyState {
                 policy: appliance_policy::Policy::builtin(),
                 content_key: None,

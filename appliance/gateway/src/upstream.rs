@@ -14,6 +14,72 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
+/// Circuit breakers, one per destination: after `breaker_failures` failures in a row a
+/// destination is skipped for `breaker_cooldown_ms`; then one request probes it
+/// (half-open): success closes the circuit, failure opens it again.
+#[derive(Debug, Default)]
+pub struct Breakers {
+    state: std::sync::Mutex<std::collections::HashMap<String, Breaker>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<std::time::Instant>,
+    probing: bool,
+}
+
+impl Breakers {
+    /// Whether a request may try `dest` now (and, if it is the half-open probe, marks it).
+    pub fn allow(&self, dest: &Destination) -> bool {
+        let mut m = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let b = m.entry(dest.name.clone()).or_default();
+        match b.open_until {
+            None => true,
+            Some(t) if std::time::Instant::now() < t => false,
+            Some(_) if b.probing => false,
+            Some(_) => {
+                b.probing = true;
+                true
+            }
+        }
+    }
+
+    pub fn success(&self, dest: &Destination) {
+        let mut m = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(dest.name.clone(), Breaker::default());
+    }
+
+    pub fn failure(&self, dest: &Destination) {
+        let mut m = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let b = m.entry(dest.name.clone()).or_default();
+        b.failures += 1;
+        if b.probing || b.failures >= dest.breaker_failures {
+            if b.open_until.is_none() || b.probing {
+                log::warn!(
+                    "upstream {}: circuit open for {} ms after {} failure(s)",
+                    dest.name,
+                    dest.breaker_cooldown_ms,
+                    b.failures
+                );
+            }
+            b.open_until =
+                Some(std::time::Instant::now() + Duration::from_millis(dest.breaker_cooldown_ms));
+            b.probing = false;
+        }
+    }
+
+    /// `closed`, `open` or `half_open`, for status and metrics.
+    pub fn state(&self, name: &str) -> &'static str {
+        let m = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(name).and_then(|b| b.open_until) {
+            None => "closed",
+            Some(t) if std::time::Instant::now() < t => "open",
+            Some(_) => "half_open",
+        }
+    }
+}
+
 /// The system's CA bundle (Debian), used when a destination names no `ca_file`.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -214,6 +280,38 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dest(failures: u32, cooldown_ms: u64) -> Destination {
+        appliance_policy::parse(&format!(
+            "[destinations.d]\nkind = \"external\"\nurl = \"https://x.example/v1\"\njurisdiction = \"EU\"\nbreaker_failures = {failures}\nbreaker_cooldown_ms = {cooldown_ms}\n"
+        ))
+        .unwrap()
+        .destinations["d"]
+        .clone()
+    }
+
+    #[test]
+    fn breakers_open_after_failures_and_probe_once_after_the_cooldown() {
+        let d = dest(2, 50);
+        let b = Breakers::default();
+        assert!(b.allow(&d));
+        b.failure(&d);
+        assert!(b.allow(&d), "one failure of two");
+        b.failure(&d);
+        assert_eq!(b.state("d"), "open");
+        assert!(!b.allow(&d));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(b.state("d"), "half_open");
+        assert!(b.allow(&d), "the probe");
+        assert!(!b.allow(&d), "only one probe at a time");
+        b.failure(&d);
+        assert_eq!(b.state("d"), "open", "a failed probe opens it again");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.allow(&d));
+        b.success(&d);
+        assert_eq!(b.state("d"), "closed");
+        assert!(b.allow(&d) && b.allow(&d));
+    }
 
     #[test]
     fn urls() {

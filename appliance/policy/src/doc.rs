@@ -87,6 +87,8 @@ struct RawDestination {
     timeout_ms: Option<u64>,
     credential: Option<String>,
     ca_file: Option<String>,
+    breaker_failures: Option<u32>,
+    breaker_cooldown_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +159,10 @@ pub struct Destination {
     pub credential: Option<String>,
     /// The CA bundle the destination's certificate must chain to (default: the system's).
     pub ca_file: Option<String>,
+    /// Failures in a row that open the destination's circuit (default 3) ...
+    pub breaker_failures: u32,
+    /// ... and how long it stays open before one probe request is let through (ms).
+    pub breaker_cooldown_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -407,6 +413,8 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
                 timeout_ms: d.timeout_ms.unwrap_or(60_000),
                 credential: d.credential.clone(),
                 ca_file: d.ca_file.clone(),
+                breaker_failures: d.breaker_failures.unwrap_or(3).max(1),
+                breaker_cooldown_ms: d.breaker_cooldown_ms.unwrap_or(30_000),
             },
         );
     }

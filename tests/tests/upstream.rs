@@ -339,3 +339,38 @@ fn a_certificate_from_another_ca_is_refused() {
         "a request was sent over an unverified connection"
     );
 }
+
+#[test]
+fn a_classifier_over_its_budget_keeps_the_request_local() {
+    let dir = scratch("upstream-budget");
+    let up = fake(&dir, "ok");
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    // A budget no classification can meet: every request counts as unclassified.
+    let p = format!(
+        "[classification]\nbudget_ms = 0\n{}",
+        policy(up.port, &dir.join("ca.pem"))
+    );
+    std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+    let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["model"], "smollm2");
+    assert_eq!(
+        received(&up),
+        0,
+        "an unclassified request left the appliance"
+    );
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let r = all
+        .iter()
+        .find(|r| r["action"] == "chat.completions")
+        .unwrap();
+    assert!(
+        r["decision"].as_str().unwrap().contains("over its budget"),
+        "{r}"
+    );
+    assert_eq!(r["destination"], "local/cpu");
+}

@@ -641,10 +641,22 @@ fn apply_policy(
     let state = gw.policy();
     let policy = &state.policy;
     let parts = parts_of(&g.prompt);
+    let started = Instant::now();
     let found = policy.classify(&parts);
+    // Fail closed: classification past its budget counts as failed, and such a request
+    // may only stay on the appliance.
+    let over_budget = started.elapsed() > Duration::from_millis(policy.classify_budget_ms);
     let decision = policy.decide(&key.tenant, &found);
     ctx.policy = Some(PolicyNote {
-        decision: format!("{}: {}", decision.action.as_str(), decision.rule),
+        decision: if over_budget {
+            format!(
+                "{}: {} (classification over its budget: local only)",
+                decision.action.as_str(),
+                decision.rule
+            )
+        } else {
+            format!("{}: {}", decision.action.as_str(), decision.rule)
+        },
         classes: decision.classes.clone(),
         version: decision.version.clone(),
         content: state.content_key.as_ref().map(|k| content_hmac(k, &parts)),
@@ -659,6 +671,30 @@ fn apply_policy(
             "The policy does not allow this request ({classes}; rule \"{}\").",
             decision.rule
         )));
+    }
+    if over_budget {
+        log::warn!(
+            "{}: classification took longer than {} ms: local destinations only",
+            ctx.id,
+            policy.classify_budget_ms
+        );
+        let local = if decision.local_only {
+            Some(g.model.clone())
+        } else {
+            decision
+                .destinations
+                .iter()
+                .filter_map(|n| policy.destinations.get(n))
+                .find(|d| d.kind == appliance_policy::Kind::Local)
+                .and_then(|d| d.model.clone())
+        };
+        return match local {
+            Some(m) => Ok(Route::Local(m)),
+            None => Err(ApiError::PolicyDenied(format!(
+                "The request could not be classified within its time budget, so it may only stay on this appliance, and rule \"{}\" allows no local model.",
+                decision.rule
+            ))),
+        };
     }
     // A client naming an alias or an upstream's model goes where the rule prefers, when
     // that is an upstream. Token-id prompts carry no text the policy could classify:

@@ -51,6 +51,14 @@ struct RawPolicy {
     audit: RawAudit,
     #[serde(default)]
     tenants: BTreeMap<String, RawTenant>,
+    #[serde(default)]
+    classification: RawClassification,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClassification {
+    budget_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -209,6 +217,9 @@ pub struct Policy {
     pub aliases: BTreeMap<String, String>,
     pub content: ContentMode,
     pub retention_days: Option<u32>,
+    /// Classification taking longer than this (ms) counts as failed: the request may
+    /// then only go to local destinations.
+    pub classify_budget_ms: u64,
 }
 
 const DEFAULT_CLASSES: &[&str] = &["PHI", "PII", "PCI", "confidential", "public"];
@@ -584,6 +595,7 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
         aliases,
         content,
         retention_days: raw.audit.retention_days,
+        classify_budget_ms: raw.classification.budget_ms.unwrap_or(100),
     })
 }
 

@@ -155,6 +155,11 @@ default = "cloud"
     )
 }
 
+fn write_policy(dir: &Path, text: &str) {
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/policy.toml"), text).unwrap();
+}
+
 /// The test policy with no local fallback for requests without sensitive data.
 fn cloud_only(policy: &str) -> String {
     policy.replace(
@@ -171,12 +176,7 @@ fn chat(s: &Server, key: &str, text: &str) -> (u16, serde_json::Value) {
 fn only_what_policy_allows_reaches_the_cloud_redacted_and_restored() {
     let dir = scratch("upstream");
     let up = fake(&dir, "ok");
-    std::fs::create_dir_all(dir.join("policy")).unwrap();
-    std::fs::write(
-        dir.join("policy/policy.toml"),
-        policy(up.port, &dir.join("ca.pem")),
-    )
-    .unwrap();
+    write_policy(&dir, &policy(up.port, &dir.join("ca.pem")));
     // The credential, stored write-only through the CLI.
     let mut c = appliance()
         .args(["policy", "credential-set", "cloud", "--data-dir"])
@@ -260,9 +260,8 @@ fn only_what_policy_allows_reaches_the_cloud_redacted_and_restored() {
 fn a_failing_cloud_without_a_local_fallback_is_a_clear_503() {
     let dir = scratch("upstream-500");
     let up = fake(&dir, "error500");
-    std::fs::create_dir_all(dir.join("policy")).unwrap();
     let p = cloud_only(&policy(up.port, &dir.join("ca.pem")));
-    std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
+    write_policy(&dir, &p);
     let s = Server::start_in(dir.clone(), &[], None, None);
     let key = s.key();
     let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");
@@ -290,12 +289,11 @@ fn received(up: &Fake) -> usize {
 fn a_failing_upstream_opens_its_circuit_and_is_probed_after_the_cooldown() {
     let dir = scratch("upstream-breaker");
     let up = fake(&dir, "error500");
-    std::fs::create_dir_all(dir.join("policy")).unwrap();
     let p = policy(up.port, &dir.join("ca.pem")).replace(
         "timeout_ms = 5000",
         "timeout_ms = 5000\nbreaker_failures = 2\nbreaker_cooldown_ms = 1500",
     );
-    std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
+    write_policy(&dir, &p);
     let s = Server::start_in(dir.clone(), &[], None, None);
     let key = s.key();
     let ask = || {
@@ -325,9 +323,8 @@ fn a_certificate_from_another_ca_is_refused() {
     // Another CA, made the same way in another directory.
     let other = scratch("upstream-other-ca");
     let _other_up = fake(&other, "ok");
-    std::fs::create_dir_all(dir.join("policy")).unwrap();
     let p = cloud_only(&policy(up.port, &other.join("ca.pem")));
-    std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
+    write_policy(&dir, &p);
     let s = Server::start_in(dir.clone(), &[], None, None);
     let key = s.key();
     let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");
@@ -344,13 +341,12 @@ fn a_certificate_from_another_ca_is_refused() {
 fn a_classifier_over_its_budget_keeps_the_request_local() {
     let dir = scratch("upstream-budget");
     let up = fake(&dir, "ok");
-    std::fs::create_dir_all(dir.join("policy")).unwrap();
     // A budget no classification can meet: every request counts as unclassified.
     let p = format!(
         "[classification]\nbudget_ms = 0\n{}",
         policy(up.port, &dir.join("ca.pem"))
     );
-    std::fs::write(dir.join("policy/policy.toml"), p).unwrap();
+    write_policy(&dir, &p);
     let s = Server::start_in(dir.clone(), &[], None, None);
     let key = s.key();
     let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");

@@ -233,23 +233,24 @@ async fn each_leaf(db: &AuditDb, upto: u64, mut f: impl FnMut(Hash) -> Result<()
             if seq > upto {
                 break;
             }
-            f(hex_leaf(h).with_context(|| format!("record {seq}"))?)?;
+            f(hex32(h).with_context(|| format!("record {seq}"))?)?;
         }
         from = last + 1;
     }
     Ok(())
 }
 
-fn hex_leaf(hex: &[u8]) -> Result<Hash> {
+/// 32 bytes from 64 hex digits (leaf hashes, keys).
+pub fn hex32(hex: &[u8]) -> Result<Hash> {
     if hex.len() != 64 {
-        bail!("the stored leaf hash is not 32 bytes");
+        bail!("not 32 bytes of hex");
     }
     let mut hash = [0u8; 32];
     for (j, b) in hash.iter_mut().enumerate() {
         let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
         match (digit(hex[2 * j]), digit(hex[2 * j + 1])) {
             (Some(h), Some(l)) => *b = h << 4 | l,
-            _ => bail!("the stored leaf hash is not hex"),
+            _ => bail!("not hex"),
         }
     }
     Ok(hash)
@@ -521,7 +522,7 @@ fn unpack(p: &PackedRows) -> Result<Vec<Row<'_>>, Failure> {
         let seq: u64 = seq
             .parse()
             .map_err(|_| bad(None, format!("a stored seq is not a number: {seq:?}")))?;
-        let hash = hex_leaf(hex).map_err(|e| bad(Some(seq), format!("record {seq}: {e}")))?;
+        let hash = hex32(hex).map_err(|e| bad(Some(seq), format!("record {seq}: {e}")))?;
         rows.push(Row {
             seq,
             time_ms: time

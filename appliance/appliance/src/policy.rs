@@ -148,7 +148,7 @@ fn content_key(data: &Path) -> Result<ring::hmac::Key> {
         let mut raw = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
             .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = appliance_gateway::keys::hex(&raw);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -159,14 +159,8 @@ fn content_key(data: &Path) -> Result<ring::hmac::Key> {
         f.sync_all()?;
     }
     let text = std::fs::read_to_string(&path)?;
-    let hex = text.trim();
-    if hex.len() != 64 {
-        bail!("{}: not a 32-byte hex key", path.display());
-    }
-    let raw: Vec<u8> = (0..32)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{}: not hex", path.display()))?;
+    let raw = crate::audit::hex32(text.trim().as_bytes())
+        .with_context(|| format!("{}: not a 32-byte hex key", path.display()))?;
     Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &raw))
 }
 

@@ -113,11 +113,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     started.source = Some("local".into());
     // The configuration in force, by hash: a changed file shows as a changed hash.
     let config_hash = match std::fs::read(dir.join("appliance.toml")) {
-        Ok(bytes) => appliance_audit::merkle::sha256_of(&bytes)
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .fold("sha256:".to_string(), |s, h| s + &h),
+        Ok(bytes) => format!(
+            "sha256:{}",
+            appliance_gateway::keys::hex(&appliance_audit::merkle::sha256_of(&bytes)[..8])
+        ),
         Err(_) => "none".into(),
     };
     started.detail = Some(format!(

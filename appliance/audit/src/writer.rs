@@ -526,58 +526,58 @@ impl<B: LogBackend> Writer<B> {
     }
 }
 
-/// A log in memory, for unit tests of code that records.
-#[derive(Debug, Default, Clone)]
-pub struct MemoryLog {
-    pub inner: Arc<std::sync::Mutex<MemoryInner>>,
-}
-
-#[derive(Debug, Default)]
-pub struct MemoryInner {
-    pub records: Vec<StoredRecord>,
-    pub intents: std::collections::BTreeMap<u64, String>,
-    pub checkpoints: Vec<StoredCheckpoint>,
-    /// While set, every commit fails with this message.
-    pub fail: Option<String>,
-}
-
-impl LogBackend for MemoryLog {
-    fn commit(&mut self, batch: &Batch) -> impl Future<Output = Result<(), String>> + Send {
-        let result = (|| {
-            let mut g = self.inner.lock().map_err(|_| "poisoned".to_string())?;
-            if let Some(e) = &g.fail {
-                return Err(e.clone());
-            }
-            g.records.extend(batch.records.iter().cloned());
-            for (id, text) in &batch.intents {
-                g.intents.insert(*id, text.clone());
-            }
-            for id in &batch.resolved {
-                g.intents.remove(id);
-            }
-            g.checkpoints.extend(batch.checkpoint.iter().cloned());
-            Ok(())
-        })();
-        std::future::ready(result)
-    }
-
-    fn prune(&mut self, before_ms: i64) -> impl Future<Output = Result<u64, String>> + Send {
-        let mut n = 0;
-        if let Ok(mut g) = self.inner.lock() {
-            for r in g.records.iter_mut().filter(|r| r.time_ms < before_ms) {
-                if !r.body.is_empty() {
-                    r.body.clear();
-                    n += 1;
-                }
-            }
-        }
-        std::future::ready(Ok(n))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log in memory, for unit tests of code that records.
+    #[derive(Debug, Default, Clone)]
+    pub struct MemoryLog {
+        pub inner: Arc<std::sync::Mutex<MemoryInner>>,
+    }
+
+    #[derive(Debug, Default)]
+    pub struct MemoryInner {
+        pub records: Vec<StoredRecord>,
+        pub intents: std::collections::BTreeMap<u64, String>,
+        pub checkpoints: Vec<StoredCheckpoint>,
+        /// While set, every commit fails with this message.
+        pub fail: Option<String>,
+    }
+
+    impl LogBackend for MemoryLog {
+        fn commit(&mut self, batch: &Batch) -> impl Future<Output = Result<(), String>> + Send {
+            let result = (|| {
+                let mut g = self.inner.lock().map_err(|_| "poisoned".to_string())?;
+                if let Some(e) = &g.fail {
+                    return Err(e.clone());
+                }
+                g.records.extend(batch.records.iter().cloned());
+                for (id, text) in &batch.intents {
+                    g.intents.insert(*id, text.clone());
+                }
+                for id in &batch.resolved {
+                    g.intents.remove(id);
+                }
+                g.checkpoints.extend(batch.checkpoint.iter().cloned());
+                Ok(())
+            })();
+            std::future::ready(result)
+        }
+
+        fn prune(&mut self, before_ms: i64) -> impl Future<Output = Result<u64, String>> + Send {
+            let mut n = 0;
+            if let Ok(mut g) = self.inner.lock() {
+                for r in g.records.iter_mut().filter(|r| r.time_ms < before_ms) {
+                    if !r.body.is_empty() {
+                        r.body.clear();
+                        n += 1;
+                    }
+                }
+            }
+            std::future::ready(Ok(n))
+        }
+    }
     use crate::merkle::root;
     use crate::note::Checkpoint;
 

@@ -611,9 +611,7 @@ pub fn explain(
 /// joined by newlines, as `hmac-sha256:<hex>`.
 pub fn content_hmac(key: &ring::hmac::Key, parts: &[&str]) -> String {
     let tag = ring::hmac::sign(key, parts.join("\n").as_bytes());
-    tag.as_ref()
-        .iter()
-        .fold("hmac-sha256:".to_string(), |s, b| s + &format!("{b:02x}"))
+    format!("hmac-sha256:{}", crate::keys::hex(tag.as_ref()))
 }
 
 /// Classifies the request, decides, notes the decision for the audit record, and returns

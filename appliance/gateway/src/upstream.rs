@@ -69,8 +69,9 @@ impl Breakers {
         }
     }
 
-    /// `closed`, `open` or `half_open`, for status and metrics.
-    pub fn state(&self, name: &str) -> &'static str {
+    /// `closed`, `open` or `half_open`.
+    #[cfg(test)]
+    fn state(&self, name: &str) -> &'static str {
         let m = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(name).and_then(|b| b.open_until) {
             None => "closed",

@@ -291,7 +291,7 @@ fn a_failing_upstream_opens_its_circuit_and_is_probed_after_the_cooldown() {
     let up = fake(&dir, "error500");
     let p = policy(up.port, &dir.join("ca.pem")).replace(
         "timeout_ms = 5000",
-        "timeout_ms = 5000\nbreaker_failures = 2\nbreaker_cooldown_ms = 1500",
+        "timeout_ms = 5000\nbreaker_failures = 2\nbreaker_cooldown_ms = 6000",
     );
     write_policy(&dir, &p);
     let s = Server::start_in(dir.clone(), &[], None, None);
@@ -304,12 +304,18 @@ fn a_failing_upstream_opens_its_circuit_and_is_probed_after_the_cooldown() {
     ask();
     ask();
     assert_eq!(received(&up), 2);
-    // Open: the upstream is not even tried.
+    let opened = std::time::Instant::now();
+    // Open: the upstream is not even tried. (The cooldown is long enough for two local
+    // answers on a loaded machine; the assertion below says so if it was not.)
     ask();
     ask();
+    assert!(
+        opened.elapsed() < Duration::from_millis(6000),
+        "asks too slow for the test"
+    );
     assert_eq!(received(&up), 2);
     // After the cooldown one probe goes through; it fails, and the circuit opens again.
-    std::thread::sleep(Duration::from_millis(1600));
+    std::thread::sleep(Duration::from_millis(6100).saturating_sub(opened.elapsed()));
     ask();
     assert_eq!(received(&up), 3);
     ask();

@@ -254,7 +254,15 @@ impl Server {
             "model": model, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": text}],
         });
+        let (code, text) = self.post_json(key, "/v1/chat/completions", &body);
+        (code, serde_json::from_str(&text).unwrap_or_default())
+    }
+
+    /// POSTs a JSON body with a key: (HTTP status, the body as text, unbuffered so a
+    /// stream comes whole).
+    pub fn post_json(&self, key: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
         let (out, _) = self.curl(&[
+            "-N",
             "-w",
             "\n%{http_code}",
             "-H",
@@ -263,13 +271,10 @@ impl Server {
             "Content-Type: application/json",
             "-d",
             &body.to_string(),
-            &self.url("/v1/chat/completions"),
+            &self.url(path),
         ]);
-        let (json, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-        (
-            code.trim().parse().unwrap_or(0),
-            serde_json::from_str(json).unwrap_or_default(),
-        )
+        let (text, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), text.to_string())
     }
 
     pub fn metric(&self, prefix: &str) -> Option<f64> {

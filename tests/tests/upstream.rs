@@ -376,3 +376,199 @@ fn a_classifier_over_its_budget_keeps_the_request_local() {
     );
     assert_eq!(r["destination"], "local/cpu");
 }
+
+/// A request through curl, its answer kept whole: (status, the JSON body, or the
+/// `data:` payloads of a stream with `[DONE]` as a string).
+fn post(
+    s: &Server,
+    key: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, Vec<serde_json::Value>) {
+    let (code, text) = s.post_json(key, path, &body);
+    if !text.starts_with("data:") {
+        return (code, vec![serde_json::from_str(&text).unwrap_or_default()]);
+    }
+    let events = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| serde_json::Value::from(d)))
+        .collect();
+    (code, events)
+}
+
+/// The text a stream carried (chat deltas or completion texts).
+fn streamed_text(events: &[serde_json::Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| {
+            let c = &e["choices"][0];
+            c["delta"]["content"].as_str().or(c["text"].as_str())
+        })
+        .collect()
+}
+
+fn connections(up: &Fake) -> usize {
+    std::fs::read_to_string(&up.log)
+        .unwrap()
+        .matches("CONNECTION\n")
+        .count()
+}
+
+#[test]
+fn streams_and_text_completions_go_upstream_with_placeholders_restored() {
+    let dir = scratch("upstream-stream");
+    let up = fake(&dir, "ok");
+    write_policy(&dir, &policy(up.port, &dir.join("ca.pem")));
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+    let said = "Write to jane.doe@example.org about the parking rules.";
+
+    // A streamed chat with personal data: the upstream sees a placeholder (split across
+    // its events on the way back), the client the address.
+    let (code, events) = post(
+        &s,
+        &key,
+        "/v1/chat/completions",
+        serde_json::json!({"model": "default", "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": said}]}),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        streamed_text(&events),
+        format!("UPSTREAM heard: {said}"),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(events
+        .iter()
+        .all(|e| e == "[DONE]" || e["id"].as_str().unwrap().starts_with("chatcmpl-")));
+    let usage = &events[events.len() - 2]["usage"];
+    assert_eq!(usage["prompt_tokens"], 11, "{events:?}");
+    let seen = std::fs::read_to_string(&up.log).unwrap();
+    assert!(!seen.contains("jane.doe"), "{seen}");
+    assert!(seen.contains("Write to [PII_1] about"), "{seen}");
+
+    // Text completions, whole and streamed.
+    let (code, v) = post(
+        &s,
+        &key,
+        "/v1/completions",
+        serde_json::json!({"model": "default", "prompt": "Parking rules:", "max_tokens": 5}),
+    );
+    assert_eq!(code, 200, "{v:?}");
+    assert_eq!(v[0]["choices"][0]["text"], "UPSTREAM heard: Parking rules:");
+    assert_eq!(v[0]["model"], "cloud-large");
+    assert_eq!(v[0]["usage"]["completion_tokens"], 7);
+    let (code, events) = post(
+        &s,
+        &key,
+        "/v1/completions",
+        serde_json::json!({"model": "default", "prompt": "Parking rules:", "stream": true}),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(streamed_text(&events), "UPSTREAM heard: Parking rules:");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+
+    // Three requests, one connection: it is kept alive and reused.
+    assert_eq!(received(&up) + seen_prompts(&up), 3);
+    assert_eq!(
+        connections(&up),
+        1,
+        "{}",
+        std::fs::read_to_string(&up.log).unwrap()
+    );
+
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let sent: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|r| r["action"] == "chat.completions" || r["action"] == "completions")
+        .collect();
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    for r in &sent {
+        assert_eq!(r["destination"], "cloud", "{r}");
+        assert_eq!(r["jurisdiction"], "EU", "{r}");
+        assert_eq!(r["status"], 200, "{r}");
+    }
+    assert_eq!(sent[0]["decision"], "redact: personal data redacted");
+}
+
+fn seen_prompts(up: &Fake) -> usize {
+    std::fs::read_to_string(&up.log)
+        .unwrap()
+        .matches("\"prompt\"")
+        .count()
+}
+
+fn stream_chat(s: &Server, key: &str) -> (u16, Vec<serde_json::Value>) {
+    post(
+        s,
+        key,
+        "/v1/chat/completions",
+        serde_json::json!({"model": "default", "stream": true, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Draft a note about the parking rules."}]}),
+    )
+}
+
+#[test]
+fn a_stream_that_breaks_before_its_first_event_falls_back_to_the_local_model() {
+    let dir = scratch("upstream-dropfirst");
+    let up = fake(&dir, "dropfirst");
+    write_policy(&dir, &policy(up.port, &dir.join("ca.pem")));
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+    let (code, events) = stream_chat(&s, &key);
+    assert_eq!(code, 200);
+    assert_eq!(received(&up), 1, "it was tried");
+    assert_eq!(events[0]["model"], "smollm2", "{events:?}");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert!(!streamed_text(&events).contains("UPSTREAM"));
+}
+
+#[test]
+fn a_stream_that_breaks_midway_ends_with_an_error_event_and_is_recorded() {
+    let dir = scratch("upstream-drop");
+    let up = fake(&dir, "drop");
+    write_policy(&dir, &policy(up.port, &dir.join("ca.pem")));
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+    let (code, events) = stream_chat(&s, &key);
+    assert_eq!(code, 200, "the status line had gone out");
+    // What came before the break reached the client; then an error, and no [DONE].
+    assert_eq!(streamed_text(&events), "UPSTREAM h", "{events:?}");
+    let last = events.last().unwrap();
+    assert_eq!(last["error"]["code"], "upstream_failed", "{events:?}");
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+    assert_eq!(received(&up), 1, "no second try once the client had bytes");
+    let dir = s.dir.clone();
+    drop(s);
+    let r = audit_records(&dir)
+        .into_iter()
+        .find(|r| r["action"] == "chat.completions")
+        .unwrap();
+    assert_eq!(r["status"], 502, "{r}");
+    assert_eq!(r["error"], "upstream_failed", "{r}");
+    assert_eq!(r["destination"], "cloud", "{r}");
+}
+
+#[test]
+fn a_slow_upstream_times_out_and_the_request_falls_back() {
+    let dir = scratch("upstream-slow");
+    let up = fake(&dir, "slow");
+    let p = policy(up.port, &dir.join("ca.pem")).replace("timeout_ms = 5000", "timeout_ms = 500");
+    write_policy(&dir, &p);
+    let s = Server::start_in(dir.clone(), &[], None, None);
+    let key = s.key();
+    let t0 = Instant::now();
+    let (code, v) = chat(&s, &key, "Draft a note about the parking rules.");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["model"], "smollm2");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "it waited for the slow upstream"
+    );
+}

@@ -358,7 +358,7 @@ pub fn run(cmd: PolicyCmd) -> Result<()> {
             let body =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let cfg = appliance_gateway::GatewayConfig::default();
-            let out = appliance_gateway::openai::explain(&p, &tenant, &body, &cfg)
+            let out = appliance_gateway::openai::explain(&p, &tenant, &body, &cfg, None)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())

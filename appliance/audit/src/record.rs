@@ -34,6 +34,9 @@ pub struct Record {
     /// Where the request was sent (a local model, an upstream) once routed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
+    /// The jurisdiction (country or region) of an upstream destination, from the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jurisdiction: Option<String>,
     /// The policy's decision, the data classes it detected and the policy's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<String>,

@@ -61,6 +61,9 @@ pub enum ApiError {
     PolicyDenied(String),
     /// 503: the policy allows this request only to destinations that are not available.
     NoDestination(String),
+    /// 502: an upstream broke off (or sent something unusable) after its answer had
+    /// begun reaching the client, or answered a request it should not have refused.
+    UpstreamFailed(String),
 }
 
 impl ApiError {
@@ -92,6 +95,7 @@ impl ApiError {
             | ApiError::NoDestination(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Worker(_) | ApiError::AdminFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::WrongScope(_) | ApiError::PolicyDenied(_) => StatusCode::FORBIDDEN,
+            ApiError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
@@ -251,6 +255,12 @@ impl ApiError {
             ApiError::NoDestination(m) => (
                 "server_error",
                 Some("no_allowed_destination"),
+                None,
+                m.clone(),
+            ),
+            ApiError::UpstreamFailed(m) => (
+                "server_error",
+                Some("upstream_failed"),
                 None,
                 m.clone(),
             ),

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
+mod proxy;
 pub mod server;
 pub mod tls;
 pub mod upstream;

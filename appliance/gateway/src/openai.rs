@@ -482,25 +482,8 @@ async fn generate<T: DeserializeOwned>(
     let mut g = validate(r, &gw.cfg)?;
     match apply_policy(gw, &key, &g, ctx)? {
         Route::Local(m) => g.model = m,
-        Route::Upstream {
-            chain,
-            fallback,
-            redact,
-            found,
-        } => {
-            if !g.stream && matches!(g.prompt, WirePrompt::Chat(_)) {
-                return run_upstream(gw, key, g, ctx, chain, fallback, redact, found).await;
-            }
-            // Streams and text completions are not sent upstream yet: a local model the
-            // rule allows serves them, else nothing may.
-            match fallback {
-                Some(m) => g.model = m,
-                None => {
-                    return Err(ApiError::NoDestination(
-                        "Only upstream destinations are allowed for this request, and streamed or text-completion requests are not sent upstream yet.".into(),
-                    ))
-                }
-            }
+        Route::Upstream(plan) => {
+            return crate::proxy::run_upstream(gw, key, g, ctx, plan).await;
         }
     }
     ctx.model = Some(loggable(&g.model));
@@ -566,17 +549,29 @@ pub fn request_parts(body: &[u8], cfg: &GatewayConfig) -> Result<(String, Vec<St
 
 /// What `policy` would do with a request body from `tenant`, sending nothing: the
 /// detections (class, detector, message index, byte span), the rule, the action, the
-/// allowed destinations and the local model it would run on.
+/// allowed destinations, the upstreams it would try in order (with their health when
+/// `live`, the running gateway, is given), the local model, and the redactions.
+/// Without `live`, a requested name counts as a local model when a local destination
+/// of the policy names it.
 pub fn explain(
     policy: &appliance_policy::Policy,
     tenant: &str,
     body: &[u8],
     cfg: &GatewayConfig,
+    live: Option<&Gateway>,
 ) -> Result<serde_json::Value, String> {
     let (model, parts) = request_parts(body, cfg)?;
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     let found = policy.classify(&refs);
     let d = policy.decide(tenant, &found);
+    let named_local = match live {
+        Some(gw) => gw.model(&model).is_some(),
+        None => policy
+            .destinations
+            .values()
+            .any(|x| x.kind == appliance_policy::Kind::Local && x.model.as_deref() == Some(&model)),
+    };
+    let upstream = upstream_chain(policy, &d, &model, named_local, refs.is_empty());
     let route = policy.route_local(&d, &model);
     let detections: Vec<serde_json::Value> = found
         .iter()
@@ -587,10 +582,70 @@ pub fn explain(
             })
         })
         .collect();
-    let outcome = match (&route, d.action) {
-        (_, appliance_policy::Action::Deny) => "refused: 403 policy_denied".to_string(),
-        (Some(m), _) => format!("served by the local model {m}"),
-        (None, _) => "refused: no allowed destination is available here".to_string(),
+    let mut tried = vec![];
+    let mut chosen = None;
+    if let Some((chain, _)) = &upstream {
+        let mut chain = chain.clone();
+        if let Some(gw) = live {
+            gw.upstreams.rank(&mut chain);
+        }
+        for (dest, tier) in &chain {
+            let health = live.map(|gw| gw.upstreams.health(dest));
+            let open = health.as_ref().is_some_and(|h| h.circuit == "open");
+            if chosen.is_none() && !open {
+                chosen = Some(dest.name.clone());
+            }
+            tried.push(serde_json::json!({
+                "destination": dest.name,
+                "kind": match dest.kind {
+                    appliance_policy::Kind::OnPrem => "on_prem",
+                    _ => "external",
+                },
+                "model": dest.model,
+                "jurisdiction": dest.jurisdiction,
+                "provider": dest.provider,
+                "tier": tier,
+                "price_in_per_1k": dest.price_in_per_1k,
+                "price_out_per_1k": dest.price_out_per_1k,
+                "health": health,
+            }));
+        }
+    }
+    let redactions: Vec<serde_json::Value> = if d.action == appliance_policy::Action::Redact {
+        let (_, r) = appliance_policy::redact::redact(&refs, &found);
+        r.placeholders()
+            .into_iter()
+            .map(|p| serde_json::Value::from(p.to_string()))
+            .collect()
+    } else {
+        vec![]
+    };
+    let fallback = upstream.as_ref().and_then(|(_, f)| f.clone());
+    let outcome = match (&d.action, &chosen, &upstream, &route) {
+        (appliance_policy::Action::Deny, ..) => "refused: 403 policy_denied".to_string(),
+        (_, Some(c), _, _) => format!(
+            "sent to the upstream {c} (first allowed in the rule's order{}){}",
+            if live.is_some() {
+                ", its circuit closed, ranked by load, latency and price among equals"
+            } else {
+                ""
+            },
+            match &fallback {
+                Some(f) => format!("; if every upstream fails, the local model {f}"),
+                None => String::new(),
+            }
+        ),
+        (_, None, Some(_), _) => match &fallback {
+            Some(f) => {
+                format!("every allowed upstream's circuit is open: served by the local model {f}")
+            }
+            None => {
+                "refused: 503 no_allowed_destination (every allowed upstream's circuit is open)"
+                    .into()
+            }
+        },
+        (_, None, None, Some(m)) => format!("served by the local model {m}"),
+        (_, None, None, None) => "refused: no allowed destination is available here".to_string(),
     };
     Ok(serde_json::json!({
         "policy": policy.name,
@@ -602,7 +657,10 @@ pub fn explain(
         "rule": d.rule,
         "action": d.action.as_str(),
         "allowed_destinations": if d.local_only { vec!["(any local model)".to_string()] } else { d.destinations.clone() },
-        "local_model": route,
+        "upstreams": tried,
+        "chosen": chosen.or_else(|| if upstream.is_some() { fallback.clone() } else { route.clone() }),
+        "local_model": if upstream.is_some() { fallback } else { route },
+        "redactions": redactions,
         "outcome": outcome,
     }))
 }
@@ -614,20 +672,56 @@ pub fn content_hmac(key: &ring::hmac::Key, parts: &[&str]) -> String {
     format!("hmac-sha256:{}", crate::keys::hex(tag.as_ref()))
 }
 
-/// Classifies the request, decides, notes the decision for the audit record, and returns
-/// the local model the policy routes it to.
+/// The upstream destinations (with their tiers) a decision sends a request for `model`
+/// to, and the local model to fall back to: when the client named an alias or an
+/// upstream's model (not one of the appliance's own) and the rule prefers upstreams
+/// before any local destination. Token-id prompts carry no text the policy could
+/// classify: they stay on the appliance.
+#[allow(clippy::type_complexity)]
+fn upstream_chain(
+    policy: &appliance_policy::Policy,
+    decision: &appliance_policy::Decision,
+    model: &str,
+    named_local: bool,
+    tokens: bool,
+) -> Option<(Vec<(appliance_policy::Destination, usize)>, Option<String>)> {
+    if decision.local_only
+        || named_local
+        || tokens
+        || decision.action == appliance_policy::Action::Deny
+    {
+        return None;
+    }
+    let dests: Vec<(&appliance_policy::Destination, usize)> = decision
+        .destinations
+        .iter()
+        .zip(&decision.tiers)
+        .filter_map(|(n, t)| policy.destinations.get(n).map(|d| (d, *t)))
+        .collect();
+    let via_alias = policy.aliases.contains_key(model);
+    let chain: Vec<(appliance_policy::Destination, usize)> = dests
+        .iter()
+        .take_while(|(d, _)| d.kind != appliance_policy::Kind::Local)
+        .filter(|(d, _)| via_alias || d.model.as_deref() == Some(model))
+        .map(|(d, t)| ((*d).clone(), *t))
+        .collect();
+    if chain.is_empty() {
+        return None;
+    }
+    let fallback = dests
+        .iter()
+        .find(|(d, _)| d.kind == appliance_policy::Kind::Local)
+        .and_then(|(d, _)| d.model.clone());
+    Some((chain, fallback))
+}
+
 /// Where the policy sends a request.
 pub(crate) enum Route {
     /// One of the appliance's own models.
     Local(String),
     /// Upstream destinations in order of preference, then a local model to fall back to
     /// if they all fail before answering.
-    Upstream {
-        chain: Vec<appliance_policy::Destination>,
-        fallback: Option<String>,
-        redact: bool,
-        found: Vec<appliance_policy::Detection>,
-    },
+    Upstream(crate::proxy::Plan),
 }
 
 fn apply_policy(
@@ -698,31 +792,16 @@ fn apply_policy(
     // that is an upstream. Token-id prompts carry no text the policy could classify:
     // they stay on the appliance.
     let named_local = gw.model(&g.model).is_some();
-    if !decision.local_only && !named_local && !matches!(g.prompt, WirePrompt::Tokens(_)) {
-        let dests: Vec<&appliance_policy::Destination> = decision
-            .destinations
-            .iter()
-            .filter_map(|n| policy.destinations.get(n))
-            .collect();
-        let via_alias = policy.aliases.contains_key(&g.model);
-        let chain: Vec<appliance_policy::Destination> = dests
-            .iter()
-            .take_while(|d| d.kind != appliance_policy::Kind::Local)
-            .filter(|d| via_alias || d.model.as_deref() == Some(g.model.as_str()))
-            .map(|d| (*d).clone())
-            .collect();
-        if !chain.is_empty() {
-            let fallback = dests
-                .iter()
-                .find(|d| d.kind == appliance_policy::Kind::Local)
-                .and_then(|d| d.model.clone());
-            return Ok(Route::Upstream {
-                chain,
-                fallback,
-                redact: decision.action == appliance_policy::Action::Redact,
-                found,
-            });
-        }
+    let tokens = matches!(g.prompt, WirePrompt::Tokens(_));
+    if let Some((chain, fallback)) =
+        upstream_chain(policy, &decision, &g.model, named_local, tokens)
+    {
+        return Ok(Route::Upstream(crate::proxy::Plan {
+            chain,
+            fallback,
+            redact: decision.action == appliance_policy::Action::Redact,
+            found,
+        }));
     }
     if let Some(m) = policy.route_local(&decision, &g.model) {
         return Ok(Route::Local(m));
@@ -784,7 +863,7 @@ fn admit_local(
 
 /// Runs a generation on a local model. `ticket`: the intent already recorded when the
 /// request comes back from upstreams that all failed.
-async fn run(
+pub(crate) async fn run(
     gw: &Arc<Gateway>,
     key: Arc<KeyEntry>,
     g: Generation,
@@ -894,48 +973,14 @@ async fn run(
                 return Ok(Reply::Settled(error_response(&e, &ctx.id)));
             }
         };
-        let usage = Usage::new(prompt_tokens, completion_tokens);
-        let resp = match g.kind {
-            Kind::Chat => json_response(
-                StatusCode::OK,
-                &ChatCompletion {
-                    id: run.id.clone(),
-                    object: "chat.completion",
-                    created: run.created,
-                    model: g.model.clone(),
-                    choices: vec![ChatChoice {
-                        index: 0,
-                        message: AssistantMessage {
-                            role: "assistant",
-                            content: text,
-                        },
-                        logprobs: None,
-                        finish_reason: finish,
-                    }],
-                    usage,
-                    system_fingerprint: None,
-                },
-                &ctx.id,
-            ),
-            Kind::Text => json_response(
-                StatusCode::OK,
-                &Completion {
-                    id: run.id.clone(),
-                    object: "text_completion",
-                    created: run.created,
-                    model: g.model.clone(),
-                    choices: vec![CompletionChoice {
-                        text,
-                        index: 0,
-                        logprobs: None,
-                        finish_reason: Some(finish),
-                    }],
-                    usage: Some(Some(usage)),
-                    system_fingerprint: None,
-                },
-                &ctx.id,
-            ),
-        };
+        let resp = whole_response(
+            g.kind,
+            &ctx.id,
+            &g.model,
+            text,
+            finish,
+            (prompt_tokens, completion_tokens),
+        );
         // The record is durable before the answer leaves.
         if run.conclude(200, completion_tokens, None).await.is_err() {
             return Ok(Reply::Settled(error_response(
@@ -952,168 +997,26 @@ async fn run(
     Ok(Reply::Settled(resp))
 }
 
-/// Sends a chat request to the upstreams the policy allows, in order, with redaction
-/// when the rule says so; falls back to the rule's local model when every upstream
-/// failed before answering. One intent before the first call, one record at the end.
-#[allow(clippy::too_many_arguments)]
-async fn run_upstream(
-    gw: &Arc<Gateway>,
-    key: Arc<KeyEntry>,
-    mut g: Generation,
-    ctx: &mut ReqCtx,
-    chain: Vec<appliance_policy::Destination>,
-    fallback: Option<String>,
-    redact: bool,
-    found: Vec<appliance_policy::Detection>,
-) -> Result<Reply, ApiError> {
-    let WirePrompt::Chat(messages) = &g.prompt else {
-        return Err(ApiError::NoDestination(
-            "only chat requests go upstream".into(),
-        ));
-    };
-    let (permit, _rate) = key
-        .limiter
-        .admit(&key.limits, Instant::now())
-        .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
-    let in_flight = gw.enter();
-    ctx.destination = Some(chain[0].name.clone());
-    ctx.model = chain[0].model.as_deref().map(loggable);
-    // Fail closed: nothing leaves before the intent is durable.
-    let ticket = gw
-        .audit
-        .intent(gw.audit_record(ctx, 0, None, None))
-        .await
-        .map_err(|_| ApiError::AuditUnavailable)?;
-    let (sent, redaction) = if redact {
-        let parts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-        let (out, r) = appliance_policy::redact::redact(&parts, &found);
-        let sent: Vec<WireMessage> = messages
-            .iter()
-            .zip(out)
-            .map(|(m, content)| WireMessage {
-                role: m.role.clone(),
-                content,
-            })
-            .collect();
-        (sent, Some(r))
-    } else {
-        (messages.clone(), None)
-    };
-    let state = gw.policy();
-    let mut failures = vec![];
-    for dest in &chain {
-        if !gw.breakers.allow(dest) {
-            log::info!(
-                "{}: upstream {} skipped: its circuit is open",
-                ctx.id,
-                dest.name
-            );
-            failures.push(format!("{} (circuit open)", dest.name));
-            continue;
-        }
-        ctx.destination = Some(dest.name.clone());
-        ctx.model = dest.model.as_deref().map(loggable);
-        let credential = dest
-            .credential
-            .as_ref()
-            .and_then(|c| state.credentials.get(c))
-            .map(String::as_str);
-        match crate::upstream::chat(dest, credential, &sent, g.params.max_tokens).await {
-            Ok(answer) => {
-                gw.breakers.success(dest);
-                let content = match &redaction {
-                    Some(r) => r.restore(&answer.content),
-                    None => answer.content,
-                };
-                let usage = (
-                    answer.prompt_tokens as usize,
-                    answer.completion_tokens as usize,
-                );
-                let record = gw.audit_record(ctx, 200, None, Some(usage));
-                if let Err((_, t)) = ticket.finish(record).await {
-                    let refused = ApiError::AuditUnavailable;
-                    t.finish_later(gw.audit_record(ctx, 503, Some(refused.code()), Some(usage)));
-                    gw.finish(ctx, 503, Some(usage));
-                    return Ok(Reply::Settled(error_response(&refused, &ctx.id)));
-                }
-                key.limiter
-                    .charge_tokens(&key.limits, usage.0 + usage.1, Instant::now());
-                gw.finish(ctx, 200, Some(usage));
-                drop((permit, in_flight));
-                let resp = json_response(
-                    StatusCode::OK,
-                    &ChatCompletion {
-                        id: run_id(&ctx.id, Kind::Chat),
-                        object: "chat.completion",
-                        created: unix_now() as u64,
-                        model: dest.model.clone().unwrap_or_default(),
-                        choices: vec![ChatChoice {
-                            index: 0,
-                            message: AssistantMessage {
-                                role: "assistant",
-                                content,
-                            },
-                            logprobs: None,
-                            finish_reason: if answer.finish_reason == "length" {
-                                "length"
-                            } else {
-                                "stop"
-                            },
-                        }],
-                        usage: Usage::new(usage.0, usage.1),
-                        system_fingerprint: None,
-                    },
-                    &ctx.id,
-                );
-                return Ok(Reply::Settled(resp));
-            }
-            Err(e) => {
-                gw.breakers.failure(dest);
-                log::warn!("{}: upstream {} failed: {e}", ctx.id, dest.name);
-                failures.push(dest.name.clone());
-            }
-        }
-    }
-    drop((permit, in_flight));
-    match fallback {
-        Some(m) => {
-            log::info!("{}: falling back to the local model {m}", ctx.id);
-            g.model = m;
-            ctx.model = Some(loggable(&g.model));
-            Box::pin(run(gw, key, g, ctx, Some(ticket))).await
-        }
-        None => {
-            let e = ApiError::NoDestination(format!(
-                "Every destination this request may go to failed ({}).",
-                failures.join(", ")
-            ));
-            refuse_after_intent(gw, ctx, ticket, e).await
-        }
-    }
-}
-
 /// Ends a request whose intent is recorded but that never reached generation: its
 /// record first, then its answer (503 if the record cannot be written).
-async fn refuse_after_intent(
+pub(crate) async fn refuse_after_intent(
     gw: &Arc<Gateway>,
     ctx: &ReqCtx,
     ticket: Ticket,
     e: ApiError,
 ) -> Result<Reply, ApiError> {
-    let record = gw.audit_record(ctx, e.status().as_u16(), Some(e.code()), None);
-    let e = match ticket.finish(record).await {
-        Ok(_) => e,
-        Err((_, ticket)) => {
-            let refused = ApiError::AuditUnavailable;
-            ticket.finish_later(gw.audit_record(ctx, 503, Some(refused.code()), None));
-            refused
-        }
+    let e = match gw
+        .record_outcome(ctx, ticket, e.status().as_u16(), Some(e.code()), None)
+        .await
+    {
+        Ok(()) => e,
+        Err(()) => ApiError::AuditUnavailable,
     };
     gw.finish(ctx, e.status().as_u16(), None);
     Ok(Reply::Settled(error_response(&e, &ctx.id)))
 }
 
-fn run_id(req_id: &str, kind: Kind) -> String {
+pub(crate) fn run_id(req_id: &str, kind: Kind) -> String {
     let tail = req_id.strip_prefix("req_").unwrap_or(req_id);
     match kind {
         Kind::Chat => format!("chatcmpl-{tail}"),
@@ -1193,18 +1096,14 @@ impl Run {
         error: Option<String>,
     ) -> Result<(), ()> {
         let usage = Some((self.prompt_tokens, completion));
-        let record = self.gw.audit_record(&self.ctx, status, error, usage);
-        let mut result = Ok(());
-        if let Some(t) = self.ticket.take() {
-            if let Err((_, t)) = t.finish(record).await {
-                let refused = ApiError::AuditUnavailable;
-                t.finish_later(
-                    self.gw
-                        .audit_record(&self.ctx, 503, Some(refused.code()), usage),
-                );
-                result = Err(());
+        let result = match self.ticket.take() {
+            Some(t) => {
+                self.gw
+                    .record_outcome(&self.ctx, t, status, error, usage)
+                    .await
             }
-        }
+            None => Ok(()),
+        };
         self.settle(if result.is_ok() { status } else { 503 }, completion);
         result
     }
@@ -1251,60 +1150,19 @@ impl Run {
     }
 
     fn chunk(&self, delta: Delta, finish: Option<&'static str>, include_usage: bool) -> Bytes {
-        let usage = include_usage.then_some(None);
-        match self.kind {
-            Kind::Chat => sse(&ChatChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChunkChoice {
-                    index: 0,
-                    delta,
-                    logprobs: None,
-                    finish_reason: finish,
-                }],
-                usage,
-                system_fingerprint: None,
-            }),
-            Kind::Text => sse(&Completion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![CompletionChoice {
-                    text: delta.content.unwrap_or_default(),
-                    index: 0,
-                    logprobs: None,
-                    finish_reason: finish,
-                }],
-                usage,
-                system_fingerprint: None,
-            }),
-        }
+        chunk_frame(
+            self.kind,
+            &self.id,
+            self.created,
+            &self.model,
+            delta,
+            finish,
+            include_usage,
+        )
     }
 
     fn usage_chunk(&self, usage: Usage) -> Bytes {
-        match self.kind {
-            Kind::Chat => sse(&ChatChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(Some(usage)),
-                system_fingerprint: None,
-            }),
-            Kind::Text => sse(&Completion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(Some(usage)),
-                system_fingerprint: None,
-            }),
-        }
+        usage_frame(self.kind, &self.id, self.created, &self.model, usage)
     }
 
     /// Sends one event; false when the client is gone, stalled past the stall timeout,
@@ -1396,7 +1254,129 @@ impl Run {
     }
 }
 
-fn sse<T: Serialize>(v: &T) -> Bytes {
+/// A whole (not streamed) chat or text completion answer.
+pub(crate) fn whole_response(
+    kind: Kind,
+    req_id: &str,
+    model: &str,
+    text: String,
+    finish: &'static str,
+    usage: (usize, usize),
+) -> http::Response<crate::server::Body> {
+    let id = run_id(req_id, kind);
+    let created = unix_now() as u64;
+    let usage = Usage::new(usage.0, usage.1);
+    match kind {
+        Kind::Chat => json_response(
+            StatusCode::OK,
+            &ChatCompletion {
+                id,
+                object: "chat.completion",
+                created,
+                model: model.to_string(),
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: text,
+                    },
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
+                usage,
+                system_fingerprint: None,
+            },
+            req_id,
+        ),
+        Kind::Text => json_response(
+            StatusCode::OK,
+            &Completion {
+                id,
+                object: "text_completion",
+                created,
+                model: model.to_string(),
+                choices: vec![CompletionChoice {
+                    text,
+                    index: 0,
+                    logprobs: None,
+                    finish_reason: Some(finish),
+                }],
+                usage: Some(Some(usage)),
+                system_fingerprint: None,
+            },
+            req_id,
+        ),
+    }
+}
+
+/// One streamed event of a chat or text completion.
+pub(crate) fn chunk_frame(
+    kind: Kind,
+    id: &str,
+    created: u64,
+    model: &str,
+    delta: Delta,
+    finish: Option<&'static str>,
+    include_usage: bool,
+) -> Bytes {
+    let usage = include_usage.then_some(None);
+    match kind {
+        Kind::Chat => sse(&ChatChunk {
+            id: id.to_string(),
+            object: "chat.completion.chunk",
+            created,
+            model: model.to_string(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason: finish,
+            }],
+            usage,
+            system_fingerprint: None,
+        }),
+        Kind::Text => sse(&Completion {
+            id: id.to_string(),
+            object: "text_completion",
+            created,
+            model: model.to_string(),
+            choices: vec![CompletionChoice {
+                text: delta.content.unwrap_or_default(),
+                index: 0,
+                logprobs: None,
+                finish_reason: finish,
+            }],
+            usage,
+            system_fingerprint: None,
+        }),
+    }
+}
+
+/// The usage event that ends a stream whose client asked for it.
+pub(crate) fn usage_frame(kind: Kind, id: &str, created: u64, model: &str, usage: Usage) -> Bytes {
+    match kind {
+        Kind::Chat => sse(&ChatChunk {
+            id: id.to_string(),
+            object: "chat.completion.chunk",
+            created,
+            model: model.to_string(),
+            choices: vec![],
+            usage: Some(Some(usage)),
+            system_fingerprint: None,
+        }),
+        Kind::Text => sse(&Completion {
+            id: id.to_string(),
+            object: "text_completion",
+            created,
+            model: model.to_string(),
+            choices: vec![],
+            usage: Some(Some(usage)),
+            system_fingerprint: None,
+        }),
+    }
+}
+
+pub(crate) fn sse<T: Serialize>(v: &T) -> Bytes {
     let mut b = Vec::with_capacity(256);
     b.extend_from_slice(b"data: ");
     let _ = serde_json::to_writer(&mut b, v);

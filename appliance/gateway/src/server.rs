@@ -204,7 +204,7 @@ pub struct Gateway {
     admin: std::sync::OnceLock<Arc<dyn crate::admin::AdminOps>>,
     pub(crate) audit: Auditor,
     policy: std::sync::RwLock<Arc<PolicyState>>,
-    pub(crate) breakers: crate::upstream::Breakers,
+    pub(crate) upstreams: crate::upstream::Upstreams,
 }
 
 /// The policy in force and, when it asks for content HMACs, their key.
@@ -246,6 +246,8 @@ pub(crate) struct ReqCtx {
     pub action: &'static str,
     /// Where the request was sent, once routed.
     pub destination: Option<String>,
+    /// The destination's jurisdiction, when it is an upstream.
+    pub jurisdiction: Option<String>,
     /// The policy's decision, once made.
     pub policy: Option<PolicyNote>,
 }
@@ -391,7 +393,7 @@ impl Gateway {
             request_counter: AtomicU64::new(0),
             admin: std::sync::OnceLock::new(),
             audit,
-            breakers: Default::default(),
+            upstreams: Default::default(),
             policy: std::sync::RwLock::new(Arc::new(PolicyState {
                 policy: appliance_policy::Policy::builtin(),
                 content_key: None,
@@ -603,6 +605,7 @@ impl Gateway {
             model: None,
             action: action_of(route),
             destination: None,
+            jurisdiction: None,
             policy: None,
         };
         // Health probes carry no identity and touch nothing: the only unaudited routes.
@@ -624,6 +627,28 @@ impl Gateway {
         }
         self.finish(&ctx, status, None);
         resp
+    }
+
+    /// Writes the record that resolves a request's intent. `Err` when it could not be
+    /// written: a 503 `audit_unavailable` record is then left to the writer to retry, and
+    /// the client must get 503 instead of the outcome.
+    pub(crate) async fn record_outcome(
+        &self,
+        ctx: &ReqCtx,
+        ticket: appliance_audit::Ticket,
+        status: u16,
+        error: Option<String>,
+        usage: Option<(usize, usize)>,
+    ) -> Result<(), ()> {
+        let record = self.audit_record(ctx, status, error, usage);
+        match ticket.finish(record).await {
+            Ok(_) => Ok(()),
+            Err((_, t)) => {
+                let refused = ApiError::AuditUnavailable;
+                t.finish_later(self.audit_record(ctx, 503, Some(refused.code()), usage));
+                Err(())
+            }
+        }
     }
 
     /// The audit record of a request: who, from where, what, on what, with what outcome;
@@ -648,6 +673,7 @@ impl Gateway {
             action: ctx.action.to_string(),
             resource: ctx.model.clone(),
             destination: ctx.destination.clone(),
+            jurisdiction: ctx.jurisdiction.clone(),
             status,
             error,
             prompt_tokens: p as u64,
@@ -743,6 +769,7 @@ impl Gateway {
                     &e.tenant,
                     e.request.get().as_bytes(),
                     &self.cfg,
+                    Some(self),
                 )
                 .map_err(|m| ApiError::invalid(format!("'request': {m}"), Some("request")))?;
                 let note = PolicyNote {

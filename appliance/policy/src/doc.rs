@@ -107,7 +107,15 @@ struct RawRule {
     classes: Option<Spanned<Vec<String>>>,
     action: Spanned<String>,
     #[serde(default)]
-    destinations: Vec<Spanned<String>>,
+    destinations: Vec<Spanned<RawDest>>,
+}
+
+/// A rule's destination: a name, or names listed together as equally preferred.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawDest {
+    One(String),
+    Tier(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +191,8 @@ pub struct Rule {
     pub classes: Option<BTreeSet<String>>,
     pub action: Action,
     pub destinations: Vec<String>,
+    /// Each destination's preference tier (see [`crate::Decision::tiers`]).
+    pub tiers: Vec<usize>,
 }
 
 /// How request content appears in audit records.
@@ -476,12 +486,28 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
         {
             c.at(span.clone(), format!("{name}: `classes = []` matches nothing; leave `classes` out to match every request"));
         }
-        for d in &raw_rule.destinations {
-            if !destinations.contains_key(d.get_ref()) {
-                c.at(
-                    d.span(),
-                    format!("{name}: unknown destination {:?}", d.get_ref()),
-                );
+        let mut names: Vec<String> = vec![];
+        let mut tiers: Vec<usize> = vec![];
+        for (tier, d) in raw_rule.destinations.iter().enumerate() {
+            let listed: Vec<&String> = match d.get_ref() {
+                RawDest::One(n) => vec![n],
+                RawDest::Tier(ns) if ns.is_empty() => {
+                    c.at(d.span(), format!("{name}: an empty list of destinations"));
+                    vec![]
+                }
+                RawDest::Tier(ns) => ns.iter().collect(),
+            };
+            for n in listed {
+                if !destinations.contains_key(n) {
+                    c.at(d.span(), format!("{name}: unknown destination {n:?}"));
+                } else if names.contains(n) {
+                    c.at(
+                        d.span(),
+                        format!("{name}: destination {n:?} is listed twice"),
+                    );
+                }
+                names.push(n.clone());
+                tiers.push(tier);
             }
         }
         match action {
@@ -508,11 +534,8 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
             tenants,
             classes: rule_classes,
             action,
-            destinations: raw_rule
-                .destinations
-                .iter()
-                .map(|d| d.get_ref().clone())
-                .collect(),
+            destinations: names,
+            tiers,
         };
         // Unreachable: every request this rule could match is taken by earlier rules
         // that apply to all of its tenants.

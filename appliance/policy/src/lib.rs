@@ -31,6 +31,10 @@ pub struct Decision {
     pub classes: Vec<String>,
     /// Where the request may go, in order of preference; empty with `local_only`.
     pub destinations: Vec<String>,
+    /// The preference tier of each destination: the rule's order, where destinations a
+    /// rule lists together (`["a", "b"]`) share one tier and are ranked by load, latency
+    /// and price when the request is sent.
+    pub tiers: Vec<usize>,
     /// With no rules: any of the appliance's own models, nothing else.
     pub local_only: bool,
     pub version: String,
@@ -106,16 +110,18 @@ impl Policy {
         if classes.is_empty() && self.classes.contains("public") {
             classes.insert("public".into());
         }
-        let decision = |action, rule: &str, destinations: Vec<String>, local_only| Decision {
-            action,
-            rule: rule.to_string(),
-            classes: classes.iter().cloned().collect(),
-            destinations,
-            local_only,
-            version: self.version.clone(),
-        };
+        let decision =
+            |action, rule: &str, destinations: Vec<String>, tiers, local_only| Decision {
+                action,
+                rule: rule.to_string(),
+                classes: classes.iter().cloned().collect(),
+                destinations,
+                tiers,
+                local_only,
+                version: self.version.clone(),
+            };
         if self.rules.is_empty() {
-            return decision(Action::Allow, "default: local only", vec![], true);
+            return decision(Action::Allow, "default: local only", vec![], vec![], true);
         }
         for r in &self.rules {
             if r.tenants.as_ref().is_some_and(|t| !t.contains(tenant)) {
@@ -126,10 +132,16 @@ impl Policy {
                 Some(cs) => cs.iter().any(|c| classes.contains(c)),
             };
             if matches {
-                return decision(r.action, &r.name, r.destinations.clone(), false);
+                return decision(
+                    r.action,
+                    &r.name,
+                    r.destinations.clone(),
+                    r.tiers.clone(),
+                    false,
+                );
             }
         }
-        decision(Action::Deny, "no rule matched", vec![], false)
+        decision(Action::Deny, "no rule matched", vec![], vec![], false)
     }
 
     /// Whether `model` (a name the client asked for) may serve this decision: a local

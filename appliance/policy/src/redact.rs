@@ -92,6 +92,11 @@ impl Redaction {
         self.map.len()
     }
 
+    /// The placeholders used (never the values they stand for).
+    pub fn placeholders(&self) -> Vec<&str> {
+        self.map.keys().map(String::as_str).collect()
+    }
+
     /// Puts the original values back into a whole answer.
     pub fn restore(&self, text: &str) -> String {
         let mut out = text.to_string();

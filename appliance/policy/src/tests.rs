@@ -439,6 +439,38 @@ mod documents {
     }
 
     #[test]
+    fn destinations_listed_together_share_a_tier() {
+        let text = r#"
+[destinations.local]
+kind = "local"
+model = "m"
+[destinations.a]
+kind = "external"
+url = "https://a.example/v1"
+jurisdiction = "EU"
+[destinations.b]
+kind = "on_prem"
+url = "https://b.lan/v1"
+[[rules]]
+action = "allow"
+destinations = [["a", "b"], "local"]
+"#;
+        let p = parse(text).unwrap();
+        let d = p.decide("t", &[]);
+        assert_eq!(d.destinations, ["a", "b", "local"]);
+        assert_eq!(d.tiers, [0, 0, 1]);
+        let bad = text.replace(r#"[["a", "b"], "local"]"#, r#"[["a", "nowhere"], [], "a"]"#);
+        assert_eq!(
+            problems(&bad),
+            [
+                "14:17: rule 1: unknown destination \"nowhere\"",
+                "14:35: rule 1: an empty list of destinations",
+                "14:39: rule 1: destination \"a\" is listed twice",
+            ]
+        );
+    }
+
+    #[test]
     fn unreachable_rules_are_refused() {
         let text = r#"
 [destinations.local]

@@ -1,0 +1,499 @@
+//! Requests the policy sends to upstream destinations: chat and text completions, whole
+//! or streamed. Destinations are tried in the rule's order (equal ones by load, latency
+//! and price), skipping open circuits; a connection error, timeout, 5xx, or a stream
+//! that ends before its first event moves on to the next, then to the rule's local
+//! model. Once the first byte has reached the client there is no fallback: a break
+//! mid-stream ends the stream with an error event. Redacted requests have their
+//! placeholders restored in the answer (streamed pieces included) before the client
+//! sees it. One intent before anything leaves, one record at the end.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use appliance_api::openai::{Delta, Usage};
+use appliance_api::worker::WirePrompt;
+use appliance_audit::Ticket;
+use appliance_policy::redact::Redaction;
+use appliance_policy::{Destination, Detection};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::auth::KeyEntry;
+use crate::error::ApiError;
+use crate::limits::Permit;
+use crate::openai::{
+    chunk_frame, loggable, run_id, sse, usage_frame, whole_response, Generation, Kind,
+};
+use crate::server::{error_response, sse_response, unix_now, Gateway, InFlight, Reply, ReqCtx};
+use crate::upstream::{Answer, UpstreamError};
+
+/// Where a request that may leave the appliance goes.
+pub(crate) struct Plan {
+    /// Upstream destinations with their preference tiers, in the rule's order.
+    pub chain: Vec<(Destination, usize)>,
+    /// The rule's local model, if every upstream fails before answering.
+    pub fallback: Option<String>,
+    pub redact: bool,
+    pub found: Vec<Detection>,
+}
+
+/// The JSON sent upstream: the destination's model, the (redacted) texts, and the
+/// client's sampling parameters.
+fn upstream_body(g: &Generation, model: &str, texts: &[String]) -> Bytes {
+    let mut b = serde_json::json!({ "model": model, "stream": g.stream });
+    match &g.prompt {
+        WirePrompt::Chat(ms) => {
+            b["messages"] = ms
+                .iter()
+                .zip(texts)
+                .map(|(m, t)| serde_json::json!({"role": m.role, "content": t}))
+                .collect();
+        }
+        _ => b["prompt"] = texts.first().cloned().unwrap_or_default().into(),
+    }
+    if g.stream {
+        b["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    let p = &g.params;
+    if let Some(n) = p.max_tokens {
+        b["max_tokens"] = n.into();
+    }
+    b["temperature"] = f64::from(p.temperature).into();
+    b["top_p"] = f64::from(p.top_p).into();
+    if p.presence_penalty != 0.0 {
+        b["presence_penalty"] = f64::from(p.presence_penalty).into();
+    }
+    if p.frequency_penalty != 0.0 {
+        b["frequency_penalty"] = f64::from(p.frequency_penalty).into();
+    }
+    if let Some(s) = p.seed {
+        b["seed"] = s.into();
+    }
+    if !p.stop.is_empty() {
+        b["stop"] = p.stop.clone().into();
+    }
+    Bytes::from(b.to_string())
+}
+
+fn usage_of(v: &serde_json::Value) -> Option<(usize, usize)> {
+    let u = v.get("usage").filter(|u| u.is_object())?;
+    Some((
+        u["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+        u["completion_tokens"].as_u64().unwrap_or(0) as usize,
+    ))
+}
+
+fn finish_of(v: &serde_json::Value) -> Option<&'static str> {
+    match v["choices"][0]["finish_reason"].as_str()? {
+        "length" => Some("length"),
+        _ => Some("stop"),
+    }
+}
+
+/// The text of a whole answer (`choices[0].message.content` or `choices[0].text`).
+fn text_of(v: &serde_json::Value, kind: Kind, name: &str) -> Result<String, UpstreamError> {
+    let t = match kind {
+        Kind::Chat => v["choices"][0]["message"]["content"].as_str(),
+        Kind::Text => v["choices"][0]["text"].as_str(),
+    };
+    t.map(str::to_string).ok_or_else(|| {
+        UpstreamError::Bad(format!(
+            "{name}: the answer has no {}",
+            match kind {
+                Kind::Chat => "choices[0].message.content",
+                Kind::Text => "choices[0].text",
+            }
+        ))
+    })
+}
+
+/// The piece of text a streamed event carries (empty for role-only or usage events).
+fn piece_of(v: &serde_json::Value, kind: Kind) -> &str {
+    match kind {
+        Kind::Chat => v["choices"][0]["delta"]["content"].as_str(),
+        Kind::Text => v["choices"][0]["text"].as_str(),
+    }
+    .unwrap_or("")
+}
+
+/// An event that is an error object, or not JSON: the stream is broken.
+fn parse_event(data: &str, name: &str) -> Result<serde_json::Value, UpstreamError> {
+    let v: serde_json::Value = serde_json::from_str(data)
+        .map_err(|_| UpstreamError::Bad(format!("{name}: an event that is not JSON")))?;
+    if v.get("error").is_some_and(|e| !e.is_null()) {
+        return Err(UpstreamError::Unavailable(format!(
+            "{name}: an error event in the stream"
+        )));
+    }
+    Ok(v)
+}
+
+/// Sends the request to the plan's upstreams; see the module's documentation.
+pub(crate) async fn run_upstream(
+    gw: &Arc<Gateway>,
+    key: Arc<KeyEntry>,
+    mut g: Generation,
+    ctx: &mut ReqCtx,
+    mut plan: Plan,
+) -> Result<Reply, ApiError> {
+    let (permit, _rate) = key
+        .limiter
+        .admit(&key.limits, Instant::now())
+        .map_err(|(d, info)| ApiError::RateLimited(d, info))?;
+    let in_flight = gw.enter();
+    gw.upstreams.rank(&mut plan.chain);
+    let first = &plan.chain[0].0;
+    ctx.destination = Some(first.name.clone());
+    ctx.jurisdiction = first.jurisdiction.clone();
+    ctx.model = first.model.as_deref().map(loggable);
+    // Fail closed: nothing leaves before the intent is durable.
+    let ticket = gw
+        .audit
+        .intent(gw.audit_record(ctx, 0, None, None))
+        .await
+        .map_err(|_| ApiError::AuditUnavailable)?;
+    let parts = crate::openai::parts_of(&g.prompt);
+    let (texts, redaction) = if plan.redact {
+        let (out, r) = appliance_policy::redact::redact(&parts, &plan.found);
+        (out, Some(r))
+    } else {
+        (parts.iter().map(|p| p.to_string()).collect(), None)
+    };
+    let path = match g.kind {
+        Kind::Chat => "/chat/completions",
+        Kind::Text => "/completions",
+    };
+    let state = gw.policy();
+    let mut failures = vec![];
+    for (dest, _) in &plan.chain {
+        if !gw.upstreams.allow(dest) {
+            log::info!(
+                "{}: upstream {} skipped: its circuit is open",
+                ctx.id,
+                dest.name
+            );
+            failures.push(format!("{} (circuit open)", dest.name));
+            continue;
+        }
+        ctx.destination = Some(dest.name.clone());
+        ctx.jurisdiction = dest.jurisdiction.clone();
+        ctx.model = dest.model.as_deref().map(loggable);
+        let credential = dest
+            .credential
+            .as_ref()
+            .and_then(|c| state.credentials.get(c))
+            .map(String::as_str);
+        let model = dest.model.clone().unwrap_or_default();
+        let body = upstream_body(&g, &model, &texts);
+        let attempt = async {
+            let answer = gw.upstreams.post(dest, credential, path, body).await?;
+            if g.stream {
+                Opened::stream(answer).await
+            } else {
+                Ok(Opened::Whole(answer.json().await?))
+            }
+        };
+        match attempt.await {
+            Ok(Opened::Whole(v)) => {
+                let text = match text_of(&v, g.kind, &dest.name) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        gw.upstreams.failure(dest);
+                        log::warn!("{}: upstream {} failed: {e}", ctx.id, dest.name);
+                        failures.push(dest.name.clone());
+                        continue;
+                    }
+                };
+                gw.upstreams.success(dest);
+                let text = match &redaction {
+                    Some(r) => r.restore(&text),
+                    None => text,
+                };
+                let usage = usage_of(&v).unwrap_or((0, 0));
+                let finish = finish_of(&v).unwrap_or("stop");
+                if gw
+                    .record_outcome(ctx, ticket, 200, None, Some(usage))
+                    .await
+                    .is_err()
+                {
+                    gw.finish(ctx, 503, Some(usage));
+                    let refused = ApiError::AuditUnavailable;
+                    return Ok(Reply::Settled(error_response(&refused, &ctx.id)));
+                }
+                key.limiter
+                    .charge_tokens(&key.limits, usage.0 + usage.1, Instant::now());
+                gw.finish(ctx, 200, Some(usage));
+                drop((permit, in_flight));
+                return Ok(Reply::Settled(whole_response(
+                    g.kind, &ctx.id, &model, text, finish, usage,
+                )));
+            }
+            Ok(Opened::Stream(answer, first)) => {
+                let (tx, rx) = mpsc::channel::<Bytes>(64);
+                let resp = sse_response(rx, &ctx.id);
+                let relay = Relay {
+                    gw: gw.clone(),
+                    key,
+                    ctx: ctx.clone(),
+                    ticket: Some(ticket),
+                    dest: dest.clone(),
+                    kind: g.kind,
+                    id: run_id(&ctx.id, g.kind),
+                    created: unix_now() as u64,
+                    model,
+                    include_usage: g.include_usage,
+                    usage: None,
+                    pieces: 0,
+                    settled: false,
+                    _guards: (permit, in_flight),
+                };
+                tokio::spawn(relay.run(tx, answer, first, redaction));
+                return Ok(Reply::Settled(resp));
+            }
+            Err(e) => {
+                gw.upstreams.failure(dest);
+                log::warn!("{}: upstream {} failed: {e}", ctx.id, dest.name);
+                failures.push(dest.name.clone());
+            }
+        }
+    }
+    drop((permit, in_flight));
+    ctx.jurisdiction = None;
+    match plan.fallback {
+        Some(m) => {
+            log::info!("{}: falling back to the local model {m}", ctx.id);
+            g.model = m;
+            ctx.model = Some(loggable(&g.model));
+            Box::pin(crate::openai::run(gw, key, g, ctx, Some(ticket))).await
+        }
+        None => {
+            let e = ApiError::NoDestination(format!(
+                "Every destination this request may go to failed ({}).",
+                failures.join(", ")
+            ));
+            crate::openai::refuse_after_intent(gw, ctx, ticket, e).await
+        }
+    }
+}
+
+/// An upstream answer that has begun: whole, or a stream whose first event has come.
+enum Opened {
+    Whole(serde_json::Value),
+    Stream(Answer, serde_json::Value),
+}
+
+impl Opened {
+    /// Waits for the stream's first event: until then the request may still go
+    /// elsewhere.
+    async fn stream(mut answer: Answer) -> Result<Opened, UpstreamError> {
+        match answer.event().await? {
+            Some(data) => {
+                let v = parse_event(&data, "upstream")?;
+                Ok(Opened::Stream(answer, v))
+            }
+            None => Err(UpstreamError::Unavailable(
+                "the stream ended before its first event".into(),
+            )),
+        }
+    }
+}
+
+/// Relays an upstream stream to the client, re-framed under the request's own id, with
+/// placeholders restored. It records the request once: before the final event when the
+/// upstream finished, with the error when it broke, or 499 when the client left.
+struct Relay {
+    gw: Arc<Gateway>,
+    key: Arc<KeyEntry>,
+    ctx: ReqCtx,
+    ticket: Option<Ticket>,
+    dest: Destination,
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    usage: Option<(usize, usize)>,
+    /// Text events relayed (the completion's size when the upstream reports no usage).
+    pieces: usize,
+    settled: bool,
+    _guards: (Permit, InFlight),
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            let usage = self.usage.unwrap_or((0, self.pieces));
+            t.finish_later(self.gw.audit_record(
+                &self.ctx,
+                499,
+                Some("client_closed".into()),
+                Some(usage),
+            ));
+        }
+        if !self.settled {
+            self.settle(499);
+        }
+    }
+}
+
+impl Relay {
+    fn settle(&mut self, status: u16) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let usage = self.usage.unwrap_or((0, self.pieces));
+        self.key
+            .limiter
+            .charge_tokens(&self.key.limits, usage.0 + usage.1, Instant::now());
+        self.gw.finish(&self.ctx, status, Some(usage));
+    }
+
+    /// Writes the record, then settles; `Err` when the record could not be written.
+    async fn conclude(&mut self, status: u16, error: Option<String>) -> Result<(), ()> {
+        let usage = Some(self.usage.unwrap_or((0, self.pieces)));
+        let result = match self.ticket.take() {
+            Some(t) => {
+                self.gw
+                    .record_outcome(&self.ctx, t, status, error, usage)
+                    .await
+            }
+            None => Ok(()),
+        };
+        self.settle(if result.is_ok() { status } else { 503 });
+        result
+    }
+
+    fn frame(&self, text: Option<String>, role: bool, finish: Option<&'static str>) -> Bytes {
+        chunk_frame(
+            self.kind,
+            &self.id,
+            self.created,
+            &self.model,
+            Delta {
+                role: role.then_some("assistant"),
+                content: text,
+            },
+            finish,
+            self.include_usage,
+        )
+    }
+
+    async fn push(&self, tx: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
+        tx.send_timeout(frame, self.gw.cfg.stall_timeout)
+            .await
+            .is_ok()
+    }
+
+    async fn run(
+        mut self,
+        tx: mpsc::Sender<Bytes>,
+        mut answer: Answer,
+        first: serde_json::Value,
+        redaction: Option<Redaction>,
+    ) {
+        let mut restore = redaction.as_ref().map(Redaction::stream);
+        let mut finish: Option<&'static str> = None;
+        let mut next = Some(first);
+        if self.kind == Kind::Chat
+            && !self
+                .push(&tx, self.frame(Some(String::new()), true, None))
+                .await
+        {
+            return;
+        }
+        loop {
+            let v = match next.take() {
+                Some(v) => v,
+                None => {
+                    let got = tokio::select! {
+                        e = answer.event() => e,
+                        _ = tx.closed() => return,
+                    };
+                    match got.and_then(|e| match e {
+                        Some(data) => parse_event(&data, &self.dest.name).map(Some),
+                        None => Ok(None),
+                    }) {
+                        Ok(Some(v)) => v,
+                        // The end: complete if the upstream said how it finished.
+                        Ok(None) if finish.is_some() => break,
+                        Ok(None) => {
+                            return self
+                                .fail(&tx, "the stream ended before it finished".into())
+                                .await
+                        }
+                        Err(e) => return self.fail(&tx, e.to_string()).await,
+                    }
+                }
+            };
+            if let Some(u) = usage_of(&v) {
+                self.usage = Some(u);
+            }
+            if let Some(f) = finish_of(&v) {
+                finish = Some(f);
+            }
+            let piece = piece_of(&v, self.kind);
+            if piece.is_empty() {
+                continue;
+            }
+            self.pieces += 1;
+            let text = match &mut restore {
+                Some(r) => r.push(piece),
+                None => piece.to_string(),
+            };
+            if !text.is_empty() && !self.push(&tx, self.frame(Some(text), false, None)).await {
+                return;
+            }
+        }
+        self.gw.upstreams.success(&self.dest);
+        if let Some(rest) = restore.as_mut().map(|r| r.finish()) {
+            if !rest.is_empty() && !self.push(&tx, self.frame(Some(rest), false, None)).await {
+                return;
+            }
+        }
+        // The record is durable before the stream's end goes out.
+        if self.conclude(200, None).await.is_err() {
+            let _ = self
+                .push(&tx, sse(&ApiError::AuditUnavailable.body()))
+                .await;
+            return;
+        }
+        let mut frames = vec![self.frame(None, false, Some(finish.unwrap_or("stop")))];
+        if self.include_usage {
+            let (p, c) = self.usage.unwrap_or((0, self.pieces));
+            frames.push(usage_frame(
+                self.kind,
+                &self.id,
+                self.created,
+                &self.model,
+                Usage::new(p, c),
+            ));
+        }
+        frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        for f in frames {
+            if !self.push(&tx, f).await {
+                break;
+            }
+        }
+    }
+
+    /// The upstream broke after the client had its first bytes: no fallback is possible;
+    /// the stream ends with an error event (and no `[DONE]`).
+    async fn fail(mut self, tx: &mpsc::Sender<Bytes>, why: String) {
+        self.gw.upstreams.failure(&self.dest);
+        log::warn!(
+            "{}: upstream {} broke mid-stream: {why}",
+            self.ctx.id,
+            self.dest.name
+        );
+        let e = ApiError::UpstreamFailed(format!(
+            "The upstream {} stopped answering mid-stream; the answer is incomplete.",
+            self.dest.name
+        ));
+        let e = match self.conclude(e.status().as_u16(), Some(e.code())).await {
+            Ok(()) => e,
+            Err(()) => ApiError::AuditUnavailable,
+        };
+        let _ = self.push(tx, sse(&e.body())).await;
+    }
+}

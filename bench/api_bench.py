@@ -52,8 +52,11 @@ def rss_kib(pid: int) -> int:
 
 
 class Daemon:
-    def __init__(self, bin_: str, models: list[str], threads: int):
+    def __init__(self, bin_: str, models: list[str], threads: int, policy: str | None = None):
         self.dir = tempfile.mkdtemp(prefix="appliance-bench-")
+        if policy is not None:
+            os.makedirs(f"{self.dir}/policy")
+            Path(f"{self.dir}/policy/policy.toml").write_text(policy)
         run = lambda *a: subprocess.run([bin_, *a, "--data-dir", self.dir], check=True,
                                         capture_output=True, text=True).stdout.strip()
         run("tenant", "create", "bench")
@@ -123,10 +126,12 @@ async def api_streams(url, ctx, key, ids, n, gen, model="bench", prompt=None):
     return aggregate(times)
 
 
-def wrk(url, key, seconds, conns=64):
-    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency",
-                          "-H", f"Authorization: Bearer {key}", url],
-                         capture_output=True, text=True, check=True).stdout
+def wrk(url, key, seconds, conns=64, script=None):
+    """wrk over keep-alive connections (2 threads, or 1 for one connection); `script`: a
+    Lua file that sets the method, body and headers (it then carries the key)."""
+    args = ["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    args += ["-s", script] if script else ["-H", f"Authorization: Bearer {key}"]
+    out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
     def pct(p):

@@ -15,7 +15,11 @@ impl Log for Stderr {
     }
     fn log(&self, r: &Record<'_>) {
         if self.enabled(r.metadata()) {
-            eprintln!("[{} {}] {}", r.level(), r.target(), r.args());
+            // One write per line (stderr is unbuffered: formatting straight into it would
+            // cost a system call per fragment, and lines from threads could interleave).
+            use std::io::Write;
+            let line = format!("[{} {}] {}\n", r.level(), r.target(), r.args());
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
     }
     fn flush(&self) {}

@@ -18,6 +18,12 @@ mod worker;
 
 use std::path::PathBuf;
 
+/// mimalloc rather than glibc's malloc: the gateway allocates and frees many small and
+/// mid-sized buffers across threads per request, where glibc's arenas spent about a
+/// seventh of the daemon's time (docs/BENCHMARKS.md, the proxy benchmark).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 

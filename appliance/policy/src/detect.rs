@@ -83,12 +83,37 @@ fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
+/// The first ASCII digit of `text` at or after `from` (`text.len()` if none). Eight
+/// bytes at a time: prose has few digits, and every number detector starts at one.
+fn next_digit(text: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while i + 8 <= text.len() {
+        let w = u64::from_le_bytes(text[i..i + 8].try_into().unwrap_or_default());
+        // XOR with '0' maps exactly the bytes '0'..='9' below 10; "any byte below 10".
+        let x = w ^ (ONES * 0x30);
+        if x.wrapping_sub(ONES * 10) & !x & HIGH != 0 {
+            break;
+        }
+        i += 8;
+    }
+    while i < text.len() && !text[i].is_ascii_digit() {
+        i += 1;
+    }
+    i
+}
+
 /// Every numeric run of `text`.
 fn runs(text: &[u8]) -> Vec<Run> {
     let mut out = vec![];
     let mut i = 0;
     while i < text.len() {
-        if !text[i].is_ascii_digit() || (i > 0 && is_word(text[i - 1])) {
+        if !text[i].is_ascii_digit() {
+            i = next_digit(text, i);
+            continue;
+        }
+        if i > 0 && is_word(text[i - 1]) {
             i += 1;
             continue;
         }
@@ -421,6 +446,15 @@ const DOB_CONTEXT: &[&str] = &[
     "geboortedatum",
 ];
 
+/// Searchers for the birth-context words, built once.
+static DOB_FINDERS: std::sync::LazyLock<Vec<memchr::memmem::Finder<'static>>> =
+    std::sync::LazyLock::new(|| {
+        DOB_CONTEXT
+            .iter()
+            .map(|w| memchr::memmem::Finder::new(w.as_bytes()))
+            .collect()
+    });
+
 /// Dates of birth: a date (numeric, or "12 March 1980") within 40 bytes after a
 /// birth-context word.
 fn dob(text: &str, lower: &str, runs: &[Run]) -> Vec<(usize, usize)> {
@@ -431,8 +465,9 @@ fn dob(text: &str, lower: &str, runs: &[Run]) -> Vec<(usize, usize)> {
         let Some(window) = lower.get(from..start) else {
             return false;
         };
-        DOB_CONTEXT.iter().any(|w| {
-            window.match_indices(w).any(|(at, _)| {
+        DOB_FINDERS.iter().any(|f| {
+            let w = f.needle();
+            f.find_iter(window.as_bytes()).any(|at| {
                 let abs = from + at;
                 let end = abs + w.len();
                 (abs == 0 || !is_word(lower.as_bytes()[abs - 1]))
@@ -511,9 +546,13 @@ fn iban(text: &[u8]) -> Vec<(usize, usize)> {
     let mut out = vec![];
     let mut i = 0;
     while i + 4 < text.len() {
+        if !text[i + 2].is_ascii_digit() {
+            // The third character of an IBAN is a digit: skip to where one can be.
+            i = (next_digit(text, i + 2) - 2).max(i + 1);
+            continue;
+        }
         let starts = text[i].is_ascii_uppercase()
             && text[i + 1].is_ascii_uppercase()
-            && text[i + 2].is_ascii_digit()
             && text[i + 3].is_ascii_digit()
             && (i == 0 || !is_word(text[i - 1]));
         if !starts {
@@ -555,6 +594,10 @@ fn fr_nir(text: &[u8]) -> Vec<(usize, usize)> {
     let mut out = vec![];
     let mut i = 0;
     while i < text.len() {
+        if !text[i].is_ascii_digit() {
+            i = next_digit(text, i);
+            continue;
+        }
         if !matches!(text[i], b'1' | b'2') || (i > 0 && is_word(text[i - 1])) {
             i += 1;
             continue;
@@ -607,6 +650,11 @@ fn icd10(text: &[u8], lower: &str) -> Vec<(usize, usize)> {
     let mut out = vec![];
     let mut i = 0;
     while i + 3 <= text.len() {
+        if !text[i + 1].is_ascii_digit() {
+            // A code's second character is a digit: skip to where one can be.
+            i = (next_digit(text, i + 1) - 1).max(i + 1);
+            continue;
+        }
         let c = text[i];
         let ok = c.is_ascii_uppercase()
             && c != b'U'
@@ -636,7 +684,9 @@ fn icd10(text: &[u8], lower: &str) -> Vec<(usize, usize)> {
         let context = || {
             let from = i.saturating_sub(40);
             let window = lower.get(from..i).unwrap_or("");
-            CONTEXT.iter().any(|w| window.contains(w))
+            CONTEXT
+                .iter()
+                .any(|w| memchr::memmem::find(window.as_bytes(), w.as_bytes()).is_some())
         };
         if dotted || context() {
             out.push((i, end));
@@ -651,7 +701,7 @@ fn email(text: &[u8]) -> Vec<(usize, usize)> {
     let local = |b: u8| b.is_ascii_alphanumeric() || b".!#$%&'*+/=?^_`{|}~-".contains(&b);
     let domain = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
     let mut out = vec![];
-    for (at, _) in text.iter().enumerate().filter(|(_, &b)| b == b'@') {
+    for at in memchr::memchr_iter(b'@', text) {
         let mut s = at;
         while s > 0 && local(text[s - 1]) {
             s -= 1;
@@ -675,27 +725,40 @@ fn email(text: &[u8]) -> Vec<(usize, usize)> {
     out
 }
 
-/// IPv6 addresses (with at least two colons), checked by the standard parser.
+/// IPv6 addresses (with at least two colons), checked by the standard parser. A
+/// candidate is a maximal run of hex digits, colons and dots, from its first position
+/// that follows neither a word character nor a colon; only runs around a colon are
+/// looked at.
 fn ipv6(text: &str) -> Vec<(usize, usize)> {
     let b = text.as_bytes();
+    let class = |c: u8| c.is_ascii_hexdigit() || c == b':' || c == b'.';
     let mut out = vec![];
-    let mut i = 0;
-    while i < b.len() {
-        if !(b[i].is_ascii_hexdigit() || b[i] == b':')
-            || (i > 0 && (is_word(b[i - 1]) || b[i - 1] == b':'))
-        {
-            i += 1;
+    let mut resume = 0;
+    for colon in memchr::memchr_iter(b':', b) {
+        if colon < resume {
             continue;
         }
-        let mut j = i;
-        while j < b.len() && (b[j].is_ascii_hexdigit() || b[j] == b':' || b[j] == b'.') {
-            j += 1;
+        let mut s = colon;
+        while s > 0 && class(b[s - 1]) {
+            s -= 1;
         }
-        let cand = text[i..j].trim_end_matches('.');
+        let mut e = colon + 1;
+        while e < b.len() && class(b[e]) {
+            e += 1;
+        }
+        resume = e;
+        if memchr::memchr_iter(b':', &b[s..e]).nth(1).is_none() {
+            continue;
+        }
+        let start = (s..e).find(|&p| {
+            (b[p].is_ascii_hexdigit() || b[p] == b':')
+                && (p == 0 || !(is_word(b[p - 1]) || b[p - 1] == b':'))
+        });
+        let Some(p) = start else { continue };
+        let cand = text[p..e].trim_end_matches('.');
         if cand.matches(':').count() >= 2 && cand.parse::<std::net::Ipv6Addr>().is_ok() {
-            out.push((i, i + cand.len()));
+            out.push((p, p + cand.len()));
         }
-        i = j.max(i + 1);
     }
     out
 }
@@ -772,4 +835,42 @@ pub fn scan_lower(text: &str, lower: &str) -> Vec<Finding> {
     }
     out.sort_by_key(|f| (f.start, f.end));
     out
+}
+
+#[cfg(test)]
+mod skip_tests {
+    use super::next_digit;
+
+    #[test]
+    fn next_digit_agrees_with_a_byte_by_byte_search() {
+        // Every byte value around every position of the 8-byte words.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 40) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|k| {
+                    let v = (state.rotate_left(k as u32 * 5) & 0xff) as u8;
+                    // Mostly letters and high bytes, digits and any byte now and then.
+                    if v.is_multiple_of(7) {
+                        b'0' + v % 10
+                    } else if v.is_multiple_of(3) {
+                        v
+                    } else {
+                        v | 0x40
+                    }
+                })
+                .collect();
+            for from in 0..=len {
+                let naive = (from..len)
+                    .find(|&i| text[i].is_ascii_digit())
+                    .unwrap_or(len);
+                assert_eq!(next_digit(&text, from), naive, "{text:?} from {from}");
+            }
+        }
+        assert_eq!(next_digit(b"abcdefgh/:ijklmno9", 0), 17);
+        assert_eq!(next_digit(b"", 0), 0);
+    }
 }

@@ -80,10 +80,8 @@ impl Policy {
                         });
                     }
                 }
-                for k in &d.keywords {
-                    let mut from = 0;
-                    while let Some(p) = lower[from..].find(k.as_str()) {
-                        let at = from + p;
+                for k in d.keywords.iter().filter(|k| !k.is_empty()) {
+                    for at in memchr::memmem::find_iter(lower.as_bytes(), k.as_bytes()) {
                         if word_at(lower.as_bytes(), at, k.len()) {
                             out.push(Detection {
                                 class: d.class.clone(),
@@ -93,7 +91,6 @@ impl Policy {
                                 end: at + k.len(),
                             });
                         }
-                        from = at + k.len().max(1);
                     }
                 }
             }

@@ -67,10 +67,28 @@ pub struct PackedRows {
 #[derive(Debug, Clone)]
 pub struct AuditDb {
     pool: SqlitePool,
+    writer: SqlitePool,
 }
 
-/// Rows per INSERT statement (4 parameters each, under SQLite's 32766).
-const ROWS_PER_INSERT: usize = 4000;
+/// Rows per INSERT statement at most (4 parameters each, under SQLite's 32766); a power
+/// of two.
+const ROWS_PER_INSERT: usize = 4096;
+
+/// Splits rows into runs whose lengths are powers of two (largest first), so that the
+/// few statement texts that result stay in the prepared-statement cache whatever the
+/// batch sizes.
+fn chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = rest.len().min(ROWS_PER_INSERT);
+        let (run, after) = rest.split_at(1 << (usize::BITS - 1 - n.leading_zeros()));
+        rest = after;
+        Some(run)
+    })
+}
 
 impl AuditDb {
     /// Opens (creating if needed) the audit database. Writes wait up to `busy` for a lock.
@@ -99,14 +117,22 @@ impl AuditDb {
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
             .acquire_timeout(busy + Duration::from_secs(5))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
             .map_err(open_err)?;
         sqlx::raw_sql(SCHEMA)
             .execute(&pool)
             .await
             .map_err(open_err)?;
-        Ok(AuditDb { pool })
+        // Commits go through one connection of their own, so its page cache stays warm
+        // (a write through another connection would invalidate it every time).
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(busy + Duration::from_secs(5))
+            .connect_with(opts)
+            .await
+            .map_err(open_err)?;
+        Ok(AuditDb { pool, writer })
     }
 
     /// Writes one batch in one transaction (one fsync of the WAL at commit).
@@ -120,10 +146,10 @@ impl AuditDb {
         // Plain BEGIN/COMMIT rather than sqlx's transaction: a COMMIT that fails with
         // SQLITE_FULL or SQLITE_BUSY leaves SQLite's transaction open, and the connection
         // must be rolled back and dropped, not reused inside it.
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer.acquire().await?;
         let result = async {
             sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-            for chunk in records.chunks(ROWS_PER_INSERT) {
+            for chunk in chunks(records) {
                 let mut q =
                     QueryBuilder::new("INSERT INTO audit_records (seq, time_ms, leaf, body) ");
                 q.push_values(chunk, |mut b, r| {
@@ -134,14 +160,14 @@ impl AuditDb {
                 });
                 q.build().execute(&mut *conn).await?;
             }
-            for chunk in intents.chunks(ROWS_PER_INSERT) {
+            for chunk in chunks(intents) {
                 let mut q = QueryBuilder::new("INSERT INTO audit_intents (id, body) ");
                 q.push_values(chunk, |mut b, (id, body)| {
                     b.push_bind(*id as i64).push_bind(*body);
                 });
                 q.build().execute(&mut *conn).await?;
             }
-            for chunk in resolved.chunks(ROWS_PER_INSERT) {
+            for chunk in chunks(resolved) {
                 let mut q = QueryBuilder::new("DELETE FROM audit_intents WHERE id IN (");
                 let mut list = q.separated(", ");
                 for id in chunk {
@@ -309,6 +335,7 @@ impl AuditDb {
     }
 
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }
@@ -316,6 +343,16 @@ impl AuditDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_go_in_power_of_two_runs() {
+        let rows: Vec<u32> = (0..9000).collect();
+        let lens: Vec<usize> = chunks(&rows).map(<[u32]>::len).collect();
+        assert_eq!(lens, [4096, 4096, 512, 256, 32, 8]);
+        assert_eq!(chunks(&rows).flatten().copied().collect::<Vec<_>>(), rows);
+        assert_eq!(chunks(&rows[..1]).count(), 1);
+        assert_eq!(chunks::<u32>(&[]).count(), 0);
+    }
 
     #[tokio::test]
     async fn batches_are_all_or_nothing() {

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""The gateway's cost as a proxy to an upstream, side by side with LiteLLM's proxy.
+
+One loopback upstream for both: nginx answering `POST /v1/chat/completions` with a fixed
+chat.completion (plain HTTP, keep-alive). In front of it:
+
+- the appliance (`appliance serve`, no local model): HTTPS, an API key, the hospital-style
+  policy (every built-in detector classifies the request), the alias `bench` routed by a
+  rule to an `on_prem` destination at the nginx URL, and the audit log on (an intent
+  before the request leaves, a record before the answer: two durable appends, group
+  committed);
+- LiteLLM's proxy (`litellm --config`, PyPI `litellm[proxy]`) with the model `bench`
+  pointing at the same URL (`openai/` provider), a master key, 2 workers,
+  `LITELLM_LOCAL_MODEL_COST_MAP=True` so it reaches for no network;
+- nginx alone, for the baseline of the added latency.
+
+wrk drives each with the same chat request (a 3 KB office text, no sensitive data, so it
+is allowed upstream) at concurrency 1, 8, 32 and 64 (keep-alive connections) and reports
+requests/s and p50/p99; the added latency is each proxy's percentile minus nginx's at the
+same concurrency. Targets, proxies and nginx alternate per concurrency level so they see
+the same machine noise.
+
+Usage: bench/proxy_bench.py --bin target/release/appliance --litellm VENV/bin/litellm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from api_bench import TEXT, Daemon, wrk  # noqa: E402
+
+ANSWER = {
+    "id": "chatcmpl-fixed", "object": "chat.completion", "created": 1, "model": "fixed",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "A fixed answer from the upstream."}}],
+    "usage": {"prompt_tokens": 600, "completion_tokens": 8, "total_tokens": 608},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, seconds: float = 60):
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def start_nginx(work: Path, port: int) -> subprocess.Popen:
+    body = json.dumps(ANSWER).replace("'", "\\'")
+    conf = work / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+""")
+    p = subprocess.Popen(["nginx", "-p", str(work), "-c", str(conf)])
+    wait_port(port)
+    return p
+
+
+def policy(port: int) -> str:
+    return f"""
+name = "proxy benchmark"
+
+[destinations.onprem]
+kind = "on_prem"
+url = "http://127.0.0.1:{port}/v1"
+model = "fixed"
+timeout_ms = 10000
+
+[[rules]]
+name = "patient data"
+classes = ["PHI"]
+action = "deny"
+
+[[rules]]
+name = "the rest on-prem"
+action = "allow"
+destinations = ["onprem"]
+
+[aliases]
+bench = "onprem"
+"""
+
+
+def start_litellm(litellm: str, work: Path, up: int, port: int) -> subprocess.Popen:
+    cfg = work / "litellm.yaml"
+    cfg.write_text(f"""
+model_list:
+  - model_name: bench
+    litellm_params:
+      model: openai/fixed
+      api_base: http://127.0.0.1:{up}/v1
+      api_key: none
+general_settings:
+  master_key: sk-bench-master
+litellm_settings:
+  telemetry: false
+""")
+    env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False",
+               NO_PROXY="*")
+    log = open(work / "litellm.log", "w")
+    p = subprocess.Popen([litellm, "--config", str(cfg), "--host", "127.0.0.1",
+                          "--port", str(port), "--num_workers", "2"],
+                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    wait_port(port, 180)
+    return p
+
+
+def script(work: Path, name: str, key: str) -> str:
+    body = json.dumps({"model": "bench", "max_tokens": 64,
+                       "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                    {"role": "user", "content": (TEXT + " ") * 5}]})
+    lua = work / f"{name}.lua"
+    lua.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+    return str(lua)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--litellm", help="the litellm command of a venv with litellm[proxy]")
+    ap.add_argument("--conns", default="1,8,32,64")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--json", help="write the results here too")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="appliance-proxy-bench-"))
+    (work / "nginx-body").mkdir()
+    up = free_port()
+    nginx = start_nginx(work, up)
+    d = Daemon(a.bin, [], 1, policy=policy(up))
+    time.sleep(1)
+    gw_url = f"{d.url}/v1/chat/completions"
+    # One request first: the route works and the policy sends it upstream.
+    check = subprocess.run(["curl", "-sS", "--cacert", f"{d.dir}/tls/cert.pem", "-H",
+                            f"Authorization: Bearer {d.key}", "-H", "Content-Type: application/json",
+                            "-d", json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}),
+                            gw_url], capture_output=True, text=True).stdout
+    assert "A fixed answer" in check, check
+    targets = {"nginx": (f"http://127.0.0.1:{up}/v1/chat/completions", script(work, "nginx", "x")),
+               "appliance": (gw_url, script(work, "appliance", d.key))}
+    lite = None
+    if a.litellm:
+        lp = free_port()
+        lite = start_litellm(a.litellm, work, up, lp)
+        lurl = f"http://127.0.0.1:{lp}/v1/chat/completions"
+        check = subprocess.run(["curl", "-sS", "-H", "Authorization: Bearer sk-bench-master",
+                                "-H", "Content-Type: application/json", "-d",
+                                json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}),
+                                lurl], capture_output=True, text=True).stdout
+        assert "A fixed answer" in check, check
+        targets["litellm"] = (lurl, script(work, "litellm", "sk-bench-master"))
+    report = {"conns": {}}
+    try:
+        for c in [int(x) for x in a.conns.split(",")]:
+            row = {}
+            for name, (url, lua) in targets.items():
+                row[name] = wrk(url, None, a.seconds, conns=c, script=lua)
+                print(f"c={c} {name}: {row[name]}", file=sys.stderr)
+            for name in targets:
+                if name != "nginx":
+                    row[name]["added_p50_ms"] = row[name]["p50_ms"] - row["nginx"]["p50_ms"]
+                    row[name]["added_p99_ms"] = row[name]["p99_ms"] - row["nginx"]["p99_ms"]
+            if "litellm" in row:
+                row["ratio_rps"] = row["appliance"]["rps"] / row["litellm"]["rps"]
+            report["conns"][c] = row
+    finally:
+        d.stop()
+        if lite:
+            os.killpg(lite.pid, signal.SIGTERM)
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(timeout=30)
+    out = json.dumps(report, indent=1)
+    print(out)
+    if a.json:
+        Path(a.json).write_text(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -70,6 +70,8 @@ pub struct Server {
     pub guard: Guard,
     pub dir: PathBuf,
     pub port: u16,
+    /// What `serve` printed before its data directory line (console address, setup link).
+    pub banner: Vec<String>,
 }
 
 impl Server {
@@ -125,6 +127,7 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let guard = Guard(child);
         let mut lines = BufReader::new(stdout).lines();
+        let mut banner = vec![];
         let port = loop {
             let line = lines
                 .next()
@@ -135,9 +138,21 @@ impl Server {
                 break port.parse().unwrap();
             }
         };
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.starts_with("appliance: data") {
+                break;
+            }
+            banner.push(line);
+        }
         // Keep draining stdout so the daemon never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        let s = Server { guard, dir, port };
+        let s = Server {
+            guard,
+            dir,
+            port,
+            banner,
+        };
         // Ready: every worker has finished starting (readyz needs only one ready), and
         // at least one is ready.
         let t0 = Instant::now();

@@ -354,20 +354,7 @@ async fn key_inner(cmd: KeyCmd) -> Result<()> {
                     );
                 }
                 let secret = keys::generate();
-                let new = NewKey {
-                    id: secret.id.clone(),
-                    tenant: old.tenant.clone(),
-                    secret_sha256: secret.sha256.clone(),
-                    // The new key expires when the old one would have: rotation never
-                    // extends a key's life.
-                    expires_at: old.expires_at,
-                    models: old.models.clone(),
-                    rpm: old.rpm,
-                    tpm: old.tpm,
-                    max_concurrency: old.max_concurrency,
-                    label: old.label.clone(),
-                    scope: old.scope.clone(),
-                };
+                let new = old.successor(secret.id.clone(), secret.sha256.clone());
                 let rec = store
                     .rotate_key(&id, &new, t + grace.as_secs() as i64, t)
                     .await?;

@@ -431,24 +431,46 @@ async fn verify(data: DataDir, public_key: Option<String>, extra: Vec<PathBuf>) 
         Some(k) => read_key(k)?,
         None => data_key(&dir)?,
     };
-    let db = open_read(&dir).await?;
-    let mut notes: Vec<String> = db.checkpoints().await?.into_iter().map(|c| c.2).collect();
+    let mut notes = vec![];
     for p in &extra {
         notes.push(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?);
     }
+    match verify_report(&dir, &key, notes).await? {
+        Ok(text) => {
+            println!("{text}");
+            report_verify(&dir, true, text.lines().next().unwrap_or("")).await;
+            Ok(())
+        }
+        Err(text) => {
+            report_verify(&dir, false, &text).await;
+            bail!("{text}")
+        }
+    }
+}
+
+/// Verifies the log of `dir` against `key`, its own checkpoints and `extra` ones: the
+/// report (`OK: ...`), or why it fails (`FAILED at record N: ...`). Outer error: the
+/// log could not be read.
+pub async fn verify_report(
+    dir: &Path,
+    key: &VerifierKey,
+    extra: Vec<String>,
+) -> Result<Result<String, String>> {
+    let db = open_read(dir).await?;
+    let mut notes: Vec<String> = db.checkpoints().await?.into_iter().map(|c| c.2).collect();
+    notes.extend(extra);
     let started = std::time::Instant::now();
-    let s = match scan(&db, &key, &notes).await? {
+    let s = match scan(&db, key, &notes).await? {
         Ok(s) => s,
         Err(f) => {
-            report_verify(&dir, false, &f.to_string()).await;
-            match f.seq {
-                Some(s) => bail!("FAILED at record {s}: {f}"),
-                None => bail!("FAILED: {f}"),
-            }
+            return Ok(Err(match f.seq {
+                Some(s) => format!("FAILED at record {s}: {f}"),
+                None => format!("FAILED: {f}"),
+            }))
         }
     };
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    let mut text = format!(
         "OK: {} records ({} pruned to their hashes), {} signed checkpoint(s) match, verified in {:.2} s ({:.0} records/s)",
         s.records,
         s.pruned,
@@ -457,15 +479,19 @@ async fn verify(data: DataDir, public_key: Option<String>, extra: Vec<PathBuf>) 
         s.records as f64 / secs.max(1e-9)
     );
     if s.records > s.signed_size {
-        println!(
-            "note: records {}..{} are after the newest checkpoint (size {}) and not yet signed; `appliance audit checkpoint` signs them",
+        text.push_str(&format!(
+            "\nnote: records {}..{} are after the newest checkpoint (size {}) and not yet signed; `appliance audit checkpoint` signs them",
             s.signed_size + 1,
             s.records,
             s.signed_size
-        );
+        ));
     }
-    report_verify(&dir, true, &format!("{} records", s.records)).await;
-    Ok(())
+    Ok(Ok(text))
+}
+
+/// The data directory's audit public key.
+pub fn public_key(dir: &Path) -> Result<VerifierKey> {
+    data_key(dir)
 }
 
 /// Re-hashes every stored record, rebuilds the tree and checks every checkpoint.
@@ -719,6 +745,21 @@ async fn export(
     out: PathBuf,
 ) -> Result<()> {
     let dir = data.prepare()?;
+    let summary = export_to(&dir, since, until, &out, true).await?;
+    println!("{summary}");
+    Ok(())
+}
+
+/// Writes an export to `out`; `record`: write the `audit.export` record here (the
+/// console writes its own, naming the user). Returns a one-line summary.
+pub async fn export_to(
+    dir: &Path,
+    since: Option<String>,
+    until: Option<String>,
+    out: &Path,
+    record: bool,
+) -> Result<String> {
+    let dir = dir.to_path_buf();
     let since_ms = since
         .as_deref()
         .map(parse_time)
@@ -732,14 +773,16 @@ async fn export(
     let key = data_key(&dir)?;
     // The export is recorded before it is written, and then signed into a checkpoint
     // that covers everything exported.
-    let mut r = Record::action("audit.export", 200);
-    r.detail = Some(format!(
-        "since {} until {} to {}",
-        since_ms.map(format_time).unwrap_or_else(|| "-".into()),
-        until_ms.map(format_time).unwrap_or_else(|| "-".into()),
-        out.display()
-    ));
-    record_cli(&dir, r).await?;
+    if record {
+        let mut r = Record::action("audit.export", 200);
+        r.detail = Some(format!(
+            "since {} until {} to {}",
+            since_ms.map(format_time).unwrap_or_else(|| "-".into()),
+            until_ms.map(format_time).unwrap_or_else(|| "-".into()),
+            out.display()
+        ));
+        record_cli(&dir, r).await?;
+    }
     let anchor_note = checkpoint(&dir).await?;
     let anchor = Checkpoint::open(&anchor_note, &key)?;
     let db = open_read(&dir).await?;
@@ -791,11 +834,10 @@ async fn export(
         }
     }
     w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
-    println!(
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(format!(
         "exported {n} records ({pruned} in range already pruned) and {cps} checkpoint(s) to {}; check it with: appliance audit verify-export {} --public-key '{key}'",
         out.display(),
         out.display()
-    );
-    Ok(())
+    ))
 }

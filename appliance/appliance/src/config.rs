@@ -59,6 +59,8 @@ pub struct ApiSection {
     pub listen: SocketAddr,
     /// A plain-HTTP listener that only redirects to HTTPS; off when absent.
     pub redirect_listen: Option<SocketAddr>,
+    /// The web console's HTTPS listener (same certificate as the API); off when absent.
+    pub console_listen: Option<SocketAddr>,
 }
 
 impl Default for ApiSection {
@@ -66,6 +68,7 @@ impl Default for ApiSection {
         ApiSection {
             listen: "0.0.0.0:8443".parse().expect("valid default address"),
             redirect_listen: None,
+            console_listen: None,
         }
     }
 }
@@ -172,6 +175,7 @@ pub const DEFAULT_FILE: &str = r#"# Appliance configuration. Every setting has a
 [api]
 # listen = "0.0.0.0:8443"          # HTTPS API (OpenAI-compatible)
 # redirect_listen = "0.0.0.0:8080" # plain HTTP that only redirects to HTTPS; off by default
+# console_listen = "0.0.0.0:9443"  # the web console (HTTPS, same certificate); off by default
 
 [tls]
 # The site's own certificate chain and key (PEM). Without them a self-signed

@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// Plain-HTTP address that only redirects to HTTPS.
     #[arg(long, env = "APPLIANCE_REDIRECT_LISTEN")]
     pub redirect_listen: Option<SocketAddr>,
+    /// HTTPS address of the web console (same certificate as the API); off when absent.
+    #[arg(long, env = "APPLIANCE_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
     /// The site's certificate chain (PEM), instead of the self-signed one.
     #[arg(long, env = "APPLIANCE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -223,6 +226,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let bound = listener.local_addr()?;
+    let console_listener = match a.console_listen.or(file.api.console_listen) {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} (console)"))?,
+        ),
+        None => None,
+    };
     let redirect = match a.redirect_listen.or(file.api.redirect_listen) {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -347,7 +358,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
     for (name, path) in &models {
         daemon.start_model(name, path, &placements)?;
     }
-    gateway.set_admin(Arc::new(AdminLink(daemon.clone())));
+    let admin_link = Arc::new(AdminLink(daemon.clone()));
+    gateway.set_admin(admin_link.clone());
 
     // The CLI's channel to the daemon, and a slower safety net for key changes.
     let control = control_listener(&dir)?;
@@ -402,6 +414,42 @@ async fn serve(a: ServeArgs) -> Result<()> {
                 .join(", ")
         }
     );
+    let console = match &console_listener {
+        Some(l) => {
+            let port = l.local_addr()?.port();
+            let audit_db = appliance_store::audit::AuditDb::open(
+                &crate::audit::db_path(&dir),
+                Duration::from_secs(10),
+            )
+            .await?;
+            let ops = Arc::new(ConsoleOps {
+                dir: dir.clone(),
+                gateway: gateway.clone(),
+                auditor: auditor.clone(),
+                admin: admin_link.clone(),
+            });
+            let c = appliance_console::Console::new(
+                store.clone(),
+                audit_db,
+                auditor.clone(),
+                gateway.clone(),
+                ops,
+                dir.clone(),
+                tls_files.cert.clone(),
+            )
+            .await;
+            println!("appliance: console https://{host}:{port}/");
+            if let Some(token) = c.setup_token().await {
+                // The one secret ever printed: it works once, for 24 hours, and only
+                // while the console has no user.
+                let link = format!("https://{host}:{port}/setup?token={token}");
+                println!("appliance: console setup (one time): {link}");
+                log::warn!("console: no user yet; first-run setup link (one time, 24 h): {link}");
+            }
+            Some(c)
+        }
+        None => None,
+    };
     println!("appliance: data    {}", dir.display());
     if keys.is_empty() {
         println!(
@@ -452,6 +500,15 @@ async fn serve(a: ServeArgs) -> Result<()> {
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let console_task = match (console, console_listener) {
+        (Some(c), Some(l)) => {
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(c.serve(l, tls_config.clone(), async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })))
+        }
+        _ => None,
+    };
     let redirect_task = redirect.map(|l| {
         let mut rx = stop_rx.clone();
         tokio::spawn(appliance_gateway::server::serve_redirect(
@@ -476,6 +533,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     };
     gateway.clone().serve(listener, tls_config, shutdown).await;
     if let Some(t) = redirect_task {
+        let _ = t.await;
+    }
+    if let Some(t) = console_task {
         let _ = t.await;
     }
     log::info!("stopping workers");
@@ -896,6 +956,84 @@ impl Daemon {
 
 /// The admin API's handle on the daemon's model set.
 struct AdminLink(Arc<Daemon>);
+
+/// What the web console asks of the daemon.
+struct ConsoleOps {
+    dir: PathBuf,
+    gateway: Arc<Gateway>,
+    auditor: Auditor,
+    admin: Arc<AdminLink>,
+}
+
+impl appliance_console::Ops for ConsoleOps {
+    fn reload_policy(&self) -> appliance_console::OpsFuture<Result<String, String>> {
+        let (dir, gateway, auditor) =
+            (self.dir.clone(), self.gateway.clone(), self.auditor.clone());
+        Box::pin(async move {
+            reload_policy(&dir, &gateway, &auditor)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+
+    fn verify_audit(&self) -> appliance_console::OpsFuture<Result<String, String>> {
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            let key = crate::audit::public_key(&dir).map_err(|e| format!("{e:#}"))?;
+            match crate::audit::verify_report(&dir, &key, vec![]).await {
+                Ok(r) => r,
+                Err(e) => Err(format!("{e:#}")),
+            }
+        })
+    }
+
+    fn export_audit(
+        &self,
+        since: Option<String>,
+        until: Option<String>,
+    ) -> appliance_console::OpsFuture<Result<Vec<u8>, String>> {
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            let out = dir.join("run").join(format!(
+                "console-export-{}.jsonl",
+                appliance_gateway::keys::hex(
+                    &appliance_audit::merkle::sha256_of(
+                        format!("{:?}", std::time::SystemTime::now()).as_bytes()
+                    )[..8]
+                )
+            ));
+            let result = crate::audit::export_to(&dir, since, until, &out, false).await;
+            let bytes = result.and_then(|_| Ok(std::fs::read(&out)?));
+            let _ = std::fs::remove_file(&out);
+            bytes.map_err(|e| format!("{e:#}"))
+        })
+    }
+
+    fn audit_public_key(&self) -> String {
+        crate::audit::public_key(&self.dir)
+            .map(|k| k.to_string())
+            .unwrap_or_else(|e| format!("unavailable: {e:#}"))
+    }
+
+    fn model_action(
+        &self,
+        model: String,
+        load: bool,
+    ) -> appliance_console::OpsFuture<Result<String, String>> {
+        use appliance_gateway::admin::AdminOps;
+        let f = if load {
+            self.admin.load(model)
+        } else {
+            self.admin.unload(model)
+        };
+        Box::pin(async move {
+            use appliance_gateway::admin::AdminError;
+            f.await.map_err(|e| match e {
+                AdminError::NotFound(m) | AdminError::Conflict(m) | AdminError::Failed(m) => m,
+            })
+        })
+    }
+}
 
 fn admin_error(e: anyhow::Error) -> appliance_gateway::admin::AdminError {
     use appliance_gateway::admin::AdminError;

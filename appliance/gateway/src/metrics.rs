@@ -91,7 +91,68 @@ fn histogram(out: &mut String, name: &str, label: &str, h: &BTreeMap<String, His
     }
 }
 
+/// Running totals for the console's live dashboard (it takes differences between two
+/// readings for rates and the recent latency percentile).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    pub requests: u64,
+    /// Answers with status 500 and above.
+    pub server_errors: u64,
+    /// Answers with status 400–499.
+    pub client_errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Generation latency (chat and text completions): bucket upper bounds (s) and
+    /// cumulative counts, and the total count.
+    pub latency_buckets: Vec<f64>,
+    pub latency_counts: Vec<u64>,
+    pub latency_count: u64,
+    /// Requests by tenant.
+    pub tenants: BTreeMap<String, u64>,
+    /// Requests and tokens by key id.
+    pub keys: BTreeMap<String, (u64, u64)>,
+}
+
 impl Metrics {
+    pub fn summary(&self) -> Summary {
+        let m = self.lock();
+        let mut s = Summary {
+            latency_buckets: LATENCY_BUCKETS.to_vec(),
+            latency_counts: vec![0; LATENCY_BUCKETS.len()],
+            ..Default::default()
+        };
+        for ((_, status, tenant, key), n) in &m.requests {
+            s.requests += n;
+            match status {
+                500.. => s.server_errors += n,
+                400..=499 => s.client_errors += n,
+                _ => {}
+            }
+            if tenant != "-" {
+                *s.tenants.entry(tenant.clone()).or_default() += n;
+            }
+            if key != "-" {
+                s.keys.entry(key.clone()).or_default().0 += n;
+            }
+        }
+        for route in ["/v1/chat/completions", "/v1/completions"] {
+            if let Some(h) = m.latency.get(route) {
+                for (c, x) in s.latency_counts.iter_mut().zip(h.counts) {
+                    *c += x;
+                }
+                s.latency_count += h.count;
+            }
+        }
+        for ((_, key, _, kind), n) in &m.tokens {
+            s.keys.entry(key.clone()).or_default().1 += n;
+            match *kind {
+                "prompt" => s.prompt_tokens += n,
+                _ => s.completion_tokens += n,
+            }
+        }
+        s
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

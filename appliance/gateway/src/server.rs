@@ -419,6 +419,23 @@ impl Gateway {
         }
     }
 
+    /// Totals for the console's dashboard.
+    pub fn metrics_summary(&self) -> crate::metrics::Summary {
+        self.metrics.summary()
+    }
+
+    /// Each upstream destination of the policy in force, with what the gateway knows of
+    /// its health now.
+    pub fn upstream_health(&self) -> Vec<(appliance_policy::Destination, crate::upstream::Health)> {
+        self.policy()
+            .policy
+            .destinations
+            .values()
+            .filter(|d| d.kind != appliance_policy::Kind::Local)
+            .map(|d| (d.clone(), self.upstreams.health(d)))
+            .collect()
+    }
+
     pub fn keys(&self) -> &Arc<KeyTable> {
         &self.keys
     }

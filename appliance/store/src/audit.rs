@@ -64,6 +64,21 @@ pub struct PackedRows {
     pub bodies: String,
 }
 
+/// What the console's audit page asks for; `None` matches anything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub tenant: Option<String>,
+    pub key_id: Option<String>,
+    pub action: Option<String>,
+    /// `ok` (status below 400) or `error`.
+    pub outcome: Option<String>,
+    /// Records before this one (paging back).
+    pub before_seq: Option<u64>,
+    pub limit: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct AuditDb {
     pool: SqlitePool,
@@ -194,6 +209,36 @@ impl AuditDb {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// The newest records matching `f` (whose text is kept), newest first: (seq, text).
+    pub async fn search(&self, f: &AuditFilter) -> Result<Vec<(u64, String)>> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM audit_records WHERE body IS NOT NULL
+               AND (?1 IS NULL OR time_ms >= ?1) AND (?2 IS NULL OR time_ms < ?2)
+               AND (?3 IS NULL OR json_extract(body, '$.tenant') = ?3)
+               AND (?4 IS NULL OR json_extract(body, '$.key_id') = ?4)
+               AND (?5 IS NULL OR json_extract(body, '$.action') = ?5)
+               AND (?6 IS NULL
+                    OR (?6 = 'ok' AND json_extract(body, '$.status') < 400)
+                    OR (?6 = 'error' AND json_extract(body, '$.status') >= 400))
+               AND (?7 IS NULL OR seq < ?7)
+             ORDER BY seq DESC LIMIT ?8",
+        )
+        .bind(f.since_ms)
+        .bind(f.until_ms)
+        .bind(&f.tenant)
+        .bind(&f.key_id)
+        .bind(&f.action)
+        .bind(&f.outcome)
+        .bind(f.before_seq.map(|s| s as i64))
+        .bind(i64::from(f.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<i64, _>(0) as u64, r.get::<String, _>(1)))
+            .collect())
     }
 
     /// Drops the text of records older than `before_ms`; returns how many.

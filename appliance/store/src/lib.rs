@@ -44,6 +44,10 @@ pub enum StoreError {
     NoSuchModel(String),
     #[error("the audit log is missing record {0} (run `appliance audit verify`)")]
     AuditGap(u64),
+    #[error("a user named {0:?} already exists")]
+    UserExists(String),
+    #[error("no user named {0:?}")]
+    NoSuchUser(String),
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
 }
@@ -67,7 +71,38 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key scopes",
         include_str!("../migrations/0003_key_scope.sql"),
     ),
+    (
+        4,
+        "console users",
+        include_str!("../migrations/0004_console_users.sql"),
+    ),
 ];
+
+/// The console users' columns, in `user_from_row`'s order, then `$tail`.
+macro_rules! user_select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT name, role, password_hash, disabled, created_at, last_login, failures, locked_until FROM console_users",
+            $tail
+        )
+    };
+}
+
+/// A user of the web console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleUser {
+    pub name: String,
+    /// `admin`, `operator` or `auditor`.
+    pub role: String,
+    /// Argon2id, PHC string format.
+    pub password_hash: String,
+    pub disabled: bool,
+    pub created_at: i64,
+    pub last_login: Option<i64>,
+    /// Failed logins in a row.
+    pub failures: i64,
+    pub locked_until: Option<i64>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -99,6 +134,23 @@ pub struct KeyRecord {
 
 impl KeyRecord {
     /// "active", "expired" or "revoked" at time `now`.
+    /// The key that replaces this one on rotation: same tenant, models, limits, label
+    /// and scope, and the same expiry (rotation never extends a key's life).
+    pub fn successor(&self, id: String, secret_sha256: Vec<u8>) -> NewKey {
+        NewKey {
+            id,
+            tenant: self.tenant.clone(),
+            secret_sha256,
+            expires_at: self.expires_at,
+            models: self.models.clone(),
+            rpm: self.rpm,
+            tpm: self.tpm,
+            max_concurrency: self.max_concurrency,
+            label: self.label.clone(),
+            scope: self.scope.clone(),
+        }
+    }
+
     pub fn status(&self, now: i64) -> &'static str {
         if self.revoked_at.is_some() {
             "revoked"
@@ -526,6 +578,186 @@ impl Store {
         Ok((m, others > 0))
     }
 
+    fn user_from_row(r: &sqlx::sqlite::SqliteRow) -> ConsoleUser {
+        ConsoleUser {
+            name: r.get(0),
+            role: r.get(1),
+            password_hash: r.get(2),
+            disabled: r.get::<i64, _>(3) != 0,
+            created_at: r.get(4),
+            last_login: r.get(5),
+            failures: r.get(6),
+            locked_until: r.get(7),
+        }
+    }
+
+    pub async fn users(&self) -> Result<Vec<ConsoleUser>> {
+        let rows = sqlx::query(user_select!(" ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(Self::user_from_row).collect())
+    }
+
+    pub async fn user(&self, name: &str) -> Result<Option<ConsoleUser>> {
+        let row = sqlx::query(user_select!(" WHERE name = ?"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(Self::user_from_row))
+    }
+
+    pub async fn user_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM console_users")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub async fn create_user(
+        &self,
+        name: &str,
+        role: &str,
+        password_hash: &str,
+        now: i64,
+    ) -> Result<ConsoleUser> {
+        let r = sqlx::query(
+            "INSERT INTO console_users (name, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(name)
+        .bind(role)
+        .bind(password_hash)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::UserExists(name.into()))
+            }
+            r => {
+                r?;
+            }
+        }
+        self.user(name)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchUser(name.into()))
+    }
+
+    /// The first user, only while there is none (one transaction: two visitors of the
+    /// setup link cannot both become admin).
+    pub async fn create_first_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        now: i64,
+    ) -> Result<Option<ConsoleUser>> {
+        let r = sqlx::query(
+            "INSERT INTO console_users (name, role, password_hash, created_at)
+             SELECT ?, 'admin', ?, ? WHERE NOT EXISTS (SELECT 1 FROM console_users)",
+        )
+        .bind(name)
+        .bind(password_hash)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.user(name).await
+    }
+
+    async fn update_user(
+        &self,
+        name: &str,
+        sql: &'static str,
+        bind: Option<&str>,
+        now: Option<i64>,
+    ) -> Result<()> {
+        let mut q = sqlx::query(sql);
+        if let Some(b) = bind {
+            q = q.bind(b);
+        }
+        if let Some(n) = now {
+            q = q.bind(n);
+        }
+        let r = q.bind(name).execute(&self.pool).await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NoSuchUser(name.into()));
+        }
+        Ok(())
+    }
+
+    pub async fn set_user_role(&self, name: &str, role: &str) -> Result<()> {
+        self.update_user(
+            name,
+            "UPDATE console_users SET role = ? WHERE name = ?",
+            Some(role),
+            None,
+        )
+        .await
+    }
+
+    pub async fn set_user_disabled(&self, name: &str, disabled: bool) -> Result<()> {
+        let sql = if disabled {
+            "UPDATE console_users SET disabled = 1 WHERE name = ?"
+        } else {
+            "UPDATE console_users SET disabled = 0, failures = 0, locked_until = NULL WHERE name = ?"
+        };
+        self.update_user(name, sql, None, None).await
+    }
+
+    /// A new password hash; clears failures and any lock.
+    pub async fn set_user_password(&self, name: &str, password_hash: &str) -> Result<()> {
+        self.update_user(
+            name,
+            "UPDATE console_users SET password_hash = ?, failures = 0, locked_until = NULL WHERE name = ?",
+            Some(password_hash),
+            None,
+        )
+        .await
+    }
+
+    pub async fn user_logged_in(&self, name: &str, now: i64) -> Result<()> {
+        self.update_user(
+            name,
+            "UPDATE console_users SET last_login = ?, failures = 0, locked_until = NULL WHERE name = ?",
+            None,
+            Some(now),
+        )
+        .await
+    }
+
+    /// Counts a failed login; at `max` failures in a row the user is locked until
+    /// `now + lock_secs`. Returns whether this failure locked the user.
+    pub async fn user_login_failed(
+        &self,
+        name: &str,
+        now: i64,
+        max: i64,
+        lock_secs: i64,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let failures: Option<i64> = sqlx::query_scalar(
+            "UPDATE console_users SET failures = failures + 1 WHERE name = ? RETURNING failures",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let locked = match failures {
+            Some(f) if f >= max => {
+                sqlx::query(
+                    "UPDATE console_users SET locked_until = ?, failures = 0 WHERE name = ?",
+                )
+                .bind(now + lock_secs)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+                true
+            }
+            _ => false,
+        };
+        tx.commit().await?;
+        Ok(locked)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -593,7 +825,7 @@ mod tests {
     async fn tenants_keys_revoke_rotate() {
         let path = tmp("basic");
         let s = Store::open(&path).await.unwrap();
-        assert_eq!(s.schema_version().await.unwrap(), 3);
+        assert_eq!(s.schema_version().await.unwrap(), 4);
         s.create_tenant("acme", 100).await.unwrap();
         assert!(matches!(
             s.create_tenant("acme", 101).await,

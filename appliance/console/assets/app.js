@@ -1,0 +1,103 @@
+// The console's only script (embedded in the binary; the CSP allows nothing else).
+// Live dashboard charts, copy buttons, confirmations, jumping to a policy problem's line.
+"use strict";
+
+function sparkline(svg, values) {
+  const max = Math.max(1e-9, ...values);
+  const n = values.length;
+  const pts = values.map((v, i) => {
+    const x = n < 2 ? 0 : (i * 300) / (n - 1);
+    const y = 78 - (v / max) * 74;
+    return x.toFixed(1) + "," + y.toFixed(1);
+  });
+  let line = svg.querySelector("polyline");
+  if (!line) {
+    line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    svg.appendChild(line);
+  }
+  line.setAttribute("points", pts.join(" "));
+}
+
+// The 95th percentile of the latencies observed between two cumulative histograms.
+function p95(prev, cur) {
+  const total = cur.latency_count - prev.latency_count;
+  if (total <= 0) return null;
+  const want = 0.95 * total;
+  for (let i = 0; i < cur.latency_buckets.length; i++) {
+    if (cur.latency_counts[i] - prev.latency_counts[i] >= want) return cur.latency_buckets[i];
+  }
+  return Infinity;
+}
+
+function startDashboard() {
+  if (!document.getElementById("live")) return;
+  const hist = { rps: [], tps: [], err: [], p95: [] };
+  let last = null;
+  const fmt = (v, unit) => (v === null ? "–" : v === Infinity ? "> 30 s" : v.toFixed(v < 10 ? 2 : 0) + unit);
+  async function tick() {
+    try {
+      const r = await fetch("/api/stats", { credentials: "same-origin", cache: "no-store" });
+      if (r.status === 401) { location.href = "/login"; return; }
+      const s = await r.json();
+      if (last) {
+        const dt = Math.max(0.001, (s.time_ms - last.time_ms) / 1000);
+        const a = s.summary, b = last.summary;
+        const req = a.requests - b.requests;
+        const values = {
+          rps: req / dt,
+          tps: (a.prompt_tokens + a.completion_tokens - b.prompt_tokens - b.completion_tokens) / dt,
+          err: req > 0 ? (a.server_errors - b.server_errors) / req : 0,
+          p95: p95(b, a),
+        };
+        for (const k of Object.keys(hist)) {
+          hist[k].push(values[k] === null || values[k] === Infinity ? 0 : values[k]);
+          if (hist[k].length > 90) hist[k].shift();
+          sparkline(document.getElementById("c-" + k), hist[k]);
+        }
+        document.getElementById("v-rps").textContent = fmt(values.rps, "");
+        document.getElementById("v-tps").textContent = fmt(values.tps, "");
+        document.getElementById("v-err").textContent = (values.err * 100).toFixed(1) + " %";
+        document.getElementById("v-p95").textContent = values.p95 === null ? "–" : fmt(values.p95 * 1000, " ms");
+        const top = Object.entries(a.tenants).sort((x, y) => y[1] - x[1]).slice(0, 5);
+        const ol = document.getElementById("tenants");
+        ol.replaceChildren(...(top.length ? top : [["–", ""]]).map(([t, n]) => {
+          const li = document.createElement("li");
+          li.textContent = n === "" ? t : t + ": " + n + " requests";
+          return li;
+        }));
+      }
+      last = s;
+    } catch (e) { /* the next tick tries again */ }
+  }
+  tick();
+  setInterval(tick, 2000);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  startDashboard();
+  for (const b of document.querySelectorAll("button.copy")) {
+    b.addEventListener("click", async () => {
+      const input = document.getElementById(b.dataset.copy);
+      input.select();
+      try { await navigator.clipboard.writeText(input.value); b.textContent = "Copied"; }
+      catch (e) { document.execCommand && document.execCommand("copy"); b.textContent = "Selected"; }
+    });
+  }
+  for (const f of document.querySelectorAll("form[data-confirm]")) {
+    f.addEventListener("submit", (e) => {
+      const label = f.querySelector("button").textContent;
+      if (!confirm(label + ": are you sure?")) e.preventDefault();
+    });
+  }
+  for (const a of document.querySelectorAll("a[data-line]")) {
+    a.addEventListener("click", (e) => {
+      e.preventDefault();
+      const ta = document.getElementById("f-policy");
+      const line = parseInt(a.dataset.line, 10);
+      const lines = ta.value.split("\n");
+      const start = lines.slice(0, line - 1).join("\n").length + (line > 1 ? 1 : 0);
+      ta.focus();
+      ta.setSelectionRange(start, start + (lines[line - 1] || "").length);
+    });
+  }
+});

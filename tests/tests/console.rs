@@ -1,0 +1,476 @@
+//! The web console over real HTTPS with curl as the browser (cookie jar, forms): first-run
+//! setup, login and lockout, sessions, CSRF on every state change, roles enforced by the
+//! server, the security headers on every response, and the key flow against the API.
+//! (`tests/e2e/console.spec.mjs` drives the same pages in headless Chromium.)
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use appliance_tests::*;
+
+/// A browser: a cookie jar and the last page's CSRF token.
+struct Browser {
+    jar: PathBuf,
+    base: String,
+    cert: PathBuf,
+    csrf: String,
+}
+
+struct Page {
+    code: u16,
+    headers: HashMap<String, Vec<String>>,
+    body: String,
+}
+
+impl Page {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+}
+
+impl Browser {
+    fn new(s: &Server, name: &str, port: u16) -> Browser {
+        Browser {
+            jar: s.dir.join(format!("jar-{name}")),
+            base: format!("https://127.0.0.1:{port}"),
+            cert: s.cert(),
+            csrf: String::new(),
+        }
+    }
+
+    fn run(&mut self, args: &[&str]) -> Page {
+        let head = self.jar.with_extension("head");
+        let out = Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "--max-time", "30", "--cacert"])
+            .arg(&self.cert)
+            .arg("-c")
+            .arg(&self.jar)
+            .arg("-b")
+            .arg(&self.jar)
+            .arg("-D")
+            .arg(&head)
+            .args(args)
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let raw = std::fs::read_to_string(&head).unwrap();
+        let mut lines = raw.lines();
+        let code = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let mut headers: HashMap<String, Vec<String>> = HashMap::new();
+        for l in lines {
+            if let Some((k, v)) = l.split_once(':') {
+                headers
+                    .entry(k.trim().to_ascii_lowercase())
+                    .or_default()
+                    .push(v.trim().to_string());
+            }
+        }
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(t) = body
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        {
+            self.csrf = t.to_string();
+        }
+        Page {
+            code,
+            headers,
+            body,
+        }
+    }
+
+    fn get(&mut self, path: &str) -> Page {
+        let url = format!("{}{path}", self.base);
+        self.run(&[&url])
+    }
+
+    /// A form post with the current CSRF token (unless `fields` brings its own).
+    fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Page {
+        let mut args: Vec<String> = vec![];
+        if !fields.iter().any(|(k, _)| *k == "csrf") {
+            args.push("--data-urlencode".into());
+            args.push(format!("csrf={}", self.csrf));
+        }
+        for (k, v) in fields {
+            args.push("--data-urlencode".into());
+            args.push(format!("{k}={v}"));
+        }
+        args.push(format!("{}{path}", self.base));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&refs)
+    }
+
+    fn login(&mut self, user: &str, password: &str) -> Page {
+        self.get("/login");
+        self.post("/login", &[("user", user), ("password", password)])
+    }
+}
+
+const ADMIN_PW: &str = "tulip-gravel-41-orbit";
+
+fn console_port(s: &Server) -> u16 {
+    s.banner
+        .iter()
+        .find_map(|l| l.strip_prefix("appliance: console https://127.0.0.1:"))
+        .and_then(|r| r.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no console line in {:?}", s.banner))
+}
+
+fn setup_token(s: &Server) -> String {
+    s.banner
+        .iter()
+        .find_map(|l| l.split("setup?token=").nth(1))
+        .unwrap_or_else(|| panic!("no setup link in {:?}", s.banner))
+        .to_string()
+}
+
+fn assert_secure_headers(p: &Page, what: &str) {
+    let csp = p.header("content-security-policy");
+    assert!(csp.contains("default-src 'self'"), "{what}: CSP {csp:?}");
+    assert!(
+        csp.contains("frame-ancestors 'none'"),
+        "{what}: CSP {csp:?}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{what}: CSP {csp:?}");
+    assert!(
+        p.header("strict-transport-security")
+            .starts_with("max-age="),
+        "{what}"
+    );
+    assert_eq!(p.header("x-content-type-options"), "nosniff", "{what}");
+    assert_eq!(p.header("referrer-policy"), "no-referrer", "{what}");
+}
+
+/// The first admin, through the one-time setup link.
+fn set_up(s: &Server, port: u16) -> Browser {
+    let mut b = Browser::new(s, "admin", port);
+    let token = setup_token(s);
+    let p = b.get(&format!("/setup?token={token}"));
+    assert_eq!(p.code, 200, "{}", p.body);
+    let p = b.post(
+        "/setup",
+        &[
+            ("token", &token),
+            ("user", "alice"),
+            ("password", ADMIN_PW),
+            ("confirm", ADMIN_PW),
+        ],
+    );
+    assert_eq!(p.code, 303, "{}", p.body);
+    b
+}
+
+#[test]
+fn setup_login_keys_audit_and_logout() {
+    let s = Server::start("console", &["--console-listen", "127.0.0.1:0"]);
+    let port = console_port(&s);
+    let token = setup_token(&s);
+
+    // No session: the pages send you to the login; nothing else is shown.
+    let mut anon = Browser::new(&s, "anon", port);
+    let p = anon.get("/keys");
+    assert_eq!((p.code, p.header("location")), (303, "/login"));
+    assert_secure_headers(&p, "redirect");
+    // A wrong token, and a weak password: refused, and the link still works after.
+    assert_eq!(
+        anon.get("/setup?token=00112233445566778899aabbccddeeff")
+            .code,
+        404
+    );
+    anon.get(&format!("/setup?token={token}"));
+    let p = anon.post(
+        "/setup",
+        &[
+            ("token", &token),
+            ("user", "mallory"),
+            ("password", "password1234"),
+            ("confirm", "password1234"),
+        ],
+    );
+    assert_eq!(p.code, 400);
+    assert!(p.body.contains("common"), "{}", p.body);
+
+    let mut admin = set_up(&s, port);
+    // The link worked once.
+    let p = anon.get(&format!("/setup?token={token}"));
+    assert_eq!(p.code, 404);
+    let p = admin.get("/");
+    assert_eq!(p.code, 200);
+    assert!(
+        p.body.contains("Hardware") && p.body.contains("Workers"),
+        "{}",
+        p.body
+    );
+    assert!(p.body.contains("smollm2"));
+
+    // A tenant and a key; the secret is shown once.
+    let p = admin.get("/keys");
+    assert_eq!(p.code, 200);
+    let p = admin.post("/keys/tenant", &[("tenant", "radiology")]);
+    assert!(p.body.contains("Tenant radiology created"), "{}", p.body);
+    let p = admin.post(
+        "/keys/create",
+        &[
+            ("tenant", "radiology"),
+            ("label", "reporting app"),
+            ("days", "30"),
+            ("rpm", "600"),
+        ],
+    );
+    assert_eq!(p.code, 200, "{}", p.body);
+    let secret = p
+        .body
+        .split("id=\"new-secret\" type=\"text\" readonly value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the secret on the page")
+        .to_string();
+    assert!(secret.starts_with("sk-"), "{secret}");
+    let key_id = p
+        .body
+        .split("Key ")
+        .nth(1)
+        .and_then(|r| r.split(" created for radiology").next())
+        .expect("the new key's id in the message")
+        .to_string();
+    assert!(secret.contains(&key_id), "{secret} / {key_id}");
+    assert!(
+        !admin.get("/keys").body.contains(&secret),
+        "the secret is shown only once"
+    );
+
+    // The key works against the API at once; the request appears on the audit page.
+    let api = |key: &str| {
+        s.curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            &s.url("/v1/models"),
+        ])
+        .0
+    };
+    assert_eq!(api(&secret), "200");
+    let p = admin.get(&format!("/audit?key={key_id}"));
+    assert!(
+        p.body.contains("radiology / ") && p.body.contains("models.list"),
+        "{}",
+        p.body
+    );
+    // Revoked: the API refuses it.
+    let p = admin.post("/keys/revoke", &[("id", &key_id)]);
+    assert!(p.body.contains("revoked"), "{}", p.body);
+    assert_eq!(api(&secret), "401");
+
+    // Verify now.
+    let p = admin.post("/audit/verify", &[]);
+    assert!(p.body.contains("OK: "), "{}", p.body);
+
+    // Logout ends the session on the server: the old cookie no longer works.
+    let jar_before = std::fs::read_to_string(&admin.jar).unwrap();
+    let p = admin.post("/logout", &[]);
+    assert_eq!((p.code, p.header("location")), (303, "/login"));
+    std::fs::write(&admin.jar, jar_before).unwrap();
+    assert_eq!(admin.get("/keys").code, 303);
+
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let by_alice: Vec<&str> = all
+        .iter()
+        .filter(|r| r["user"] == "alice")
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "console.setup",
+        "tenant.create",
+        "key.create",
+        "key.revoke",
+        "audit.verify",
+        "audit.read",
+        "console.logout",
+    ] {
+        assert!(
+            by_alice.contains(&action),
+            "{action} missing from {by_alice:?}"
+        );
+    }
+    assert!(all
+        .iter()
+        .any(|r| r["user"] == "mallory" || r["action"] == "console.setup"));
+}
+
+#[test]
+fn roles_csrf_headers_and_lockout() {
+    let s = Server::start("console-roles", &["--console-listen", "127.0.0.1:0"]);
+    let port = console_port(&s);
+    let mut admin = set_up(&s, port);
+    admin.get("/users");
+    let p = admin.post(
+        "/users/create",
+        &[
+            ("user", "audrey"),
+            ("role", "auditor"),
+            ("password", "heron-quartz-77-lantern"),
+        ],
+    );
+    assert!(
+        p.body.contains("User audrey created as auditor"),
+        "{}",
+        p.body
+    );
+    let p = admin.post(
+        "/users/create",
+        &[
+            ("user", "otto"),
+            ("role", "operator"),
+            ("password", "short"),
+        ],
+    );
+    assert!(p.body.contains("at least 12"), "{}", p.body);
+
+    // Session cookie: __Host-, Secure, HttpOnly, SameSite=Strict.
+    let mut auditor = Browser::new(&s, "auditor", port);
+    let p = auditor.login("audrey", "heron-quartz-77-lantern");
+    assert_eq!(p.code, 303);
+    let cookie = p.headers["set-cookie"]
+        .iter()
+        .find(|c| c.starts_with("__Host-console="))
+        .unwrap();
+    for attr in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    let id = cookie
+        .trim_start_matches("__Host-console=")
+        .split(';')
+        .next()
+        .unwrap();
+    assert_eq!(id.len(), 32, "128-bit session id");
+
+    // The auditor: audit yes; keys, users, policy no (the server says 403).
+    assert_eq!(auditor.get("/audit").code, 200);
+    for page in ["/keys", "/users", "/policy", "/system", "/models"] {
+        let p = auditor.get(page);
+        assert_eq!(p.code, 403, "{page}");
+        assert_secure_headers(&p, page);
+    }
+    let p = auditor.post("/keys/tenant", &[("tenant", "sneaky")]);
+    assert_eq!(p.code, 403);
+    assert!(
+        !auditor.get("/").body.contains("href=\"/keys\""),
+        "no link to what the role may not open"
+    );
+
+    // CSRF: a forged POST (no token, a wrong token, a token from another session, or
+    // not a form) changes nothing.
+    let auditor_token = auditor.csrf.clone();
+    for forged in [
+        vec![("csrf", "")],
+        vec![("csrf", "0123456789abcdef0123456789abcdef")],
+        vec![("csrf", auditor_token.as_str())],
+    ] {
+        let mut f = forged.clone();
+        f.push(("tenant", "forged"));
+        let p = admin.post("/keys/tenant", &f);
+        assert_eq!(p.code, 403, "{forged:?}");
+        assert_secure_headers(&p, "csrf refusal");
+    }
+    let p = admin.run(&[
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        "{}",
+        &format!("{}/keys/tenant", admin.base),
+    ]);
+    assert_eq!(p.code, 403);
+    // No state change on GET.
+    assert_eq!(admin.get("/keys/tenant?tenant=viaget").code, 404);
+    let listing = admin.get("/keys").body;
+    assert!(
+        !listing.contains("forged") && !listing.contains("viaget"),
+        "a forged request created a tenant"
+    );
+
+    // The headers on every route, errors included.
+    for page in [
+        "/",
+        "/models",
+        "/keys",
+        "/policy",
+        "/upstreams",
+        "/audit",
+        "/users",
+        "/system",
+        "/api/stats",
+        "/nope",
+        "/static/app.css",
+        "/static/app.js",
+        "/login",
+    ] {
+        let p = admin.get(page);
+        assert_secure_headers(&p, page);
+    }
+    let js = admin.get("/static/app.js");
+    assert!(js.header("content-type").starts_with("text/javascript"));
+    assert!(
+        !admin.get("/").body.contains("<script>"),
+        "no inline script"
+    );
+
+    // Lockout: ten wrong passwords lock the account; then even the right one is refused.
+    let mut guesser = Browser::new(&s, "guesser", port);
+    for _ in 0..10 {
+        assert_eq!(guesser.login("audrey", "not-the-password-1").code, 401);
+    }
+    let p = guesser.login("audrey", "heron-quartz-77-lantern");
+    assert_eq!(p.code, 401);
+    assert!(p.body.contains("locked"), "{}", p.body);
+    let users = admin.get("/users").body;
+    assert!(
+        users.contains("<span class=\"state locked\">locked</span>"),
+        "{users}"
+    );
+    // An admin's reset clears it.
+    let p = admin.post(
+        "/users/reset",
+        &[
+            ("reset-user", "audrey"),
+            ("reset-password", "osprey-marble-12-canyon"),
+        ],
+    );
+    assert!(p.body.contains("password was reset"), "{}", p.body);
+    assert_eq!(guesser.login("audrey", "osprey-marble-12-canyon").code, 303);
+
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    assert!(all
+        .iter()
+        .any(|r| r["action"] == "console.lockout" && r["user"] == "audrey"));
+    assert!(
+        all.iter()
+            .filter(|r| r["action"] == "console.login" && r["status"] == 401)
+            .count()
+            >= 10
+    );
+    assert!(all
+        .iter()
+        .any(|r| r["action"] == "console.denied" && r["user"] == "audrey"));
+    assert!(all.iter().any(|r| r["action"] == "console.csrf"));
+}

@@ -152,7 +152,7 @@ fn assert_secure_headers(p: &Page, what: &str) {
         "{what}"
     );
     assert_eq!(p.header("x-content-type-options"), "nosniff", "{what}");
-    assert_eq!(p.header("referrer-policy"), "no-referrer", "{what}");
+    assert_eq!(p.header("referrer-policy"), "same-origin", "{what}");
 }
 
 /// The first admin, through the one-time setup link.
@@ -220,7 +220,7 @@ fn setup_login_keys_audit_and_logout() {
     // A tenant and a key; the secret is shown once.
     let p = admin.get("/keys");
     assert_eq!(p.code, 200);
-    let p = admin.post("/keys/tenant", &[("tenant", "radiology")]);
+    let p = admin.post("/keys/tenant", &[("name", "radiology")]);
     assert!(p.body.contains("Tenant radiology created"), "{}", p.body);
     let p = admin.post(
         "/keys/create",
@@ -370,7 +370,7 @@ fn roles_csrf_headers_and_lockout() {
         assert_eq!(p.code, 403, "{page}");
         assert_secure_headers(&p, page);
     }
-    let p = auditor.post("/keys/tenant", &[("tenant", "sneaky")]);
+    let p = auditor.post("/keys/tenant", &[("name", "sneaky")]);
     assert_eq!(p.code, 403);
     assert!(
         !auditor.get("/").body.contains("href=\"/keys\""),
@@ -386,7 +386,7 @@ fn roles_csrf_headers_and_lockout() {
         vec![("csrf", auditor_token.as_str())],
     ] {
         let mut f = forged.clone();
-        f.push(("tenant", "forged"));
+        f.push(("name", "forged"));
         let p = admin.post("/keys/tenant", &f);
         assert_eq!(p.code, 403, "{forged:?}");
         assert_secure_headers(&p, "csrf refusal");
@@ -400,7 +400,7 @@ fn roles_csrf_headers_and_lockout() {
     ]);
     assert_eq!(p.code, 403);
     // No state change on GET.
-    assert_eq!(admin.get("/keys/tenant?tenant=viaget").code, 404);
+    assert_eq!(admin.get("/keys/tenant?name=viaget").code, 404);
     let listing = admin.get("/keys").body;
     assert!(
         !listing.contains("forged") && !listing.contains("viaget"),
@@ -473,4 +473,36 @@ fn roles_csrf_headers_and_lockout() {
         .iter()
         .any(|r| r["action"] == "console.denied" && r["user"] == "audrey"));
     assert!(all.iter().any(|r| r["action"] == "console.csrf"));
+}
+
+/// The flows in Debian's headless Chromium (playwright-core): setup link → admin →
+/// logout/login → tenant and key → the key against the API → the request on the audit
+/// page → revoke → refused → every page (labelled controls, keyboard) → auditor gets 403
+/// on keys → lockout. Writes the screenshots under docs/screenshots.
+#[test]
+fn in_a_real_browser() {
+    let node_path = std::env::var("APPLIANCE_TEST_NODE_PATH").expect(
+        "APPLIANCE_TEST_NODE_PATH must name node_modules with playwright-core (scripts/setup-browser; scripts/test sets it)",
+    );
+    let s = Server::start("console-browser", &["--console-listen", "127.0.0.1:0"]);
+    let port = console_port(&s);
+    let out = Command::new("node")
+        .arg(repo_root().join("tests/e2e/console/flow.mjs"))
+        .env("APPLIANCE_TEST_NODE_PATH", node_path)
+        .env(
+            "SETUP_URL",
+            format!("https://127.0.0.1:{port}/setup?token={}", setup_token(&s)),
+        )
+        .env("CONSOLE_URL", format!("https://127.0.0.1:{port}"))
+        .env("API_URL", format!("https://127.0.0.1:{}", s.port))
+        .env("CERT", s.cert())
+        .env("SHOTS", repo_root().join("docs/screenshots"))
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -60,6 +60,7 @@ pub fn frame(title: &str, viewer: Option<&Viewer<'_>>, flash: &Flash, body: &str
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
 <title>{} · Appliance console</title>\
+<link rel=\"icon\" href=\"/favicon.ico\" type=\"image/svg+xml\">\
 <link rel=\"stylesheet\" href=\"/static/app.css\">\
 <script src=\"/static/app.js\" defer></script></head><body>\
 <a class=\"skip\" href=\"#main\">Skip to content</a><header><span class=\"brand\">Sovereign AI appliance</span>",

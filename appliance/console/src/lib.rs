@@ -229,7 +229,7 @@ fn secure(mut r: Resp) -> Resp {
     );
     set(h, "strict-transport-security", "max-age=31536000");
     set(h, "x-content-type-options", "nosniff");
-    set(h, "referrer-policy", "no-referrer");
+    set(h, "referrer-policy", "same-origin");
     set(h, "x-frame-options", "DENY");
     set(h, "cross-origin-opener-policy", "same-origin");
     set(h, "cross-origin-resource-policy", "same-origin");
@@ -284,7 +284,7 @@ fn access(path: &str) -> Access {
     use Role::*;
     const ALL: &[Role] = &[Admin, Operator, Auditor];
     match path {
-        "/login" | "/setup" | "/static/app.css" | "/static/app.js" => Access::Open,
+        "/login" | "/setup" | "/static/app.css" | "/static/app.js" | "/favicon.ico" => Access::Open,
         "/" | "/api/stats" | "/logout" => Access::Roles(ALL),
         p if p.starts_with("/models") || p.starts_with("/upstreams") => {
             if p == "/upstreams/credential" {

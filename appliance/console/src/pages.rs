@@ -17,6 +17,7 @@ use crate::{forbidden, html as page, password, redirect, with_cookie, Console, R
 
 const CSS: &str = include_str!("../assets/app.css");
 const JS: &str = include_str!("../assets/app.js");
+const ICON: &str = include_str!("../assets/icon.svg");
 
 fn now() -> i64 {
     appliance_gateway::server::unix_now()
@@ -42,15 +43,16 @@ pub(crate) async fn open(c: &Console, r: &Req) -> Resp {
     match (r.path.as_str(), &r.method) {
         ("/static/app.css", _) => asset("text/css; charset=utf-8", CSS),
         ("/static/app.js", _) => asset("text/javascript; charset=utf-8", JS),
+        ("/favicon.ico", _) => asset("image/svg+xml", ICON),
         ("/login", &Method::POST) => login_post(c, r).await,
-        ("/login", _) => login_page(Flash::None),
+        ("/login", _) => login_page(r, Flash::None),
         ("/setup", &Method::POST) => setup_post(c, r).await,
         ("/setup", _) => {
             let token = r.q("token").unwrap_or("");
             if !c.setup_valid(token, false) {
                 return setup_invalid();
             }
-            setup_page(token, "", Flash::None)
+            setup_page(r, token, "", Flash::None)
         }
         _ => page(
             StatusCode::NOT_FOUND,
@@ -59,9 +61,14 @@ pub(crate) async fn open(c: &Console, r: &Req) -> Resp {
     }
 }
 
-/// A form token for pages without a session, as a cookie and a field (double submit).
-fn pre_session_token() -> String {
-    crate::random_hex(16)
+/// A form token for pages without a session, as a cookie and a field (double submit):
+/// the browser's current one if it has one (several tabs, or a favicon request that
+/// ended on the login page, must not invalidate an open form), else a new one.
+fn pre_session_token(r: &Req) -> String {
+    match r.cookies.get(crate::CSRF) {
+        Some(t) if t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()) => t.clone(),
+        _ => crate::random_hex(16),
+    }
 }
 
 fn pre_session_ok(r: &Req) -> bool {
@@ -85,8 +92,8 @@ fn pre_session_page(
     )
 }
 
-fn login_page(flash: Flash) -> Resp {
-    let token = pre_session_token();
+fn login_page(r: &Req, flash: Flash) -> Resp {
+    let token = pre_session_token(r);
     let status = match flash {
         Flash::Error(_) => StatusCode::UNAUTHORIZED,
         _ => StatusCode::OK,
@@ -133,7 +140,7 @@ async fn login_post(c: &Console, r: &Req) -> Resp {
                 Some("unknown or disabled user".into()),
             )
             .await;
-        return login_page(Flash::Error("Wrong user name or password.".into()));
+        return login_page(r, Flash::Error("Wrong user name or password.".into()));
     };
     if locked {
         let _ = c
@@ -146,10 +153,13 @@ async fn login_post(c: &Console, r: &Req) -> Resp {
                 Some("locked".into()),
             )
             .await;
-        return login_page(Flash::Error(format!(
-            "This account is locked after {} failed logins; try again later or ask an admin.",
-            crate::MAX_FAILURES
-        )));
+        return login_page(
+            r,
+            Flash::Error(format!(
+                "This account is locked after {} failed logins; try again later or ask an admin.",
+                crate::MAX_FAILURES
+            )),
+        );
     }
     if !ok {
         let now_locked = c
@@ -186,16 +196,16 @@ async fn login_post(c: &Console, r: &Req) -> Resp {
                 )
                 .await;
         }
-        return login_page(Flash::Error("Wrong user name or password.".into()));
+        return login_page(r, Flash::Error("Wrong user name or password.".into()));
     }
     let Some(role) = Role::parse(&u.role) else {
-        return login_page(Flash::Error("This account has no valid role.".into()));
+        return login_page(r, Flash::Error("This account has no valid role.".into()));
     };
     if let Err(e) = c
         .record(Some(&u.name), r.peer, "console.login", 200, None, None)
         .await
     {
-        return login_page(Flash::Error(e));
+        return login_page(r, Flash::Error(e));
     }
     let _ = c.store.user_logged_in(&u.name, t).await;
     let id = c.new_session(&u.name, role);
@@ -219,8 +229,8 @@ fn setup_invalid() -> Resp {
     )
 }
 
-fn setup_page(token: &str, user: &str, flash: Flash) -> Resp {
-    let form_token = pre_session_token();
+fn setup_page(r: &Req, token: &str, user: &str, flash: Flash) -> Resp {
+    let form_token = pre_session_token(r);
     let body = format!(
         "<p>Create the first administrator of this appliance. The password needs at least {} characters and may not be a common one.</p>\
 <form method=\"post\" action=\"/setup\" class=\"card narrow\">{}<input type=\"hidden\" name=\"token\" value=\"{}\">{}{}{}<p><button type=\"submit\">Create the admin account</button></p></form>",
@@ -252,6 +262,7 @@ async fn setup_post(c: &Console, r: &Req) -> Resp {
     let pw = r.f("password");
     if !valid_name(name) {
         return setup_page(
+            r,
             token,
             name,
             Flash::Error(
@@ -261,17 +272,19 @@ async fn setup_post(c: &Console, r: &Req) -> Resp {
     }
     if pw != r.f("confirm") {
         return setup_page(
+            r,
             token,
             name,
             Flash::Error("The two passwords differ.".into()),
         );
     }
     if let Some(why) = password::weakness(name, pw) {
-        return setup_page(token, name, Flash::Error(why));
+        return setup_page(r, token, name, Flash::Error(why));
     }
     let pw = pw.to_string();
     let Ok(Ok(hash)) = tokio::task::spawn_blocking(move || password::hash(&pw)).await else {
         return setup_page(
+            r,
             token,
             name,
             Flash::Error("The password could not be hashed.".into()),
@@ -288,7 +301,7 @@ async fn setup_post(c: &Console, r: &Req) -> Resp {
         )
         .await
     {
-        return setup_page(token, name, Flash::Error(e));
+        return setup_page(r, token, name, Flash::Error(e));
     }
     // Taken only now: a refused form leaves the link usable.
     if !c.setup_valid(token, true) {
@@ -339,7 +352,7 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
         }
         "/keys" if !post => keys(c, v, Flash::None, None).await,
         "/keys/tenant" if post => {
-            let name = r.f("tenant").trim().to_string();
+            let name = r.f("name").trim().to_string();
             let flash = if !valid_name(&name) {
                 Flash::Error(
                     "A tenant name is 1 to 64 letters, digits, '.', '_', ':' or '-'.".into(),
@@ -716,7 +729,7 @@ async fn keys(c: &Console, v: &Viewer<'_>, flash: Flash, secret: Option<(String,
         "<section class=\"grid\"><div class=\"card\">{}<form method=\"post\" action=\"/keys/tenant\">{}{}<p><button type=\"submit\">Create tenant</button></p></form></div>",
         table("Tenants", &["Tenant", "Created", "Active keys", "Requests (since start)"], &trows),
         csrf_field(v.csrf),
-        field("tenant", "New tenant name", "text", "", "required")
+        field("name", "New tenant name", "text", "", "required")
     );
     let options: Vec<(&str, &str)> = tenants
         .iter()
@@ -1359,7 +1372,7 @@ async fn users(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
             if !me {
                 let _ = write!(
                     actions,
-                    "<form method=\"post\" action=\"/users/role\" class=\"inline\">{}<input type=\"hidden\" name=\"user\" value=\"{}\"><label class=\"sr\" for=\"r-{0}\">Role of {1}</label><select id=\"r-{1}\" name=\"role\">{}</select> <button type=\"submit\">Set role</button></form> ",
+                    "<form method=\"post\" action=\"/users/role\" class=\"inline\">{0}<input type=\"hidden\" name=\"user\" value=\"{1}\"><label class=\"sr\" for=\"r-{1}\">Role of {1}</label><select id=\"r-{1}\" name=\"role\">{2}</select> <button type=\"submit\">Set role</button></form> ",
                     csrf_field(v.csrf),
                     esc(&u.name),
                     roles

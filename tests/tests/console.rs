@@ -506,3 +506,74 @@ fn in_a_real_browser() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn models_are_imported_from_the_appliance_with_progress_and_removed() {
+    let s = Server::start("console-models", &["--console-listen", "127.0.0.1:0"]);
+    let port = console_port(&s);
+    let mut admin = set_up(&s, port);
+    admin.get("/models");
+    let wait = |b: &mut Browser| -> serde_json::Value {
+        let t0 = std::time::Instant::now();
+        loop {
+            let p = b.get("/models/progress");
+            let v: serde_json::Value = serde_json::from_str(&p.body).unwrap();
+            if v["active"] == false {
+                return v;
+            }
+            assert!(t0.elapsed().as_secs() < 60, "import still running");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    // A path that is not there: a clear failure, recorded.
+    let p = admin.post(
+        "/models/import",
+        &[("path", "/nonexistent/model.gguf"), ("name", "ghost")],
+    );
+    assert!(p.body.contains("Import started"), "{}", p.body);
+    let v = wait(&mut admin);
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/model.gguf"),
+        "{v}"
+    );
+    // The real file, under a new name.
+    let model = model().display().to_string();
+    let p = admin.post(
+        "/models/import",
+        &[("path", &model), ("name", "smollm2-copy")],
+    );
+    assert!(p.body.contains("Import started"), "{}", p.body);
+    let v = wait(&mut admin);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        v["done"].as_u64().unwrap() > 0 && v["done"] == v["total"],
+        "{v}"
+    );
+    let list = admin.get("/models").body;
+    assert!(
+        list.contains("smollm2-copy") && list.contains("Q4_1"),
+        "{list}"
+    );
+    // A loaded model cannot be removed; an unloaded one can.
+    let p = admin.post("/models/remove", &[("model", "smollm2")]);
+    assert!(p.body.contains("unload it before removing"), "{}", p.body);
+    let p = admin.post("/models/remove", &[("model", "smollm2-copy")]);
+    assert!(p.body.contains("Model smollm2-copy removed."), "{}", p.body);
+    assert!(!admin.get("/models").body.contains("smollm2-copy"));
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let imports: Vec<u64> = all
+        .iter()
+        .filter(|r| r["action"] == "model.import")
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(imports, [400, 200]);
+    assert!(all
+        .iter()
+        .any(|r| r["action"] == "model.remove" && r["user"] == "alice"));
+}

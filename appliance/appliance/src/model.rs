@@ -239,6 +239,76 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
     }
 }
 
+/// Imports a model file or bundle into the registry (signature checked against the
+/// site's trust policy) and records it in the store: the record and the registry's
+/// warning, if any. Nothing is left behind on failure.
+pub async fn import_model(
+    dir: &Path,
+    path: &Path,
+    name: Option<&str>,
+    policy_dir: Option<PathBuf>,
+    production: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(ModelRecord, Option<String>)> {
+    if let Some(n) = name {
+        config::valid_name("model", n)?;
+    }
+    let store = Store::open(&DataDir::db(dir)).await?;
+    let policy = policy_dir
+        .unwrap_or_else(|| dir.join("policy"))
+        .join("trusted-signers.toml");
+    let trust = TrustPolicy::load(&policy, production)?;
+    let registry = appliance_registry::Store::new(dir);
+    // Refuse a taken name before copying gigabytes.
+    if let Some(n) = name {
+        if store.model(n).await?.is_some() {
+            bail!("a model named {n:?} is already in the registry (remove it first, or import under another --name)");
+        }
+    }
+    let imported = registry.import(path, name, &trust, progress)?;
+    let unstore = |sha: &str, models: &[ModelRecord]| {
+        // Another name may share the file; only drop it if nothing refers to it.
+        if !models.iter().any(|m| m.sha256 == sha) {
+            let _ = std::fs::remove_file(&imported.path);
+        }
+    };
+    if let Err(e) = config::valid_name("model", &imported.name) {
+        unstore(&imported.sha256, &store.models().await?);
+        bail!("{e} (the bundle's manifest name; give --name)");
+    }
+    let record = ModelRecord {
+        name: imported.name.clone(),
+        sha256: imported.sha256.clone(),
+        size: imported.size as i64,
+        architecture: imported.facts.architecture.clone(),
+        parameters: imported.facts.parameters as i64,
+        quantization: imported.facts.quantization.clone(),
+        context_length: imported.facts.context_length as i64,
+        chat_template: imported.facts.chat_template,
+        license: imported.license.clone(),
+        provenance: serde_json::to_string(&imported.provenance)?,
+        signed_by: imported.signed_by.clone(),
+        imported_at: appliance_gateway::server::unix_now(),
+    };
+    if let Err(e) = store.insert_model(&record).await {
+        unstore(&record.sha256, &store.models().await?);
+        return Err(e.into());
+    }
+    Ok((record, imported.warning.clone()))
+}
+
+/// Removes a model that no running daemon serves from the store and, unless another
+/// name shares its file, the file.
+pub async fn remove_model(dir: &Path, name: &str) -> Result<()> {
+    let store = Store::open(&DataDir::db(dir)).await?;
+    let (m, shared) = store.remove_model(name).await?;
+    if !shared {
+        let path = appliance_registry::Store::new(dir).path_of(&m.sha256);
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn run_inner(cmd: ModelCmd) -> Result<()> {
     match cmd {
         ModelCmd::Load { name, data } => change("load", &name, data),
@@ -288,50 +358,17 @@ fn run_inner(cmd: ModelCmd) -> Result<()> {
             production,
             data,
         } => runtime()?.block_on(async {
-            if let Some(n) = &name {
-                config::valid_name("model", n)?;
-            }
             let dir = data.prepare()?;
-            let store = Store::open(&DataDir::db(&dir)).await?;
-            let policy = policy_dir.unwrap_or_else(|| dir.join("policy")).join("trusted-signers.toml");
-            let trust = TrustPolicy::load(&policy, production)?;
-            let registry = appliance_registry::Store::new(&dir);
-            // Refuse a taken name before copying gigabytes.
-            if let Some(n) = &name {
-                if store.model(n).await?.is_some() {
-                    bail!("a model named {n:?} is already in the registry (remove it first, or import under another --name)");
-                }
-            }
-            let imported = registry.import(&path, name.as_deref(), &trust, &mut progress("importing"))?;
-            let unstore = |sha: &str, models: &[ModelRecord]| {
-                // Another name may share the file; only drop it if nothing refers to it.
-                if !models.iter().any(|m| m.sha256 == sha) {
-                    let _ = std::fs::remove_file(&imported.path);
-                }
-            };
-            if let Err(e) = config::valid_name("model", &imported.name) {
-                unstore(&imported.sha256, &store.models().await?);
-                bail!("{e} (the bundle's manifest name; give --name)");
-            }
-            let record = ModelRecord {
-                name: imported.name.clone(),
-                sha256: imported.sha256.clone(),
-                size: imported.size as i64,
-                architecture: imported.facts.architecture.clone(),
-                parameters: imported.facts.parameters as i64,
-                quantization: imported.facts.quantization.clone(),
-                context_length: imported.facts.context_length as i64,
-                chat_template: imported.facts.chat_template,
-                license: imported.license.clone(),
-                provenance: serde_json::to_string(&imported.provenance)?,
-                signed_by: imported.signed_by.clone(),
-                imported_at: appliance_gateway::server::unix_now(),
-            };
-            if let Err(e) = store.insert_model(&record).await {
-                unstore(&record.sha256, &store.models().await?);
-                return Err(e.into());
-            }
-            if let Some(w) = &imported.warning {
+            let (record, warning) = import_model(
+                &dir,
+                &path,
+                name.as_deref(),
+                policy_dir,
+                production,
+                &mut progress("importing"),
+            )
+            .await?;
+            if let Some(w) = &warning {
                 eprintln!("warning: {w}");
             }
             eprintln!(
@@ -405,12 +442,7 @@ fn run_inner(cmd: ModelCmd) -> Result<()> {
             if served_models(&dir).await.contains(&name) {
                 bail!("model {name:?} is loaded by the running daemon; unload it (or stop the daemon) before removing it");
             }
-            let store = Store::open(&DataDir::db(&dir)).await?;
-            let (m, shared) = store.remove_model(&name).await?;
-            if !shared {
-                let path = appliance_registry::Store::new(&dir).path_of(&m.sha256);
-                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            }
+            remove_model(&dir, &name).await?;
             eprintln!("removed model {name}");
             Ok(())
         }),

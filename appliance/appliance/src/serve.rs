@@ -1015,6 +1015,62 @@ impl appliance_console::Ops for ConsoleOps {
             .unwrap_or_else(|e| format!("unavailable: {e:#}"))
     }
 
+    fn import_model(
+        &self,
+        path: PathBuf,
+        name: Option<String>,
+        progress: Arc<appliance_console::Progress>,
+    ) -> appliance_console::OpsFuture<Result<String, String>> {
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            // Copying and hashing gigabytes: on a blocking thread, with its own runtime
+            // for the store's few queries.
+            let job = tokio::task::spawn_blocking(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(crate::model::import_model(
+                    &dir,
+                    &path,
+                    name.as_deref(),
+                    None,
+                    false,
+                    &mut |done, total| {
+                        use std::sync::atomic::Ordering;
+                        progress.done.store(done, Ordering::Relaxed);
+                        progress.total.store(total, Ordering::Relaxed);
+                    },
+                ))
+            });
+            match job.await {
+                Ok(Ok((m, warning))) => Ok(format!(
+                    "{} ({}, {}, {} bytes){}{}",
+                    m.name,
+                    m.architecture,
+                    m.quantization,
+                    m.size,
+                    m.signed_by
+                        .as_deref()
+                        .map(|s| format!(", signed by {s}"))
+                        .unwrap_or_else(|| ", unsigned".into()),
+                    warning.map(|w| format!("; {w}")).unwrap_or_default()
+                )),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(format!("the import stopped: {e}")),
+            }
+        })
+    }
+
+    fn remove_model(&self, name: String) -> appliance_console::OpsFuture<Result<String, String>> {
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            crate::model::remove_model(&dir, &name)
+                .await
+                .map(|()| format!("Model {name} removed."))
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+
     fn model_action(
         &self,
         model: String,

@@ -101,3 +101,31 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 });
+
+// A model import in progress: poll until it ends, then reload the list.
+document.addEventListener("DOMContentLoaded", () => {
+  const box = document.getElementById("import");
+  if (!box) return;
+  if (box.dataset.active !== "true") { box.hidden = true; return; }
+  const bar = document.getElementById("import-bar");
+  const status = document.getElementById("import-status");
+  let seen = true;
+  async function poll() {
+    try {
+      const s = await (await fetch("/models/progress", { credentials: "same-origin", cache: "no-store" })).json();
+      if (s.active) {
+        seen = true;
+        bar.max = Math.max(1, s.total);
+        bar.value = s.done;
+        status.textContent = s.total ? Math.round((100 * s.done) / s.total) + " % of " + s.source : "starting: " + s.source;
+      } else if (seen && s.message) {
+        bar.max = 1; bar.value = s.ok ? 1 : 0;
+        status.textContent = (s.ok ? "Imported: " : "Failed: ") + s.message;
+        if (s.ok) setTimeout(() => location.assign("/models"), 1500);
+        return;
+      }
+    } catch (e) { /* next poll */ }
+    setTimeout(poll, 1000);
+  }
+  poll();
+});

@@ -92,6 +92,32 @@ pub trait Ops: Send + Sync {
     fn audit_public_key(&self) -> String;
     /// Loads or unloads a model.
     fn model_action(&self, model: String, load: bool) -> OpsFuture<Result<String, String>>;
+    /// Imports a model file or signed bundle from a path on the appliance (signature
+    /// checked against the site's trust policy), reporting bytes done of total.
+    fn import_model(
+        &self,
+        path: PathBuf,
+        name: Option<String>,
+        progress: Arc<Progress>,
+    ) -> OpsFuture<Result<String, String>>;
+    /// Removes a model that is not loaded.
+    fn remove_model(&self, name: String) -> OpsFuture<Result<String, String>>;
+}
+
+/// How far a running import is.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: std::sync::atomic::AtomicU64,
+    pub total: std::sync::atomic::AtomicU64,
+}
+
+/// The console's one model import at a time.
+pub(crate) struct Import {
+    pub source: String,
+    pub by: String,
+    pub progress: Arc<Progress>,
+    /// Set when it has ended.
+    pub result: Option<Result<String, String>>,
 }
 
 pub(crate) struct Session {
@@ -118,6 +144,7 @@ pub struct Console {
     pub(crate) started: Instant,
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     setup: Mutex<Option<SetupToken>>,
+    pub(crate) import: Arc<Mutex<Option<Import>>>,
 }
 
 pub(crate) fn random_hex(bytes: usize) -> String {
@@ -141,7 +168,7 @@ pub(crate) fn same(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -320,6 +347,7 @@ impl Console {
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
             setup: Mutex::new(None),
+            import: Arc::new(Mutex::new(None)),
         })
     }
 

@@ -328,6 +328,36 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
         "/" if !post => dashboard(c, v, Flash::None).await,
         "/api/stats" if !post => stats(c),
         "/models" if !post => models(c, v, Flash::None).await,
+        "/models/progress" if !post => import_progress(c),
+        "/models/import" if post => {
+            let flash = import_start(c, r, v).await;
+            models(c, v, flash).await
+        }
+        "/models/remove" if post => {
+            let name = r.f("model").to_string();
+            let flash = if c.gateway.model(&name).is_some() {
+                Flash::Error(format!("{name} is loaded; unload it before removing it."))
+            } else {
+                match c
+                    .record(
+                        Some(v.user),
+                        r.peer,
+                        "model.remove",
+                        200,
+                        Some(format!("model:{name}")),
+                        None,
+                    )
+                    .await
+                {
+                    Err(e) => Flash::Error(e),
+                    Ok(()) => match c.ops.remove_model(name).await {
+                        Ok(m) => Flash::Ok(m),
+                        Err(e) => Flash::Error(e),
+                    },
+                }
+            };
+            models(c, v, flash).await
+        }
         "/models/action" if post => {
             let (name, load) = (r.f("model").to_string(), r.f("action") == "load");
             let action = if load { "model.load" } else { "model.unload" };
@@ -624,6 +654,98 @@ fn stats(c: &Console) -> Resp {
         .unwrap_or_default()
 }
 
+/// Starts an import in the background (one at a time); the page then polls
+/// `/models/progress`.
+async fn import_start(c: &Console, r: &Req, v: &Viewer<'_>) -> Flash {
+    let path = r.f("path").trim().to_string();
+    let name = r.f("name").trim().to_string();
+    if !path.starts_with('/') {
+        return Flash::Error(
+            "Give the absolute path of a .gguf file or a signed bundle on the appliance.".into(),
+        );
+    }
+    if !name.is_empty() && !valid_name(&name) {
+        return Flash::Error(
+            "A model name is 1 to 64 letters, digits, '.', '_', ':' or '-'.".into(),
+        );
+    }
+    {
+        let slot = crate::lock(&c.import);
+        if slot.as_ref().is_some_and(|i| i.result.is_none()) {
+            return Flash::Error("An import is already running; wait for it to finish.".into());
+        }
+    }
+    if let Err(e) = c
+        .record(
+            Some(v.user),
+            r.peer,
+            "model.import.start",
+            200,
+            Some(format!("file:{path}")),
+            (!name.is_empty()).then(|| format!("name {name}")),
+        )
+        .await
+    {
+        return Flash::Error(e);
+    }
+    let progress = std::sync::Arc::new(crate::Progress::default());
+    *crate::lock(&c.import) = Some(crate::Import {
+        source: path.clone(),
+        by: v.user.to_string(),
+        progress: progress.clone(),
+        result: None,
+    });
+    let fut = c.ops.import_model(
+        path.clone().into(),
+        (!name.is_empty()).then_some(name),
+        progress,
+    );
+    let (slot, auditor, user, peer) = (
+        c.import.clone(),
+        c.auditor.clone(),
+        v.user.to_string(),
+        r.peer,
+    );
+    tokio::spawn(async move {
+        let result = fut.await;
+        let mut rec =
+            appliance_audit::Record::action("model.import", if result.is_ok() { 200 } else { 400 });
+        rec.user = Some(user);
+        rec.source = Some(peer.ip().to_string());
+        rec.resource = Some(format!("file:{path}"));
+        rec.detail = Some(match &result {
+            Ok(m) | Err(m) => m.chars().take(200).collect(),
+        });
+        if result.is_err() {
+            rec.error = Some("failed".into());
+        }
+        let _ = auditor.record(rec).await;
+        if let Some(i) = crate::lock(&slot).as_mut() {
+            i.result = Some(result);
+        }
+    });
+    Flash::Ok("Import started.".into())
+}
+
+fn import_progress(c: &Console) -> Resp {
+    let body = match crate::lock(&c.import).as_ref() {
+        None => serde_json::json!({"active": false}),
+        Some(i) => serde_json::json!({
+            "active": i.result.is_none(),
+            "source": i.source,
+            "by": i.by,
+            "done": i.progress.done.load(std::sync::atomic::Ordering::Relaxed),
+            "total": i.progress.total.load(std::sync::atomic::Ordering::Relaxed),
+            "ok": i.result.as_ref().map(|r| r.is_ok()),
+            "message": i.result.as_ref().map(|r| match r { Ok(m) | Err(m) => m.clone() }),
+        }),
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap_or_default()
+}
+
 async fn models(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
     let registry = c.store.models().await.unwrap_or_default();
     let served = c.gateway.status();
@@ -682,9 +804,16 @@ async fn models(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
             action,
         ]);
     }
+    let running = crate::lock(&c.import)
+        .as_ref()
+        .is_some_and(|i| i.result.is_none());
     let body = format!(
-        "{}<p class=\"hint\">Import a model bundle with <code>appliance model import</code> on the appliance (signature checked); it then appears here.</p>",
-        table("Models", &["Name", "Size", "Quantization", "Context", "Architecture", "State", ""], &rows)
+        "{}<section class=\"card narrow\"><h2>Import</h2><p>A GGUF file or a signed bundle already on the appliance (for example on a mounted USB drive): its signature is checked against the site's trusted signers.</p><form method=\"post\" action=\"/models/import\">{}{}{}<p><button type=\"submit\">Import</button></p></form><div id=\"import\" data-active=\"{}\"><label for=\"import-bar\">Import progress</label> <progress id=\"import-bar\" max=\"1\" value=\"0\"></progress> <output id=\"import-status\"></output></div></section>",
+        table("Models", &["Name", "Size", "Quantization", "Context", "Architecture", "State", ""], &rows),
+        csrf_field(v.csrf),
+        field("path", "Path on the appliance", "text", "", "required placeholder=\"/media/usb/model.bundle\""),
+        field("name", "Name (empty: the bundle's or the file's)", "text", "", ""),
+        running
     );
     ok_page("Models", v, flash, &body)
 }

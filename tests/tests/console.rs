@@ -122,6 +122,20 @@ impl Browser {
 
 const ADMIN_PW: &str = "tulip-gravel-41-orbit";
 
+/// The HTTP status of `GET /v1/models` with `key`.
+fn api_status(s: &Server, key: &str) -> String {
+    s.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        &s.url("/v1/models"),
+    ])
+    .0
+}
+
 fn console_port(s: &Server) -> u16 {
     s.banner
         .iter()
@@ -254,18 +268,7 @@ fn setup_login_keys_audit_and_logout() {
     );
 
     // The key works against the API at once; the request appears on the audit page.
-    let api = |key: &str| {
-        s.curl(&[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            &format!("Authorization: Bearer {key}"),
-            &s.url("/v1/models"),
-        ])
-        .0
-    };
+    let api = |key: &str| api_status(&s, key);
     assert_eq!(api(&secret), "200");
     let p = admin.get(&format!("/audit?key={key_id}"));
     assert!(
@@ -576,4 +579,127 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
     assert!(all
         .iter()
         .any(|r| r["action"] == "model.remove" && r["user"] == "alice"));
+}
+
+/// `appliance backup ...` with the passphrase on stdin: (success, stdout + stderr).
+fn backup_cli(args: &[&str], pass: &str) -> (bool, String) {
+    let mut c = appliance()
+        .arg("backup")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(c.stdin.as_mut().unwrap(), format!("{pass}\n").as_bytes()).unwrap();
+    drop(c.stdin.take());
+    let out = c.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn backups_download_verify_and_restore() {
+    const PASS: &str = "ferry-lichen-93-summit";
+    let s = Server::start("console-backup", &["--console-listen", "127.0.0.1:0"]);
+    let port = console_port(&s);
+    let key = s.key();
+    assert_eq!(api_status(&s, &key), "200");
+    let mut admin = set_up(&s, port);
+    admin.get("/system");
+    let p = admin.post("/system/backup", &[("passphrase", "short")]);
+    assert!(p.body.contains("at least 12"), "{}", p.body);
+    // The download, from the console.
+    let file = s.dir.join("backup.bin");
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(s.cert())
+        .arg("-b")
+        .arg(&admin.jar)
+        .args(["--data-urlencode", &format!("csrf={}", admin.csrf)])
+        .args(["--data-urlencode", &format!("passphrase={PASS}")])
+        .arg("-o")
+        .arg(&file)
+        .arg(format!("{}/system/backup", admin.base))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(
+        bytes.starts_with(b"APPLBAK1"),
+        "{:?}",
+        &bytes[..bytes.len().min(200)]
+    );
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        !text.contains("BEGIN PRIVATE KEY") && !text.contains(&key[..20]),
+        "the backup is encrypted"
+    );
+
+    // It verifies; a wrong passphrase or one altered byte does not.
+    let f = file.to_str().unwrap();
+    let (ok, out) = backup_cli(&["verify", f], PASS);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("OK: backup of appliance") && out.contains("audit log OK"),
+        "{out}"
+    );
+    let (ok, out) = backup_cli(&["verify", f], "not-the-passphrase");
+    assert!(!ok && out.contains("does not decrypt"), "{out}");
+    let mut bad = bytes.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    let bad_file = s.dir.join("backup-altered.bin");
+    std::fs::write(&bad_file, &bad).unwrap();
+    let (ok, out) = backup_cli(&["verify", bad_file.to_str().unwrap()], PASS);
+    assert!(!ok && out.contains("does not decrypt"), "{out}");
+    // Not while the daemon runs.
+    let (ok, out) = backup_cli(&["restore", f, "--data-dir", s.dir.to_str().unwrap()], PASS);
+    assert!(!ok && out.contains("stop it"), "{out}");
+    drop(s);
+
+    // Onto another appliance: refused without --new-appliance (another audit key),
+    // restored with it; the key, the console user and the audit log come back.
+    let other = scratch("console-backup-restored");
+    let first = Server::start_in(other.clone(), &[], None, None);
+    drop(first);
+    let target = other.to_str().unwrap();
+    let (ok, out) = backup_cli(&["restore", f, "--data-dir", target], PASS);
+    assert!(!ok && out.contains("not this appliance's"), "{out}");
+    let (ok, out) = backup_cli(
+        &["restore", f, "--new-appliance", "--data-dir", target],
+        PASS,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("restored:"), "{out}");
+    let restored = Server::start_in(
+        other.clone(),
+        &["--console-listen", "127.0.0.1:0"],
+        None,
+        None,
+    );
+    assert_eq!(api_status(&restored, &key), "200", "the key came back");
+    let mut again = Browser::new(&restored, "restored", console_port(&restored));
+    assert_eq!(
+        again.login("alice", ADMIN_PW).code,
+        303,
+        "the console user came back"
+    );
+    assert!(
+        !restored.banner.iter().any(|l| l.contains("setup?token=")),
+        "no setup link: there is an admin"
+    );
+    let dir = restored.dir.clone();
+    drop(restored);
+    let all = audit_records(&dir);
+    assert!(all
+        .iter()
+        .any(|r| r["action"] == "backup.create" && r["user"] == "alice"));
+    assert!(all.iter().any(|r| r["action"] == "backup.restore"));
 }

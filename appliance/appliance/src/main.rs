@@ -6,6 +6,7 @@
 
 mod admin;
 mod audit;
+mod backup;
 mod bench;
 mod chat;
 mod config;
@@ -64,6 +65,9 @@ enum Command {
     /// The audit log: verify it, export it with proofs, check an export, sign a checkpoint.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Encrypted backups of the appliance's state (not its models): create, verify, restore.
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
     /// Chat with a local model in the terminal (one-shot with --prompt).
     Chat(chat::ChatArgs),
     /// Host one model and serve it over a Unix socket (started by the supervisor).
@@ -100,6 +104,7 @@ fn main() {
         Command::Key(c) => admin::key(c),
         Command::Model(c) => model::run(c),
         Command::Audit(c) => audit::run(c),
+        Command::Backup(c) => backup::run(c),
         Command::Policy(c) => policy::run(c),
         Command::Status { data, json } => serve::status(data, json),
         Command::Chat(a) => chat::run(a),

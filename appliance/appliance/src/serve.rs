@@ -1061,6 +1061,15 @@ impl appliance_console::Ops for ConsoleOps {
         })
     }
 
+    fn backup(&self, passphrase: String) -> appliance_console::OpsFuture<Result<Vec<u8>, String>> {
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            crate::backup::create_bytes(&dir, &passphrase)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+
     fn remove_model(&self, name: String) -> appliance_console::OpsFuture<Result<String, String>> {
         let dir = self.dir.clone();
         Box::pin(async move {

@@ -102,6 +102,8 @@ pub trait Ops: Send + Sync {
     ) -> OpsFuture<Result<String, String>>;
     /// Removes a model that is not loaded.
     fn remove_model(&self, name: String) -> OpsFuture<Result<String, String>>;
+    /// An encrypted backup of the appliance's state (`appliance backup` format).
+    fn backup(&self, passphrase: String) -> OpsFuture<Result<Vec<u8>, String>>;
 }
 
 /// How far a running import is.

@@ -535,7 +535,45 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
             let flash = user_action(c, r, v).await;
             users(c, v, flash).await
         }
-        "/system" if !post => system(c, v).await,
+        "/system" if !post => system(c, v, Flash::None).await,
+        "/system/backup" if post => {
+            let pass = r.f("passphrase").to_string();
+            if pass.chars().count() < password::MIN_LENGTH {
+                return system(
+                    c,
+                    v,
+                    Flash::Error(format!(
+                        "The backup passphrase must be at least {} characters.",
+                        password::MIN_LENGTH
+                    )),
+                )
+                .await;
+            }
+            if let Err(e) = c
+                .record(
+                    Some(v.user),
+                    r.peer,
+                    "backup.create",
+                    200,
+                    None,
+                    Some("download".into()),
+                )
+                .await
+            {
+                return system(c, v, Flash::Error(e)).await;
+            }
+            match c.ops.backup(pass).await {
+                Ok(bytes) => Response::builder()
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .header(
+                        header::CONTENT_DISPOSITION,
+                        "attachment; filename=\"appliance-backup.bin\"",
+                    )
+                    .body(Full::new(Bytes::from(bytes)))
+                    .unwrap_or_default(),
+                Err(e) => system(c, v, Flash::Error(e)).await,
+            }
+        }
         _ => page(
             StatusCode::NOT_FOUND,
             frame(
@@ -1650,7 +1688,7 @@ fn dir_size(p: &std::path::Path) -> u64 {
         .sum()
 }
 
-async fn system(c: &Console, v: &Viewer<'_>) -> Resp {
+async fn system(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
     let cert = std::fs::read(&c.tls_cert).ok();
     let fingerprint = cert
         .as_deref()
@@ -1689,7 +1727,12 @@ async fn system(c: &Console, v: &Viewer<'_>) -> Resp {
         esc(&c.ops.audit_public_key()),
         table("Data directory usage", &["Part", "Path", "Size"], &rows)
     );
-    ok_page("System", v, Flash::None, &b)
+    let b = format!(
+        "{b}<section class=\"card narrow\"><h2>Backup</h2><p>The key store, the audit log and its keys, TLS material, policy and credentials, and the configuration (not the models), encrypted with a passphrase you choose. Restore on the appliance with <code>appliance backup restore FILE</code> while the daemon is stopped: it refuses a backup that does not decrypt, does not match its manifest, or whose audit log does not verify.</p><form method=\"post\" action=\"/system/backup\">{}{}<p><button type=\"submit\">Download a backup</button></p></form></section>",
+        csrf_field(v.csrf),
+        field("passphrase", &format!("Passphrase (at least {} characters; keep it: the backup cannot be read without it)", password::MIN_LENGTH), "password", "", "required autocomplete=\"new-password\""),
+    );
+    ok_page("System", v, flash, &b)
 }
 
 #[cfg(test)]

@@ -241,6 +241,15 @@ impl AuditDb {
             .collect())
     }
 
+    /// A consistent copy of the audit database at `path` (SQLite `VACUUM INTO`).
+    pub async fn snapshot(&self, path: &std::path::Path) -> Result<()> {
+        sqlx::query("VACUUM INTO ?")
+            .bind(path.to_string_lossy().into_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Drops the text of records older than `before_ms`; returns how many.
     pub async fn prune(&self, before_ms: i64) -> Result<u64> {
         let r = sqlx::query(

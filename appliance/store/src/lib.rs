@@ -758,6 +758,16 @@ impl Store {
         Ok(locked)
     }
 
+    /// A consistent copy of the database at `path` (SQLite `VACUUM INTO`), taken while
+    /// others keep using it.
+    pub async fn snapshot(&self, path: &Path) -> Result<()> {
+        sqlx::query("VACUUM INTO ?")
+            .bind(path.to_string_lossy().into_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

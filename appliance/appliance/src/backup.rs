@@ -1,0 +1,377 @@
+//! `appliance backup create|verify|restore`: the appliance's state without its models
+//! (the key store, the audit log and its keys, TLS material, policy and credentials,
+//! the config file) in one encrypted file.
+//!
+//! Format: `APPLBAK1`, a 16-byte salt, a 12-byte nonce, then AES-256-GCM (key: Argon2id
+//! of the passphrase with the salt, m = 19456 KiB, t = 2, p = 1) of a tar holding
+//! `manifest.json` (version, time, each file's SHA-256) and the files. Databases are
+//! copied with SQLite's `VACUUM INTO`, so a running daemon is backed up consistently.
+//! A backup verifies when it decrypts, every file matches the manifest, and its audit
+//! log verifies against its own signed checkpoints (and, on restore, its audit key is
+//! this appliance's unless `--new-appliance`).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use appliance_audit::Record;
+use clap::Subcommand;
+
+use crate::serve::DataDir;
+
+const MAGIC: &[u8; 8] = b"APPLBAK1";
+
+/// What a backup holds, relative to the data directory (databases are snapshots).
+const FILES: &[&str] = &[
+    "appliance.toml",
+    "tls/cert.pem",
+    "tls/key.pem",
+    "audit/signing.key",
+    "audit/public.key",
+    "audit/node-id",
+    "audit/content.key",
+    "policy/policy.toml",
+    "policy/trusted-signers.toml",
+];
+const DATABASES: &[&str] = &["appliance.db", "audit/audit.db"];
+
+#[derive(Subcommand)]
+pub enum BackupCmd {
+    /// Write an encrypted backup (passphrase on stdin, at least 12 characters).
+    Create {
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Check a backup (passphrase on stdin): decrypts it, checks each file, verifies its
+    /// audit log.
+    Verify { file: PathBuf },
+    /// Restore a backup into a data directory whose daemon is stopped (passphrase on
+    /// stdin). The files it replaces are kept in DATA/pre-restore-TIME/.
+    Restore {
+        file: PathBuf,
+        /// Restore onto another appliance (its audit key may differ from the backup's).
+        #[arg(long)]
+        new_appliance: bool,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+fn passphrase() -> Result<String> {
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s)?;
+    let s = s.trim_end_matches(['\r', '\n']).to_string();
+    if s.chars().count() < 12 {
+        bail!("the backup passphrase must be at least 12 characters (give it on stdin)");
+    }
+    Ok(s)
+}
+
+fn key_of(passphrase: &str, salt: &[u8]) -> Result<ring::aead::LessSafeKey> {
+    let params =
+        argon2::Params::new(19_456, 2, 1, Some(32)).map_err(|e| anyhow::anyhow!("argon2: {e}"))?;
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut key = [0u8; 32];
+    a.hash_password_into(passphrase.as_bytes(), salt, &mut key)
+        .map_err(|e| anyhow::anyhow!("argon2: {e}"))?;
+    let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key)
+        .map_err(|_| anyhow::anyhow!("AES key"))?;
+    Ok(ring::aead::LessSafeKey::new(unbound))
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    appliance_gateway::keys::hex(&appliance_audit::merkle::sha256_of(b))
+}
+
+/// The encrypted backup of `dir` (works while the daemon runs).
+pub async fn create_bytes(dir: &Path, passphrase: &str) -> Result<Vec<u8>> {
+    let work = dir
+        .join("run")
+        .join(format!("backup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("audit"))?;
+    let result = async {
+        let store = appliance_store::Store::open(&DataDir::db(dir)).await?;
+        store.snapshot(&work.join("appliance.db")).await?;
+        store.close().await;
+        let audit = appliance_store::audit::AuditDb::open(
+            &crate::audit::db_path(dir),
+            Duration::from_secs(10),
+        )
+        .await?;
+        audit.snapshot(&work.join("audit/audit.db")).await?;
+        let mut entries: Vec<(String, Vec<u8>)> = vec![];
+        for db in DATABASES {
+            entries.push((db.to_string(), std::fs::read(work.join(db))?));
+        }
+        for f in FILES {
+            if let Ok(b) = std::fs::read(dir.join(f)) {
+                entries.push((f.to_string(), b));
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(dir.join("policy/credentials")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') && e.path().is_file() {
+                    entries.push((format!("policy/credentials/{name}"), std::fs::read(e.path())?));
+                }
+            }
+        }
+        let manifest = serde_json::json!({
+            "format": "appliance backup 1",
+            "version": env!("CARGO_PKG_VERSION"),
+            "created_ms": appliance_gateway::server::unix_now() * 1000,
+            "files": entries.iter().map(|(n, b)| (n.clone(), sha256_hex(b))).collect::<BTreeMap<_, _>>(),
+        });
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, bytes: &[u8]| -> Result<()> {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o600);
+            h.set_cksum();
+            tar.append_data(&mut h, name, bytes)?;
+            Ok(())
+        };
+        add("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+        for (n, b) in &entries {
+            add(n, b)?;
+        }
+        let mut plain = tar.into_inner()?;
+        let rng = ring::rand::SystemRandom::new();
+        let mut salt = [0u8; 16];
+        let mut nonce = [0u8; 12];
+        ring::rand::SecureRandom::fill(&rng, &mut salt).map_err(|_| anyhow::anyhow!("randomness"))?;
+        ring::rand::SecureRandom::fill(&rng, &mut nonce).map_err(|_| anyhow::anyhow!("randomness"))?;
+        key_of(passphrase, &salt)?
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(MAGIC),
+                &mut plain,
+            )
+            .map_err(|_| anyhow::anyhow!("encryption failed"))?;
+        let mut out = Vec::with_capacity(plain.len() + 36);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&salt);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&plain);
+        Ok::<_, anyhow::Error>(out)
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Decrypts a backup and checks it; returns its files (name → bytes) and a summary.
+pub async fn open_verified(
+    bytes: &[u8],
+    passphrase: &str,
+) -> Result<(BTreeMap<String, Vec<u8>>, String)> {
+    if bytes.len() < 36 + 16 || &bytes[..8] != MAGIC {
+        bail!("not an appliance backup");
+    }
+    let (salt, nonce) = (&bytes[8..24], &bytes[24..36]);
+    let mut sealed = bytes[36..].to_vec();
+    let nonce: [u8; 12] = nonce.try_into().map_err(|_| anyhow::anyhow!("nonce"))?;
+    let plain = key_of(passphrase, salt)?
+        .open_in_place(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(MAGIC),
+            &mut sealed,
+        )
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the backup does not decrypt: a wrong passphrase, or the file was altered"
+            )
+        })?;
+    let mut files = BTreeMap::new();
+    let mut archive = tar::Archive::new(&plain[..]);
+    for e in archive.entries()? {
+        let mut e = e?;
+        let name = e.path()?.to_string_lossy().into_owned();
+        if name.contains("..") || name.starts_with('/') {
+            bail!("the backup names a file outside the data directory: {name}");
+        }
+        let mut b = vec![];
+        e.read_to_end(&mut b)?;
+        files.insert(name, b);
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(
+        files
+            .get("manifest.json")
+            .context("the backup has no manifest")?,
+    )?;
+    let listed = manifest["files"]
+        .as_object()
+        .context("the manifest lists no files")?;
+    for (name, hash) in listed {
+        let b = files
+            .get(name)
+            .with_context(|| format!("the backup lacks {name}"))?;
+        if Some(sha256_hex(b).as_str()) != hash.as_str() {
+            bail!("{name} does not match the manifest");
+        }
+    }
+    if files.len() != listed.len() + 1 {
+        bail!("the backup holds files its manifest does not list");
+    }
+    for db in DATABASES {
+        if !files.contains_key(*db) {
+            bail!("the backup lacks {db}");
+        }
+    }
+    // Its audit log must verify against its own key and checkpoints.
+    let tmp = std::env::temp_dir().join(format!("appliance-backup-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(tmp.join("audit"))?;
+    let check = async {
+        for name in ["audit/audit.db", "audit/public.key"] {
+            let b = files
+                .get(name)
+                .with_context(|| format!("the backup lacks {name}"))?;
+            std::fs::write(tmp.join(name), b)?;
+        }
+        let key = crate::audit::public_key(&tmp)?;
+        crate::audit::verify_report(&tmp, &key, vec![]).await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let report =
+        check?.map_err(|e| anyhow::anyhow!("the backup's audit log does not verify: {e}"))?;
+    let summary = format!(
+        "backup of appliance {} made {}: {} files; audit log {}",
+        manifest["version"].as_str().unwrap_or("?"),
+        appliance_audit::record::format_time(manifest["created_ms"].as_i64().unwrap_or(0)),
+        listed.len(),
+        report.lines().next().unwrap_or("")
+    );
+    Ok((files, summary))
+}
+
+fn record(dir: &Path, action: &str, status: u16, detail: String) {
+    let mut r = Record::action(action, status);
+    r.detail = Some(detail.chars().take(200).collect());
+    if status >= 400 {
+        r.error = Some("failed".into());
+    }
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        if let Err(e) = rt.block_on(crate::audit::record_cli(dir, r)) {
+            eprintln!("warning: {action} could not be recorded: {e:#}");
+        }
+    }
+}
+
+pub fn run(cmd: BackupCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match cmd {
+        BackupCmd::Create { out, data } => {
+            let dir = data.prepare()?;
+            let pass = passphrase()?;
+            record(&dir, "backup.create", 200, format!("to {}", out.display()));
+            let bytes = rt.block_on(create_bytes(&dir, &pass))?;
+            write_private(&out, &bytes)?;
+            eprintln!(
+                "wrote {} ({} bytes); keep the passphrase: without it the backup cannot be read",
+                out.display(),
+                bytes.len()
+            );
+            Ok(())
+        }
+        BackupCmd::Verify { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let pass = passphrase()?;
+            let (_, summary) = rt
+                .block_on(open_verified(&bytes, &pass))
+                .with_context(|| format!("{}", file.display()))?;
+            println!("OK: {summary}");
+            Ok(())
+        }
+        BackupCmd::Restore {
+            file,
+            new_appliance,
+            data,
+        } => {
+            let dir = data.prepare()?;
+            let Some(lock) = crate::serve::try_lock(&dir)? else {
+                bail!(
+                    "the daemon is running on {}; stop it before restoring",
+                    dir.display()
+                );
+            };
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let pass = passphrase()?;
+            let (files, summary) = rt
+                .block_on(open_verified(&bytes, &pass))
+                .with_context(|| format!("{}: refused", file.display()))?;
+            if !new_appliance {
+                if let Ok(current) = std::fs::read(dir.join("audit/public.key")) {
+                    if files.get("audit/public.key") != Some(&current) {
+                        bail!("{}: refused: its audit key is not this appliance's (give --new-appliance to restore onto another one)", file.display());
+                    }
+                }
+            }
+            // What is replaced is kept aside, not deleted.
+            let aside = dir.join(format!(
+                "pre-restore-{}",
+                appliance_gateway::server::unix_now()
+            ));
+            for name in files.keys().filter(|n| *n != "manifest.json") {
+                let target = dir.join(name);
+                if target.exists() {
+                    let keep = aside.join(name);
+                    std::fs::create_dir_all(keep.parent().unwrap_or(&aside))?;
+                    std::fs::rename(&target, &keep)?;
+                }
+                for suffix in ["-wal", "-shm"] {
+                    let side = PathBuf::from(format!("{}{suffix}", target.display()));
+                    if side.exists() {
+                        let keep = aside.join(format!("{name}{suffix}"));
+                        std::fs::create_dir_all(keep.parent().unwrap_or(&aside))?;
+                        std::fs::rename(&side, &keep)?;
+                    }
+                }
+            }
+            for (name, b) in files.iter().filter(|(n, _)| *n != "manifest.json") {
+                let target = dir.join(name);
+                if let Some(p) = target.parent() {
+                    std::fs::create_dir_all(p)?;
+                }
+                write_private(&target, b)?;
+            }
+            drop(lock);
+            record(&dir, "backup.restore", 200, summary.clone());
+            println!(
+                "restored: {summary}; the replaced files are in {}",
+                aside.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("partial");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -270,6 +270,28 @@ fn setup_login_keys_audit_and_logout() {
     // The key works against the API at once; the request appears on the audit page.
     let api = |key: &str| api_status(&s, key);
     assert_eq!(api(&secret), "200");
+    // Usage accounting: on the keys page (24-hour sparkline, 30-day totals) and as CSV.
+    let p = admin.get("/keys");
+    let row = p
+        .body
+        .split(&format!("<code>{key_id}</code>"))
+        .nth(1)
+        .unwrap_or("");
+    assert!(
+        row.contains("1 in all") && row.contains("</svg> 1 / 0"),
+        "{row}"
+    );
+    let csv = admin.get("/keys/usage.csv?days=2");
+    assert!(csv.header("content-type").starts_with("text/csv"));
+    let line = csv
+        .body
+        .lines()
+        .find(|l| l.contains(&key_id))
+        .unwrap_or_else(|| panic!("{}", csv.body));
+    assert!(
+        line.contains("\"radiology\"") && line.ends_with(",1,0,0"),
+        "{line}"
+    );
     let p = admin.get(&format!("/audit?key={key_id}"));
     assert!(
         p.body.contains("radiology / ") && p.body.contains("models.list"),
@@ -305,6 +327,7 @@ fn setup_login_keys_audit_and_logout() {
         "tenant.create",
         "key.create",
         "key.revoke",
+        "usage.export",
         "audit.verify",
         "audit.read",
         "console.logout",

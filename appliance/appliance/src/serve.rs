@@ -499,6 +499,19 @@ async fn serve(a: ServeArgs) -> Result<()> {
         })
     });
 
+    // Usage accounting: the gateway counts, the store keeps hourly rows.
+    let usage_task = {
+        let (gateway, store) = (gateway.clone(), store.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                if let Err(e) = store.add_usage(&gateway.take_usage()).await {
+                    log::warn!("usage accounting: {e}");
+                }
+            }
+        })
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let console_task = match (console, console_listener) {
         (Some(c), Some(l)) => {
@@ -537,6 +550,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     }
     if let Some(t) = console_task {
         let _ = t.await;
+    }
+    usage_task.abort();
+    if let Err(e) = store.add_usage(&gateway.take_usage()).await {
+        log::warn!("usage accounting: {e}");
     }
     log::info!("stopping workers");
     daemon.supervisor.shutdown().await;

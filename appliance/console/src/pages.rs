@@ -434,6 +434,53 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
             keys(c, v, flash, None).await
         }
         "/keys/rotate" if post => key_rotate(c, r, v).await,
+        "/keys/usage.csv" if !post => {
+            let days: i64 = r
+                .q("days")
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(31)
+                .clamp(1, 3660);
+            if let Err(e) = c
+                .record(
+                    Some(v.user),
+                    r.peer,
+                    "usage.export",
+                    200,
+                    None,
+                    Some(format!("{days} days")),
+                )
+                .await
+            {
+                return keys(c, v, Flash::Error(e), None).await;
+            }
+            let _ = c.store.add_usage(&c.gateway.take_usage()).await;
+            let since = now().div_euclid(3600) - days * 24;
+            let mut csv = String::from(
+                "hour_utc,tenant,key_id,model,requests,prompt_tokens,completion_tokens\n",
+            );
+            for u in c.store.usage(since).await.unwrap_or_default() {
+                let cell = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+                let _ = writeln!(
+                    csv,
+                    "{},{},{},{},{},{},{}",
+                    time(Some(u.hour * 3600)),
+                    cell(&u.tenant),
+                    cell(&u.key_id),
+                    cell(&u.model),
+                    u.requests,
+                    u.prompt_tokens,
+                    u.completion_tokens
+                );
+            }
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
+                .header(
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"usage.csv\"",
+                )
+                .body(Full::new(Bytes::from(csv)))
+                .unwrap_or_default()
+        }
         "/policy" if !post => policy(c, v, Flash::None, None, None).await,
         "/policy/apply" if post => policy_apply(c, r, v).await,
         "/policy/explain" if post => {
@@ -859,8 +906,8 @@ async fn models(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
 async fn keys(c: &Console, v: &Viewer<'_>, flash: Flash, secret: Option<(String, String)>) -> Resp {
     let tenants = c.store.tenants().await.unwrap_or_default();
     let all = c.store.keys(None).await.unwrap_or_default();
-    let usage = c.gateway.metrics_summary();
     let t = now();
+    let (day, month) = usage_by_key(c, t).await;
     let mut b = String::new();
     if let Some((id, text)) = secret {
         let _ = write!(
@@ -878,23 +925,23 @@ async fn keys(c: &Console, v: &Viewer<'_>, flash: Flash, secret: Option<(String,
                 .iter()
                 .filter(|k| k.tenant == tn.name && k.status(t) == "active")
                 .count();
+            let (req, tok) = all
+                .iter()
+                .filter(|k| k.tenant == tn.name)
+                .filter_map(|k| month.get(&k.id))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
             vec![
                 esc(&tn.name),
                 time(Some(tn.created_at)),
                 n.to_string(),
-                usage
-                    .tenants
-                    .get(&tn.name)
-                    .copied()
-                    .unwrap_or(0)
-                    .to_string(),
+                format!("{req} / {tok}"),
             ]
         })
         .collect();
     let _ = write!(
         b,
         "<section class=\"grid\"><div class=\"card\">{}<form method=\"post\" action=\"/keys/tenant\">{}{}<p><button type=\"submit\">Create tenant</button></p></form></div>",
-        table("Tenants", &["Tenant", "Created", "Active keys", "Requests (since start)"], &trows),
+        table("Tenants", &["Tenant", "Created", "Active keys", "30 days: requests / tokens"], &trows),
         csrf_field(v.csrf),
         field("name", "New tenant name", "text", "", "required")
     );
@@ -927,7 +974,8 @@ async fn keys(c: &Console, v: &Viewer<'_>, flash: Flash, secret: Option<(String,
             } else {
                 String::new()
             };
-            let (req, tok) = usage.keys.get(&k.id).copied().unwrap_or((0, 0));
+            let (req, tok) = month.get(&k.id).copied().unwrap_or((0, 0));
+            let hours = day.get(&k.id).cloned().unwrap_or_default();
             vec![
                 format!("<code>{}</code>", esc(&k.id)),
                 esc(&k.tenant),
@@ -941,7 +989,7 @@ async fn keys(c: &Console, v: &Viewer<'_>, flash: Flash, secret: Option<(String,
                     .as_ref()
                     .map(|m| m.join(", "))
                     .unwrap_or_else(|| "all".into())),
-                format!("{req} / {tok}"),
+                format!("{} {req} / {tok}", sparkline(&hours, &k.id)),
                 actions,
             ]
         })
@@ -962,7 +1010,52 @@ async fn keys(c: &Console, v: &Viewer<'_>, flash: Flash, secret: Option<(String,
         ],
         &krows,
     ));
+    b.push_str("<p><a href=\"/keys/usage.csv?days=31\">Download usage by hour, tenant, key and model (CSV, last 31 days)</a></p>");
     ok_page("Tenants & keys", v, flash, &b)
+}
+
+/// Per key: requests in each of the last 24 hours, and (requests, tokens) over 30 days.
+/// What the gateway counted since the last flush is added to the store first.
+#[allow(clippy::type_complexity)]
+async fn usage_by_key(
+    c: &Console,
+    now_s: i64,
+) -> (
+    std::collections::HashMap<String, Vec<i64>>,
+    std::collections::HashMap<String, (i64, i64)>,
+) {
+    let _ = c.store.add_usage(&c.gateway.take_usage()).await;
+    let hour = now_s.div_euclid(3600);
+    let rows = c.store.usage(hour - 24 * 30).await.unwrap_or_default();
+    let mut day: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    let mut month: std::collections::HashMap<String, (i64, i64)> = Default::default();
+    for u in rows {
+        let m = month.entry(u.key_id.clone()).or_default();
+        m.0 += u.requests;
+        m.1 += u.prompt_tokens + u.completion_tokens;
+        let back = hour - u.hour;
+        if (0..24).contains(&back) {
+            day.entry(u.key_id).or_insert_with(|| vec![0; 24])[(23 - back) as usize] += u.requests;
+        }
+    }
+    (day, month)
+}
+
+/// Requests per hour over the last 24 hours as a small inline SVG (no script).
+fn sparkline(hours: &[i64], key: &str) -> String {
+    let max = hours.iter().copied().max().unwrap_or(0).max(1) as f64;
+    let points: Vec<String> = (0..24)
+        .map(|i| {
+            let v = hours.get(i).copied().unwrap_or(0) as f64;
+            format!("{},{:.1}", i * 4, 18.0 - v / max * 16.0)
+        })
+        .collect();
+    format!(
+        "<svg class=\"spark\" viewBox=\"0 0 92 20\" role=\"img\" aria-label=\"Requests per hour for key {}, last 24 hours: {} in all\"><polyline points=\"{}\"/></svg>",
+        esc(key),
+        hours.iter().sum::<i64>(),
+        points.join(" ")
+    )
 }
 
 fn opt_u32(s: &str, what: &str) -> Result<Option<u32>, String> {

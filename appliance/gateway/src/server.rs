@@ -196,6 +196,11 @@ pub struct Gateway {
     pub(crate) keys: Arc<KeyTable>,
     models: std::sync::RwLock<Vec<Arc<ModelRoute>>>,
     pub(crate) metrics: Metrics,
+    /// (hour, tenant, key, model) → (requests, prompt tokens, completion tokens) not yet
+    /// in the store.
+    #[allow(clippy::type_complexity)]
+    usage:
+        std::sync::Mutex<std::collections::HashMap<(i64, String, String, String), (i64, i64, i64)>>,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     pub(crate) hard_stop: watch::Sender<bool>,
@@ -386,6 +391,7 @@ impl Gateway {
             keys,
             models: std::sync::RwLock::new(models),
             metrics: Metrics::default(),
+            usage: Default::default(),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             hard_stop,
@@ -417,6 +423,25 @@ impl Gateway {
             Ok(mut p) => *p = state,
             Err(e) => *e.into_inner() = state,
         }
+    }
+
+    /// The usage counted since the last call (for the daemon to add to the store).
+    pub fn take_usage(&self) -> Vec<appliance_store::Usage> {
+        let taken = std::mem::take(&mut *self.usage.lock().unwrap_or_else(|e| e.into_inner()));
+        taken
+            .into_iter()
+            .map(
+                |((hour, tenant, key_id, model), (requests, p, c))| appliance_store::Usage {
+                    hour,
+                    tenant,
+                    key_id,
+                    model,
+                    requests,
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                },
+            )
+            .collect()
     }
 
     /// Totals for the console's dashboard.
@@ -583,6 +608,22 @@ impl Gateway {
         );
         if let (Some((p, c)), Some(key), Some(model)) = (usage, &ctx.key, &ctx.model) {
             self.metrics.tokens(tenant, key, model, p, c);
+        }
+        if let (Some(t), Some(k)) = (&ctx.tenant, &ctx.key) {
+            let (p, c) = usage.unwrap_or((0, 0));
+            let hour = unix_now().div_euclid(3600);
+            let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+            let e = u
+                .entry((
+                    hour,
+                    t.clone(),
+                    k.clone(),
+                    ctx.model.clone().unwrap_or_else(|| "-".into()),
+                ))
+                .or_default();
+            e.0 += 1;
+            e.1 += p as i64;
+            e.2 += c as i64;
         }
         let (p, c) = usage.unwrap_or((0, 0));
         let key = ctx.key.as_deref().unwrap_or("-");

@@ -76,7 +76,25 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "console users",
         include_str!("../migrations/0004_console_users.sql"),
     ),
+    (
+        5,
+        "usage accounting",
+        include_str!("../migrations/0005_usage.sql"),
+    ),
 ];
+
+/// Requests and tokens of one hour, tenant, key and model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// Unix time / 3600.
+    pub hour: i64,
+    pub tenant: String,
+    pub key_id: String,
+    pub model: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
 
 /// The console users' columns, in `user_from_row`'s order, then `$tail`.
 macro_rules! user_select {
@@ -758,6 +776,58 @@ impl Store {
         Ok(locked)
     }
 
+    /// Adds counts to the hourly usage table (one transaction).
+    pub async fn add_usage(&self, rows: &[Usage]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for u in rows {
+            sqlx::query(
+                "INSERT INTO usage_hourly (hour, tenant, key_id, model, requests, prompt_tokens, completion_tokens)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (hour, tenant, key_id, model) DO UPDATE SET
+                   requests = requests + excluded.requests,
+                   prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                   completion_tokens = completion_tokens + excluded.completion_tokens",
+            )
+            .bind(u.hour)
+            .bind(&u.tenant)
+            .bind(&u.key_id)
+            .bind(&u.model)
+            .bind(u.requests)
+            .bind(u.prompt_tokens)
+            .bind(u.completion_tokens)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Usage rows from `since_hour` on, oldest first.
+    pub async fn usage(&self, since_hour: i64) -> Result<Vec<Usage>> {
+        let rows = sqlx::query(
+            "SELECT hour, tenant, key_id, model, requests, prompt_tokens, completion_tokens
+             FROM usage_hourly WHERE hour >= ? ORDER BY hour, tenant, key_id, model",
+        )
+        .bind(since_hour)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Usage {
+                hour: r.get(0),
+                tenant: r.get(1),
+                key_id: r.get(2),
+                model: r.get(3),
+                requests: r.get(4),
+                prompt_tokens: r.get(5),
+                completion_tokens: r.get(6),
+            })
+            .collect())
+    }
+
     /// A consistent copy of the database at `path` (SQLite `VACUUM INTO`), taken while
     /// others keep using it.
     pub async fn snapshot(&self, path: &Path) -> Result<()> {
@@ -835,7 +905,7 @@ mod tests {
     async fn tenants_keys_revoke_rotate() {
         let path = tmp("basic");
         let s = Store::open(&path).await.unwrap();
-        assert_eq!(s.schema_version().await.unwrap(), 4);
+        assert_eq!(s.schema_version().await.unwrap(), 5);
         s.create_tenant("acme", 100).await.unwrap();
         assert!(matches!(
             s.create_tenant("acme", 101).await,

@@ -726,3 +726,107 @@ fn backups_download_verify_and_restore() {
         .any(|r| r["action"] == "backup.create" && r["user"] == "alice"));
     assert!(all.iter().any(|r| r["action"] == "backup.restore"));
 }
+
+#[test]
+fn the_sites_certificate_replaces_the_self_signed_one_while_running() {
+    let s = Server::start("console-cert", &["--console-listen", "127.0.0.1:0"]);
+    let port = console_port(&s);
+    let mut admin = set_up(&s, port);
+    let make = |name: &str| {
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=site.example",
+            ])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(s.dir.join(format!("{name}-key.pem")))
+            .arg("-out")
+            .arg(s.dir.join(format!("{name}-cert.pem")))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        (
+            std::fs::read_to_string(s.dir.join(format!("{name}-cert.pem"))).unwrap(),
+            std::fs::read_to_string(s.dir.join(format!("{name}-key.pem"))).unwrap(),
+        )
+    };
+    let (cert, key) = make("site");
+    let (_, other_key) = make("other");
+    admin.get("/system");
+    let p = admin.post(
+        "/system/certificate",
+        &[("cert", &cert), ("key", &other_key)],
+    );
+    assert!(p.body.contains("does not belong"), "{}", p.body);
+    let p = admin.post(
+        "/system/certificate",
+        &[("cert", &cert), ("key", "not a key")],
+    );
+    assert!(p.body.contains("private key"), "{}", p.body);
+    let old_cert = s.cert();
+    let old = std::fs::read(&old_cert).unwrap();
+    let p = admin.post("/system/certificate", &[("cert", &cert), ("key", &key)]);
+    assert!(p.body.contains("new certificate is in use"), "{}", p.body);
+    // New connections get it, on the API and on the console; the old one is refused.
+    let site = s.dir.join("site-cert.pem");
+    let status = |ca: &std::path::Path, url: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--noproxy",
+                "*",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+            ])
+            .arg(ca)
+            .arg(url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(status(&site, &s.url("/healthz")), "200");
+    assert_eq!(
+        status(&site, &format!("https://127.0.0.1:{port}/login")),
+        "200"
+    );
+    let old_copy = s.dir.join("old-cert.pem");
+    std::fs::write(&old_copy, &old).unwrap();
+    assert_eq!(
+        status(&old_copy, &s.url("/healthz")),
+        "000",
+        "the old certificate is gone"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.cert()).unwrap(),
+        cert,
+        "kept for the next start"
+    );
+    assert!(!s.dir.join("tls/generated-for.txt").exists());
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let replaced: Vec<u64> = all
+        .iter()
+        .filter(|r| r["action"] == "certificate.replace")
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        replaced,
+        [400, 400, 200],
+        "each refusal and the replacement"
+    );
+}

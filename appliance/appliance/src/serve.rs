@@ -219,7 +219,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
         (None, None) => tls::ensure_self_signed(&dir, &tls::host_names())?,
         _ => bail!("TLS: give both a certificate and a key, or neither (self-signed)"),
     };
-    let tls_config = tls::server_config(&tls_files)?;
+    let (tls_config, live_cert) = tls::server_config(&tls_files)?;
+    // The console may replace the certificate only when it is the data directory's own
+    // (self-signed or placed there), not one the configuration names.
+    let cert_in_data_dir = tls_files.cert == dir.join("tls").join("cert.pem");
 
     let listen = a.api_listen.unwrap_or(file.api.listen);
     let listener = TcpListener::bind(listen)
@@ -427,6 +430,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
                 gateway: gateway.clone(),
                 auditor: auditor.clone(),
                 admin: admin_link.clone(),
+                live_cert: live_cert.clone(),
+                cert_in_data_dir,
             });
             let c = appliance_console::Console::new(
                 store.clone(),
@@ -980,6 +985,8 @@ struct ConsoleOps {
     gateway: Arc<Gateway>,
     auditor: Auditor,
     admin: Arc<AdminLink>,
+    live_cert: Arc<tls::LiveCert>,
+    cert_in_data_dir: bool,
 }
 
 impl appliance_console::Ops for ConsoleOps {
@@ -1076,6 +1083,43 @@ impl appliance_console::Ops for ConsoleOps {
                 Err(e) => Err(format!("the import stopped: {e}")),
             }
         })
+    }
+
+    fn replace_certificate(&self, cert_pem: String, key_pem: String) -> Result<String, String> {
+        if !self.cert_in_data_dir {
+            return Err("The certificate comes from --tls-cert/--tls-key or [tls] in appliance.toml; change it there and restart.".into());
+        }
+        let ck = tls::certified_key(
+            cert_pem.as_bytes(),
+            key_pem.as_bytes(),
+            "the new certificate",
+        )?;
+        let tls_dir = self.dir.join("tls");
+        let write = |name: &str, text: &str| -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = tls_dir.join(name);
+            if path.exists() {
+                std::fs::copy(&path, tls_dir.join(format!("{name}.previous")))?;
+            }
+            let tmp = tls_dir.join(format!("{name}.new"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write("key.pem", &key_pem)
+            .and_then(|()| write("cert.pem", &cert_pem))
+            .map_err(|e| format!("writing the certificate: {e}"))?;
+        // The site's own from now on: never regenerated.
+        let _ = std::fs::remove_file(tls_dir.join("generated-for.txt"));
+        self.live_cert.replace(ck);
+        Ok("The new certificate is in use for new connections (API and console); the previous one is kept as tls/cert.pem.previous.".into())
     }
 
     fn backup(&self, passphrase: String) -> appliance_console::OpsFuture<Result<Vec<u8>, String>> {

@@ -102,6 +102,9 @@ pub trait Ops: Send + Sync {
     ) -> OpsFuture<Result<String, String>>;
     /// Removes a model that is not loaded.
     fn remove_model(&self, name: String) -> OpsFuture<Result<String, String>>;
+    /// Replaces the certificate of the API and console listeners (PEM chain and key,
+    /// checked to belong together), for new connections at once and after restarts.
+    fn replace_certificate(&self, cert_pem: String, key_pem: String) -> Result<String, String>;
     /// An encrypted backup of the appliance's state (`appliance backup` format).
     fn backup(&self, passphrase: String) -> OpsFuture<Result<Vec<u8>, String>>;
 }

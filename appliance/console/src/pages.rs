@@ -583,6 +583,41 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
             users(c, v, flash).await
         }
         "/system" if !post => system(c, v, Flash::None).await,
+        "/system/certificate" if post => {
+            let (cert, key) = (
+                r.f("cert").replace("\r\n", "\n"),
+                r.f("key").replace("\r\n", "\n"),
+            );
+            // Checked first; recorded before anything changes.
+            if let Err(e) = appliance_gateway::tls::certified_key(
+                cert.as_bytes(),
+                key.as_bytes(),
+                "the new certificate",
+            ) {
+                let _ = c
+                    .record(
+                        Some(v.user),
+                        r.peer,
+                        "certificate.replace",
+                        400,
+                        None,
+                        Some(e.clone()),
+                    )
+                    .await;
+                return system(c, v, Flash::Error(e)).await;
+            }
+            if let Err(e) = c
+                .record(Some(v.user), r.peer, "certificate.replace", 200, None, None)
+                .await
+            {
+                return system(c, v, Flash::Error(e)).await;
+            }
+            let flash = match c.ops.replace_certificate(cert, key) {
+                Ok(m) => Flash::Ok(m),
+                Err(e) => Flash::Error(e),
+            };
+            system(c, v, flash).await
+        }
         "/system/backup" if post => {
             let pass = r.f("passphrase").to_string();
             if pass.chars().count() < password::MIN_LENGTH {
@@ -1809,7 +1844,7 @@ async fn system(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
     let up = c.started.elapsed().as_secs();
     let b = format!(
         "<section class=\"grid\"><div class=\"card\"><h2>Appliance</h2><dl><dt>Version</dt><dd>{}</dd><dt>Up for</dt><dd>{}h {}m</dd><dt>Data directory</dt><dd><code>{}</code></dd></dl></div>\
-<div class=\"card\"><h2>Certificate</h2><dl><dt>File</dt><dd><code>{}</code></dd><dt>SHA-256 fingerprint</dt><dd><code class=\"wrap\">{}</code></dd></dl><p class=\"hint\">To use the site's own certificate, start the daemon with <code>--tls-cert</code> and <code>--tls-key</code> (or <code>[tls]</code> in appliance.toml).</p></div>\
+<div class=\"card\"><h2>Certificate</h2><dl><dt>File</dt><dd><code>{}</code></dd><dt>SHA-256 fingerprint</dt><dd><code class=\"wrap\">{}</code></dd></dl><form method=\"post\" action=\"/system/certificate\">{}<p class=\"field\"><label for=\"f-cert\">The site's certificate chain (PEM)</label><textarea id=\"f-cert\" name=\"cert\" rows=\"5\" spellcheck=\"false\" required></textarea></p><p class=\"field\"><label for=\"f-key\">Its private key (PEM)</label><textarea id=\"f-key\" name=\"key\" rows=\"4\" spellcheck=\"false\" required></textarea></p><p><button type=\"submit\">Replace the certificate</button></p></form></div>\
 <div class=\"card\"><h2>Audit public key</h2><pre class=\"wrap\">{}</pre></div></section>{}",
         env!("CARGO_PKG_VERSION"),
         up / 3600,
@@ -1817,6 +1852,7 @@ async fn system(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
         esc(&c.data_dir.display().to_string()),
         esc(&c.tls_cert.display().to_string()),
         fingerprint,
+        csrf_field(v.csrf),
         esc(&c.ops.audit_public_key()),
         table("Data directory usage", &["Part", "Path", "Size"], &rows)
     );

@@ -188,41 +188,100 @@ fn generate(names: &BTreeSet<String>) -> Result<(String, String), TlsError> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// A rustls server configuration from PEM files.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let pem = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e: rustls::pki_types::pem::Error| TlsError::Pem {
-            path,
-            message: e.to_string(),
-        }
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(pem(&files.cert))?
-        .collect::<Result<_, _>>()
-        .map_err(pem(&files.cert))?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem {
-            path: files.cert.clone(),
-            message: "no certificate in the file".into(),
-        });
+/// The certificate the listeners present, replaceable while they run (the console's
+/// certificate page): every handshake after a replacement gets the new one.
+#[derive(Debug)]
+pub struct LiveCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl LiveCert {
+    pub fn replace(&self, key: Arc<rustls::sign::CertifiedKey>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(pem(&files.key))?;
+}
+
+impl rustls::server::ResolvesServerCert for LiveCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// A certificate chain and its private key from PEM text, checked to belong together.
+/// `what` names the source in errors.
+pub fn certified_key(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    what: &str,
+) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{what}: the certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what}: no certificate in the PEM text"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("{what}: the private key: {e}"))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("{what}: the private key: {e}"))?;
+    let ck = rustls::sign::CertifiedKey::new(certs, signing);
+    ck.keys_match()
+        .map_err(|e| format!("{what}: the key does not belong to the certificate ({e})"))?;
+    Ok(Arc::new(ck))
+}
+
+/// A rustls server configuration from PEM files, and the handle that replaces its
+/// certificate.
+pub fn server_config(
+    files: &TlsFiles,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<LiveCert>), TlsError> {
+    let read = |path: &Path| std::fs::read(path).map_err(io(path));
+    let cert = read(&files.cert)?;
+    let certs: Result<Vec<CertificateDer<'static>>, _> =
+        CertificateDer::pem_slice_iter(&cert).collect();
+    match certs {
+        Ok(c) if !c.is_empty() => {}
+        Ok(_) => {
+            return Err(TlsError::Pem {
+                path: files.cert.clone(),
+                message: "no certificate in the file".into(),
+            })
+        }
+        Err(e) => {
+            return Err(TlsError::Pem {
+                path: files.cert.clone(),
+                message: e.to_string(),
+            })
+        }
+    }
+    let key = read(&files.key)?;
+    let what = format!("{} / {}", files.cert.display(), files.key.display());
+    let ck = certified_key(&cert, &key, &what).map_err(|message| TlsError::Pem {
+        path: files.cert.clone(),
+        message,
+    })?;
+    let live = Arc::new(LiveCert {
+        current: std::sync::RwLock::new(ck),
+    });
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            TlsError::Config(format!(
-                "{} / {}: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .with_cert_resolver(live.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok((Arc::new(cfg), live))
 }
 
 #[cfg(test)]

@@ -359,10 +359,17 @@ pub fn run(cmd: BackupCmd) -> Result<()> {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes a file only the daemon's user may read (0600), atomically (a temporary file,
+/// synced, then renamed).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("partial");
+    // Hidden while partial: folders read as a whole (credentials) skip dot files.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.partial"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

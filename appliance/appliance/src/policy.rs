@@ -237,8 +237,7 @@ fn corpus(bytes: usize) -> Vec<String> {
 pub fn run(cmd: PolicyCmd) -> Result<()> {
     match cmd {
         PolicyCmd::CredentialSet { name, data } => {
-            use std::io::{Read, Write};
-            use std::os::unix::fs::OpenOptionsExt;
+            use std::io::Read;
             if name.is_empty()
                 || name.starts_with('.')
                 || !name
@@ -260,17 +259,7 @@ pub fn run(cmd: PolicyCmd) -> Result<()> {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&cdir, std::fs::Permissions::from_mode(0o700))?;
             }
-            let path = cdir.join(&name);
-            let tmp = cdir.join(format!(".{name}.new"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(secret.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
+            crate::backup::write_private(&cdir.join(&name), secret.as_bytes())?;
             let mut r = Record::action("credential.set", 200);
             r.resource = Some(format!("credential:{name}"));
             tokio::runtime::Builder::new_current_thread()

@@ -1095,27 +1095,16 @@ impl appliance_console::Ops for ConsoleOps {
             "the new certificate",
         )?;
         let tls_dir = self.dir.join("tls");
-        let write = |name: &str, text: &str| -> std::io::Result<()> {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
+        let write = |name: &str, text: &str| -> Result<()> {
             let path = tls_dir.join(name);
             if path.exists() {
                 std::fs::copy(&path, tls_dir.join(format!("{name}.previous")))?;
             }
-            let tmp = tls_dir.join(format!("{name}.new"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            crate::backup::write_private(&path, text.as_bytes())
         };
         write("key.pem", &key_pem)
             .and_then(|()| write("cert.pem", &cert_pem))
-            .map_err(|e| format!("writing the certificate: {e}"))?;
+            .map_err(|e| format!("writing the certificate: {e:#}"))?;
         // The site's own from now on: never regenerated.
         let _ = std::fs::remove_file(tls_dir.join("generated-for.txt"));
         self.live_cert.replace(ck);

@@ -551,21 +551,18 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     };
-    // A path that is not there: a clear failure, recorded.
+    // A path that is not there: refused at once, nothing started.
     let p = admin.post(
         "/models/import",
         &[("path", "/nonexistent/model.gguf"), ("name", "ghost")],
     );
-    assert!(p.body.contains("Import started"), "{}", p.body);
-    let v = wait(&mut admin);
-    assert_eq!(v["ok"], false, "{v}");
     assert!(
-        v["message"]
-            .as_str()
-            .unwrap()
-            .contains("/nonexistent/model.gguf"),
-        "{v}"
+        p.body
+            .contains("/nonexistent/model.gguf is not a file or bundle folder"),
+        "{}",
+        p.body
     );
+    assert_eq!(admin.get("/models/progress").body, "{\"active\":false}");
     // The real file, under a new name.
     let model = model().display().to_string();
     let p = admin.post(
@@ -598,7 +595,7 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
         .filter(|r| r["action"] == "model.import")
         .map(|r| r["status"].as_u64().unwrap())
         .collect();
-    assert_eq!(imports, [400, 200]);
+    assert_eq!(imports, [200]);
     assert!(all
         .iter()
         .any(|r| r["action"] == "model.remove" && r["user"] == "alice"));

@@ -396,7 +396,7 @@ pub fn run(cmd: AuditCmd) -> Result<()> {
 }
 
 /// A fresh checkpoint: from the daemon, or signed here when none runs.
-async fn checkpoint(dir: &Path) -> Result<String> {
+pub(crate) async fn checkpoint(dir: &Path) -> Result<String> {
     if let Some(reply) = ask_daemon(dir, "checkpoint").await {
         let Some(json) = reply.strip_prefix("ok ") else {
             bail!("the daemon could not sign a checkpoint: {reply}");

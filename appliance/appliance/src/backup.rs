@@ -83,6 +83,26 @@ fn key_of(passphrase: &str, salt: &[u8]) -> Result<ring::aead::LessSafeKey> {
     Ok(ring::aead::LessSafeKey::new(unbound))
 }
 
+/// 64 random bits as hex, for work folders no one can guess or share.
+fn unique() -> String {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    appliance_gateway::keys::hex(&b)
+}
+
+/// Whether a backup may hold a file of this name (and restore may write it).
+fn allowed(name: &str) -> bool {
+    name == "manifest.json"
+        || FILES.contains(&name)
+        || DATABASES.contains(&name)
+        || name.strip_prefix("policy/credentials/").is_some_and(|n| {
+            !n.is_empty()
+                && !n.starts_with('.')
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+        })
+}
+
 fn sha256_hex(b: &[u8]) -> String {
     appliance_gateway::keys::hex(&appliance_audit::merkle::sha256_of(b))
 }
@@ -95,6 +115,9 @@ pub async fn create_bytes(dir: &Path, passphrase: &str) -> Result<Vec<u8>> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("audit"))?;
     let result = async {
+        // A fresh signed checkpoint first: the backup's log is then signed to its end
+        // (a restore refuses a log with unsigned records).
+        crate::audit::checkpoint(dir).await?;
         let store = appliance_store::Store::open(&DataDir::db(dir)).await?;
         store.snapshot(&work.join("appliance.db")).await?;
         store.close().await;
@@ -192,8 +215,8 @@ pub async fn open_verified(
     for e in archive.entries()? {
         let mut e = e?;
         let name = e.path()?.to_string_lossy().into_owned();
-        if name.contains("..") || name.starts_with('/') {
-            bail!("the backup names a file outside the data directory: {name}");
+        if !allowed(&name) || !e.header().entry_type().is_file() {
+            bail!("the backup holds {name:?}, which no backup holds");
         }
         let mut b = vec![];
         e.read_to_end(&mut b)?;
@@ -224,9 +247,14 @@ pub async fn open_verified(
         }
     }
     // Its audit log must verify against its own key and checkpoints.
-    let tmp = std::env::temp_dir().join(format!("appliance-backup-check-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(tmp.join("audit"))?;
+    let tmp = std::env::temp_dir().join(format!("appliance-backup-check-{}", unique()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(tmp.join("audit"))?;
+    }
     let check = async {
         for name in ["audit/audit.db", "audit/public.key"] {
             let b = files
@@ -381,4 +409,33 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_appliances_own_files_may_be_in_a_backup() {
+        for ok in [
+            "manifest.json",
+            "appliance.db",
+            "audit/audit.db",
+            "tls/key.pem",
+            "policy/credentials/cloud",
+        ] {
+            assert!(allowed(ok), "{ok}");
+        }
+        for bad in [
+            "models/sha256/ab",
+            "run/control.sock",
+            "../etc/passwd",
+            "policy/credentials/../../x",
+            "policy/credentials/.hidden",
+            "policy/credentials/",
+            "audit/audit.db-wal",
+        ] {
+            assert!(!allowed(bad), "{bad}");
+        }
+    }
 }

@@ -150,6 +150,8 @@ pub struct Console {
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     setup: Mutex<Option<SetupToken>>,
     pub(crate) import: Arc<Mutex<Option<Import>>>,
+    /// Concurrent password checks (Argon2 takes 19 MiB and ~50 ms each).
+    pub(crate) argon: tokio::sync::Semaphore,
 }
 
 pub(crate) fn random_hex(bytes: usize) -> String {
@@ -353,6 +355,7 @@ impl Console {
             sessions: Mutex::new(HashMap::new()),
             setup: Mutex::new(None),
             import: Arc::new(Mutex::new(None)),
+            argon: tokio::sync::Semaphore::new(4),
         })
     }
 
@@ -413,8 +416,9 @@ impl Console {
         id
     }
 
-    /// The session of a cookie, if it is live (and marks it used).
-    fn session(&self, id: &str) -> Option<(String, Role, String)> {
+    /// The session of a cookie, if it is live (and, unless `poll`, marks it used: a page
+    /// polling in the background must not keep an unattended session alive).
+    fn session(&self, id: &str, poll: bool) -> Option<(String, Role, String)> {
         let key = sha256(id);
         let now = Instant::now();
         let mut s = lock(&self.sessions);
@@ -426,7 +430,9 @@ impl Console {
             return None;
         }
         let v = s.get_mut(&key)?;
-        v.last = now;
+        if !poll {
+            v.last = now;
+        }
         Some((v.user.clone(), v.role, v.csrf.clone()))
     }
 
@@ -449,10 +455,11 @@ impl Console {
         resource: Option<String>,
         detail: Option<String>,
     ) -> Result<(), String> {
+        let cap = |s: &str| s.chars().take(200).collect::<String>();
         let mut r = Record::action(action, status);
-        r.user = user.map(str::to_string);
+        r.user = user.map(cap);
         r.source = Some(peer.ip().to_string());
-        r.resource = resource;
+        r.resource = resource.as_deref().map(cap);
         r.detail = detail.map(|d| d.chars().take(200).collect());
         if status >= 400 {
             r.error = Some("refused".into());
@@ -487,9 +494,14 @@ impl Console {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-            let bytes = match Limited::new(body, MAX_FORM).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => {
+            let read = tokio::time::timeout(
+                Duration::from_secs(30),
+                Limited::new(body, MAX_FORM).collect(),
+            )
+            .await;
+            let bytes = match read {
+                Ok(Ok(b)) => b.to_bytes(),
+                _ => {
                     return html(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         html::frame(
@@ -521,7 +533,8 @@ impl Console {
             Access::Roles(roles) => roles,
         };
         let session_id = r.cookies.get(SESSION_COOKIE).cloned().unwrap_or_default();
-        let Some((user, role, csrf)) = self.session(&session_id) else {
+        let poll = r.path == "/api/stats" || r.path == "/models/progress";
+        let Some((user, role, csrf)) = self.session(&session_id, poll) else {
             if r.method == Method::GET && r.path != "/api/stats" {
                 return redirect("/login");
             }
@@ -571,10 +584,11 @@ impl Console {
             path: &r.path,
         };
         if r.path == "/logout" && r.method == Method::POST {
-            self.end_session(&session_id);
+            // Recorded first; the session ends whatever happens to the record.
             let _ = self
                 .record(Some(&user), r.peer, "console.logout", 200, None, None)
                 .await;
+            self.end_session(&session_id);
             return with_cookie(redirect("/login"), SESSION_COOKIE, "", true);
         }
         pages::route(&self, &r, &viewer).await
@@ -621,8 +635,13 @@ impl Console {
                         Ok::<_, std::convert::Infallible>(secure(console.handle(req, peer).await))
                     }
                 });
-                let builder =
+                let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+                // A client that sends nothing (or trickles its headers) is dropped.
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10));
                 let conn = builder.serve_connection(TokioIo::new(tls), service);
                 let _ = tokio::time::timeout(Duration::from_secs(600), conn).await;
             });

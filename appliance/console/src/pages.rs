@@ -115,6 +115,9 @@ async fn login_post(c: &Console, r: &Req) -> Resp {
     }
     let name = r.f("user").trim().to_string();
     let pw = r.f("password").to_string();
+    // A few Argon2 checks at a time (bounded memory and CPU); the account's state is
+    // read inside the permit, so parallel guesses cannot all pass a stale "not locked".
+    let _permit = c.argon.acquire().await;
     let user = if valid_name(&name) {
         c.store.user(&name).await.ok().flatten()
     } else {
@@ -130,14 +133,24 @@ async fn login_post(c: &Console, r: &Req) -> Resp {
         .await
         .unwrap_or(false);
     let Some(u) = user.filter(|u| !u.disabled) else {
+        // The typed name is not recorded for an unknown user (it may be a password typed
+        // in the wrong field, and its length is the sender's choice).
+        let known = c.store.user(&name).await.ok().flatten().is_some();
         let _ = c
             .record(
-                Some(&name),
+                known.then_some(name.as_str()),
                 r.peer,
                 "console.login",
                 401,
                 None,
-                Some("unknown or disabled user".into()),
+                Some(
+                    if known {
+                        "disabled user"
+                    } else {
+                        "unknown user"
+                    }
+                    .into(),
+                ),
             )
             .await;
         return login_page(r, Flash::Error("Wrong user name or password.".into()));
@@ -196,6 +209,17 @@ async fn login_post(c: &Console, r: &Req) -> Resp {
                 )
                 .await;
         }
+        return login_page(r, Flash::Error("Wrong user name or password.".into()));
+    }
+    // Locked by parallel failures while this one was being checked: refused too.
+    let now_locked = c
+        .store
+        .user(&u.name)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|x| x.disabled || x.locked_until.is_some_and(|l| l > now()));
+    if now_locked {
         return login_page(r, Flash::Error("Wrong user name or password.".into()));
     }
     let Some(role) = Role::parse(&u.role) else {
@@ -388,21 +412,33 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
                     "A tenant name is 1 to 64 letters, digits, '.', '_', ':' or '-'.".into(),
                 )
             } else {
-                match c.store.create_tenant(&name, now()).await {
-                    Err(e) => Flash::Error(e.to_string()),
-                    Ok(_) => match c
-                        .record(
-                            Some(v.user),
-                            r.peer,
-                            "tenant.create",
-                            200,
-                            Some(format!("tenant:{name}")),
-                            None,
-                        )
-                        .await
-                    {
-                        Ok(()) => Flash::Ok(format!("Tenant {name} created.")),
-                        Err(e) => Flash::Error(e),
+                match c
+                    .record(
+                        Some(v.user),
+                        r.peer,
+                        "tenant.create",
+                        200,
+                        Some(format!("tenant:{name}")),
+                        None,
+                    )
+                    .await
+                {
+                    Err(e) => Flash::Error(e),
+                    Ok(()) => match c.store.create_tenant(&name, now()).await {
+                        Ok(_) => Flash::Ok(format!("Tenant {name} created.")),
+                        Err(e) => {
+                            let _ = c
+                                .record(
+                                    Some(v.user),
+                                    r.peer,
+                                    "tenant.create",
+                                    409,
+                                    Some(format!("tenant:{name}")),
+                                    Some(e.to_string()),
+                                )
+                                .await;
+                            Flash::Error(e.to_string())
+                        }
                     },
                 }
             };
@@ -411,25 +447,37 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
         "/keys/create" if post => key_create(c, r, v).await,
         "/keys/revoke" if post => {
             let id = r.f("id").to_string();
-            let flash = match c.store.revoke_key(&id, now()).await {
-                Err(e) => Flash::Error(e.to_string()),
-                Ok(k) => {
-                    let _ = c.gateway.keys().reload_if_changed().await;
-                    match c
-                        .record(
-                            Some(v.user),
-                            r.peer,
-                            "key.revoke",
-                            200,
-                            Some(format!("key:{id}")),
-                            Some(format!("tenant {}", k.tenant)),
-                        )
-                        .await
-                    {
-                        Ok(()) => Flash::Ok(format!("Key {id} revoked.")),
-                        Err(e) => Flash::Error(e),
+            let flash = match c
+                .record(
+                    Some(v.user),
+                    r.peer,
+                    "key.revoke",
+                    200,
+                    Some(format!("key:{id}")),
+                    None,
+                )
+                .await
+            {
+                Err(e) => Flash::Error(e),
+                Ok(()) => match c.store.revoke_key(&id, now()).await {
+                    Ok(_) => {
+                        let _ = c.gateway.keys().reload_if_changed().await;
+                        Flash::Ok(format!("Key {id} revoked."))
                     }
-                }
+                    Err(e) => {
+                        let _ = c
+                            .record(
+                                Some(v.user),
+                                r.peer,
+                                "key.revoke",
+                                404,
+                                Some(format!("key:{id}")),
+                                Some(e.to_string()),
+                            )
+                            .await;
+                        Flash::Error(e.to_string())
+                    }
+                },
             };
             keys(c, v, flash, None).await
         }
@@ -620,16 +668,8 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
         }
         "/system/backup" if post => {
             let pass = r.f("passphrase").to_string();
-            if pass.chars().count() < password::MIN_LENGTH {
-                return system(
-                    c,
-                    v,
-                    Flash::Error(format!(
-                        "The backup passphrase must be at least {} characters.",
-                        password::MIN_LENGTH
-                    )),
-                )
-                .await;
+            if let Some(why) = password::weakness("", &pass) {
+                return system(c, v, Flash::Error(format!("Backup passphrase: {why}"))).await;
             }
             if let Err(e) = c
                 .record(
@@ -789,11 +829,27 @@ async fn import_start(c: &Console, r: &Req, v: &Viewer<'_>) -> Flash {
             "A model name is 1 to 64 letters, digits, '.', '_', ':' or '-'.".into(),
         );
     }
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() || m.is_dir() => {}
+        _ => {
+            return Flash::Error(format!(
+                "{path} is not a file or bundle folder this appliance can read."
+            ))
+        }
+    }
+    let progress = std::sync::Arc::new(crate::Progress::default());
     {
-        let slot = crate::lock(&c.import);
+        // Checked and taken under one lock: never two imports at once.
+        let mut slot = crate::lock(&c.import);
         if slot.as_ref().is_some_and(|i| i.result.is_none()) {
             return Flash::Error("An import is already running; wait for it to finish.".into());
         }
+        *slot = Some(crate::Import {
+            source: path.clone(),
+            by: v.user.to_string(),
+            progress: progress.clone(),
+            result: None,
+        });
     }
     if let Err(e) = c
         .record(
@@ -806,15 +862,11 @@ async fn import_start(c: &Console, r: &Req, v: &Viewer<'_>) -> Flash {
         )
         .await
     {
+        if let Some(i) = crate::lock(&c.import).as_mut() {
+            i.result = Some(Err(e.clone()));
+        }
         return Flash::Error(e);
     }
-    let progress = std::sync::Arc::new(crate::Progress::default());
-    *crate::lock(&c.import) = Some(crate::Import {
-        source: path.clone(),
-        by: v.user.to_string(),
-        progress: progress.clone(),
-        result: None,
-    });
     let fut = c.ops.import_model(
         path.clone().into(),
         (!name.is_empty()).then_some(name),
@@ -1211,26 +1263,44 @@ async fn key_rotate(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
     let secret = appliance_gateway::keys::generate();
     let t = now();
     let new = old.successor(secret.id.clone(), secret.sha256.clone());
-    // The old key keeps working for a day, as with `appliance key rotate`.
+    // Recorded first (naming the new key), then done; the old key keeps working for a
+    // day, as with `appliance key rotate`.
+    let resource = format!("key:{id}");
+    if let Err(e) = c
+        .record(
+            Some(v.user),
+            r.peer,
+            "key.rotate",
+            200,
+            Some(resource.clone()),
+            Some(format!("replaced by {}", secret.id)),
+        )
+        .await
+    {
+        return keys(c, v, Flash::Error(e), None).await;
+    }
     let rec = match c.store.rotate_key(id, &new, t + 86_400, t).await {
         Ok(k) => k,
-        Err(e) => return keys(c, v, Flash::Error(e.to_string()), None).await,
+        Err(e) => {
+            let _ = c
+                .record(
+                    Some(v.user),
+                    r.peer,
+                    "key.rotate",
+                    409,
+                    Some(resource),
+                    Some(e.to_string()),
+                )
+                .await;
+            return keys(c, v, Flash::Error(e.to_string()), None).await;
+        }
     };
+    let _ = c.gateway.keys().reload_if_changed().await;
     let message = format!(
         "Key {id} replaced by {}; the old one works for 24 hours more.",
         rec.id
     );
-    let detail = format!("replaced by {}", rec.id);
-    publish_key(
-        c,
-        r,
-        v,
-        ("key.rotate", format!("key:{id}"), detail),
-        rec.id,
-        secret.text,
-        message,
-    )
-    .await
+    keys(c, v, Flash::Ok(message), Some((rec.id, secret.text))).await
 }
 
 fn policy_path(c: &Console) -> std::path::PathBuf {
@@ -1451,6 +1521,18 @@ async fn credential(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
     upstreams(c, v, flash).await
 }
 
+/// Percent-encodes a query-string component (everything but unreserved characters).
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM` (UTC) to unix milliseconds.
 fn parse_when(s: &str) -> Option<i64> {
     let s = s.trim();
@@ -1555,7 +1637,7 @@ async fn audit(c: &Console, r: &Req, v: &Viewer<'_>, flash: Flash) -> Resp {
                     format!(
                         "<span class=\"status s{}\">{}</span>",
                         rec["status"].as_u64().unwrap_or(0) / 100,
-                        rec["status"]
+                        rec["status"].as_u64().unwrap_or(0)
                     ),
                 ])
             })
@@ -1582,7 +1664,7 @@ async fn audit(c: &Console, r: &Req, v: &Viewer<'_>, flash: Flash) -> Resp {
             .query
             .iter()
             .filter(|(k, v)| *k != "before" && !v.is_empty())
-            .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
+            .map(|(k, v)| format!("{}={}", url_encode(k), url_encode(v)))
             .collect();
         q.push(format!("before={last}"));
         let _ = write!(
@@ -1877,6 +1959,7 @@ mod tests {
         );
         assert_eq!(parse_when("2026-13-01"), None);
         assert_eq!(parse_when("yesterday"), None);
+        assert_eq!(url_encode("a b&c=<d>é"), "a%20b%26c%3D%3Cd%3E%C3%A9");
         assert_eq!(parse_when("2026-11-22T11:37"), Some(1_795_347_420_000));
     }
 }

@@ -246,6 +246,17 @@ pub async fn open_verified(
             bail!("the backup lacks {db}");
         }
     }
+    // Its signing key and public key belong together.
+    if let (Some(sk), Some(pk)) = (
+        files.get("audit/signing.key"),
+        files.get("audit/public.key"),
+    ) {
+        let signer = appliance_audit::note::Signer::from_text(&String::from_utf8_lossy(sk))
+            .map_err(|e| anyhow::anyhow!("the backup's audit signing key: {e}"))?;
+        if String::from_utf8_lossy(pk).trim() != signer.verifier().to_string() {
+            bail!("the backup's audit signing key and public key do not belong together");
+        }
+    }
     // Its audit log must verify against its own key and checkpoints.
     let tmp = std::env::temp_dir().join(format!("appliance-backup-check-{}", unique()));
     {

@@ -152,6 +152,29 @@ pub struct Console {
     pub(crate) import: Arc<Mutex<Option<Import>>>,
     /// Concurrent password checks (Argon2 takes 19 MiB and ~50 ms each).
     pub(crate) argon: tokio::sync::Semaphore,
+    /// Open connections per client address.
+    per_address: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// Connections one address may hold open at once.
+const PER_ADDRESS: usize = 16;
+
+/// One open connection of an address; released on drop.
+struct AddressSlot {
+    map: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = lock(&self.map);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 pub(crate) fn random_hex(bytes: usize) -> String {
@@ -356,6 +379,7 @@ impl Console {
             setup: Mutex::new(None),
             import: Arc::new(Mutex::new(None)),
             argon: tokio::sync::Semaphore::new(4),
+            per_address: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -621,9 +645,21 @@ impl Console {
             let Ok(permit) = open.clone().try_acquire_owned() else {
                 continue;
             };
+            let slot = {
+                let mut m = lock(&self.per_address);
+                let n = m.entry(peer.ip()).or_insert(0);
+                if *n >= PER_ADDRESS {
+                    continue;
+                }
+                *n += 1;
+                AddressSlot {
+                    map: self.per_address.clone(),
+                    ip: peer.ip(),
+                }
+            };
             let (acceptor, console) = (acceptor.clone(), self.clone());
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, slot);
                 let Ok(Ok(tls)) =
                     tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                 else {

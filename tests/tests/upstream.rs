@@ -277,12 +277,17 @@ fn a_failing_cloud_without_a_local_fallback_is_a_clear_503() {
         .contains("parking rules"));
 }
 
-/// Requests the fake upstream has received so far.
-fn received(up: &Fake) -> usize {
+/// How often `needle` is in what the fake upstream has logged so far.
+fn log_count(up: &Fake, needle: &str) -> usize {
     std::fs::read_to_string(&up.log)
         .unwrap()
-        .matches("\"messages\"")
+        .matches(needle)
         .count()
+}
+
+/// Chat requests the fake upstream has received so far.
+fn received(up: &Fake) -> usize {
+    log_count(up, "\"messages\"")
 }
 
 #[test]
@@ -409,10 +414,7 @@ fn streamed_text(events: &[serde_json::Value]) -> String {
 }
 
 fn connections(up: &Fake) -> usize {
-    std::fs::read_to_string(&up.log)
-        .unwrap()
-        .matches("CONNECTION\n")
-        .count()
+    log_count(up, "CONNECTION\n")
 }
 
 #[test]
@@ -498,10 +500,7 @@ fn streams_and_text_completions_go_upstream_with_placeholders_restored() {
 }
 
 fn seen_prompts(up: &Fake) -> usize {
-    std::fs::read_to_string(&up.log)
-        .unwrap()
-        .matches("\"prompt\"")
-        .count()
+    log_count(up, "\"prompt\"")
 }
 
 fn stream_chat(s: &Server, key: &str) -> (u16, Vec<serde_json::Value>) {

@@ -495,6 +495,40 @@ impl Console {
             .map_err(|e| format!("the audit log cannot be written ({e}); nothing was done"))
     }
 
+    /// An action done the audited way: its record first (nothing happens if that fails),
+    /// then the action; a failed action is recorded again with `fail_status`. The
+    /// message for the page either way.
+    pub(crate) async fn audited(
+        &self,
+        user: &str,
+        peer: SocketAddr,
+        (action, resource, fail_status): (&str, String, u16),
+        act: impl Future<Output = Result<String, String>>,
+    ) -> Flash {
+        if let Err(e) = self
+            .record(Some(user), peer, action, 200, Some(resource.clone()), None)
+            .await
+        {
+            return Flash::Error(e);
+        }
+        match act.await {
+            Ok(m) => Flash::Ok(m),
+            Err(e) => {
+                let _ = self
+                    .record(
+                        Some(user),
+                        peer,
+                        action,
+                        fail_status,
+                        Some(resource),
+                        Some(e.clone()),
+                    )
+                    .await;
+                Flash::Error(e)
+            }
+        }
+    }
+
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_string();

@@ -362,46 +362,29 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
             let flash = if c.gateway.model(&name).is_some() {
                 Flash::Error(format!("{name} is loaded; unload it before removing it."))
             } else {
-                match c
-                    .record(
-                        Some(v.user),
-                        r.peer,
-                        "model.remove",
-                        200,
-                        Some(format!("model:{name}")),
-                        None,
-                    )
-                    .await
-                {
-                    Err(e) => Flash::Error(e),
-                    Ok(()) => match c.ops.remove_model(name).await {
-                        Ok(m) => Flash::Ok(m),
-                        Err(e) => Flash::Error(e),
-                    },
-                }
+                let resource = format!("model:{name}");
+                c.audited(
+                    v.user,
+                    r.peer,
+                    ("model.remove", resource, 409),
+                    c.ops.remove_model(name),
+                )
+                .await
             };
             models(c, v, flash).await
         }
         "/models/action" if post => {
             let (name, load) = (r.f("model").to_string(), r.f("action") == "load");
             let action = if load { "model.load" } else { "model.unload" };
-            let flash = match c
-                .record(
-                    Some(v.user),
+            let resource = format!("model:{name}");
+            let flash = c
+                .audited(
+                    v.user,
                     r.peer,
-                    action,
-                    200,
-                    Some(format!("model:{name}")),
-                    None,
+                    (action, resource, 409),
+                    c.ops.model_action(name, load),
                 )
-                .await
-            {
-                Err(e) => Flash::Error(e),
-                Ok(()) => match c.ops.model_action(name, load).await {
-                    Ok(m) => Flash::Ok(m),
-                    Err(e) => Flash::Error(e),
-                },
-            };
+                .await;
             models(c, v, flash).await
         }
         "/keys" if !post => keys(c, v, Flash::None, None).await,
@@ -412,73 +395,42 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
                     "A tenant name is 1 to 64 letters, digits, '.', '_', ':' or '-'.".into(),
                 )
             } else {
-                match c
-                    .record(
-                        Some(v.user),
-                        r.peer,
-                        "tenant.create",
-                        200,
-                        Some(format!("tenant:{name}")),
-                        None,
-                    )
-                    .await
-                {
-                    Err(e) => Flash::Error(e),
-                    Ok(()) => match c.store.create_tenant(&name, now()).await {
-                        Ok(_) => Flash::Ok(format!("Tenant {name} created.")),
-                        Err(e) => {
-                            let _ = c
-                                .record(
-                                    Some(v.user),
-                                    r.peer,
-                                    "tenant.create",
-                                    409,
-                                    Some(format!("tenant:{name}")),
-                                    Some(e.to_string()),
-                                )
-                                .await;
-                            Flash::Error(e.to_string())
-                        }
-                    },
-                }
+                let act = async {
+                    c.store
+                        .create_tenant(&name, now())
+                        .await
+                        .map(|_| format!("Tenant {name} created."))
+                        .map_err(|e| e.to_string())
+                };
+                c.audited(
+                    v.user,
+                    r.peer,
+                    ("tenant.create", format!("tenant:{name}"), 409),
+                    act,
+                )
+                .await
             };
             keys(c, v, flash, None).await
         }
         "/keys/create" if post => key_create(c, r, v).await,
         "/keys/revoke" if post => {
             let id = r.f("id").to_string();
-            let flash = match c
-                .record(
-                    Some(v.user),
-                    r.peer,
-                    "key.revoke",
-                    200,
-                    Some(format!("key:{id}")),
-                    None,
-                )
-                .await
-            {
-                Err(e) => Flash::Error(e),
-                Ok(()) => match c.store.revoke_key(&id, now()).await {
-                    Ok(_) => {
-                        let _ = c.gateway.keys().reload_if_changed().await;
-                        Flash::Ok(format!("Key {id} revoked."))
-                    }
-                    Err(e) => {
-                        let _ = c
-                            .record(
-                                Some(v.user),
-                                r.peer,
-                                "key.revoke",
-                                404,
-                                Some(format!("key:{id}")),
-                                Some(e.to_string()),
-                            )
-                            .await;
-                        Flash::Error(e.to_string())
-                    }
-                },
+            let act = async {
+                c.store
+                    .revoke_key(&id, now())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = c.gateway.keys().reload_if_changed().await;
+                Ok(format!("Key {id} revoked."))
             };
+            let flash = c
+                .audited(
+                    v.user,
+                    r.peer,
+                    ("key.revoke", format!("key:{id}"), 404),
+                    act,
+                )
+                .await;
             keys(c, v, flash, None).await
         }
         "/keys/rotate" if post => key_rotate(c, r, v).await,

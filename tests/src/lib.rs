@@ -46,6 +46,22 @@ pub fn appliance() -> Command {
     c
 }
 
+/// Runs the appliance command with these arguments to its end.
+pub fn run_appliance<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    appliance().args(args).output().unwrap()
+}
+
+/// Runs the appliance command, which must succeed; its standard output.
+pub fn appliance_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = run_appliance(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A child process killed on drop, so a failing test leaves nothing behind.
 pub struct Guard(pub Child);
 
@@ -304,22 +320,16 @@ impl Server {
 /// Every record of the log, through `audit export` (checked with `verify-export`).
 pub fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
     let out = dir.join("export.jsonl");
-    let r = appliance()
-        .args(["audit", "export", "--out"])
-        .arg(&out)
-        .arg("--data-dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let r = appliance()
-        .args(["audit", "verify-export"])
-        .arg(&out)
-        .arg("--public-key")
-        .arg(dir.join("audit/public.key"))
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let (file, data) = (out.to_str().unwrap(), dir.to_str().unwrap());
+    appliance_ok(&["audit", "export", "--out", file, "--data-dir", data]);
+    let public = dir.join("audit/public.key");
+    appliance_ok(&[
+        "audit",
+        "verify-export",
+        file,
+        "--public-key",
+        public.to_str().unwrap(),
+    ]);
     std::fs::read_to_string(&out)
         .unwrap()
         .lines()

@@ -251,3 +251,123 @@ fn an_hmac_policy_records_a_checkable_digest_of_the_content_and_nothing_else() {
     let export = std::fs::read_to_string(dir.join("export.jsonl")).unwrap();
     assert!(!export.contains("merger memo"));
 }
+
+#[test]
+fn an_encrypted_policy_seals_the_texts_for_the_auditor_alone() {
+    // The auditor makes a key pair away from the appliance; only the public half goes
+    // into the policy.
+    let keys = scratch("policy-sealed-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let auditor_key = keys.join("auditor.key");
+    let key_file = auditor_key.to_str().unwrap();
+    let out = appliance_ok(&["audit", "content-keygen", "--out", key_file]);
+    let line = out.trim().to_string();
+    assert!(line.starts_with("content_recipient = \"x25519:"), "{line}");
+    let secret = std::fs::read_to_string(keys.join("auditor.key")).unwrap();
+    assert!(!secret.contains(&line[21..line.len() - 1]));
+    let policy = example("consortium").replace(
+        "[audit]\n",
+        &format!("[audit]\ncontent = \"encrypted\"\n{line}\n"),
+    );
+    // Without its recipient, or with a bad one, the policy does not validate.
+    for (broken, problem) in [
+        (policy.replace(&line, ""), "needs audit.content_recipient"),
+        (
+            policy.replace(&line, "content_recipient = \"x25519:00ff\""),
+            "not an X25519 public key",
+        ),
+    ] {
+        let f = scratch("policy-sealed-broken").join("policy.toml");
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, &broken).unwrap();
+        let out = appliance()
+            .args(["policy", "check"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("policy.toml:") && err.contains(problem),
+            "{err}"
+        );
+    }
+
+    let dir = with_policy("policy-sealed", &policy);
+    let s = Server::start_in(dir, &[], None, None);
+    let key = s.key();
+    let texts = [
+        "Draft a note on the consortium budget.",
+        "Member meeting moved to Thursday.",
+    ];
+    for t in texts {
+        let (code, v) = chat(&s, &key, "smollm2", t);
+        assert_eq!(code, 200, "{v}");
+    }
+    let dir = s.dir.clone();
+    drop(s);
+    let all = audit_records(&dir);
+    let load = all.iter().find(|r| r["action"] == "policy.load").unwrap();
+    assert!(
+        load["detail"]
+            .as_str()
+            .unwrap()
+            .contains("content encrypted"),
+        "{load}"
+    );
+    let export = std::fs::read_to_string(dir.join("export.jsonl")).unwrap();
+    for t in texts {
+        assert!(!export.contains(t), "the text is in the export");
+    }
+    // Nothing on the appliance opens them: no content key was made.
+    assert!(!dir.join("audit/content.key").exists());
+    let export_file = dir.join("export.jsonl");
+    let decrypt = |file: &std::path::Path| {
+        run_appliance(&[
+            "audit",
+            "decrypt",
+            file.to_str().unwrap(),
+            "--key",
+            key_file,
+        ])
+    };
+    let out = decrypt(&export_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let opened: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<&str> = opened
+        .iter()
+        .map(|o| o["texts"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(got, texts);
+    // A sealed value copied onto another record does not open there; the command
+    // names the line and fails.
+    let mut lines: Vec<serde_json::Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let sealed: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i]["record"]["content"].is_string())
+        .collect();
+    let first = lines[sealed[0]]["record"]["content"].clone();
+    lines[sealed[1]]["record"]["content"] = first;
+    let moved = dir.join("moved.jsonl");
+    std::fs::write(
+        &moved,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let out = decrypt(&moved);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("moved.jsonl:{}:", sealed[1] + 1)) && err.contains("does not open"),
+        "{err}"
+    );
+}

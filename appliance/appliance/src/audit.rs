@@ -64,6 +64,22 @@ pub enum AuditCmd {
         #[command(flatten)]
         data: DataDir,
     },
+    /// Make an auditor's key pair for `content = "encrypted"` policies: the private key
+    /// goes to FILE (0600; keep it off the appliance), the public key line for the
+    /// policy's `[audit] content_recipient` is printed.
+    ContentKeygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Open the sealed request texts in an export (or any JSON-lines file of records)
+    /// with the auditor's private key; prints one JSON line per record that has them.
+    Decrypt {
+        /// An export file (`appliance audit export`).
+        file: PathBuf,
+        /// The auditor's private key file (from `content-keygen`).
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Print the log's public key (give it to auditors).
     PublicKey {
         #[command(flatten)]
@@ -364,6 +380,17 @@ pub fn run(cmd: AuditCmd) -> Result<()> {
                 Err(f) => bail!("{}: {f}", file.display()),
             }
         }
+        AuditCmd::ContentKeygen { out } => {
+            let k = appliance_audit::content::Opener::generate()?;
+            crate::backup::write_private(&out, format!("{}\n", k.secret_text()).as_bytes())?;
+            eprintln!(
+                "private key written to {} (an auditor's secret: keep it off the appliance)",
+                out.display()
+            );
+            println!("content_recipient = \"{}\"", k.recipient_text());
+            Ok(())
+        }
+        AuditCmd::Decrypt { file, key } => decrypt(&file, &key),
         AuditCmd::PublicKey { data } => {
             let dir = data.prepare()?;
             println!("{}", data_key(&dir)?);
@@ -393,6 +420,49 @@ pub fn run(cmd: AuditCmd) -> Result<()> {
             Ok(())
         }),
     }
+}
+
+/// Prints the opened texts of every record in `file` that carries sealed content; a
+/// record that does not open is named with its line (and the others still printed).
+fn decrypt(file: &Path, key: &Path) -> Result<()> {
+    use appliance_audit::content::{Opener, SEALED};
+    let opener = Opener::parse(
+        &std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
+    )
+    .with_context(|| key.display().to_string())?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let (mut opened, mut failed) = (0usize, 0usize);
+    for (n, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", file.display(), n + 1))?;
+        let r = v.get("record").unwrap_or(&v);
+        let Some(sealed) = r["content"].as_str().filter(|c| c.starts_with(SEALED)) else {
+            continue;
+        };
+        let id = r["request_id"].as_str().unwrap_or_default();
+        match opener.open(sealed, id) {
+            Ok(texts) => {
+                opened += 1;
+                println!(
+                    "{}",
+                    serde_json::json!({"seq": r["seq"], "time": r["time"], "request_id": id, "texts": texts})
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}:{}: {e}", file.display(), n + 1);
+            }
+        }
+    }
+    eprintln!("{opened} record(s) opened, {failed} did not open");
+    if failed > 0 {
+        bail!(
+            "{failed} sealed record(s) in {} did not open",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 /// A fresh checkpoint: from the daemon, or signed here when none runs.

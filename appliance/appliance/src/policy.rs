@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use appliance_audit::Record;
-use appliance_gateway::server::PolicyState;
+use appliance_gateway::server::{Evidence, PolicyState};
 use appliance_policy::{ContentMode, Policy};
 use clap::Subcommand;
 
@@ -91,14 +91,15 @@ pub fn load_site(data: &Path) -> Result<PolicyState> {
     } else {
         Policy::builtin()
     };
-    let content_key = match policy.content {
-        ContentMode::None => None,
-        ContentMode::Hmac => Some(content_key(data)?),
+    let content = match policy.content {
+        ContentMode::None => Evidence::None,
+        ContentMode::Hmac => Evidence::Hmac(content_key(data)?),
+        ContentMode::Sealed { recipient } => Evidence::Sealed(recipient),
     };
     let credentials = load_credentials(data, &policy)?;
     Ok(PolicyState {
         policy,
-        content_key,
+        content,
         credentials,
     })
 }
@@ -181,10 +182,7 @@ pub fn load_record(state: Option<&PolicyState>, error: Option<&str>) -> Record {
             "{}; {} rule(s); content {}",
             s.policy.name,
             s.policy.rules.len(),
-            match s.policy.content {
-                ContentMode::None => "none",
-                ContentMode::Hmac => "hmac",
-            }
+            s.policy.content.as_str()
         ));
     }
     if let Some(e) = error {

@@ -9,6 +9,7 @@
 //! No SQL and no HTTP here: the store implements [`writer::LogBackend`], the gateway and
 //! the command line record through [`writer::Auditor`].
 
+pub mod content;
 pub mod merkle;
 pub mod note;
 pub mod record;

@@ -751,7 +751,10 @@ fn apply_policy(
         },
         classes: decision.classes.clone(),
         version: decision.version.clone(),
-        content: state.content_key.as_ref().map(|k| content_hmac(k, &parts)),
+        content: state.content.of(&ctx.id, &parts).map_err(|e| {
+            log::error!("audit content could not be sealed: {e}");
+            ApiError::AuditUnavailable
+        })?,
     });
     let classes = if decision.classes.is_empty() {
         "no sensitive data".to_string()

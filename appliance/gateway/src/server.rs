@@ -212,12 +212,36 @@ pub struct Gateway {
     pub(crate) upstreams: crate::upstream::Upstreams,
 }
 
-/// The policy in force and, when it asks for content HMACs, their key.
+/// The policy in force and what its audit content mode needs.
 pub struct PolicyState {
     pub policy: appliance_policy::Policy,
-    pub content_key: Option<ring::hmac::Key>,
+    pub content: Evidence,
     /// Upstream credentials by name (secrets: never logged, never recorded).
     pub credentials: std::collections::BTreeMap<String, String>,
+}
+
+/// The content evidence a policy asks each request's record to carry.
+pub enum Evidence {
+    /// None (the default): no trace of the texts.
+    None,
+    /// A keyed HMAC of the texts (the site's key).
+    Hmac(ring::hmac::Key),
+    /// The texts sealed to the auditor's X25519 public key.
+    Sealed([u8; 32]),
+}
+
+impl Evidence {
+    /// The evidence for request `id` with these texts; `Err` when sealing failed (the
+    /// request is then refused: the policy asked for a record it cannot get).
+    pub fn of(&self, id: &str, parts: &[&str]) -> Result<Option<String>, String> {
+        match self {
+            Evidence::None => Ok(None),
+            Evidence::Hmac(k) => Ok(Some(crate::openai::content_hmac(k, parts))),
+            Evidence::Sealed(r) => appliance_audit::content::seal(r, id, parts)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// What the policy decided about a request, for its audit record.
@@ -402,7 +426,7 @@ impl Gateway {
             upstreams: Default::default(),
             policy: std::sync::RwLock::new(Arc::new(PolicyState {
                 policy: appliance_policy::Policy::builtin(),
-                content_key: None,
+                content: Evidence::None,
                 credentials: Default::default(),
             })),
         })

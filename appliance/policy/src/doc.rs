@@ -122,6 +122,7 @@ enum RawDest {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     content: Option<Spanned<String>>,
+    content_recipient: Option<Spanned<String>>,
     retention_days: Option<u32>,
 }
 
@@ -202,6 +203,33 @@ pub enum ContentMode {
     None,
     /// A keyed HMAC-SHA-256 of the request's text.
     Hmac,
+    /// The request's texts sealed to an auditor's X25519 public key (the appliance
+    /// cannot read them back).
+    Sealed { recipient: [u8; 32] },
+}
+
+impl ContentMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ContentMode::None => "none",
+            ContentMode::Hmac => "hmac",
+            ContentMode::Sealed { .. } => "encrypted",
+        }
+    }
+}
+
+/// 64 hex digits (after an optional `x25519:`) as 32 bytes.
+fn x25519_key(text: &str) -> Option<[u8; 32]> {
+    let t = text.trim();
+    let t = t.strip_prefix("x25519:").unwrap_or(t).as_bytes();
+    if t.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in t.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[derive(Debug, Clone)]
@@ -587,6 +615,16 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
         }
         aliases.insert(alias.clone(), target.get_ref().clone());
     }
+    let recipient = raw.audit.content_recipient.as_ref().map(|r| {
+        let key = x25519_key(r.get_ref());
+        if key.is_none() {
+            c.at(
+                r.span(),
+                "audit.content_recipient is not an X25519 public key (x25519: and 64 hex digits; appliance audit content-keygen makes one)".to_string(),
+            );
+        }
+        (key, r.span())
+    });
     let content = match raw
         .audit
         .content
@@ -595,14 +633,33 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
     {
         None | Some(("none", _)) => ContentMode::None,
         Some(("hmac", _)) => ContentMode::Hmac,
+        Some(("encrypted", span)) => match recipient {
+            Some((Some(recipient), _)) => ContentMode::Sealed { recipient },
+            Some((None, _)) => ContentMode::None,
+            None => {
+                c.at(
+                    span,
+                    "audit.content \"encrypted\" needs audit.content_recipient, the auditor's public key".to_string(),
+                );
+                ContentMode::None
+            }
+        },
         Some((other, span)) => {
             c.at(
                 span,
-                format!("audit.content {other:?} is not one of none, hmac"),
+                format!("audit.content {other:?} is not one of none, hmac, encrypted"),
             );
             ContentMode::None
         }
     };
+    if let (Some((_, span)), false) = (&recipient, matches!(content, ContentMode::Sealed { .. })) {
+        if c.problems.is_empty() {
+            c.at(
+                span.clone(),
+                "audit.content_recipient is set but audit.content is not \"encrypted\"".to_string(),
+            );
+        }
+    }
     if !c.problems.is_empty() {
         let mut p = c.problems;
         p.sort_by_key(|p| (p.line, p.column));

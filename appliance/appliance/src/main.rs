@@ -13,6 +13,7 @@ mod config;
 mod logger;
 mod model;
 mod policy;
+mod provision;
 mod sdnotify;
 mod serve;
 mod worker;
@@ -68,6 +69,10 @@ enum Command {
     /// Encrypted backups of the appliance's state (not its models): create, verify, restore.
     #[command(subcommand)]
     Backup(backup::BackupCmd),
+    /// The site seed (hostname, network, NTP, time zone, certificate, trusted signers):
+    /// check and apply it, and write each boot's settings (used by the image's first boot).
+    #[command(subcommand)]
+    Provision(provision::ProvisionCmd),
     /// Chat with a local model in the terminal (one-shot with --prompt).
     Chat(chat::ChatArgs),
     /// Host one model and serve it over a Unix socket (started by the supervisor).
@@ -106,6 +111,7 @@ fn main() {
         Command::Audit(c) => audit::run(c),
         Command::Backup(c) => backup::run(c),
         Command::Policy(c) => policy::run(c),
+        Command::Provision(c) => provision::run(c),
         Command::Status { data, json } => serve::status(data, json),
         Command::Chat(a) => chat::run(a),
         Command::Worker(a) => worker::run(a),

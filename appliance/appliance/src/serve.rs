@@ -444,7 +444,22 @@ async fn serve(a: ServeArgs) -> Result<()> {
             )
             .await;
             println!("appliance: console https://{host}:{port}/");
-            if let Some(token) = c.setup_token().await {
+            // For the machine's screen (the image's banner): the certificate's
+            // fingerprint, and the setup token while there is one; root-readable only.
+            let token = c.setup_token().await;
+            let fp = std::fs::read(&tls_files.cert)
+                .ok()
+                .and_then(|pem| appliance_gateway::tls::fingerprint(&pem));
+            for (name, value) in [("console-setup-token", &token), ("certificate-sha256", &fp)] {
+                let path = dir.join("run").join(name);
+                match value {
+                    Some(v) => crate::backup::write_private(&path, format!("{v}\n").as_bytes())?,
+                    None => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+            if let Some(token) = token {
                 // The one secret ever printed: it works once, for 24 hours, and only
                 // while the console has no user.
                 let link = format!("https://{host}:{port}/setup?token={token}");

@@ -1854,12 +1854,7 @@ async fn system(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
     let cert = std::fs::read(&c.tls_cert).ok();
     let fingerprint = cert
         .as_deref()
-        .map(|pem| {
-            let der: Vec<u8> = rustls::pki_types::pem::PemObject::from_pem_slice(pem)
-                .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
-                .unwrap_or_default();
-            appliance_gateway::keys::hex(&appliance_audit::merkle::sha256_of(&der))
-        })
+        .and_then(appliance_gateway::tls::fingerprint)
         .unwrap_or_else(|| "–".into());
     let mut rows = vec![];
     for (what, sub) in [

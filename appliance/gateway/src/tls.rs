@@ -37,6 +37,15 @@ pub struct TlsFiles {
     pub generated: bool,
 }
 
+/// The SHA-256 fingerprint (hex) of the first certificate in a PEM file's text.
+pub fn fingerprint(pem: &[u8]) -> Option<String> {
+    let der: rustls::pki_types::CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(pem).ok()?;
+    Some(crate::keys::hex(
+        ring::digest::digest(&ring::digest::SHA256, &der).as_ref(),
+    ))
+}
+
 /// The names and addresses this host answers to: its hostname, localhost and every
 /// interface address.
 pub fn host_names() -> BTreeSet<String> {
@@ -128,10 +137,15 @@ pub fn ensure_self_signed(dir: &Path, names: &BTreeSet<String>) -> Result<TlsFil
         std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o700)).map_err(io(&tls))?;
     }
     let (cert_pem, key_pem) = generate(names)?;
-    write_private(&key, key_pem.as_bytes())?;
-    std::fs::write(&cert, cert_pem).map_err(io(&cert))?;
+    // Each file whole or not at all, and on disk before the daemon goes on: a power cut
+    // right after the first start must not leave a truncated certificate behind.
+    write_durable(&key, key_pem.as_bytes(), 0o600)?;
+    write_durable(&cert, cert_pem.as_bytes(), 0o644)?;
     let list: String = names.iter().map(|n| format!("{n}\n")).collect();
-    std::fs::write(&names_file, list).map_err(io(&names_file))?;
+    write_durable(&names_file, list.as_bytes(), 0o644)?;
+    std::fs::File::open(&tls)
+        .and_then(|d| d.sync_all())
+        .map_err(io(&tls))?;
     log::info!(
         "tls: generated a self-signed certificate for {} at {}",
         names.iter().cloned().collect::<Vec<_>>().join(", "),
@@ -144,8 +158,8 @@ pub fn ensure_self_signed(dir: &Path, names: &BTreeSet<String>) -> Result<TlsFil
     })
 }
 
-/// Writes a file readable by its owner only, atomically (temp file, then rename).
-fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+/// Writes a file with `mode`, atomically and synced (temp file, fsync, rename).
+fn write_durable(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -153,7 +167,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .map_err(io(&tmp))?;
     f.write_all(data).map_err(io(&tmp))?;

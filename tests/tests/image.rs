@@ -2,8 +2,9 @@
 //! kernel; otherwise the shipped recipe), then qemu under TCG with the API and console
 //! forwarded to loopback. One boot with a site seed checks READY, the console's setup
 //! page, /readyz, the certificate the screen shows, the verified read-only root, the
-//! firewall and the seed; a second boot of the same disk checks that nothing is made
-//! again; a third boot of a copy with one byte of the root changed must refuse.
+//! firewall and the seed; a second boot of the same disk, grown by 4 GB, checks that
+//! nothing is made again and that the data partition grew; a third boot of a copy with
+//! one byte of the root changed must refuse.
 //!
 //! Needs root (mmdebstrap) and the image tools (`image/setup` installs them). Bounds:
 //! 300 s for a boot to serve, 180 s for the altered image to give up.
@@ -165,6 +166,19 @@ impl Vm {
     }
 }
 
+/// "5.4G (5.1G free) on ..." → 5.4.
+fn gigabytes(banner: &str) -> f64 {
+    let size = banner.split_whitespace().next().unwrap_or_default();
+    let (n, unit) = size.split_at(size.len().saturating_sub(1));
+    let n: f64 = n.parse().unwrap_or_else(|_| panic!("size {size:?}"));
+    match unit {
+        "T" => n * 1024.0,
+        "G" => n,
+        "M" => n / 1024.0,
+        _ => panic!("size {size:?}"),
+    }
+}
+
 #[test]
 fn the_image_boots_serves_keeps_its_root_read_only_and_refuses_an_altered_root() {
     let out_dir = binary().parent().unwrap().join("image-test");
@@ -210,7 +224,7 @@ fn the_image_boots_serves_keeps_its_root_read_only_and_refuses_an_altered_root()
 
     let overlay = work.join("disk.qcow2");
     let bound = Duration::from_secs(300);
-    let (fingerprint, first_token);
+    let (fingerprint, first_token, data_size);
     {
         let vm = Vm::boot(&disk, &overlay, work.join("serial-1.log"));
         // The banner comes after the daemon's READY (it is ordered after the unit).
@@ -251,7 +265,14 @@ fn the_image_boots_serves_keeps_its_root_read_only_and_refuses_an_altered_root()
         assert!(text.contains("DNS:ward-7-llm"), "{text}");
         fingerprint = fp;
         first_token = token;
+        data_size = gigabytes(&vm.banner("data:"));
     }
+    // The disk grows between boots (as when an image is written to a bigger disk): the
+    // data partition and its file system follow.
+    sh(Command::new("qemu-img")
+        .args(["resize", "-q"])
+        .arg(&overlay)
+        .arg("+4G"));
     {
         // The same disk again: nothing is made anew.
         let vm = Vm::boot(&disk, &overlay, work.join("serial-2.log"));
@@ -270,6 +291,11 @@ fn the_image_boots_serves_keeps_its_root_read_only_and_refuses_an_altered_root()
             "{log}"
         );
         assert_eq!(vm.served_certificate().0, fingerprint);
+        let grown = gigabytes(&vm.banner("data:"));
+        assert!(
+            grown > data_size + 3.0,
+            "data partition {data_size} GB → {grown} GB"
+        );
         // A new setup token each start until the first admin exists; the old one is dead.
         let token = vm
             .banner("setup:")

@@ -4,7 +4,7 @@
 //! (`tests/e2e/console.spec.mjs` drives the same pages in headless Chromium.)
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use appliance_tests::*;
@@ -523,6 +523,7 @@ fn in_a_real_browser() {
         .env("API_URL", format!("https://127.0.0.1:{}", s.port))
         .env("CERT", s.cert())
         .env("SHOTS", repo_root().join("docs/screenshots"))
+        .env("MODEL", model())
         .output()
         .expect("node");
     assert!(
@@ -587,6 +588,64 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
     let p = admin.post("/models/remove", &[("model", "smollm2-copy")]);
     assert!(p.body.contains("Model smollm2-copy removed."), "{}", p.body);
     assert!(!admin.get("/models").body.contains("smollm2-copy"));
+
+    // Uploads from the browser: the raw bytes, the session's token in a header.
+    let upload = |b: &mut Browser, file: &Path, query: &str, token: &str| -> Page {
+        let url = format!("{}/models/upload?{query}", b.base);
+        let data = format!("@{}", file.display());
+        let token = format!("X-CSRF-Token: {token}");
+        b.run(&[
+            "-H",
+            "Expect:",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "-H",
+            &token,
+            "--data-binary",
+            &data,
+            &url,
+        ])
+    };
+    admin.get("/models");
+    let token = admin.csrf.clone();
+    let junk = s.dir.join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    let p = upload(&mut admin, &junk, "file=junk.gguf", "forged");
+    assert_eq!(p.code, 403, "{}", p.body);
+    let p = upload(&mut admin, &junk, "file=run.sh", &token);
+    assert_eq!(p.code, 400, "{}", p.body);
+    assert!(p.body.contains(".gguf model or a .tar"), "{}", p.body);
+    // Refused uploads start nothing: the progress still shows the earlier import.
+    let v: serde_json::Value = serde_json::from_str(&admin.get("/models/progress").body).unwrap();
+    assert_eq!(v["active"], false, "{v}");
+    assert_eq!(
+        v["message"].as_str().unwrap().split(' ').next(),
+        Some("smollm2-copy"),
+        "{v}"
+    );
+    // Bytes that are not a model: uploaded, refused by the import, nothing left.
+    let p = upload(&mut admin, &junk, "file=junk.gguf", &token);
+    assert_eq!(p.code, 200, "{}", p.body);
+    let v = wait(&mut admin);
+    assert_eq!(v["ok"], false, "{v}");
+    // The real file, under a new name.
+    let p = upload(
+        &mut admin,
+        Path::new(&model),
+        "file=SmolLM2.Q4_1.gguf&name=smollm2-up",
+        &token,
+    );
+    assert_eq!(p.code, 200, "{}", p.body);
+    assert!(p.body.contains("uploaded; importing"), "{}", p.body);
+    let v = wait(&mut admin);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(admin.get("/models").body.contains("smollm2-up"));
+    let left: Vec<_> = std::fs::read_dir(s.dir.join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "uploads left behind: {left:?}");
+
     let dir = s.dir.clone();
     drop(s);
     let all = audit_records(&dir);
@@ -595,7 +654,15 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
         .filter(|r| r["action"] == "model.import")
         .map(|r| r["status"].as_u64().unwrap())
         .collect();
-    assert_eq!(imports, [200]);
+    assert_eq!(imports, [200, 400, 200]);
+    let uploads = all
+        .iter()
+        .filter(|r| r["action"] == "model.upload" && r["user"] == "alice")
+        .count();
+    assert_eq!(uploads, 2);
+    assert!(all
+        .iter()
+        .any(|r| r["action"] == "console.csrf" && r["resource"] == "/models/upload"));
     assert!(all
         .iter()
         .any(|r| r["action"] == "model.remove" && r["user"] == "alice"));
@@ -611,7 +678,9 @@ fn backup_cli(args: &[&str], pass: &str) -> (bool, String) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::io::Write::write_all(c.stdin.as_mut().unwrap(), format!("{pass}\n").as_bytes()).unwrap();
+    // A command that fails before it reads the passphrase closes its stdin: its output
+    // then says why, so a broken pipe here is not the failure to report.
+    let _ = std::io::Write::write_all(c.stdin.as_mut().unwrap(), format!("{pass}\n").as_bytes());
     drop(c.stdin.take());
     let out = c.wait_with_output().unwrap();
     (

@@ -103,12 +103,7 @@ document.addEventListener("DOMContentLoaded", () => {
 });
 
 // A model import in progress: poll until it ends, then reload the list.
-document.addEventListener("DOMContentLoaded", () => {
-  const box = document.getElementById("import");
-  if (!box) return;
-  if (box.dataset.active !== "true") { box.hidden = true; return; }
-  const bar = document.getElementById("import-bar");
-  const status = document.getElementById("import-status");
+function pollImport(bar, status) {
   let seen = true;
   async function poll() {
     try {
@@ -128,4 +123,55 @@ document.addEventListener("DOMContentLoaded", () => {
     setTimeout(poll, 1000);
   }
   poll();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const box = document.getElementById("import");
+  if (!box) return;
+  if (box.dataset.active !== "true") { box.hidden = true; return; }
+  pollImport(document.getElementById("import-bar"), document.getElementById("import-status"));
+});
+
+// Upload a model file from this computer, with progress; the import then shows above.
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.getElementById("upload");
+  if (!form) return;
+  const bar = document.getElementById("upload-bar");
+  const status = document.getElementById("upload-status");
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const file = document.getElementById("up-file").files[0];
+    if (!file) return;
+    const name = document.getElementById("up-name").value.trim();
+    const csrf = form.querySelector("input[name=csrf]").value;
+    const button = form.querySelector("button[type=submit]");
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", "/models/upload?file=" + encodeURIComponent(file.name) + (name ? "&name=" + encodeURIComponent(name) : ""));
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.setRequestHeader("X-CSRF-Token", csrf);
+    xhr.upload.addEventListener("progress", (e) => {
+      if (!e.lengthComputable) return;
+      bar.max = Math.max(1, e.total);
+      bar.value = e.loaded;
+      status.textContent = "Uploading: " + Math.round((100 * e.loaded) / e.total) + " % of " + file.name;
+    });
+    xhr.addEventListener("load", () => {
+      let r = {};
+      try { r = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+      if (xhr.status === 200) {
+        // The import runs on the appliance now: follow it here.
+        pollImport(bar, status);
+      } else {
+        button.disabled = false;
+        status.textContent = "Failed: " + (r.message || "HTTP " + xhr.status);
+      }
+    });
+    xhr.addEventListener("error", () => {
+      button.disabled = false;
+      status.textContent = "Failed: the connection broke off.";
+    });
+    button.disabled = true;
+    status.textContent = "Uploading " + file.name;
+    xhr.send(file);
+  });
 });

@@ -12,6 +12,7 @@
 mod html;
 mod pages;
 pub mod password;
+mod upload;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -261,7 +262,7 @@ pub(crate) fn parse_form(s: &str) -> HashMap<String, String> {
         .collect()
 }
 
-fn cookies_of(h: &http::HeaderMap) -> HashMap<String, String> {
+pub(crate) fn cookies_of(h: &http::HeaderMap) -> HashMap<String, String> {
     h.get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -545,6 +546,9 @@ impl Console {
                     "<p>This method is not accepted.</p>",
                 ),
             );
+        }
+        if method == Method::POST && path == "/models/upload" {
+            return self.upload(parts, body, peer).await;
         }
         let form = if method == Method::POST {
             let form_type = parts

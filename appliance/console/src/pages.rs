@@ -31,7 +31,7 @@ fn asset(kind: &str, text: &'static str) -> Resp {
         .unwrap_or_default()
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -819,24 +819,48 @@ async fn import_start(c: &Console, r: &Req, v: &Viewer<'_>) -> Flash {
         }
         return Flash::Error(e);
     }
-    let fut = c.ops.import_model(
-        path.clone().into(),
+    spawn_import(
+        c,
+        path.into(),
         (!name.is_empty()).then_some(name),
         progress,
-    );
-    let (slot, auditor, user, peer) = (
-        c.import.clone(),
-        c.auditor.clone(),
         v.user.to_string(),
         r.peer,
+        false,
     );
+    Flash::Ok("Import started.".into())
+}
+
+/// Runs an import in the background: its outcome is recorded and kept for the progress
+/// poll; with `delete_after` (an upload) the source file is removed when it ends.
+pub(crate) fn spawn_import(
+    c: &Console,
+    path: std::path::PathBuf,
+    name: Option<String>,
+    progress: std::sync::Arc<crate::Progress>,
+    user: String,
+    peer: std::net::SocketAddr,
+    delete_after: bool,
+) {
+    let fut = c.ops.import_model(path.clone(), name, progress);
+    let (slot, auditor) = (c.import.clone(), c.auditor.clone());
     tokio::spawn(async move {
         let result = fut.await;
+        if delete_after {
+            let _ = std::fs::remove_file(&path);
+        }
         let mut rec =
             appliance_audit::Record::action("model.import", if result.is_ok() { 200 } else { 400 });
         rec.user = Some(user);
         rec.source = Some(peer.ip().to_string());
-        rec.resource = Some(format!("file:{path}"));
+        rec.resource = Some(if delete_after {
+            format!(
+                "upload:{}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            )
+        } else {
+            format!("file:{}", path.display())
+        });
         rec.detail = Some(match &result {
             Ok(m) | Err(m) => m.chars().take(200).collect(),
         });
@@ -848,7 +872,6 @@ async fn import_start(c: &Console, r: &Req, v: &Viewer<'_>) -> Flash {
             i.result = Some(result);
         }
     });
-    Flash::Ok("Import started.".into())
 }
 
 fn import_progress(c: &Console) -> Resp {
@@ -932,12 +955,14 @@ async fn models(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
         .as_ref()
         .is_some_and(|i| i.result.is_none());
     let body = format!(
-        "{}<section class=\"card narrow\"><h2>Import</h2><p>A GGUF file or a signed bundle already on the appliance (for example on a mounted USB drive): its signature is checked against the site's trusted signers.</p><form method=\"post\" action=\"/models/import\">{}{}{}<p><button type=\"submit\">Import</button></p></form><div id=\"import\" data-active=\"{}\"><label for=\"import-bar\">Import progress</label> <progress id=\"import-bar\" max=\"1\" value=\"0\"></progress> <output id=\"import-status\"></output></div></section>",
+        "{}<section class=\"card narrow\"><h2>Import</h2><p>A GGUF file or a signed bundle already on the appliance (for example on a mounted USB drive): its signature is checked against the site's trusted signers.</p><form method=\"post\" action=\"/models/import\">{}{}{}<p><button type=\"submit\">Import</button></p></form><div id=\"import\" data-active=\"{}\"><label for=\"import-bar\">Import progress</label> <progress id=\"import-bar\" max=\"1\" value=\"0\"></progress> <output id=\"import-status\"></output></div></section>\
+<section class=\"card narrow\"><h2>Upload</h2><p>A GGUF file or a signed bundle (.tar) from this computer: it is sent to the appliance, then imported with the same checks.</p><form id=\"upload\">{}<p class=\"field\"><label for=\"up-file\">Model file</label><input id=\"up-file\" type=\"file\" accept=\".gguf,.tar\" required></p><p class=\"field\"><label for=\"up-name\">Name of the uploaded model (empty: the bundle's or the file's)</label><input id=\"up-name\" type=\"text\"></p><p><button type=\"submit\">Upload and import</button></p><p><label for=\"upload-bar\">Upload progress</label> <progress id=\"upload-bar\" max=\"1\" value=\"0\"></progress> <output id=\"upload-status\" role=\"status\"></output></p></form></section>",
         table("Models", &["Name", "Size", "Quantization", "Context", "Architecture", "State", ""], &rows),
         csrf_field(v.csrf),
         field("path", "Path on the appliance", "text", "", "required placeholder=\"/media/usb/model.bundle\""),
         field("name", "Name (empty: the bundle's or the file's)", "text", "", ""),
-        running
+        running,
+        csrf_field(v.csrf)
     );
     ok_page("Models", v, flash, &body)
 }

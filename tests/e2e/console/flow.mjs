@@ -15,7 +15,7 @@ import { createRequire } from "node:module";
 const require = createRequire(process.env.APPLIANCE_TEST_NODE_PATH + "/");
 const { chromium } = require("playwright-core");
 
-const { SETUP_URL, CONSOLE_URL, API_URL, CERT, SHOTS } = process.env;
+const { SETUP_URL, CONSOLE_URL, API_URL, CERT, SHOTS, MODEL } = process.env;
 const ADMIN = ["alice", "tulip-gravel-41-orbit"];
 const AUDITOR = ["audrey", "heron-quartz-77-lantern"];
 
@@ -131,6 +131,13 @@ await page.getByRole("button", { name: "Create user" }).click();
 await page.getByText("User audrey created as auditor.").waitFor();
 await checkAccessible(page, "users");
 await shot(page, "users");
+// A model uploaded from this computer, with progress, then imported.
+await page.getByRole("link", { name: "Models" }).click();
+await page.getByLabel("Model file").setInputFiles(MODEL);
+await page.getByLabel(/Name of the uploaded model/).fill("smollm2-browser");
+await page.getByRole("button", { name: "Upload and import" }).click();
+await page.locator("#upload-status", { hasText: "Imported:" }).waitFor({ timeout: 60000 });
+await page.locator("td", { hasText: "smollm2-browser" }).first().waitFor({ timeout: 10000 });
 for (const [link, name] of [["Models", "models"], ["Upstreams", "upstreams"], ["System", "system"]]) {
   await page.getByRole("link", { name: link }).click();
   await checkAccessible(page, name);

@@ -10,8 +10,11 @@
 //! A batched call quantizes every activation row once and walks each weight row once
 //! for all of them: the weights are read once per step, whatever the batch size.
 
+use std::sync::Mutex;
+
 use half::f16;
-use rayon::prelude::*;
+
+use crate::pool::Pool;
 
 /// ggml's Q4_1 block: 32 weights `d·q + m`, `q` in 0..16; low nibbles hold values 0..16,
 /// high nibbles 16..32. Scales kept as f32 for the inner loop.
@@ -23,7 +26,7 @@ struct BlockQ41 {
 }
 
 /// ggml's Q8_1 block for activations.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct BlockQ81 {
     d: f32,
     s: f32,
@@ -67,47 +70,336 @@ impl Q41Matrix {
         self.blocks.len() * std::mem::size_of::<BlockQ41>()
     }
 
-    /// `x` is `[m, cols]` row-major; returns `[m, rows]` = `x · Wᵀ`.
+    /// `x` is `[m, cols]` row-major; returns `[m, rows]` = `x · Wᵀ` (on the calling
+    /// thread; the engine uses [`Q41Matrix::matmul_into`]).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let kb = self.cols / QK;
-        debug_assert_eq!(x.len(), m * self.cols);
-        let mut xq = vec![
-            BlockQ81 {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; 32]
-            };
-            m * kb
-        ];
-        for (row, out) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(kb)) {
-            quantize_row_q8_1(row, out);
-        }
-        // Output computed transposed ([rows, m]) in parallel chunks of weight rows.
-        const CHUNK: usize = 16;
-        let mut out_t = vec![0f32; self.rows * m];
-        out_t
-            .par_chunks_mut(CHUNK * m)
-            .enumerate()
-            .for_each(|(ci, dst)| {
-                let r0 = ci * CHUNK;
-                for (ri, d_row) in dst.chunks_exact_mut(m).enumerate() {
-                    let w = &self.blocks[(r0 + ri) * kb..(r0 + ri + 1) * kb];
-                    for (i, slot) in d_row.iter_mut().enumerate() {
-                        *slot = dot_q41_q81(w, &xq[i * kb..(i + 1) * kb]);
-                    }
-                }
-            });
-        if m == 1 {
-            return out_t;
-        }
         let mut out = vec![0f32; m * self.rows];
-        for r in 0..self.rows {
-            for i in 0..m {
-                out[i * self.rows + r] = out_t[r * m + i];
-            }
-        }
+        self.matmul_into(x, m, &mut out, &Pool::new(1));
         out
     }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
+        let kb = self.cols / QK;
+        debug_assert_eq!(x.len(), m * self.cols);
+        let mut xq = vec![BlockQ81::default(); m * kb];
+        for (row, q) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(kb)) {
+            quantize_row_q8_1(row, q);
+        }
+        tiled(self.rows, kb, m, out, pool, &|r0, n_rows, dst| {
+            tiles(
+                &self.blocks,
+                &xq,
+                kb,
+                r0,
+                n_rows,
+                m,
+                dst,
+                &dot_q41_tile::<1, 1>,
+                &dot_q41_tile::<4, 1>,
+                &dot_q41_tile::<2, 4>,
+            )
+        });
+    }
+}
+
+/// ggml's Q8_0 block (weights or activations): 32 values `d·q`, scale kept as f32.
+#[derive(Debug, Clone, Copy, Default)]
+struct BlockQ80 {
+    d: f32,
+    qs: [i8; 32],
+}
+
+const Q80_BYTES: usize = 34;
+
+/// A Q8_0 weight matrix `[rows, cols]` (rows = outputs): the output head of most GGUF
+/// files, and the layers of Q8_0 files. Activations are quantized to Q8_0 as ggml does
+/// and each dot product summed in ggml's x86 order (as for Q4_1, without min terms).
+#[derive(Debug)]
+pub struct Q80Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    blocks: Vec<BlockQ80>,
+}
+
+impl Q80Matrix {
+    /// From ggml's raw Q8_0 bytes (34 bytes per 32 weights, row-major).
+    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * Q80_BYTES {
+            return None;
+        }
+        let blocks = bytes
+            .chunks_exact(Q80_BYTES)
+            .map(|b| {
+                let mut qs = [0i8; 32];
+                for (q, &v) in qs.iter_mut().zip(&b[2..34]) {
+                    *q = v as i8;
+                }
+                BlockQ80 {
+                    d: f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                    qs,
+                }
+            })
+            .collect();
+        Some(Self { rows, cols, blocks })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<BlockQ80>()
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
+        let kb = self.cols / QK;
+        debug_assert_eq!(x.len(), m * self.cols);
+        let mut xq = vec![BlockQ80::default(); m * kb];
+        for (row, q) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(kb)) {
+            quantize_row_q8_0(row, q);
+        }
+        tiled(self.rows, kb, m, out, pool, &|r0, n_rows, dst| {
+            tiles(
+                &self.blocks,
+                &xq,
+                kb,
+                r0,
+                n_rows,
+                m,
+                dst,
+                &dot_q80_tile::<1, 1>,
+                &dot_q80_tile::<4, 1>,
+                &dot_q80_tile::<2, 4>,
+            )
+        });
+    }
+
+    /// Row `r` dequantized (`d·q`, as ggml's `dequantize_row_q8_0`): an embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let kb = self.cols / QK;
+        for (b, o) in self.blocks[r * kb..(r + 1) * kb]
+            .iter()
+            .zip(out.chunks_exact_mut(QK))
+        {
+            for (v, &q) in o.iter_mut().zip(&b.qs) {
+                *v = b.d * q as f32;
+            }
+        }
+    }
+}
+
+/// ggml's `quantize_row_q8_0` on x86 (`d = amax/127` kept as f16, `q =
+/// round_half_even(x·127/amax)`).
+fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
+    for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for (q, v) in blk.qs.iter_mut().zip(b) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+        blk.d = f16::from_f32(d).to_f32();
+    }
+}
+
+/// A tile kernel: `R` weight rows (`kb` blocks each, consecutive) times `N` activation
+/// rows; `out[r][i]`.
+type Tile<'a, W, X> = dyn Fn(&[W], [&[X]; 4], usize, &mut [[f32; 4]; 4]) + Sync + 'a;
+
+/// Splits `rows` into about eight chunks per thread and runs `chunk(first_row, n_rows,
+/// dst)` for each, where `dst` is the chunk's `[n_rows, m]` (transposed) output; then
+/// writes `out` as `[m, rows]`.
+fn tiled(
+    rows: usize,
+    _kb: usize,
+    m: usize,
+    out: &mut [f32],
+    pool: &Pool,
+    chunk: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
+    debug_assert_eq!(out.len(), m * rows);
+    let tasks = (pool.threads() * 8).min(rows.div_ceil(4)).max(1);
+    let ch = rows.div_ceil(tasks).next_multiple_of(4);
+    if m == 1 {
+        let parts: Vec<Mutex<&mut [f32]>> = out.chunks_mut(ch).map(Mutex::new).collect();
+        pool.run(parts.len(), &|t, _| {
+            let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+            let n = dst.len();
+            chunk(t * ch, n, &mut dst);
+        });
+        return;
+    }
+    let mut out_t = vec![0f32; rows * m];
+    {
+        let parts: Vec<Mutex<&mut [f32]>> = out_t.chunks_mut(ch * m).map(Mutex::new).collect();
+        pool.run(parts.len(), &|t, _| {
+            let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+            let n = dst.len() / m;
+            chunk(t * ch, n, &mut dst);
+        });
+    }
+    for r in 0..rows {
+        for i in 0..m {
+            out[i * rows + r] = out_t[r * m + i];
+        }
+    }
+}
+
+/// Walks a chunk of weight rows in tiles: four rows at a time against one activation row
+/// when `m == 1` (four independent sums hide the FMA latency), otherwise two rows
+/// against four activation rows (each weight block unpacked once for four sequences).
+/// Every (row, sequence) dot product keeps its own accumulators and order, so the
+/// result does not depend on the tiling.
+#[allow(clippy::too_many_arguments)]
+fn tiles<W: Copy, X: Copy>(
+    w: &[W],
+    xq: &[X],
+    kb: usize,
+    r0: usize,
+    n_rows: usize,
+    m: usize,
+    dst: &mut [f32],
+    one: &Tile<'_, W, X>,
+    four_rows: &Tile<'_, W, X>,
+    two_by_four: &Tile<'_, W, X>,
+) {
+    let x_row = |i: usize| &xq[i * kb..(i + 1) * kb];
+    let mut acc = [[0f32; 4]; 4];
+    let mut r = 0;
+    if m == 1 {
+        let x = [x_row(0); 4];
+        while r + 4 <= n_rows {
+            four_rows(&w[(r0 + r) * kb..(r0 + r + 4) * kb], x, kb, &mut acc);
+            for j in 0..4 {
+                dst[r + j] = acc[j][0];
+            }
+            r += 4;
+        }
+        while r < n_rows {
+            one(&w[(r0 + r) * kb..(r0 + r + 1) * kb], x, kb, &mut acc);
+            dst[r] = acc[0][0];
+            r += 1;
+        }
+        return;
+    }
+    while r < n_rows {
+        let pair = r + 2 <= n_rows;
+        let mut i = 0;
+        while i < m {
+            if pair && i + 4 <= m {
+                let x = [x_row(i), x_row(i + 1), x_row(i + 2), x_row(i + 3)];
+                two_by_four(&w[(r0 + r) * kb..(r0 + r + 2) * kb], x, kb, &mut acc);
+                for j in 0..2 {
+                    for k in 0..4 {
+                        dst[(r + j) * m + i + k] = acc[j][k];
+                    }
+                }
+                i += 4;
+            } else {
+                let x = [x_row(i); 4];
+                for j in 0..if pair { 2 } else { 1 } {
+                    one(
+                        &w[(r0 + r + j) * kb..(r0 + r + j + 1) * kb],
+                        x,
+                        kb,
+                        &mut acc,
+                    );
+                    dst[(r + j) * m + i] = acc[0][0];
+                }
+                i += 1;
+            }
+        }
+        r += if pair { 2 } else { 1 };
+    }
+}
+
+/// `R` consecutive Q4_1 rows times `N` Q8_1 rows.
+fn dot_q41_tile<const R: usize, const N: usize>(
+    w: &[BlockQ41],
+    x: [&[BlockQ81]; 4],
+    kb: usize,
+    out: &mut [[f32; 4]; 4],
+) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        simd::dot_q41_tile::<R, N>(w, x, kb, out)
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        for r in 0..R {
+            for i in 0..N {
+                out[r][i] = dot_q41_q81_scalar(&w[r * kb..(r + 1) * kb], x[i]);
+            }
+        }
+    }
+}
+
+/// `R` consecutive Q8_0 rows times `N` Q8_0 activation rows.
+fn dot_q80_tile<const R: usize, const N: usize>(
+    w: &[BlockQ80],
+    x: [&[BlockQ80]; 4],
+    kb: usize,
+    out: &mut [[f32; 4]; 4],
+) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        simd::dot_q80_tile::<R, N>(w, x, kb, out)
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        for r in 0..R {
+            for i in 0..N {
+                out[r][i] = dot_q80_q80_scalar(&w[r * kb..(r + 1) * kb], x[i]);
+            }
+        }
+    }
+}
+
+/// One Q8_0 row times one Q8_0 row in ggml's x86 order: eight float lanes, lane `l`
+/// accumulating (by FMA) the integer dot of values `4l..4l+4` of every block times
+/// `d_w·d_x`, reduced as [`dot_q41_q81`] reduces.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn dot_q80_q80_scalar(w: &[BlockQ80], x: &[BlockQ80]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (wb, xb) in w.iter().zip(x) {
+        let dd = wb.d * xb.d;
+        for (l, a) in acc.iter_mut().enumerate() {
+            let s: i32 = (4 * l..4 * l + 4)
+                .map(|j| wb.qs[j] as i32 * xb.qs[j] as i32)
+                .sum();
+            *a = dd.mul_add(s as f32, *a);
+        }
+    }
+    let r = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    let r = [r[0] + r[2], r[1] + r[3]];
+    r[0] + r[1]
 }
 
 /// ggml's `quantize_row_q8_1` (the SIMD path's arithmetic).
@@ -130,7 +422,7 @@ fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ81]) {
 /// One Q4_1 row times one Q8_1 row, summed in ggml's x86 order: eight float lanes,
 /// lane `l` accumulating (by FMA) the integer dot of values `4l..4l+4` of every block
 /// times `d_w·d_x`; the min terms summed separately; the lanes reduced pairwise.
-#[inline]
+#[cfg(test)]
 fn dot_q41_q81(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
@@ -191,9 +483,106 @@ fn dot_q41_q81_scalar(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
 ))]
 #[allow(unsafe_code)]
 mod simd {
-    use super::{BlockQ41, BlockQ81};
+    use super::{BlockQ41, BlockQ80, BlockQ81};
     use std::arch::x86_64::*;
 
+    /// ggml's `hsum_float_8`.
+    #[inline(always)]
+    fn hsum(acc: __m256) -> f32 {
+        // SAFETY: AVX2 is enabled for the whole build (see the module's cfg).
+        unsafe {
+            let r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+            _mm_cvtss_f32(r)
+        }
+    }
+
+    /// `R` Q4_1 rows × `N` Q8_1 rows; each pair's arithmetic is [`dot_q41_q81`]'s.
+    #[inline(always)]
+    pub(super) fn dot_q41_tile<const R: usize, const N: usize>(
+        w: &[BlockQ41],
+        x: [&[BlockQ81]; 4],
+        kb: usize,
+        out: &mut [[f32; 4]; 4],
+    ) {
+        // SAFETY: AVX2 and FMA are enabled for the whole build; loads read the 16 and
+        // 32 bytes of `qs` arrays owned by blocks within the slices (indices < kb,
+        // bounds-checked).
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); N]; R];
+            let mut summs = [[0f32; N]; R];
+            for b in 0..kb {
+                let xb: [&BlockQ81; N] = std::array::from_fn(|i| &x[i][b]);
+                let qx: [__m256i; N] =
+                    std::array::from_fn(
+                        |i| _mm256_loadu_si256(xb[i].qs.as_ptr() as *const __m256i),
+                    );
+                for r in 0..R {
+                    let wb = &w[r * kb + b];
+                    let packed = _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i);
+                    let qw =
+                        _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed));
+                    for i in 0..N {
+                        summs[r][i] += wb.m * xb[i].s;
+                        let dd = _mm256_set1_ps(wb.d * xb[i].d);
+                        let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx[i]), ones);
+                        acc[r][i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(lanes), acc[r][i]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for i in 0..N {
+                    out[r][i] = hsum(acc[r][i]) + summs[r][i];
+                }
+            }
+        }
+    }
+
+    /// `R` Q8_0 rows × `N` Q8_0 rows, in ggml's `vec_dot_q8_0_q8_0` arithmetic.
+    #[inline(always)]
+    pub(super) fn dot_q80_tile<const R: usize, const N: usize>(
+        w: &[BlockQ80],
+        x: [&[BlockQ80]; 4],
+        kb: usize,
+        out: &mut [[f32; 4]; 4],
+    ) {
+        // SAFETY: as for `dot_q41_tile`; 32-byte loads of `qs` arrays of blocks in the
+        // slices.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); N]; R];
+            for b in 0..kb {
+                let xb: [&BlockQ80; N] = std::array::from_fn(|i| &x[i][b]);
+                let qx: [__m256i; N] =
+                    std::array::from_fn(
+                        |i| _mm256_loadu_si256(xb[i].qs.as_ptr() as *const __m256i),
+                    );
+                for r in 0..R {
+                    let wb = &w[r * kb + b];
+                    let qw = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
+                    // |w| as unsigned times x with w's sign: exact i16 pair sums, then
+                    // i32 lanes of four consecutive products.
+                    let aw = _mm256_sign_epi8(qw, qw);
+                    for i in 0..N {
+                        let sx = _mm256_sign_epi8(qx[i], qw);
+                        let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                        let dd = _mm256_set1_ps(wb.d * xb[i].d);
+                        acc[r][i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(lanes), acc[r][i]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for i in 0..N {
+                    out[r][i] = hsum(acc[r][i]);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
     pub(super) fn dot_q41_q81(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
         // SAFETY: this module is compiled only when AVX2 and FMA are enabled for the
         // whole build, so every intrinsic used is available; the loads read exactly the
@@ -337,6 +726,13 @@ fn scale_by_pow2(j: f32, n: i32) -> f32 {
     ((j as f64) * p) as f32
 }
 
+/// [`swiglu`] into `gate`.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = (*g / (1.0 + ggml_expf(-*g))) * u;
+    }
+}
+
 /// SiLU(gate)·up, element-wise, with ggml's exp.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter()
@@ -384,12 +780,22 @@ fn reduce16(a: &[f32; 16]) -> f32 {
 /// ggml's f16 dot product on AVX-512 (inputs already rounded to f16): element `i` goes
 /// to register `(i/16)%4`, lane `i%16`, by FMA; registers are folded (0+2, 1+3, 0+1)
 /// and the lanes reduced. Zero padding up to a multiple of 64 changes nothing, so any
-/// length is handled as if padded.
+/// length is handled as if padded. Written over whole 16-lane chunks so that the
+/// compiler vectorises it; lanes keep their own order, so the result is the same.
 pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
     let mut sum = [[0f32; 16]; 4];
-    for (i, (a, b)) in x.iter().zip(y).enumerate() {
+    let whole = n / 16;
+    for c in 0..whole {
+        let (xs, ys) = (&x[c * 16..c * 16 + 16], &y[c * 16..c * 16 + 16]);
+        let s = &mut sum[c % 4];
+        for l in 0..16 {
+            s[l] = xs[l].mul_add(ys[l], s[l]);
+        }
+    }
+    for i in whole * 16..n {
         let s = &mut sum[(i / 16) % 4][i % 16];
-        *s = a.mul_add(*b, *s);
+        *s = x[i].mul_add(y[i], *s);
     }
     let mut r = [0f32; 16];
     for l in 0..16 {
@@ -397,17 +803,24 @@ pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
         let b = sum[1][l] + sum[3][l];
         r[l] = a + b;
     }
-    reduce16(&r) as f64 as f32
+    reduce16(&r)
 }
 
 /// The same dot as llamafile's tinyBLAS computes it on AVX-512 (llama.cpp's path for
 /// f16 matrix products with two or more rows): one 16-lane accumulator, element `i`
 /// FMA'd into lane `i%16` in order, then the lanes reduced.
 pub fn f16_dot_chain(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
     let mut acc = [0f32; 16];
-    for (i, (a, b)) in x.iter().zip(y).enumerate() {
-        let s = &mut acc[i % 16];
-        *s = a.mul_add(*b, *s);
+    let whole = n / 16;
+    for c in 0..whole {
+        let (xs, ys) = (&x[c * 16..c * 16 + 16], &y[c * 16..c * 16 + 16]);
+        for l in 0..16 {
+            acc[l] = xs[l].mul_add(ys[l], acc[l]);
+        }
+    }
+    for i in whole * 16..n {
+        acc[i % 16] = x[i].mul_add(y[i], acc[i % 16]);
     }
     reduce16(&acc)
 }
@@ -416,111 +829,106 @@ fn f16_round(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
 }
 
-/// Causal attention for one sequence as llama.cpp computes it without flash attention
-/// and with an f16 KV cache: `q` is `[n_head, l, hd]` (new tokens at positions
-/// `start..start+l`), `k`/`v` are `[n_kv, t, hd]` with `t = start + l`, all already
-/// rounded to f16. Rows of a prompt use tinyBLAS's summation order, decode rows the
-/// dot-product order. Returns `[l, n_head·hd]`.
+/// Scratch for [`attention_head`]: scores and partial sums, reused between calls.
+#[derive(Debug, Default)]
+pub struct AttentionScratch {
+    p: Vec<f32>,
+    slots: Vec<f32>,
+}
+
+/// One query head of one sequence, as llama.cpp computes causal attention without flash
+/// attention and with an f16 KV cache. `q` holds the sequence's `l` new rows with
+/// `q_stride` floats between rows (the head's `hd` values first); `k`/`v` are the
+/// sequence's cache for this layer, `[t, kv_stride]` with `t >= start + l`, this head's
+/// kv head at `kv_offset`; all values already rounded to f16. Prompt rows sum scores in
+/// tinyBLAS's order, decode rows in the dot-product order. Writes `out` as `[l, hd]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention_head(
     q: &[f32],
+    q_stride: usize,
     k: &[f32],
     v: &[f32],
-    n_head: usize,
-    n_kv: usize,
+    kv_stride: usize,
+    kv_offset: usize,
     l: usize,
     start: usize,
     hd: usize,
     scale: f32,
     prompt_rows: bool,
-) -> Vec<f32> {
-    let t = start + l;
-    let group = n_head / n_kv;
+    out: &mut [f32],
+    scratch: &mut AttentionScratch,
+) {
     let dot: fn(&[f32], &[f32]) -> f32 = if prompt_rows { f16_dot_chain } else { f16_dot };
-    // Heads are independent: computed in parallel, each into its own `[l, hd]` block.
-    let per_head: Vec<Vec<f32>> = (0..n_head)
-        .into_par_iter()
-        .map(|h| {
-            let kv = h / group;
-            let kh = &k[kv * t * hd..(kv + 1) * t * hd];
-            let vh = &v[kv * t * hd..(kv + 1) * t * hd];
-            let mut p = vec![0f32; t];
-            let mut slots = vec![0f32; hd * 64];
-            let mut o = vec![0f32; l * hd];
-            for r in 0..l {
-                let qr = &q[(h * l + r) * hd..(h * l + r + 1) * hd];
-                let visible = start + r + 1;
-                for (c, pc) in p.iter_mut().enumerate() {
-                    *pc = if c < visible {
-                        dot(qr, &kh[c * hd..(c + 1) * hd]) * scale
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
-                softmax_row_chunked(&mut p);
-                for pc in p.iter_mut() {
-                    *pc = f16_round(*pc);
-                }
-                weighted_values(
-                    &p[..visible],
-                    vh,
-                    hd,
-                    prompt_rows,
-                    &mut o[r * hd..(r + 1) * hd],
-                    &mut slots,
-                );
-            }
-            o
-        })
-        .collect();
-    let mut out = vec![0f32; l * n_head * hd];
-    for (h, o) in per_head.iter().enumerate() {
-        for r in 0..l {
-            out[r * n_head * hd + h * hd..r * n_head * hd + (h + 1) * hd]
-                .copy_from_slice(&o[r * hd..(r + 1) * hd]);
+    for r in 0..l {
+        let qr = &q[r * q_stride..r * q_stride + hd];
+        // Positions past this row's own are masked (weight exactly 0): leaving them out
+        // of the softmax and the weighted sum changes no bit of either.
+        let visible = start + r + 1;
+        scratch.p.clear();
+        scratch.p.extend((0..visible).map(|c| {
+            let o = c * kv_stride + kv_offset;
+            dot(qr, &k[o..o + hd]) * scale
+        }));
+        softmax_row_chunked(&mut scratch.p);
+        for pc in scratch.p.iter_mut() {
+            *pc = f16_round(*pc);
         }
+        weighted_values(
+            &scratch.p,
+            v,
+            kv_stride,
+            kv_offset,
+            hd,
+            prompt_rows,
+            &mut out[r * hd..(r + 1) * hd],
+            &mut scratch.slots,
+        );
     }
-    out
 }
 
 /// `o[d] = Σ_c p[c]·v[c][d]` for every `d` at once, with each `d`'s sum accumulated in
 /// exactly the order [`f16_dot_chain`] (prompt rows) or [`f16_dot`] (decode rows) would
 /// use over positions: the loop runs over positions outside and dimensions inside, so
-/// `v` is read row by row. `slots` is scratch of `hd·64` floats.
-fn weighted_values(p: &[f32], v: &[f32], hd: usize, chain: bool, o: &mut [f32], slots: &mut [f32]) {
-    slots.fill(0.0);
-    if chain {
-        // 16 accumulators per dimension: position c goes to slot c % 16.
-        for (c, pc) in p.iter().enumerate() {
-            let vr = &v[c * hd..(c + 1) * hd];
-            let base = c % 16;
-            for d in 0..hd {
-                let s = &mut slots[d * 64 + base];
-                *s = pc.mul_add(vr[d], *s);
-            }
+/// `v` is read row by row and the inner loop vectorises. `slots` holds `[slot][hd]`
+/// partial sums (16 slots for the chain order, 64 for the dot order).
+#[allow(clippy::too_many_arguments)]
+fn weighted_values(
+    p: &[f32],
+    v: &[f32],
+    stride: usize,
+    offset: usize,
+    hd: usize,
+    chain: bool,
+    o: &mut [f32],
+    slots: &mut Vec<f32>,
+) {
+    let n_slots = if chain { 16 } else { 64 };
+    slots.clear();
+    slots.resize(n_slots * hd, 0.0);
+    let slot_of = |c: usize| {
+        if chain {
+            c % 16
+        } else {
+            16 * ((c / 16) % 4) + c % 16
         }
-        for (d, od) in o.iter_mut().enumerate() {
-            let mut lanes = [0f32; 16];
-            lanes.copy_from_slice(&slots[d * 64..d * 64 + 16]);
+    };
+    for (c, &pc) in p.iter().enumerate() {
+        let vr = &v[c * stride + offset..c * stride + offset + hd];
+        let s = slot_of(c);
+        let acc = &mut slots[s * hd..(s + 1) * hd];
+        for (a, &x) in acc.iter_mut().zip(vr) {
+            *a = pc.mul_add(x, *a);
+        }
+    }
+    for (d, od) in o.iter_mut().enumerate() {
+        let sl = |j: usize| slots[j * hd + d];
+        if chain {
+            let lanes: [f32; 16] = std::array::from_fn(sl);
             *od = reduce16(&lanes);
-        }
-    } else {
-        // 4 registers × 16 lanes per dimension: position c goes to slot 16·((c/16)%4) + c%16.
-        for (c, pc) in p.iter().enumerate() {
-            let vr = &v[c * hd..(c + 1) * hd];
-            let slot = 16 * ((c / 16) % 4) + c % 16;
-            for d in 0..hd {
-                let s = &mut slots[d * 64 + slot];
-                *s = pc.mul_add(vr[d], *s);
-            }
-        }
-        for (d, od) in o.iter_mut().enumerate() {
-            let sl = &slots[d * 64..d * 64 + 64];
-            let mut r = [0f32; 16];
-            for l in 0..16 {
-                r[l] = (sl[l] + sl[32 + l]) + (sl[16 + l] + sl[48 + l]);
-            }
-            *od = reduce16(&r) as f64 as f32;
+        } else {
+            let r: [f32; 16] =
+                std::array::from_fn(|l| (sl(l) + sl(32 + l)) + (sl(16 + l) + sl(48 + l)));
+            *od = reduce16(&r);
         }
     }
 }
@@ -594,8 +1002,33 @@ mod attention_tests {
         ];
         let k = vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
         let v = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let _ = n_kv;
         for prompt_rows in [true, false] {
-            let out = attention(&q, &k, &v, n_head, n_kv, l, 0, hd, 0.5, prompt_rows);
+            // Output as [l, n_head·hd], each head computed on its own.
+            let mut out = vec![0f32; l * n_head * hd];
+            let mut scratch = AttentionScratch::default();
+            for h in 0..n_head {
+                let mut o = vec![0f32; l * hd];
+                attention_head(
+                    &q[h * l * hd..],
+                    hd,
+                    &k,
+                    &v,
+                    hd,
+                    0,
+                    l,
+                    0,
+                    hd,
+                    0.5,
+                    prompt_rows,
+                    &mut o,
+                    &mut scratch,
+                );
+                for r in 0..l {
+                    out[r * n_head * hd + h * hd..r * n_head * hd + (h + 1) * hd]
+                        .copy_from_slice(&o[r * hd..(r + 1) * hd]);
+                }
+            }
             // Row 0 sees only position 0: its output is v[0] for both heads.
             assert_eq!(&out[0..2], &[1.0, 2.0]);
             assert_eq!(&out[2..4], &[1.0, 2.0]);

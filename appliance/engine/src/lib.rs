@@ -10,6 +10,7 @@ pub mod error;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod pool;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;

@@ -15,37 +15,122 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::{dtype_name, Architecture, GgufFile, ModelConfig};
+use crate::pool::Pool;
 
 /// A weight matrix: candle's quantized matmul, or the engine's own kernel for types
-/// where candle's CPU path is missing or numerically off llama.cpp (`kernels`).
-enum Linear {
+/// where candle's CPU path is missing, slow or numerically off llama.cpp (`kernels`).
+struct Linear {
+    kind: LinearKind,
+    rows: usize,
+    cols: usize,
+}
+
+enum LinearKind {
     Candle(QMatMul),
     Q41(crate::kernels::Q41Matrix),
+    Q80(Arc<crate::kernels::Q80Matrix>),
 }
 
 impl Linear {
-    fn new(t: QTensor) -> Result<Self> {
-        if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() {
-            if let Ok((rows, cols)) = t.shape().dims2() {
-                if let Some(m) = crate::kernels::Q41Matrix::from_ggml_bytes(&t.data()?, rows, cols)
-                {
-                    return Ok(Self::Q41(m));
+    fn new(t: Arc<QTensor>) -> Result<Self> {
+        let (rows, cols) = t.shape().dims2()?;
+        if t.device().is_cpu() {
+            let data = || t.data();
+            match t.dtype() {
+                GgmlDType::Q4_1 => {
+                    if let Some(m) =
+                        crate::kernels::Q41Matrix::from_ggml_bytes(&data()?, rows, cols)
+                    {
+                        return Ok(Self {
+                            kind: LinearKind::Q41(m),
+                            rows,
+                            cols,
+                        });
+                    }
                 }
+                GgmlDType::Q8_0 => {
+                    if let Some(m) =
+                        crate::kernels::Q80Matrix::from_ggml_bytes(&data()?, rows, cols)
+                    {
+                        return Ok(Self {
+                            kind: LinearKind::Q80(Arc::new(m)),
+                            rows,
+                            cols,
+                        });
+                    }
+                }
+                _ => {}
             }
         }
-        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+        Ok(Self {
+            kind: LinearKind::Candle(QMatMul::from_arc(t)?),
+            rows,
+            cols,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Candle(m) => m.forward(x),
-            Self::Q41(w) => {
+        match &self.kind {
+            LinearKind::Candle(m) => m.forward(x),
+            _ => {
                 let (t, _) = x.dims2()?;
                 let v = x.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(w.matmul(&v, t), (t, w.rows), x.device())
+                let mut out = vec![0f32; t * self.rows];
+                self.forward_host(&v, t, &mut out, &Pool::new(1))?;
+                Tensor::from_vec(out, (t, self.rows), x.device())
             }
         }
     }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ` on the CPU, spread over `pool`.
+    fn forward_host(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        pool: &Pool,
+    ) -> candle_core::Result<()> {
+        match &self.kind {
+            LinearKind::Q41(w) => w.matmul_into(x, m, out, pool),
+            LinearKind::Q80(w) => w.matmul_into(x, m, out, pool),
+            LinearKind::Candle(w) => {
+                let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
+                let y = w
+                    .forward(&xt)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                out.copy_from_slice(&y);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A callback receiving intermediate activations by llama.cpp's names.
+type Trace<'a> = dyn FnMut(&str, &Tensor) + 'a;
+
+/// Host copies of the small tensors, for the CPU path.
+struct HostLayer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+}
+
+/// What the CPU path needs besides the layers' matrices.
+struct Host {
+    layers: Vec<HostLayer>,
+    output_norm: Vec<f32>,
+    /// `[context, head_dim/2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// The token embeddings when they are Q8_0 (looked up without candle).
+    embd: Option<Arc<crate::kernels::Q80Matrix>>,
+    pool: Pool,
+    /// Attention scratch, one per compute thread.
+    scratch: Vec<std::sync::Mutex<crate::kernels::AttentionScratch>>,
 }
 
 struct Layer {
@@ -70,10 +155,13 @@ pub struct Model {
     pub device: Device,
     /// Positions the engine serves (the file's context length, possibly capped).
     pub context: usize,
-    tok_embd: Arc<QTensor>,
+    /// The embeddings as candle holds them (not kept when the CPU path has its own).
+    tok_embd: Option<Arc<QTensor>>,
     layers: Vec<Layer>,
     output_norm: Tensor,
-    output: QMatMul,
+    output: Linear,
+    /// The CPU path's own data (CPU device only).
+    host: Option<Host>,
     cos: Tensor,
     sin: Tensor,
     /// Bytes of weights held by the model.
@@ -88,13 +176,26 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// One sequence's keys and values for every layer, `[n_kv_heads, capacity, head_dim]`,
-/// grown in chunks as the sequence lengthens and freed when dropped.
+/// One sequence's keys and values for every layer, grown in chunks as the sequence
+/// lengthens and freed when dropped. On the CPU each layer's keys (and values) are one
+/// `[position, n_kv_heads·head_dim]` array that new tokens are appended to; on other
+/// devices, tensors `[n_kv_heads, capacity, head_dim]`.
 pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    store: KvStore,
     len: usize,
     capacity: usize,
+}
+
+enum KvStore {
+    Host {
+        k: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+        row: usize,
+    },
+    Tensors {
+        k: Vec<Tensor>,
+        v: Vec<Tensor>,
+    },
 }
 
 impl std::fmt::Debug for KvCache {
@@ -120,11 +221,14 @@ impl KvCache {
 
     /// Bytes held by this cache.
     pub fn bytes(&self) -> usize {
-        self.k
-            .iter()
-            .chain(self.v.iter())
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        match &self.store {
+            KvStore::Host { k, v, .. } => k.iter().chain(v).map(|x| x.capacity() * 4).sum(),
+            KvStore::Tensors { k, v } => k
+                .iter()
+                .chain(v.iter())
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum(),
+        }
     }
 
     fn reserve(&mut self, needed: usize, max: usize) -> Result<()> {
@@ -134,13 +238,22 @@ impl KvCache {
         let new_cap = (needed.max(self.capacity * 2).div_ceil(KV_CHUNK) * KV_CHUNK)
             .min(max)
             .max(needed);
-        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let (h, _, d) = t.dims3()?;
-            let fresh = Tensor::zeros((h, new_cap, d), t.dtype(), t.device())?;
-            if self.len > 0 {
-                fresh.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+        match &mut self.store {
+            KvStore::Host { k, v, row } => {
+                for x in k.iter_mut().chain(v.iter_mut()) {
+                    x.reserve_exact(new_cap * *row - x.len());
+                }
             }
-            *t = fresh;
+            KvStore::Tensors { k, v } => {
+                for t in k.iter_mut().chain(v.iter_mut()) {
+                    let (h, _, d) = t.dims3()?;
+                    let fresh = Tensor::zeros((h, new_cap, d), t.dtype(), t.device())?;
+                    if self.len > 0 {
+                        fresh.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                    }
+                    *t = fresh;
+                }
+            }
         }
         self.capacity = new_cap;
         Ok(())
@@ -169,14 +282,38 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     let (rows, n) = x.dims2()?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let ws = w.to_vec1::<f32>()?;
-    let mut out = Vec::with_capacity(xs.len());
-    for row in xs.chunks_exact(n) {
+    let mut out = vec![0f32; xs.len()];
+    rms_norm_rows(&xs, &ws, n, eps, &mut out);
+    Tensor::from_vec(out, (rows, n), x.device())
+}
+
+/// [`rms_norm`]'s arithmetic over rows of `n` values.
+fn rms_norm_rows(x: &[f32], w: &[f32], n: usize, eps: f32, out: &mut [f32]) {
+    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
         let sum: f64 = row.iter().map(|v| (v * v) as f64).sum();
         let mean = (sum / n as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
-        out.extend(row.iter().zip(&ws).map(|(v, g)| (v * scale) * g));
+        for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+            *o = (v * scale) * g;
+        }
     }
-    Tensor::from_vec(out, (rows, n), x.device())
+}
+
+/// Rounds every value through f16 (see [`half_round`]).
+fn half_round_in_place(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: &Option<Vec<f32>>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            for (v, c) in row.iter_mut().zip(b) {
+                *v += c;
+            }
+        }
+    }
 }
 
 /// Rounds through f16, as llama.cpp's default f16 KV cache does to keys, values, queries
@@ -225,10 +362,11 @@ impl Model {
         let has = |name: &str| file.content.tensor_infos.contains_key(name);
 
         let tok_embd = Arc::new(load_q("token_embd.weight")?);
-        let output = if has("output.weight") {
-            QMatMul::from_qtensor(load_q("output.weight")?)?
+        let tied = !has("output.weight");
+        let output = if tied {
+            Linear::new(tok_embd.clone())?
         } else {
-            QMatMul::from_arc(tok_embd.clone())?
+            Linear::new(Arc::new(load_q("output.weight")?))?
         };
         let output_norm = load_q("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
@@ -246,7 +384,7 @@ impl Model {
                 opt_bias("attn_k.bias")?,
                 opt_bias("attn_v.bias")?,
             );
-            let mm = Linear::new;
+            let mm = |t: QTensor| Linear::new(Arc::new(t));
             layers.push(Layer {
                 attn_norm: load_q(&p("attn_norm.weight"))?.dequantize(device)?,
                 wq: mm(load_q(&p("attn_q.weight"))?)?,
@@ -297,6 +435,49 @@ impl Model {
                 theta *= theta_scale;
             }
         }
+        let host = if device.is_cpu() {
+            let threads = rayon::current_num_threads().max(1);
+            let v = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            let ov = |t: &Option<Tensor>| t.as_ref().map(v).transpose();
+            let host_layers = layers
+                .iter()
+                .map(|l| {
+                    Ok(HostLayer {
+                        attn_norm: v(&l.attn_norm)?,
+                        ffn_norm: v(&l.ffn_norm)?,
+                        bq: ov(&l.bq)?,
+                        bk: ov(&l.bk)?,
+                        bv: ov(&l.bv)?,
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            // Q8_0 embeddings are looked up by the engine's kernel; tied to the output
+            // head, they are one copy for both.
+            let embd = match (&output.kind, tied) {
+                (LinearKind::Q80(m), true) => Some(m.clone()),
+                _ if tok_embd.dtype() == GgmlDType::Q8_0 => {
+                    let (rows, cols) = tok_embd.shape().dims2()?;
+                    crate::kernels::Q80Matrix::from_ggml_bytes(&tok_embd.data()?, rows, cols)
+                        .map(Arc::new)
+                }
+                _ => None,
+            };
+            Some(Host {
+                layers: host_layers,
+                output_norm: v(&output_norm)?,
+                cos: cos.clone(),
+                sin: sin.clone(),
+                embd,
+                scratch: (0..threads).map(|_| Default::default()).collect(),
+                pool: Pool::new(threads),
+            })
+        } else {
+            None
+        };
+        let tok_embd = match &host {
+            Some(h) if h.embd.is_some() => None,
+            _ => Some(tok_embd),
+        };
         let cos = Tensor::from_vec(cos, (context, half), device)?;
         let sin = Tensor::from_vec(sin, (context, half), device)?;
         Ok(Self {
@@ -307,6 +488,7 @@ impl Model {
             layers,
             output_norm,
             output,
+            host,
             cos,
             sin,
             weight_bytes,
@@ -323,9 +505,20 @@ impl Model {
                 &self.device,
             )
         };
+        let store = if self.host.is_some() {
+            KvStore::Host {
+                k: vec![Vec::new(); n],
+                v: vec![Vec::new(); n],
+                row: self.config.n_head_kv * self.config.head_dim,
+            }
+        } else {
+            KvStore::Tensors {
+                k: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
+                v: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
+            }
+        };
         Ok(KvCache {
-            k: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
-            v: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
+            store,
             len: 0,
             capacity: 0,
         })
@@ -339,7 +532,7 @@ impl Model {
     /// Runs one step over a ragged batch. Appends the new tokens to each sequence's cache
     /// and returns, per item, the logits of its last token when it asked for them.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
-        self.forward_traced(items, &mut |_, _| {})
+        self.forward_impl(items, &mut |_, _| {}, false)
     }
 
     /// [`Model::forward`], calling `trace(name, tensor)` with intermediate activations
@@ -349,6 +542,15 @@ impl Model {
         &self,
         items: &mut [BatchItem<'_>],
         trace: &mut dyn FnMut(&str, &Tensor),
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        self.forward_impl(items, trace, true)
+    }
+
+    fn forward_impl(
+        &self,
+        items: &mut [BatchItem<'_>],
+        trace: &mut dyn FnMut(&str, &Tensor),
+        tracing: bool,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         let cfg = &self.config;
         let (n_head, n_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
@@ -373,6 +575,10 @@ impl Model {
             ids.extend_from_slice(it.tokens);
             positions.extend((start..start + l).map(|p| p as u32));
             it.cache.reserve(start + l, self.context)?;
+        }
+        if let Some(host) = &self.host {
+            let tracer = tracing.then_some(trace);
+            return self.forward_host(host, items, &spans, &ids, tracer);
         }
         let total = ids.len();
         let ids_t = Tensor::from_vec(ids, total, &self.device)?;
@@ -406,7 +612,10 @@ impl Model {
             }
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.tok_embd.embedding(&ids_t)?;
+        let tok_embd = self.tok_embd.as_ref().ok_or_else(|| {
+            EngineError::InvalidRequest("token embeddings are not held for this device".into())
+        })?;
+        let mut x = tok_embd.embedding(&ids_t)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
             trace(&format!("attn_norm-{li}"), &h);
@@ -442,27 +651,16 @@ impl Model {
                         .contiguous()?,
                 )?;
                 let vi = half_round(&v.narrow(0, s, l)?.transpose(0, 1)?.contiguous()?)?;
-                it.cache.k[li].slice_set(&ki, 1, start)?;
-                it.cache.v[li].slice_set(&vi, 1, start)?;
+                let KvStore::Tensors { k: ck, v: cv } = &mut it.cache.store else {
+                    return Err(EngineError::InvalidRequest(
+                        "a cache made for another device".into(),
+                    ));
+                };
+                ck[li].slice_set(&ki, 1, start)?;
+                cv[li].slice_set(&vi, 1, start)?;
                 let t_all = start + l;
-                let k_all = it.cache.k[li].narrow(1, 0, t_all)?;
-                let v_all = it.cache.v[li].narrow(1, 0, t_all)?;
-                if self.device.is_cpu() {
-                    let o = crate::kernels::attention(
-                        &qi.flatten_all()?.to_vec1::<f32>()?,
-                        &k_all.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-                        &v_all.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-                        n_head,
-                        n_kv,
-                        l,
-                        start,
-                        hd,
-                        scale as f32,
-                        it.prompt_rows,
-                    );
-                    outs.push(Tensor::from_vec(o, (l, n_head * hd), &self.device)?);
-                    continue;
-                }
+                let k_all = ck[li].narrow(1, 0, t_all)?;
+                let v_all = cv[li].narrow(1, 0, t_all)?;
                 let qg = qi.reshape((n_kv, group * l, hd))?;
                 let mut att = (qg.matmul(&k_all.t()?)? * scale)?;
                 if l > 1 {
@@ -542,6 +740,234 @@ impl Model {
         for (slot, it) in result.iter_mut().zip(items.iter()) {
             if it.want_logits {
                 *slot = logits.next();
+            }
+        }
+        Ok(result)
+    }
+
+    /// The CPU path of [`Model::forward`]: plain arrays, the engine's kernels and its
+    /// compute team; the same arithmetic as the candle path's CPU kernels, without
+    /// tensors, per-operation allocations or a thread hand-off per operation.
+    fn forward_host(
+        &self,
+        host: &Host,
+        items: &mut [BatchItem<'_>],
+        spans: &[(usize, usize, usize)],
+        ids: &[u32],
+        mut trace: Option<&mut Trace<'_>>,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let cfg = &self.config;
+        let (n_head, n_kv, hd, e, ff) = (
+            cfg.n_head,
+            cfg.n_head_kv,
+            cfg.head_dim,
+            cfg.n_embd,
+            cfg.n_ff,
+        );
+        let (qd, kvd, group, half) = (n_head * hd, n_kv * hd, n_head / n_kv, hd / 2);
+        let total = ids.len();
+        let pool = &host.pool;
+        let mut tr = |name: &str, data: &[f32], cols: usize| {
+            if let Some(t) = trace.as_mut() {
+                if let Ok(x) = Tensor::from_slice(data, (data.len() / cols, cols), &Device::Cpu) {
+                    t(name, &x);
+                }
+            }
+        };
+        let mut x = vec![0f32; total * e];
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                cfg.vocab_size
+            )));
+        }
+        match (&host.embd, &self.tok_embd) {
+            (Some(m), _) => {
+                for (t, &id) in ids.iter().enumerate() {
+                    m.dequantize_row(id as usize, &mut x[t * e..(t + 1) * e]);
+                }
+            }
+            (None, Some(q)) => {
+                let idt = Tensor::from_slice(ids, total, &Device::Cpu)?;
+                x = q.embedding(&idt)?.flatten_all()?.to_vec1::<f32>()?;
+            }
+            (None, None) => {
+                return Err(EngineError::InvalidRequest("no token embeddings".into()));
+            }
+        }
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(total * half),
+            Vec::with_capacity(total * half),
+        );
+        for &(_, l, start) in spans {
+            for p in start..start + l {
+                cos.extend_from_slice(&host.cos[p * half..(p + 1) * half]);
+                sin.extend_from_slice(&host.sin[p * half..(p + 1) * half]);
+            }
+        }
+        let neox = cfg.architecture == Architecture::Qwen2;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let mut h = vec![0f32; total * e];
+        let mut q = vec![0f32; total * qd];
+        let mut k = vec![0f32; total * kvd];
+        let mut v = vec![0f32; total * kvd];
+        let mut heads = vec![0f32; total * qd];
+        let mut att = vec![0f32; total * qd];
+        let mut o = vec![0f32; total * e];
+        let mut gate = vec![0f32; total * ff];
+        let mut up = vec![0f32; total * ff];
+        let layers = (|| -> Result<()> {
+            for (li, (layer, hl)) in self.layers.iter().zip(&host.layers).enumerate() {
+                rms_norm_rows(&x, &hl.attn_norm, e, cfg.rms_eps, &mut h);
+                tr(&format!("attn_norm-{li}"), &h, e);
+                layer.wq.forward_host(&h, total, &mut q, pool)?;
+                layer.wk.forward_host(&h, total, &mut k, pool)?;
+                layer.wv.forward_host(&h, total, &mut v, pool)?;
+                add_bias(&mut q, &hl.bq);
+                add_bias(&mut k, &hl.bk);
+                add_bias(&mut v, &hl.bv);
+                tr(&format!("Qcur-{li}"), &q, qd);
+                tr(&format!("Kcur-{li}"), &k, kvd);
+                tr(&format!("Vcur-{li}"), &v, kvd);
+                crate::kernels::rope(&mut q, &cos, &sin, n_head, hd, neox);
+                crate::kernels::rope(&mut k, &cos, &sin, n_kv, hd, neox);
+                tr(&format!("Qcur-{li}#3"), &q, qd);
+                tr(&format!("Kcur-{li}#3"), &k, kvd);
+                half_round_in_place(&mut q);
+                half_round_in_place(&mut k);
+                half_round_in_place(&mut v);
+                for (it, &(s, l, _)) in items.iter_mut().zip(spans) {
+                    if let KvStore::Host { k: ck, v: cv, .. } = &mut it.cache.store {
+                        ck[li].extend_from_slice(&k[s * kvd..(s + l) * kvd]);
+                        cv[li].extend_from_slice(&v[s * kvd..(s + l) * kvd]);
+                    }
+                }
+                // Attention: one task per (sequence, head), each writing its own
+                // `[l, hd]` block of `heads`, laid out sequence by sequence.
+                let caches: Vec<(&[f32], &[f32])> = items
+                    .iter()
+                    .map(|it| match &it.cache.store {
+                        KvStore::Host { k: ck, v: cv, .. } => (&ck[li][..], &cv[li][..]),
+                        KvStore::Tensors { .. } => (&[][..], &[][..]),
+                    })
+                    .collect();
+                {
+                    let mut parts: Vec<std::sync::Mutex<&mut [f32]>> =
+                        Vec::with_capacity(items.len() * n_head);
+                    let mut rest = &mut heads[..];
+                    for &(_, l, _) in spans {
+                        for _ in 0..n_head {
+                            let (a, b) = rest.split_at_mut(l * hd);
+                            parts.push(std::sync::Mutex::new(a));
+                            rest = b;
+                        }
+                    }
+                    let q = &q;
+                    let prompt_rows: Vec<bool> = items.iter().map(|it| it.prompt_rows).collect();
+                    pool.run(parts.len(), &|task, thread| {
+                        let (i, hh) = (task / n_head, task % n_head);
+                        let (s, l, start) = spans[i];
+                        let (ck, cv) = caches[i];
+                        if ck.len() < (start + l) * kvd {
+                            return;
+                        }
+                        let mut out = parts[task].lock().unwrap_or_else(|e| e.into_inner());
+                        let mut scratch = host.scratch[thread]
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        crate::kernels::attention_head(
+                            &q[s * qd + hh * hd..],
+                            qd,
+                            ck,
+                            cv,
+                            kvd,
+                            (hh / group) * hd,
+                            l,
+                            start,
+                            hd,
+                            scale,
+                            prompt_rows[i],
+                            &mut out,
+                            &mut scratch,
+                        );
+                    });
+                }
+                for &(s, l, _) in spans {
+                    for hh in 0..n_head {
+                        for r in 0..l {
+                            let src = s * qd + hh * l * hd + r * hd;
+                            let dst = (s + r) * qd + hh * hd;
+                            att[dst..dst + hd].copy_from_slice(&heads[src..src + hd]);
+                        }
+                    }
+                }
+                tr(&format!("kqv_out-{li}"), &att, qd);
+                layer.wo.forward_host(&att, total, &mut o, pool)?;
+                tr(&format!("attn_out-{li}"), &o, e);
+                for (a, b) in x.iter_mut().zip(&o) {
+                    *a += b;
+                }
+                rms_norm_rows(&x, &hl.ffn_norm, e, cfg.rms_eps, &mut h);
+                tr(&format!("ffn_norm-{li}"), &h, e);
+                layer.w_gate.forward_host(&h, total, &mut gate, pool)?;
+                layer.w_up.forward_host(&h, total, &mut up, pool)?;
+                tr(&format!("ffn_gate-{li}"), &gate, ff);
+                tr(&format!("ffn_up-{li}"), &up, ff);
+                crate::kernels::swiglu_in_place(&mut gate, &up);
+                tr(&format!("ffn_swiglu-{li}"), &gate, ff);
+                layer.w_down.forward_host(&gate, total, &mut o, pool)?;
+                tr(&format!("ffn_out-{li}"), &o, e);
+                for (a, b) in x.iter_mut().zip(&o) {
+                    *a += b;
+                }
+                tr(&format!("l_out-{li}"), &x, e);
+            }
+            Ok(())
+        })();
+        if let Err(err) = layers {
+            // Nothing of this step stays in the caches.
+            for it in items.iter_mut() {
+                let len = it.cache.len;
+                if let KvStore::Host { k, v, row } = &mut it.cache.store {
+                    for c in k.iter_mut().chain(v.iter_mut()) {
+                        c.truncate(len * *row);
+                    }
+                }
+            }
+            return Err(err);
+        }
+        for (it, &(_, l, _)) in items.iter_mut().zip(spans) {
+            it.cache.len += l;
+        }
+        let rows: Vec<usize> = items
+            .iter()
+            .zip(spans)
+            .filter(|(it, _)| it.want_logits)
+            .map(|(_, &(s, l, _))| s + l - 1)
+            .collect();
+        let mut result = vec![None; items.len()];
+        if rows.is_empty() {
+            return Ok(result);
+        }
+        let n_rows = rows.len();
+        let mut last = vec![0f32; n_rows * e];
+        for (i, &r) in rows.iter().enumerate() {
+            rms_norm_rows(
+                &x[r * e..(r + 1) * e],
+                &host.output_norm,
+                e,
+                cfg.rms_eps,
+                &mut last[i * e..(i + 1) * e],
+            );
+        }
+        tr("result_norm", &last, e);
+        let vocab = self.output.rows;
+        let mut logits = vec![0f32; n_rows * vocab];
+        self.output.forward_host(&last, n_rows, &mut logits, pool)?;
+        let mut chunks = logits.chunks_exact(vocab);
+        for (slot, it) in result.iter_mut().zip(items.iter()) {
+            if it.want_logits {
+                *slot = chunks.next().map(|c| c.to_vec());
             }
         }
         Ok(result)

@@ -36,12 +36,49 @@ struct BlockQ81 {
 const QK: usize = 32;
 const Q41_BYTES: usize = 20;
 
+/// Four rows' Q4_1 blocks at one block index, interleaved: the scales (f16, as in the
+/// file) of the four rows together, then their nibbles. A matrix is stored as groups of
+/// four rows, block by block, so a kernel reads one stream, converts four scales with one
+/// instruction and keeps four rows' sums at once; 20 bytes per block, as in the file.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct Q41x4 {
+    d: [u16; 4],
+    m: [u16; 4],
+    qs: [[u8; 16]; 4],
+}
+
+/// Four rows' Q8_0 blocks at one block index (34 bytes per block, as in the file).
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct Q80x4 {
+    d: [u16; 4],
+    qs: [[i8; 32]; 4],
+}
+
+/// Rows of ggml blocks (`block_bytes` each, `kb` per row) regrouped four rows at a time;
+/// missing rows of the last group stay zero.
+fn regroup<G: Default + Clone>(
+    bytes: &[u8],
+    rows: usize,
+    kb: usize,
+    block_bytes: usize,
+    put: impl Fn(&mut G, usize, &[u8]),
+) -> Vec<G> {
+    let mut groups = vec![G::default(); rows.div_ceil(4) * kb];
+    for (i, blk) in bytes.chunks_exact(block_bytes).enumerate() {
+        let (r, b) = (i / kb, i % kb);
+        put(&mut groups[(r / 4) * kb + b], r % 4, blk);
+    }
+    groups
+}
+
 /// A Q4_1 weight matrix `[rows, cols]` (rows = outputs).
 #[derive(Debug)]
 pub struct Q41Matrix {
     pub rows: usize,
     pub cols: usize,
-    blocks: Vec<BlockQ41>,
+    groups: Vec<Q41x4>,
 }
 
 impl Q41Matrix {
@@ -50,24 +87,28 @@ impl Q41Matrix {
         if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * Q41_BYTES {
             return None;
         }
-        let blocks = bytes
-            .chunks_exact(Q41_BYTES)
-            .map(|b| {
-                let mut qs = [0u8; 16];
-                qs.copy_from_slice(&b[4..20]);
-                BlockQ41 {
-                    d: f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                    m: f16::from_le_bytes([b[2], b[3]]).to_f32(),
-                    qs,
-                }
-            })
-            .collect();
-        Some(Self { rows, cols, blocks })
+        let groups = regroup(bytes, rows, cols / QK, Q41_BYTES, |g: &mut Q41x4, r, b| {
+            g.d[r] = u16::from_le_bytes([b[0], b[1]]);
+            g.m[r] = u16::from_le_bytes([b[2], b[3]]);
+            g.qs[r].copy_from_slice(&b[4..20]);
+        });
+        Some(Self { rows, cols, groups })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<BlockQ41>()
+        self.groups.len() * std::mem::size_of::<Q41x4>()
+    }
+
+    /// Row `r`'s block `b`, scales as f32.
+    #[cfg(test)]
+    fn block(&self, r: usize, b: usize) -> BlockQ41 {
+        let g = &self.groups[(r / 4) * (self.cols / QK) + b];
+        BlockQ41 {
+            d: f16::from_bits(g.d[r % 4]).to_f32(),
+            m: f16::from_bits(g.m[r % 4]).to_f32(),
+            qs: g.qs[r % 4],
+        }
     }
 
     /// `x` is `[m, cols]` row-major; returns `[m, rows]` = `x · Wᵀ` (on the calling
@@ -86,24 +127,21 @@ impl Q41Matrix {
         for (row, q) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(kb)) {
             quantize_row_q8_1(row, q);
         }
-        tiled(self.rows, kb, m, out, pool, &|r0, n_rows, dst| {
-            tiles(
-                &self.blocks,
-                &xq,
-                kb,
-                r0,
-                n_rows,
-                m,
-                dst,
-                &dot_q41_tile::<1, 1>,
-                &dot_q41_tile::<4, 1>,
-                &dot_q41_tile::<2, 4>,
-            )
-        });
+        grouped(
+            &self.groups,
+            &xq,
+            kb,
+            self.rows,
+            m,
+            out,
+            pool,
+            &dot_q41_group::<1>,
+            &dot_q41_group::<2>,
+        );
     }
 }
 
-/// ggml's Q8_0 block (weights or activations): 32 values `d·q`, scale kept as f32.
+/// ggml's Q8_0 block of activations: 32 values `d·q`, scale kept as f32.
 #[derive(Debug, Clone, Copy, Default)]
 struct BlockQ80 {
     d: f32,
@@ -119,7 +157,7 @@ const Q80_BYTES: usize = 34;
 pub struct Q80Matrix {
     pub rows: usize,
     pub cols: usize,
-    blocks: Vec<BlockQ80>,
+    groups: Vec<Q80x4>,
 }
 
 impl Q80Matrix {
@@ -128,25 +166,18 @@ impl Q80Matrix {
         if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * Q80_BYTES {
             return None;
         }
-        let blocks = bytes
-            .chunks_exact(Q80_BYTES)
-            .map(|b| {
-                let mut qs = [0i8; 32];
-                for (q, &v) in qs.iter_mut().zip(&b[2..34]) {
-                    *q = v as i8;
-                }
-                BlockQ80 {
-                    d: f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                    qs,
-                }
-            })
-            .collect();
-        Some(Self { rows, cols, blocks })
+        let groups = regroup(bytes, rows, cols / QK, Q80_BYTES, |g: &mut Q80x4, r, b| {
+            g.d[r] = u16::from_le_bytes([b[0], b[1]]);
+            for (q, &v) in g.qs[r].iter_mut().zip(&b[2..34]) {
+                *q = v as i8;
+            }
+        });
+        Some(Self { rows, cols, groups })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<BlockQ80>()
+        self.groups.len() * std::mem::size_of::<Q80x4>()
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
@@ -157,31 +188,29 @@ impl Q80Matrix {
         for (row, q) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(kb)) {
             quantize_row_q8_0(row, q);
         }
-        tiled(self.rows, kb, m, out, pool, &|r0, n_rows, dst| {
-            tiles(
-                &self.blocks,
-                &xq,
-                kb,
-                r0,
-                n_rows,
-                m,
-                dst,
-                &dot_q80_tile::<1, 1>,
-                &dot_q80_tile::<4, 1>,
-                &dot_q80_tile::<2, 4>,
-            )
-        });
+        grouped(
+            &self.groups,
+            &xq,
+            kb,
+            self.rows,
+            m,
+            out,
+            pool,
+            &dot_q80_group::<1>,
+            &dot_q80_group::<2>,
+        );
     }
 
     /// Row `r` dequantized (`d·q`, as ggml's `dequantize_row_q8_0`): an embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let kb = self.cols / QK;
-        for (b, o) in self.blocks[r * kb..(r + 1) * kb]
+        for (g, o) in self.groups[(r / 4) * kb..(r / 4 + 1) * kb]
             .iter()
             .zip(out.chunks_exact_mut(QK))
         {
-            for (v, &q) in o.iter_mut().zip(&b.qs) {
-                *v = b.d * q as f32;
+            let d = f16::from_bits(g.d[r % 4]).to_f32();
+            for (v, &q) in o.iter_mut().zip(&g.qs[r % 4]) {
+                *v = d * q as f32;
             }
         }
     }
@@ -201,170 +230,135 @@ fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
     }
 }
 
-/// A tile kernel: `R` weight rows (`kb` blocks each, consecutive) times `N` activation
-/// rows; `out[r][i]`.
-type Tile<'a, W, X> = dyn Fn(&[W], [&[X]; 4], usize, &mut [[f32; 4]; 4]) + Sync + 'a;
+/// A group kernel: one group of four weight rows (`kb` groups of blocks) times `N`
+/// activation rows; `out[row][i]`.
+type Group<'a, G, X> = dyn Fn(&[G], [&[X]; 2], &mut [[f32; 2]; 4]) + Sync + 'a;
 
-/// Splits `rows` into about eight chunks per thread and runs `chunk(first_row, n_rows,
-/// dst)` for each, where `dst` is the chunk's `[n_rows, m]` (transposed) output; then
-/// writes `out` as `[m, rows]`.
-fn tiled(
+/// `out[m, rows] = x · Wᵀ` over a matrix stored in groups of four rows: about eight
+/// tasks per thread, each a run of groups; within a task, the activation rows two at a
+/// time (each weight block read once for both). Every (row, sequence) dot product keeps
+/// its own accumulators and order, so the result does not depend on the grouping.
+#[allow(clippy::too_many_arguments)]
+fn grouped<G: Sync, X: Sync>(
+    groups: &[G],
+    xq: &[X],
+    kb: usize,
     rows: usize,
-    _kb: usize,
     m: usize,
     out: &mut [f32],
     pool: &Pool,
-    chunk: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+    one: &Group<'_, G, X>,
+    two: &Group<'_, G, X>,
 ) {
     debug_assert_eq!(out.len(), m * rows);
-    let tasks = (pool.threads() * 8).min(rows.div_ceil(4)).max(1);
-    let ch = rows.div_ceil(tasks).next_multiple_of(4);
-    if m == 1 {
-        let parts: Vec<Mutex<&mut [f32]>> = out.chunks_mut(ch).map(Mutex::new).collect();
-        pool.run(parts.len(), &|t, _| {
-            let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
-            let n = dst.len();
-            chunk(t * ch, n, &mut dst);
-        });
-        return;
-    }
-    let mut out_t = vec![0f32; rows * m];
-    {
-        let parts: Vec<Mutex<&mut [f32]>> = out_t.chunks_mut(ch * m).map(Mutex::new).collect();
-        pool.run(parts.len(), &|t, _| {
-            let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
-            let n = dst.len() / m;
-            chunk(t * ch, n, &mut dst);
-        });
-    }
-    for r in 0..rows {
-        for i in 0..m {
-            out[i * rows + r] = out_t[r * m + i];
-        }
-    }
-}
-
-/// Walks a chunk of weight rows in tiles: four rows at a time against one activation row
-/// when `m == 1` (four independent sums hide the FMA latency), otherwise two rows
-/// against four activation rows (each weight block unpacked once for four sequences).
-/// Every (row, sequence) dot product keeps its own accumulators and order, so the
-/// result does not depend on the tiling.
-#[allow(clippy::too_many_arguments)]
-fn tiles<W: Copy, X: Copy>(
-    w: &[W],
-    xq: &[X],
-    kb: usize,
-    r0: usize,
-    n_rows: usize,
-    m: usize,
-    dst: &mut [f32],
-    one: &Tile<'_, W, X>,
-    four_rows: &Tile<'_, W, X>,
-    two_by_four: &Tile<'_, W, X>,
-) {
+    let n_groups = rows.div_ceil(4);
+    let tasks = (pool.threads() * 8).min(n_groups).max(1);
+    let per = n_groups.div_ceil(tasks);
     let x_row = |i: usize| &xq[i * kb..(i + 1) * kb];
-    let mut acc = [[0f32; 4]; 4];
-    let mut r = 0;
-    if m == 1 {
-        let x = [x_row(0); 4];
-        while r + 4 <= n_rows {
-            four_rows(&w[(r0 + r) * kb..(r0 + r + 4) * kb], x, kb, &mut acc);
-            for j in 0..4 {
-                dst[r + j] = acc[j][0];
-            }
-            r += 4;
-        }
-        while r < n_rows {
-            one(&w[(r0 + r) * kb..(r0 + r + 1) * kb], x, kb, &mut acc);
-            dst[r] = acc[0][0];
-            r += 1;
-        }
-        return;
-    }
-    while r < n_rows {
-        let pair = r + 2 <= n_rows;
-        let mut i = 0;
-        while i < m {
-            if pair && i + 4 <= m {
-                let x = [x_row(i), x_row(i + 1), x_row(i + 2), x_row(i + 3)];
-                two_by_four(&w[(r0 + r) * kb..(r0 + r + 2) * kb], x, kb, &mut acc);
-                for j in 0..2 {
-                    for k in 0..4 {
-                        dst[(r + j) * m + i + k] = acc[j][k];
+    // Each task writes its rows of a transposed `[rows, m]` result.
+    let mut out_t = if m == 1 { Vec::new() } else { vec![0f32; rows * m] };
+    let target: &mut [f32] = if m == 1 { out } else { &mut out_t };
+    let parts: Vec<Mutex<&mut [f32]>> = target.chunks_mut(per * 4 * m).map(Mutex::new).collect();
+    pool.run(parts.len(), &|t, _| {
+        let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+        let first = t * per;
+        let n_rows = dst.len() / m;
+        let mut acc = [[0f32; 2]; 4];
+        for (gi, g) in (first..first + n_rows.div_ceil(4)).enumerate() {
+            let w = &groups[g * kb..(g + 1) * kb];
+            let live = (n_rows - gi * 4).min(4);
+            let mut i = 0;
+            while i < m {
+                let pair = i + 2 <= m;
+                if pair {
+                    two(w, [x_row(i), x_row(i + 1)], &mut acc);
+                } else {
+                    one(w, [x_row(i), x_row(i)], &mut acc);
+                }
+                for (r, a) in acc.iter().enumerate().take(live) {
+                    let row = gi * 4 + r;
+                    dst[row * m + i] = a[0];
+                    if pair {
+                        dst[row * m + i + 1] = a[1];
                     }
                 }
-                i += 4;
-            } else {
-                let x = [x_row(i); 4];
-                for j in 0..if pair { 2 } else { 1 } {
-                    one(
-                        &w[(r0 + r + j) * kb..(r0 + r + j + 1) * kb],
-                        x,
-                        kb,
-                        &mut acc,
-                    );
-                    dst[(r + j) * m + i] = acc[0][0];
-                }
-                i += 1;
+                i += if pair { 2 } else { 1 };
             }
         }
-        r += if pair { 2 } else { 1 };
-    }
-}
-
-/// `R` consecutive Q4_1 rows times `N` Q8_1 rows.
-fn dot_q41_tile<const R: usize, const N: usize>(
-    w: &[BlockQ41],
-    x: [&[BlockQ81]; 4],
-    kb: usize,
-    out: &mut [[f32; 4]; 4],
-) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        simd::dot_q41_tile::<R, N>(w, x, kb, out)
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        for r in 0..R {
-            for i in 0..N {
-                out[r][i] = dot_q41_q81_scalar(&w[r * kb..(r + 1) * kb], x[i]);
+    });
+    drop(parts);
+    if m > 1 {
+        let out = &mut *out;
+        for r in 0..rows {
+            for i in 0..m {
+                out[i * rows + r] = out_t[r * m + i];
             }
         }
     }
 }
 
-/// `R` consecutive Q8_0 rows times `N` Q8_0 activation rows.
-fn dot_q80_tile<const R: usize, const N: usize>(
-    w: &[BlockQ80],
-    x: [&[BlockQ80]; 4],
-    kb: usize,
-    out: &mut [[f32; 4]; 4],
-) {
+/// One group of four Q4_1 rows times `N` Q8_1 rows.
+fn dot_q41_group<const N: usize>(w: &[Q41x4], x: [&[BlockQ81]; 2], out: &mut [[f32; 2]; 4]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     {
-        simd::dot_q80_tile::<R, N>(w, x, kb, out)
+        simd::dot_q41_group::<N>(w, x, out)
     }
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     )))]
     {
-        for r in 0..R {
+        for r in 0..4 {
+            let row: Vec<BlockQ41> = w
+                .iter()
+                .map(|g| BlockQ41 {
+                    d: f16::from_bits(g.d[r]).to_f32(),
+                    m: f16::from_bits(g.m[r]).to_f32(),
+                    qs: g.qs[r],
+                })
+                .collect();
             for i in 0..N {
-                out[r][i] = dot_q80_q80_scalar(&w[r * kb..(r + 1) * kb], x[i]);
+                out[r][i] = dot_q41_q81_scalar(&row, x[i]);
+            }
+        }
+    }
+}
+
+/// One group of four Q8_0 rows times `N` Q8_0 activation rows.
+fn dot_q80_group<const N: usize>(w: &[Q80x4], x: [&[BlockQ80]; 2], out: &mut [[f32; 2]; 4]) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        simd::dot_q80_group::<N>(w, x, out)
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    {
+        for r in 0..4 {
+            let row: Vec<BlockQ80> = w
+                .iter()
+                .map(|g| BlockQ80 {
+                    d: f16::from_bits(g.d[r]).to_f32(),
+                    qs: g.qs[r],
+                })
+                .collect();
+            for i in 0..N {
+                out[r][i] = dot_q80_q80_scalar(&row, x[i]);
             }
         }
     }
@@ -372,12 +366,13 @@ fn dot_q80_tile<const R: usize, const N: usize>(
 
 /// One Q8_0 row times one Q8_0 row in ggml's x86 order: eight float lanes, lane `l`
 /// accumulating (by FMA) the integer dot of values `4l..4l+4` of every block times
-/// `d_w·d_x`, reduced as [`dot_q41_q81`] reduces.
+/// `d_w·d_x`, reduced as [`dot_q41_q81_scalar`] reduces.
 #[cfg_attr(
     all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ),
     allow(dead_code)
 )]
@@ -421,33 +416,14 @@ fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ81]) {
 
 /// One Q4_1 row times one Q8_1 row, summed in ggml's x86 order: eight float lanes,
 /// lane `l` accumulating (by FMA) the integer dot of values `4l..4l+4` of every block
-/// times `d_w·d_x`; the min terms summed separately; the lanes reduced pairwise.
-#[cfg(test)]
-fn dot_q41_q81(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        simd::dot_q41_q81(w, x)
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        dot_q41_q81_scalar(w, x)
-    }
-}
-
-/// The portable version of [`dot_q41_q81`]; same arithmetic, same result.
+/// times `d_w·d_x`; the min terms summed separately; the lanes reduced pairwise. The
+/// portable version of the SIMD group kernels; same arithmetic, same result.
 #[cfg_attr(
     all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ),
     allow(dead_code)
 )]
@@ -479,11 +455,12 @@ fn dot_q41_q81_scalar(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "fma"
+    target_feature = "fma",
+    target_feature = "f16c"
 ))]
 #[allow(unsafe_code)]
 mod simd {
-    use super::{BlockQ41, BlockQ80, BlockQ81};
+    use super::{BlockQ80, BlockQ81, Q41x4, Q80x4};
     use std::arch::x86_64::*;
 
     /// ggml's `hsum_float_8`.
@@ -498,115 +475,101 @@ mod simd {
         }
     }
 
-    /// `R` Q4_1 rows × `N` Q8_1 rows; each pair's arithmetic is [`dot_q41_q81`]'s.
+    /// Lane `r` of `v` in all eight lanes.
     #[inline(always)]
-    pub(super) fn dot_q41_tile<const R: usize, const N: usize>(
-        w: &[BlockQ41],
-        x: [&[BlockQ81]; 4],
-        kb: usize,
-        out: &mut [[f32; 4]; 4],
+    fn lane(v: __m128, r: usize) -> __m256 {
+        // SAFETY: AVX2 is enabled for the whole build.
+        unsafe { _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(r as i32)) }
+    }
+
+    /// Four Q4_1 rows (one group) × `N` Q8_1 rows; each pair's arithmetic is
+    /// [`dot_q41_q81`]'s: `d_w·d_x` and `m_w·s_x` are the same f32 products, computed
+    /// for the four rows in one instruction, and `summs` the same sequential sums.
+    #[inline(always)]
+    pub(super) fn dot_q41_group<const N: usize>(
+        w: &[Q41x4],
+        x: [&[BlockQ81]; 2],
+        out: &mut [[f32; 2]; 4],
     ) {
-        // SAFETY: AVX2 and FMA are enabled for the whole build; loads read the 16 and
-        // 32 bytes of `qs` arrays owned by blocks within the slices (indices < kb,
-        // bounds-checked).
+        // SAFETY: AVX2, FMA and F16C are enabled for the whole build; every load reads
+        // bytes of a group or block inside the slices (8-byte scale arrays, 16- and
+        // 32-byte quant arrays).
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); N]; R];
-            let mut summs = [[0f32; N]; R];
-            for b in 0..kb {
-                let xb: [&BlockQ81; N] = std::array::from_fn(|i| &x[i][b]);
-                let qx: [__m256i; N] =
-                    std::array::from_fn(
-                        |i| _mm256_loadu_si256(xb[i].qs.as_ptr() as *const __m256i),
-                    );
-                for r in 0..R {
-                    let wb = &w[r * kb + b];
-                    let packed = _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i);
+            let mut acc = [[_mm256_setzero_ps(); N]; 4];
+            let mut summs = [_mm_setzero_ps(); N];
+            for (b, g) in w.iter().enumerate() {
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let m4 = _mm_cvtph_ps(_mm_loadl_epi64(g.m.as_ptr() as *const __m128i));
+                let mut dd = [_mm_setzero_ps(); N];
+                let mut qx = [_mm256_setzero_si256(); N];
+                for i in 0..N {
+                    let xb = &x[i][b];
+                    dd[i] = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
+                    summs[i] = _mm_add_ps(summs[i], _mm_mul_ps(m4, _mm_set1_ps(xb.s)));
+                    qx[i] = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                }
+                for r in 0..4 {
+                    let packed = _mm_loadu_si128(g.qs[r].as_ptr() as *const __m128i);
                     let qw =
                         _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed));
                     for i in 0..N {
-                        summs[r][i] += wb.m * xb[i].s;
-                        let dd = _mm256_set1_ps(wb.d * xb[i].d);
                         let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx[i]), ones);
-                        acc[r][i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(lanes), acc[r][i]);
+                        acc[r][i] =
+                            _mm256_fmadd_ps(lane(dd[i], r), _mm256_cvtepi32_ps(lanes), acc[r][i]);
                     }
                 }
             }
-            for r in 0..R {
-                for i in 0..N {
-                    out[r][i] = hsum(acc[r][i]) + summs[r][i];
+            for i in 0..N {
+                let mut s = [0f32; 4];
+                _mm_storeu_ps(s.as_mut_ptr(), summs[i]);
+                for r in 0..4 {
+                    out[r][i] = hsum(acc[r][i]) + s[r];
                 }
             }
         }
     }
 
-    /// `R` Q8_0 rows × `N` Q8_0 rows, in ggml's `vec_dot_q8_0_q8_0` arithmetic.
+    /// Four Q8_0 rows (one group) × `N` Q8_0 rows, in ggml's `vec_dot_q8_0_q8_0`
+    /// arithmetic.
     #[inline(always)]
-    pub(super) fn dot_q80_tile<const R: usize, const N: usize>(
-        w: &[BlockQ80],
-        x: [&[BlockQ80]; 4],
-        kb: usize,
-        out: &mut [[f32; 4]; 4],
+    pub(super) fn dot_q80_group<const N: usize>(
+        w: &[Q80x4],
+        x: [&[BlockQ80]; 2],
+        out: &mut [[f32; 2]; 4],
     ) {
-        // SAFETY: as for `dot_q41_tile`; 32-byte loads of `qs` arrays of blocks in the
-        // slices.
+        // SAFETY: as for `dot_q41_group`.
         unsafe {
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); N]; R];
-            for b in 0..kb {
-                let xb: [&BlockQ80; N] = std::array::from_fn(|i| &x[i][b]);
-                let qx: [__m256i; N] =
-                    std::array::from_fn(
-                        |i| _mm256_loadu_si256(xb[i].qs.as_ptr() as *const __m256i),
-                    );
-                for r in 0..R {
-                    let wb = &w[r * kb + b];
-                    let qw = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
+            let mut acc = [[_mm256_setzero_ps(); N]; 4];
+            for (b, g) in w.iter().enumerate() {
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let mut dd = [_mm_setzero_ps(); N];
+                let mut qx = [_mm256_setzero_si256(); N];
+                for i in 0..N {
+                    let xb = &x[i][b];
+                    dd[i] = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
+                    qx[i] = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                }
+                for r in 0..4 {
+                    let qw = _mm256_loadu_si256(g.qs[r].as_ptr() as *const __m256i);
                     // |w| as unsigned times x with w's sign: exact i16 pair sums, then
                     // i32 lanes of four consecutive products.
                     let aw = _mm256_sign_epi8(qw, qw);
                     for i in 0..N {
                         let sx = _mm256_sign_epi8(qx[i], qw);
                         let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                        let dd = _mm256_set1_ps(wb.d * xb[i].d);
-                        acc[r][i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(lanes), acc[r][i]);
+                        acc[r][i] =
+                            _mm256_fmadd_ps(lane(dd[i], r), _mm256_cvtepi32_ps(lanes), acc[r][i]);
                     }
                 }
             }
-            for r in 0..R {
-                for i in 0..N {
+            for i in 0..N {
+                for r in 0..4 {
                     out[r][i] = hsum(acc[r][i]);
                 }
             }
-        }
-    }
-
-    #[cfg(test)]
-    pub(super) fn dot_q41_q81(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
-        // SAFETY: this module is compiled only when AVX2 and FMA are enabled for the
-        // whole build, so every intrinsic used is available; the loads read exactly the
-        // 16 and 32 bytes of `qs` arrays owned by the blocks (unaligned loads).
-        unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = _mm256_setzero_ps();
-            let mut summs = 0f32;
-            for (wb, xb) in w.iter().zip(x) {
-                summs += wb.m * xb.s;
-                let dd = _mm256_set1_ps(wb.d * xb.d);
-                let packed = _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i);
-                let qw = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed));
-                let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                // u8 × i8 pairs to i16 (at most 2·15·127, no saturation), then to i32
-                // lanes of four consecutive values: exact integers.
-                let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-                acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(lanes), acc);
-            }
-            let r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-            _mm_cvtss_f32(r) + summs
         }
     }
 }
@@ -636,7 +599,8 @@ mod tests {
 
     #[test]
     fn matches_a_dequantized_reference_and_batches_consistently() {
-        let (rows, cols, m) = (40, 96, 3);
+        // 42 rows: the last group of four is half empty; 3 sequences: a pair and one.
+        let (rows, cols, m) = (42, 96, 3);
         let mut rng = crate::sampling::Rng::new(9);
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
         let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
@@ -649,7 +613,7 @@ mod tests {
             for r in 0..rows {
                 let mut exact = 0f32;
                 for (c, xv) in x[i * cols..(i + 1) * cols].iter().enumerate() {
-                    let b = &mat.blocks[r * cols / QK + c / QK];
+                    let b = mat.block(r, c / QK);
                     let j = c % QK;
                     let q = if j < 16 {
                         b.qs[j] & 15
@@ -669,22 +633,79 @@ mod tests {
             assert_eq!(single, y[i * rows..(i + 1) * rows].to_vec());
         }
         assert!(Q41Matrix::from_ggml_bytes(&bytes[1..], rows, cols).is_none());
-        // The SIMD and portable dot products agree bit for bit.
-        let mut xq = vec![
-            BlockQ81 {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; 32]
-            };
-            cols / QK
-        ];
-        quantize_row_q8_1(&x[..cols], &mut xq);
+        // The group kernels and the portable row-by-row dot agree bit for bit.
+        for i in 0..m {
+            let mut xq = vec![BlockQ81::default(); cols / QK];
+            quantize_row_q8_1(&x[i * cols..(i + 1) * cols], &mut xq);
+            for r in 0..rows {
+                let wrow: Vec<BlockQ41> = (0..cols / QK).map(|b| mat.block(r, b)).collect();
+                assert_eq!(
+                    y[i * rows + r].to_bits(),
+                    dot_q41_q81_scalar(&wrow, &xq).to_bits(),
+                    "row {r} seq {i}"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod q80_tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_rows_match_the_portable_dot_and_the_dequantized_values() {
+        let (rows, cols, m) = (13, 64, 5);
+        let mut rng = crate::sampling::Rng::new(3);
+        let mut bytes = Vec::new();
+        let mut w = Vec::new();
+        for _ in 0..rows * cols / QK {
+            let d = f16::from_f32(rng.next_f32() * 0.02 + 0.001);
+            bytes.extend_from_slice(&d.to_le_bytes());
+            for _ in 0..QK {
+                let q = (rng.next_f32() * 254.0 - 127.0) as i8;
+                bytes.push(q as u8);
+                w.push(d.to_f32() * q as f32);
+            }
+        }
+        let mat = Q80Matrix::from_ggml_bytes(&bytes, rows, cols).unwrap();
+        assert!(Q80Matrix::from_ggml_bytes(&bytes[2..], rows, cols).is_none());
+        let mut row = vec![0f32; cols];
         for r in 0..rows {
-            let wrow = &mat.blocks[r * cols / QK..(r + 1) * cols / QK];
-            assert_eq!(
-                dot_q41_q81(wrow, &xq).to_bits(),
-                dot_q41_q81_scalar(wrow, &xq).to_bits()
-            );
+            mat.dequantize_row(r, &mut row);
+            assert_eq!(row, w[r * cols..(r + 1) * cols]);
+        }
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+        let mut y = vec![0f32; m * rows];
+        mat.matmul_into(&x, m, &mut y, &Pool::new(2));
+        for i in 0..m {
+            let mut xq = vec![BlockQ80::default(); cols / QK];
+            quantize_row_q8_0(&x[i * cols..(i + 1) * cols], &mut xq);
+            for r in 0..rows {
+                let wrow: Vec<BlockQ80> = (0..cols / QK)
+                    .map(|b| {
+                        let mut qs = [0i8; 32];
+                        for (j, q) in qs.iter_mut().enumerate() {
+                            *q = bytes[(r * cols / QK + b) * Q80_BYTES + 2 + j] as i8;
+                        }
+                        BlockQ80 {
+                            d: f16::from_le_bytes([
+                                bytes[(r * cols / QK + b) * Q80_BYTES],
+                                bytes[(r * cols / QK + b) * Q80_BYTES + 1],
+                            ])
+                            .to_f32(),
+                            qs,
+                        }
+                    })
+                    .collect();
+                let exact: f32 = (0..cols).map(|c| w[r * cols + c] * x[i * cols + c]).sum();
+                let got = y[i * rows + r];
+                assert_eq!(got.to_bits(), dot_q80_q80_scalar(&wrow, &xq).to_bits());
+                assert!(
+                    (got - exact).abs() < 0.02 * exact.abs().max(1.0),
+                    "{got} vs {exact}"
+                );
+            }
         }
     }
 }

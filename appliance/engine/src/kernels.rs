@@ -256,7 +256,11 @@ fn grouped<G: Sync, X: Sync>(
     let per = n_groups.div_ceil(tasks);
     let x_row = |i: usize| &xq[i * kb..(i + 1) * kb];
     // Each task writes its rows of a transposed `[rows, m]` result.
-    let mut out_t = if m == 1 { Vec::new() } else { vec![0f32; rows * m] };
+    let mut out_t = if m == 1 {
+        Vec::new()
+    } else {
+        vec![0f32; rows * m]
+    };
     let target: &mut [f32] = if m == 1 { out } else { &mut out_t };
     let parts: Vec<Mutex<&mut [f32]>> = target.chunks_mut(per * 4 * m).map(Mutex::new).collect();
     pool.run(parts.len(), &|t, _| {
@@ -458,7 +462,7 @@ fn dot_q41_q81_scalar(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
     target_feature = "fma",
     target_feature = "f16c"
 ))]
-#[allow(unsafe_code)]
+#[allow(unsafe_code, clippy::needless_range_loop)]
 mod simd {
     use super::{BlockQ80, BlockQ81, Q41x4, Q80x4};
     use std::arch::x86_64::*;

@@ -135,8 +135,7 @@ impl Q41Matrix {
             m,
             out,
             pool,
-            &dot_q41_group::<1>,
-            &dot_q41_group::<2>,
+            &dot_q41_group,
         );
     }
 }
@@ -196,8 +195,7 @@ impl Q80Matrix {
             m,
             out,
             pool,
-            &dot_q80_group::<1>,
-            &dot_q80_group::<2>,
+            &dot_q80_group,
         );
     }
 
@@ -230,9 +228,47 @@ fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
     }
 }
 
-/// A group kernel: one group of four weight rows (`kb` groups of blocks) times `N`
-/// activation rows; `out[row][i]`.
-type Group<'a, G, X> = dyn Fn(&[G], [&[X]; 2], &mut [[f32; 2]; 4]) + Sync + 'a;
+/// A group kernel: one group of four weight rows (`kb` groups of blocks) times one to
+/// four activation rows; `out[row][i]`.
+type Group<'a, G, X> = dyn Fn(&[G], &[&[X]], &mut [[f32; 4]; 4]) + Sync + 'a;
+
+/// Whether the AVX-512 (BW, VNNI) kernels run: looked up once.
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    #[cfg(test)]
+    if tests::NO_AVX512.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("fma")
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512() -> bool {
+    false
+}
+
+/// The kernels this machine runs, for the benchmark's report.
+pub fn kernel_level() -> &'static str {
+    if avx512() {
+        "avx512-vnni"
+    } else if cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )) {
+        "avx2"
+    } else {
+        "portable"
+    }
+}
 
 /// `out[m, rows] = x · Wᵀ` over a matrix stored in groups of four rows: about eight
 /// tasks per thread, each a run of groups; within a task, the activation rows two at a
@@ -247,14 +283,15 @@ fn grouped<G: Sync, X: Sync>(
     m: usize,
     out: &mut [f32],
     pool: &Pool,
-    one: &Group<'_, G, X>,
-    two: &Group<'_, G, X>,
+    kernel: &Group<'_, G, X>,
 ) {
     debug_assert_eq!(out.len(), m * rows);
     let n_groups = rows.div_ceil(4);
     let tasks = (pool.threads() * 8).min(n_groups).max(1);
     let per = n_groups.div_ceil(tasks);
-    let x_row = |i: usize| &xq[i * kb..(i + 1) * kb];
+    // Activation rows per pass: four where a 512-bit register holds two sequences.
+    let step = if avx512() { 4 } else { 2 };
+    let x_rows: Vec<&[X]> = (0..m).map(|i| &xq[i * kb..(i + 1) * kb]).collect();
     // Each task writes its rows of a transposed `[rows, m]` result.
     let mut out_t = if m == 1 {
         Vec::new()
@@ -267,26 +304,19 @@ fn grouped<G: Sync, X: Sync>(
         let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
         let first = t * per;
         let n_rows = dst.len() / m;
-        let mut acc = [[0f32; 2]; 4];
+        let mut acc = [[0f32; 4]; 4];
         for (gi, g) in (first..first + n_rows.div_ceil(4)).enumerate() {
             let w = &groups[g * kb..(g + 1) * kb];
             let live = (n_rows - gi * 4).min(4);
             let mut i = 0;
             while i < m {
-                let pair = i + 2 <= m;
-                if pair {
-                    two(w, [x_row(i), x_row(i + 1)], &mut acc);
-                } else {
-                    one(w, [x_row(i), x_row(i)], &mut acc);
-                }
+                let n = (m - i).min(step);
+                kernel(w, &x_rows[i..i + n], &mut acc);
                 for (r, a) in acc.iter().enumerate().take(live) {
                     let row = gi * 4 + r;
-                    dst[row * m + i] = a[0];
-                    if pair {
-                        dst[row * m + i + 1] = a[1];
-                    }
+                    dst[row * m + i..row * m + i + n].copy_from_slice(&a[..n]);
                 }
-                i += if pair { 2 } else { 1 };
+                i += n;
             }
         }
     });
@@ -301,8 +331,66 @@ fn grouped<G: Sync, X: Sync>(
     }
 }
 
-/// One group of four Q4_1 rows times `N` Q8_1 rows.
-fn dot_q41_group<const N: usize>(w: &[Q41x4], x: [&[BlockQ81]; 2], out: &mut [[f32; 2]; 4]) {
+/// One group of four Q4_1 rows times one to four Q8_1 rows, with the best kernel this
+/// machine has; every kernel gives the same bits.
+fn dot_q41_group(w: &[Q41x4], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: `avx512()` checked that the CPU has every feature the kernels enable.
+        #[allow(unsafe_code)]
+        unsafe {
+            match x.len() {
+                1 => zmm::q41_rows2(w, x[0], out),
+                2 => zmm::q41_pairs::<1>(w, [x[0], x[1], x[0], x[1]], out),
+                _ => zmm::q41_pairs::<2>(w, [x[0], x[1], x[2], *x.get(3).unwrap_or(&x[2])], out),
+            }
+        }
+        return;
+    }
+    let mut two = [[0f32; 2]; 4];
+    for (c, xs) in x.chunks(2).enumerate() {
+        if xs.len() == 2 {
+            q41_group_base::<2>(w, [xs[0], xs[1]], &mut two);
+        } else {
+            q41_group_base::<1>(w, [xs[0], xs[0]], &mut two);
+        }
+        for r in 0..4 {
+            out[r][2 * c..2 * c + xs.len()].copy_from_slice(&two[r][..xs.len()]);
+        }
+    }
+}
+
+/// One group of four Q8_0 rows times one to four Q8_0 rows (see [`dot_q41_group`]).
+fn dot_q80_group(w: &[Q80x4], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: `avx512()` checked that the CPU has every feature the kernels enable.
+        #[allow(unsafe_code)]
+        unsafe {
+            match x.len() {
+                1 => zmm::q80_rows2(w, x[0], out),
+                2 => zmm::q80_pairs::<1>(w, [x[0], x[1], x[0], x[1]], out),
+                _ => zmm::q80_pairs::<2>(w, [x[0], x[1], x[2], *x.get(3).unwrap_or(&x[2])], out),
+            }
+        }
+        return;
+    }
+    let mut two = [[0f32; 2]; 4];
+    for (c, xs) in x.chunks(2).enumerate() {
+        if xs.len() == 2 {
+            q80_group_base::<2>(w, [xs[0], xs[1]], &mut two);
+        } else {
+            q80_group_base::<1>(w, [xs[0], xs[0]], &mut two);
+        }
+        for r in 0..4 {
+            out[r][2 * c..2 * c + xs.len()].copy_from_slice(&two[r][..xs.len()]);
+        }
+    }
+}
+
+/// One group of four Q4_1 rows times `N` Q8_1 rows: AVX2 when the build has it,
+/// otherwise portable.
+fn q41_group_base<const N: usize>(w: &[Q41x4], x: [&[BlockQ81]; 2], out: &mut [[f32; 2]; 4]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -335,8 +423,9 @@ fn dot_q41_group<const N: usize>(w: &[Q41x4], x: [&[BlockQ81]; 2], out: &mut [[f
     }
 }
 
-/// One group of four Q8_0 rows times `N` Q8_0 activation rows.
-fn dot_q80_group<const N: usize>(w: &[Q80x4], x: [&[BlockQ80]; 2], out: &mut [[f32; 2]; 4]) {
+/// One group of four Q8_0 rows times `N` Q8_0 activation rows (see
+/// [`q41_group_base`]).
+fn q80_group_base<const N: usize>(w: &[Q80x4], x: [&[BlockQ80]; 2], out: &mut [[f32; 2]; 4]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -578,9 +667,271 @@ mod simd {
     }
 }
 
+/// AVX-512 (BW, VNNI) group kernels, chosen at run time. A 512-bit register holds two
+/// (row, sequence) pairs' eight lanes side by side: two rows of one sequence (decode) or
+/// one row of two sequences (batches). Each pair's lanes see exactly the AVX2 kernel's
+/// arithmetic: `vpdpbusd` gives the same exact i32 sums of four products as
+/// `maddubs`+`madd` (no pair sum can saturate: at most 2·128·127), the scales are the
+/// same f32 products, and each half is reduced as ggml's `hsum_float_8`.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::needless_range_loop)]
+mod zmm {
+    use super::{BlockQ80, BlockQ81, Q41x4, Q80x4};
+    use std::arch::x86_64::*;
+
+    /// ggml's `hsum_float_8` of the low (`HI = false`) or high half.
+    #[inline(always)]
+    unsafe fn hsum_half<const HI: bool>(v: __m512) -> f32 {
+        // SAFETY (callers): AVX-512F is available.
+        unsafe {
+            let h = if HI {
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+            } else {
+                _mm512_castps512_ps256(v)
+            };
+            let r = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+            _mm_cvtss_f32(r)
+        }
+    }
+
+    /// Lane `a` of `lo` in the low eight lanes and lane `b` of `hi` in the high eight.
+    #[inline(always)]
+    unsafe fn two_lanes(lo: __m128, a: usize, hi: __m128, b: usize) -> __m512 {
+        // SAFETY (callers): AVX-512F is available.
+        unsafe {
+            let idx = _mm512_set_epi32(
+                16 + b as i32,
+                16 + b as i32,
+                16 + b as i32,
+                16 + b as i32,
+                16 + b as i32,
+                16 + b as i32,
+                16 + b as i32,
+                16 + b as i32,
+                a as i32,
+                a as i32,
+                a as i32,
+                a as i32,
+                a as i32,
+                a as i32,
+                a as i32,
+                a as i32,
+            );
+            _mm512_permutex2var_ps(_mm512_castps128_ps512(lo), idx, _mm512_castps128_ps512(hi))
+        }
+    }
+
+    /// Four Q4_1 rows × one Q8_1 row: rows 0–1 in one register, 2–3 in another.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F/BW/VNNI, F16C and FMA.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q41_rows2(w: &[Q41x4], x: &[BlockQ81], out: &mut [[f32; 4]; 4]) {
+        // SAFETY: features as documented; loads read bytes of groups and blocks inside
+        // the slices (two adjacent 16-byte quant arrays of a group are 32 bytes).
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            // qwords: [a, a>>4, b, b>>4] from [a, b] and its shifted copy.
+            let idx = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+            let mut acc = [_mm512_setzero_ps(); 2];
+            let mut summs = _mm_setzero_ps();
+            for (g, xb) in w.iter().zip(x) {
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let m4 = _mm_cvtph_ps(_mm_loadl_epi64(g.m.as_ptr() as *const __m128i));
+                let dd = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
+                summs = _mm_add_ps(summs, _mm_mul_ps(m4, _mm_set1_ps(xb.s)));
+                let qx =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i));
+                for p in 0..2 {
+                    let ab = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        g.qs[2 * p].as_ptr() as *const __m256i
+                    ));
+                    let qw = _mm512_and_si512(
+                        low,
+                        _mm512_permutex2var_epi64(ab, idx, _mm512_srli_epi16(ab, 4)),
+                    );
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, qx);
+                    acc[p] = _mm512_fmadd_ps(
+                        two_lanes(dd, 2 * p, dd, 2 * p + 1),
+                        _mm512_cvtepi32_ps(lanes),
+                        acc[p],
+                    );
+                }
+            }
+            let mut sm = [0f32; 4];
+            _mm_storeu_ps(sm.as_mut_ptr(), summs);
+            out[0][0] = hsum_half::<false>(acc[0]) + sm[0];
+            out[1][0] = hsum_half::<true>(acc[0]) + sm[1];
+            out[2][0] = hsum_half::<false>(acc[1]) + sm[2];
+            out[3][0] = hsum_half::<true>(acc[1]) + sm[3];
+        }
+    }
+
+    /// Four Q4_1 rows × `2·P` Q8_1 rows, two sequences per register.
+    ///
+    /// # Safety
+    /// As for [`q41_rows2`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q41_pairs<const P: usize>(
+        w: &[Q41x4],
+        x: [&[BlockQ81]; 4],
+        out: &mut [[f32; 4]; 4],
+    ) {
+        // SAFETY: as for `q41_rows2`.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [[_mm512_setzero_ps(); P]; 4];
+            let mut summs = [_mm_setzero_ps(); 4];
+            for (b, g) in w.iter().enumerate() {
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let m4 = _mm_cvtph_ps(_mm_loadl_epi64(g.m.as_ptr() as *const __m128i));
+                let mut dd = [_mm_setzero_ps(); 4];
+                let mut qx = [_mm512_setzero_si512(); P];
+                for i in 0..2 * P {
+                    let xb = &x[i][b];
+                    dd[i] = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
+                    summs[i] = _mm_add_ps(summs[i], _mm_mul_ps(m4, _mm_set1_ps(xb.s)));
+                }
+                for p in 0..P {
+                    let lo = _mm256_loadu_si256(x[2 * p][b].qs.as_ptr() as *const __m256i);
+                    let hi = _mm256_loadu_si256(x[2 * p + 1][b].qs.as_ptr() as *const __m256i);
+                    qx[p] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                }
+                for r in 0..4 {
+                    let packed = _mm_loadu_si128(g.qs[r].as_ptr() as *const __m128i);
+                    let qw = _mm512_broadcast_i64x4(_mm256_and_si256(
+                        low,
+                        _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                    ));
+                    for p in 0..P {
+                        let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, qx[p]);
+                        acc[r][p] = _mm512_fmadd_ps(
+                            two_lanes(dd[2 * p], r, dd[2 * p + 1], r),
+                            _mm512_cvtepi32_ps(lanes),
+                            acc[r][p],
+                        );
+                    }
+                }
+            }
+            let mut sm = [[0f32; 4]; 4];
+            for i in 0..2 * P {
+                _mm_storeu_ps(sm[i].as_mut_ptr(), summs[i]);
+            }
+            for r in 0..4 {
+                for p in 0..P {
+                    out[r][2 * p] = hsum_half::<false>(acc[r][p]) + sm[2 * p][r];
+                    out[r][2 * p + 1] = hsum_half::<true>(acc[r][p]) + sm[2 * p + 1][r];
+                }
+            }
+        }
+    }
+
+    /// `|w|` and `x` with `w`'s sign (`x` where `w` is negative negated), as AVX2's
+    /// `sign_epi8` pair gives; activations are within ±127, so negation is exact.
+    #[inline(always)]
+    unsafe fn abs_and_signed(wq: __m512i, xq: __m512i) -> (__m512i, __m512i) {
+        // SAFETY (callers): AVX-512BW is available.
+        unsafe {
+            let neg = _mm512_movepi8_mask(wq);
+            (
+                _mm512_abs_epi8(wq),
+                _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq),
+            )
+        }
+    }
+
+    /// Four Q8_0 rows × one Q8_0 row: rows 0–1 in one register, 2–3 in another.
+    ///
+    /// # Safety
+    /// As for [`q41_rows2`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q80_rows2(w: &[Q80x4], x: &[BlockQ80], out: &mut [[f32; 4]; 4]) {
+        // SAFETY: as for `q41_rows2`; two adjacent 32-byte quant arrays are 64 bytes.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 2];
+            for (g, xb) in w.iter().zip(x) {
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let dd = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
+                let qx =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i));
+                for p in 0..2 {
+                    let wq = _mm512_loadu_si512(g.qs[2 * p].as_ptr() as *const __m512i);
+                    let (aw, sx) = abs_and_signed(wq, qx);
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+                    acc[p] = _mm512_fmadd_ps(
+                        two_lanes(dd, 2 * p, dd, 2 * p + 1),
+                        _mm512_cvtepi32_ps(lanes),
+                        acc[p],
+                    );
+                }
+            }
+            out[0][0] = hsum_half::<false>(acc[0]);
+            out[1][0] = hsum_half::<true>(acc[0]);
+            out[2][0] = hsum_half::<false>(acc[1]);
+            out[3][0] = hsum_half::<true>(acc[1]);
+        }
+    }
+
+    /// Four Q8_0 rows × `2·P` Q8_0 rows, two sequences per register.
+    ///
+    /// # Safety
+    /// As for [`q41_rows2`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q80_pairs<const P: usize>(
+        w: &[Q80x4],
+        x: [&[BlockQ80]; 4],
+        out: &mut [[f32; 4]; 4],
+    ) {
+        // SAFETY: as for `q41_rows2`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); P]; 4];
+            for (b, g) in w.iter().enumerate() {
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let mut dd = [_mm_setzero_ps(); 4];
+                let mut qx = [_mm512_setzero_si512(); P];
+                for i in 0..2 * P {
+                    dd[i] = _mm_mul_ps(d4, _mm_set1_ps(x[i][b].d));
+                }
+                for p in 0..P {
+                    let lo = _mm256_loadu_si256(x[2 * p][b].qs.as_ptr() as *const __m256i);
+                    let hi = _mm256_loadu_si256(x[2 * p + 1][b].qs.as_ptr() as *const __m256i);
+                    qx[p] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                }
+                for r in 0..4 {
+                    let wq = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        g.qs[r].as_ptr() as *const __m256i
+                    ));
+                    for p in 0..P {
+                        let (aw, sx) = abs_and_signed(wq, qx[p]);
+                        let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+                        acc[r][p] = _mm512_fmadd_ps(
+                            two_lanes(dd[2 * p], r, dd[2 * p + 1], r),
+                            _mm512_cvtepi32_ps(lanes),
+                            acc[r][p],
+                        );
+                    }
+                }
+            }
+            for r in 0..4 {
+                for p in 0..P {
+                    out[r][2 * p] = hsum_half::<false>(acc[r][p]);
+                    out[r][2 * p + 1] = hsum_half::<true>(acc[r][p]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Set by tests to run the AVX2/portable kernels on an AVX-512 machine too; every
+    /// kernel gives the same bits, so tests running meanwhile are unaffected.
+    pub(super) static NO_AVX512: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
 
     /// Builds Q4_1 bytes for a matrix the way ggml's reference quantizer does.
     fn q41_bytes(w: &[f32]) -> Vec<u8> {
@@ -599,6 +950,54 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn avx512_and_avx2_kernels_give_the_same_bits_for_any_batch() {
+        let (rows, cols) = (30, 128);
+        let mut rng = crate::sampling::Rng::new(21);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+        let q41 = Q41Matrix::from_ggml_bytes(&q41_bytes(&w), rows, cols).unwrap();
+        let mut q80_bytes = Vec::new();
+        for b in w.chunks_exact(QK) {
+            let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = f16::from_f32(amax / 127.0);
+            q80_bytes.extend_from_slice(&d.to_le_bytes());
+            for v in b {
+                q80_bytes.push(((v / d.to_f32()).round() as i8) as u8);
+            }
+        }
+        let q80 = Q80Matrix::from_ggml_bytes(&q80_bytes, rows, cols).unwrap();
+        let pool = Pool::new(2);
+        for m in 1..=9 {
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            let run = |no512: bool| {
+                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
+                let mut a = vec![0f32; m * rows];
+                let mut b = vec![0f32; m * rows];
+                q41.matmul_into(&x, m, &mut a, &pool);
+                q80.matmul_into(&x, m, &mut b, &pool);
+                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+                (a, b)
+            };
+            let (fast, base) = (run(false), run(true));
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&fast.0),
+                bits(&base.0),
+                "Q4_1, {m} rows ({})",
+                kernel_level()
+            );
+            assert_eq!(
+                bits(&fast.1),
+                bits(&base.1),
+                "Q8_0, {m} rows ({})",
+                kernel_level()
+            );
+            // A row computed alone equals the same row in the batch.
+            let single = q41.matmul(&x[(m - 1) * cols..], 1);
+            assert_eq!(bits(&single), bits(&fast.0[(m - 1) * rows..]));
+        }
     }
 
     #[test]

@@ -568,6 +568,39 @@ mod simd {
         }
     }
 
+    /// [`super::f16_dot`] (`chain = false`: element `i` into register `(i/16)%4`) or
+    /// [`super::f16_dot_chain`] (one 16-lane register) for lengths that are multiples
+    /// of 16; a 16-lane register is two 8-lane halves, and the lane reduction
+    /// (`t[i] = a[i+8] + a[i]`, then 4, 2, 1) is `hsum_float_8` of the halves' sum.
+    #[inline(always)]
+    pub(super) fn f16_dot(x: &[f32], y: &[f32], chain: bool) -> f32 {
+        // SAFETY: AVX2 and FMA are enabled for the whole build; every load reads 8
+        // floats inside `x` and `y` (lengths equal and a multiple of 16, checked by
+        // the caller and by the slicing).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for (c, (xs, ys)) in x.chunks_exact(16).zip(y.chunks_exact(16)).enumerate() {
+                let j = if chain { 0 } else { c % 4 };
+                for h in 0..2 {
+                    let a = _mm256_loadu_ps(xs[8 * h..8 * h + 8].as_ptr());
+                    let b = _mm256_loadu_ps(ys[8 * h..8 * h + 8].as_ptr());
+                    acc[j][h] = _mm256_fmadd_ps(a, b, acc[j][h]);
+                }
+            }
+            let r: [__m256; 2] = if chain {
+                acc[0]
+            } else {
+                std::array::from_fn(|h| {
+                    _mm256_add_ps(
+                        _mm256_add_ps(acc[0][h], acc[2][h]),
+                        _mm256_add_ps(acc[1][h], acc[3][h]),
+                    )
+                })
+            };
+            hsum(_mm256_add_ps(r[1], r[0]))
+        }
+    }
+
     /// Lane `r` of `v` in all eight lanes.
     #[inline(always)]
     fn lane(v: __m128, r: usize) -> __m256 {
@@ -1170,6 +1203,47 @@ mod exp_tests {
     use super::*;
 
     #[test]
+    fn vector_dots_and_weighted_sums_match_the_plain_ones() {
+        let mut rng = crate::sampling::Rng::new(5);
+        for n in [16usize, 48, 64, 128, 200] {
+            let x: Vec<f32> = (0..n).map(|_| f16_round(rng.next_f32() - 0.5)).collect();
+            let y: Vec<f32> = (0..n).map(|_| f16_round(rng.next_f32() - 0.5)).collect();
+            assert_eq!(
+                f16_dot(&x, &y).to_bits(),
+                f16_dot_portable(&x, &y).to_bits(),
+                "{n}"
+            );
+            assert_eq!(
+                f16_dot_chain(&x, &y).to_bits(),
+                f16_dot_chain_portable(&x, &y).to_bits(),
+                "{n}"
+            );
+        }
+        // Weighted values: each dimension's sum over positions in the dot orders.
+        let (hd, t) = (64usize, 150usize);
+        let p: Vec<f32> = (0..t)
+            .map(|_| f16_round(rng.next_f32() / t as f32))
+            .collect();
+        let v: Vec<f32> = (0..t * hd)
+            .map(|_| f16_round(rng.next_f32() - 0.5))
+            .collect();
+        for chain in [false, true] {
+            let mut o = vec![0f32; hd];
+            let mut slots = Vec::new();
+            weighted_values(&p, &v, hd, 0, hd, chain, &mut o, &mut slots);
+            for d in 0..hd {
+                let col: Vec<f32> = (0..t).map(|c| v[c * hd + d]).collect();
+                let want = if chain {
+                    f16_dot_chain_portable(&p, &col)
+                } else {
+                    f16_dot_portable(&p, &col)
+                };
+                assert_eq!(o[d].to_bits(), want.to_bits(), "chain {chain} d {d}");
+            }
+        }
+    }
+
+    #[test]
     fn ggml_expf_is_accurate() {
         let mut worst = 0f64;
         let mut x = -80.0f32;
@@ -1207,6 +1281,19 @@ fn reduce16(a: &[f32; 16]) -> f32 {
 /// length is handled as if padded. Written over whole 16-lane chunks so that the
 /// compiler vectorises it; lanes keep their own order, so the result is the same.
 pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if x.len() == y.len() && x.len().is_multiple_of(16) {
+        return simd::f16_dot(x, y, false);
+    }
+    f16_dot_portable(x, y)
+}
+
+/// [`f16_dot`] in plain code.
+fn f16_dot_portable(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let mut sum = [[0f32; 16]; 4];
     let whole = n / 16;
@@ -1234,6 +1321,19 @@ pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
 /// f16 matrix products with two or more rows): one 16-lane accumulator, element `i`
 /// FMA'd into lane `i%16` in order, then the lanes reduced.
 pub fn f16_dot_chain(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if x.len() == y.len() && x.len().is_multiple_of(16) {
+        return simd::f16_dot(x, y, true);
+    }
+    f16_dot_chain_portable(x, y)
+}
+
+/// [`f16_dot_chain`] in plain code.
+fn f16_dot_chain_portable(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let mut acc = [0f32; 16];
     let whole = n / 16;
@@ -1282,7 +1382,6 @@ pub fn attention_head(
     out: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
-    let dot: fn(&[f32], &[f32]) -> f32 = if prompt_rows { f16_dot_chain } else { f16_dot };
     for r in 0..l {
         let qr = &q[r * q_stride..r * q_stride + hd];
         // Positions past this row's own are masked (weight exactly 0): leaving them out
@@ -1291,7 +1390,12 @@ pub fn attention_head(
         scratch.p.clear();
         scratch.p.extend((0..visible).map(|c| {
             let o = c * kv_stride + kv_offset;
-            dot(qr, &k[o..o + hd]) * scale
+            let kc = &k[o..o + hd];
+            (if prompt_rows {
+                f16_dot_chain(qr, kc)
+            } else {
+                f16_dot(qr, kc)
+            }) * scale
         }));
         softmax_row_chunked(&mut scratch.p);
         for pc in scratch.p.iter_mut() {
@@ -1344,17 +1448,31 @@ fn weighted_values(
             *a = pc.mul_add(x, *a);
         }
     }
-    for (d, od) in o.iter_mut().enumerate() {
-        let sl = |j: usize| slots[j * hd + d];
-        if chain {
-            let lanes: [f32; 16] = std::array::from_fn(sl);
-            *od = reduce16(&lanes);
-        } else {
-            let r: [f32; 16] =
-                std::array::from_fn(|l| (sl(l) + sl(32 + l)) + (sl(16 + l) + sl(48 + l)));
-            *od = reduce16(&r);
+    // The lane reductions of [`f16_dot`] / [`f16_dot_chain`] for every `d` at once:
+    // each step pairs the same slots as the scalar reduction, over whole rows of `d`.
+    let (r, rest) = slots.split_at_mut(16 * hd);
+    if !chain {
+        let (s16, s32) = rest.split_at(16 * hd);
+        let (s32, s48) = s32.split_at(16 * hd);
+        for l in 0..16 {
+            let row = &mut r[l * hd..(l + 1) * hd];
+            let (a, b, c) = (&s16[l * hd..], &s32[l * hd..], &s48[l * hd..]);
+            for d in 0..hd {
+                row[d] = (row[d] + b[d]) + (a[d] + c[d]);
+            }
         }
     }
+    // reduce16: t[i] = a[i + w] + a[i] for w = 8, 4, 2, 1.
+    for w in [8usize, 4, 2, 1] {
+        for i in 0..w {
+            let (lo, hi) = r.split_at_mut((i + w) * hd);
+            let (dst, src) = (&mut lo[i * hd..(i + 1) * hd], &hi[..hd]);
+            for d in 0..hd {
+                dst[d] = src[d] + dst[d];
+            }
+        }
+    }
+    o.copy_from_slice(&r[..hd]);
 }
 
 /// ggml's softmax on AVX-512: exp per 16-value chunk, each chunk's sum reduced in f32

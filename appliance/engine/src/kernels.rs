@@ -124,9 +124,7 @@ impl Q41Matrix {
         let kb = self.cols / QK;
         debug_assert_eq!(x.len(), m * self.cols);
         let mut xq = vec![BlockQ81::default(); m * kb];
-        for (row, q) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(kb)) {
-            quantize_row_q8_1(row, q);
-        }
+        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_1);
         grouped(
             &self.groups,
             &xq,
@@ -184,9 +182,7 @@ impl Q80Matrix {
         let kb = self.cols / QK;
         debug_assert_eq!(x.len(), m * self.cols);
         let mut xq = vec![BlockQ80::default(); m * kb];
-        for (row, q) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(kb)) {
-            quantize_row_q8_0(row, q);
-        }
+        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_0);
         grouped(
             &self.groups,
             &xq,
@@ -217,6 +213,37 @@ impl Q80Matrix {
 /// ggml's `quantize_row_q8_0` on x86 (`d = amax/127` kept as f16, `q =
 /// round_half_even(x·127/amax)`).
 fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        simd::quantize_row_q8(x, out.len(), |i, d, _, qs| {
+            out[i] = BlockQ80 {
+                d: f16::from_f32(d).to_f32(),
+                qs,
+            }
+        })
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    quantize_row_q8_0_portable(x, out)
+}
+
+/// [`quantize_row_q8_0`] in plain code.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn quantize_row_q8_0_portable(x: &[f32], out: &mut [BlockQ80]) {
     for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -292,18 +319,20 @@ fn grouped<G: Sync, X: Sync>(
     // Activation rows per pass: four where a 512-bit register holds two sequences.
     let step = if avx512() { 4 } else { 2 };
     let x_rows: Vec<&[X]> = (0..m).map(|i| &xq[i * kb..(i + 1) * kb]).collect();
-    // Each task writes its rows of a transposed `[rows, m]` result.
-    let mut out_t = if m == 1 {
-        Vec::new()
-    } else {
-        vec![0f32; rows * m]
-    };
-    let target: &mut [f32] = if m == 1 { out } else { &mut out_t };
-    let parts: Vec<Mutex<&mut [f32]>> = target.chunks_mut(per * 4 * m).map(Mutex::new).collect();
+    // Task `t` owns rows `t·per·4..` of every activation row's output: `m` slices each.
+    let span = per * 4;
+    let n_tasks = rows.div_ceil(span);
+    let mut split: Vec<Vec<&mut [f32]>> = (0..n_tasks).map(|_| Vec::with_capacity(m)).collect();
+    for out_i in out.chunks_mut(rows) {
+        for (t, piece) in out_i.chunks_mut(span).enumerate() {
+            split[t].push(piece);
+        }
+    }
+    let parts: Vec<Mutex<Vec<&mut [f32]>>> = split.into_iter().map(Mutex::new).collect();
     pool.run(parts.len(), &|t, _| {
         let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
         let first = t * per;
-        let n_rows = dst.len() / m;
+        let n_rows = dst[0].len();
         let mut acc = [[0f32; 4]; 4];
         for (gi, g) in (first..first + n_rows.div_ceil(4)).enumerate() {
             let w = &groups[g * kb..(g + 1) * kb];
@@ -313,22 +342,42 @@ fn grouped<G: Sync, X: Sync>(
                 let n = (m - i).min(step);
                 kernel(w, &x_rows[i..i + n], &mut acc);
                 for (r, a) in acc.iter().enumerate().take(live) {
-                    let row = gi * 4 + r;
-                    dst[row * m + i..row * m + i + n].copy_from_slice(&a[..n]);
+                    for k in 0..n {
+                        dst[i + k][gi * 4 + r] = a[k];
+                    }
                 }
                 i += n;
             }
         }
     });
-    drop(parts);
-    if m > 1 {
-        let out = &mut *out;
-        for r in 0..rows {
-            for i in 0..m {
-                out[i * rows + r] = out_t[r * m + i];
-            }
+}
+
+/// Quantizes the `m` rows of `x` (`cols` each) into `xq` (`kb` blocks each), the rows
+/// spread over `pool` when there are several.
+fn quantize_rows<X: Send>(
+    x: &[f32],
+    cols: usize,
+    xq: &mut [X],
+    kb: usize,
+    pool: &Pool,
+    quantize: fn(&[f32], &mut [X]),
+) {
+    let m = x.len() / cols;
+    if m < 4 {
+        for (row, q) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(kb)) {
+            quantize(row, q);
         }
+        return;
     }
+    let per = m.div_ceil(pool.threads() * 2);
+    let parts: Vec<Mutex<&mut [X]>> = xq.chunks_mut(per * kb).map(Mutex::new).collect();
+    pool.run(parts.len(), &|t, _| {
+        let mut q = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+        let rows = &x[t * per * cols..];
+        for (row, qb) in rows.chunks_exact(cols).zip(q.chunks_exact_mut(kb)) {
+            quantize(row, qb);
+        }
+    });
 }
 
 /// One group of four Q4_1 rows times one to four Q8_1 rows, with the best kernel this
@@ -492,6 +541,38 @@ fn dot_q80_q80_scalar(w: &[BlockQ80], x: &[BlockQ80]) -> f32 {
 
 /// ggml's `quantize_row_q8_1` (the SIMD path's arithmetic).
 fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ81]) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        simd::quantize_row_q8(x, out.len(), |i, d, s, qs| {
+            out[i] = BlockQ81 {
+                d: f16::from_f32(d).to_f32(),
+                s: f16::from_f32(d * s as f32).to_f32(),
+                qs,
+            }
+        })
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    quantize_row_q8_1_portable(x, out)
+}
+
+/// [`quantize_row_q8_1`] in plain code.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn quantize_row_q8_1_portable(x: &[f32], out: &mut [BlockQ81]) {
     for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -598,6 +679,51 @@ mod simd {
                 })
             };
             hsum(_mm256_add_ps(r[1], r[0]))
+        }
+    }
+
+    /// Quantizes `n` blocks of 32 values of `x` as ggml's x86 `quantize_row_q8_0/1`
+    /// does (`d = amax/127`, `q = round_half_even(x·(127/amax))`) and hands each block's
+    /// `d`, integer sum and quants to `put`: the same values as the plain code (max and
+    /// integer sums are exact; the products and roundings are the same operations).
+    #[inline(always)]
+    pub(super) fn quantize_row_q8(
+        x: &[f32],
+        n: usize,
+        mut put: impl FnMut(usize, f32, i32, [i8; 32]),
+    ) {
+        // SAFETY: AVX2 and FMA are enabled for the whole build; loads read 8 floats of
+        // a 32-value chunk of `x`, stores write 8 i32 into a local array.
+        unsafe {
+            let sign = _mm256_set1_ps(-0.0);
+            for (i, b) in x.chunks_exact(32).take(n).enumerate() {
+                let v: [__m256; 4] =
+                    std::array::from_fn(|j| _mm256_loadu_ps(b[8 * j..8 * j + 8].as_ptr()));
+                let mut m = _mm256_andnot_ps(sign, v[0]);
+                for vj in &v[1..] {
+                    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vj));
+                }
+                let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+                let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+                let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+                let amax = _mm_cvtss_f32(m4);
+                let d = amax / 127.0;
+                let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+                let mut qs = [0i8; 32];
+                let mut sum = 0i32;
+                for (j, vj) in v.iter().enumerate() {
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                        _mm256_mul_ps(*vj, id),
+                    );
+                    let mut ints = [0i32; 8];
+                    _mm256_storeu_si256(ints.as_mut_ptr() as *mut __m256i, _mm256_cvtps_epi32(r));
+                    for (k, &q) in ints.iter().enumerate() {
+                        qs[8 * j + k] = q as i8;
+                        sum += q;
+                    }
+                }
+                put(i, d, sum, qs);
+            }
         }
     }
 
@@ -983,6 +1109,33 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn vector_quantization_matches_the_plain_code() {
+        let mut rng = crate::sampling::Rng::new(8);
+        let mut x: Vec<f32> = (0..32 * 40).map(|_| (rng.next_f32() - 0.5) * 7.0).collect();
+        // A zero block, ties and extremes.
+        x[..32].fill(0.0);
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        let n = x.len() / 32;
+        let (mut a, mut b) = (vec![BlockQ81::default(); n], vec![BlockQ81::default(); n]);
+        quantize_row_q8_1(&x, &mut a);
+        quantize_row_q8_1_portable(&x, &mut b);
+        for (p, q) in a.iter().zip(&b) {
+            assert_eq!(
+                (p.d.to_bits(), p.s.to_bits(), p.qs),
+                (q.d.to_bits(), q.s.to_bits(), q.qs)
+            );
+        }
+        let (mut a, mut b) = (vec![BlockQ80::default(); n], vec![BlockQ80::default(); n]);
+        quantize_row_q8_0(&x, &mut a);
+        quantize_row_q8_0_portable(&x, &mut b);
+        for (p, q) in a.iter().zip(&b) {
+            assert_eq!((p.d.to_bits(), p.qs), (q.d.to_bits(), q.qs));
+        }
     }
 
     #[test]

@@ -582,6 +582,26 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
         list.contains("smollm2-copy") && list.contains("Q4_1"),
         "{list}"
     );
+    // Pinning: to the CPU (shown, recorded), not to a GPU this build cannot use, nor a
+    // model that is not there; back to automatic.
+    let pin = |b: &mut Browser, model: &str, device: &str, code: u16, says: &str| {
+        let p = b.post("/models/pin", &[("model", model), ("device", device)]);
+        assert_eq!(p.code, code, "{}", p.body);
+        assert!(p.body.contains(says), "{}", p.body);
+    };
+    pin(
+        &mut admin,
+        "smollm2-copy",
+        "cpu",
+        200,
+        "Model smollm2-copy pinned to cpu.",
+    );
+    assert!(admin.get("/models").body.contains("<td>cpu</td>"));
+    pin(&mut admin, "smollm2-copy", "cuda:0", 400, "has no CUDA");
+    pin(&mut admin, "ghost", "cpu", 400, "ghost");
+    let auto = "Model smollm2-copy is placed automatically.";
+    pin(&mut admin, "smollm2-copy", "auto", 200, auto);
+    assert!(!admin.get("/models").body.contains("<td>cpu</td>"));
     // A loaded model cannot be removed; an unloaded one can.
     let p = admin.post("/models/remove", &[("model", "smollm2")]);
     assert!(p.body.contains("unload it before removing"), "{}", p.body);
@@ -666,6 +686,13 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
     assert!(all
         .iter()
         .any(|r| r["action"] == "model.remove" && r["user"] == "alice"));
+    let pins: Vec<u64> = all
+        .iter()
+        .filter(|r| r["action"] == "model.pin")
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    // Each attempt is recorded before it acts; the two refusals then with their 400.
+    assert_eq!(pins, [200, 200, 400, 200, 400, 200], "{pins:?}");
 }
 
 /// `appliance backup ...` with the passphrase on stdin: (success, stdout + stderr).

@@ -304,7 +304,23 @@ fn import_checks_hash_signature_and_trust_and_leaves_nothing_behind() {
         err(&o)
     );
 
-    // A registry model is served by name, and cannot be removed while served.
+    // Pins: a device this build and machine have, or automatic; others are refused.
+    let pin = |name: &str, device: &str, ok: bool, says: &str| {
+        let o = run(&data, &["model", "pin", name, device]);
+        assert!(
+            o.status.success() == ok && err(&o).contains(says),
+            "{}",
+            err(&o)
+        );
+    };
+    pin("smol", "cuda:0", false, "has no CUDA");
+    pin("smol", "gpu", false, "expected cpu or cuda:N");
+    pin("nope", "cpu", false, "no model named");
+    pin("smol", "auto", true, "placed automatically");
+    pin("smol", "cpu", true, "Model smol pinned to cpu");
+
+    // A registry model is served by name (on the device it is pinned to), and cannot be
+    // removed while served.
     let mut child = appliance()
         .args([
             "serve",

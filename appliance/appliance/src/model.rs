@@ -51,6 +51,15 @@ pub enum ModelCmd {
         #[command(flatten)]
         data: DataDir,
     },
+    /// Pin a registry model to a device (`cpu`, `cuda:N`) or back to `auto`: it is
+    /// placed there from its next load (`[devices]` in appliance.toml takes precedence).
+    Pin {
+        name: String,
+        /// `cpu`, `cuda:N` or `auto`.
+        device: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
     /// Load a registry model into the running daemon (placed by memory; waits until ready).
     Load {
         name: String,
@@ -206,6 +215,7 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
         ModelCmd::Load { name, data } => Some(("model.load", name.clone(), data.clone())),
         ModelCmd::Unload { name, data } => Some(("model.unload", name.clone(), data.clone())),
         ModelCmd::Remove { name, data } => Some(("model.remove", name.clone(), data.clone())),
+        ModelCmd::Pin { name, data, .. } => Some(("model.pin", name.clone(), data.clone())),
         ModelCmd::Import {
             name, path, data, ..
         } => Some((
@@ -307,6 +317,39 @@ pub async fn remove_model(dir: &Path, name: &str) -> Result<()> {
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Pins a registry model to a device, or (`None` or `auto`) unpins it: checked against
+/// this build and machine. Returns a sentence saying what holds now.
+pub async fn pin_model(dir: &Path, name: &str, device: Option<&str>) -> Result<String> {
+    let device = device
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && *d != "auto");
+    if let Some(d) = device {
+        use appliance_supervisor::placement::Device;
+        match d.parse::<Device>().map_err(|e| anyhow::anyhow!(e))? {
+            Device::Cpu => {}
+            Device::Cuda(i) => {
+                if !cfg!(feature = "cuda") {
+                    bail!("cannot pin {name} to cuda:{i}: this build of the appliance has no CUDA");
+                }
+                let inv = appliance_supervisor::inventory::read(dir);
+                if !inv.gpus.iter().any(|g| g.index == i) {
+                    bail!("cannot pin {name} to cuda:{i}: this machine has no such GPU");
+                }
+            }
+        }
+    }
+    let store = Store::open(&DataDir::db(dir)).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    store.set_model_device(name, device, now).await?;
+    Ok(match device {
+        Some(d) => format!("Model {name} pinned to {d}"),
+        None => format!("Model {name} is placed automatically"),
+    })
 }
 
 fn run_inner(cmd: ModelCmd) -> Result<()> {
@@ -435,6 +478,16 @@ fn run_inner(cmd: ModelCmd) -> Result<()> {
             j["path"] = serde_json::json!(appliance_registry::Store::new(&dir).path_of(&m.sha256));
             j["loaded"] = serde_json::json!(served_models(&dir).await.contains(&m.name));
             println!("{}", serde_json::to_string_pretty(&j)?);
+            Ok(())
+        }),
+        ModelCmd::Pin { name, device, data } => runtime()?.block_on(async {
+            let dir = data.prepare()?;
+            let said = pin_model(&dir, &name, Some(&device)).await?;
+            if served_models(&dir).await.contains(&name) {
+                eprintln!("{said}; it moves there when it is next loaded (unload, then load)");
+            } else {
+                eprintln!("{said}");
+            }
             Ok(())
         }),
         ModelCmd::Remove { name, data } => runtime()?.block_on(async {

@@ -281,6 +281,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         devices: file.devices.clone(),
         instances: file.instances.clone(),
         store: store.clone(),
+        pins: std::sync::Mutex::new(store.model_devices().await?),
     };
     // Placement: each model's memory estimate against what the box has free.
     let inventory = appliance_supervisor::inventory::read(&dir);
@@ -432,6 +433,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
                 admin: admin_link.clone(),
                 live_cert: live_cert.clone(),
                 cert_in_data_dir,
+                pinned_in_config: file.devices.clone(),
             });
             let c = appliance_console::Console::new(
                 store.clone(),
@@ -777,6 +779,9 @@ struct Launcher {
     devices: std::collections::BTreeMap<String, String>,
     instances: std::collections::BTreeMap<String, u32>,
     store: Store,
+    /// Devices pinned from the console or `appliance model pin` (the key store's
+    /// `model_devices`), re-read before every load; `[devices]` takes precedence.
+    pins: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// The supervisor's name for instance `i` of `n` of a model: the model's own name when
@@ -807,12 +812,22 @@ impl Launcher {
     }
 
     fn needs(&self, name: &str, path: &Path) -> Result<Needs> {
-        let pinned = match self.devices.get(name) {
-            Some(d) => Some(
+        let pin = self
+            .pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let pinned = match (self.devices.get(name), pin) {
+            (Some(d), _) => Some(
                 d.parse::<Device>()
                     .map_err(|e| anyhow::anyhow!("[devices] {name}: {e}"))?,
             ),
-            None => None,
+            (None, Some(d)) => Some(
+                d.parse::<Device>()
+                    .map_err(|e| anyhow::anyhow!("the device {name} is pinned to: {e}"))?,
+            ),
+            (None, None) => None,
         };
         Ok(estimate(name, path, &self.workers, pinned))
     }
@@ -944,6 +959,8 @@ impl Daemon {
                 }
             }
         }
+        *self.launcher.pins.lock().unwrap_or_else(|e| e.into_inner()) =
+            self.launcher.store.model_devices().await?;
         let needs = self.launcher.needs_all(name, &path)?;
         let placed = appliance_supervisor::placement::place(&needs, &inv, cfg!(feature = "cuda"))
             .map_err(|e| anyhow::anyhow!(e))?;
@@ -1002,6 +1019,8 @@ struct ConsoleOps {
     admin: Arc<AdminLink>,
     live_cert: Arc<tls::LiveCert>,
     cert_in_data_dir: bool,
+    /// `[devices]` of appliance.toml: pins the console may not change.
+    pinned_in_config: std::collections::BTreeMap<String, String>,
 }
 
 impl appliance_console::Ops for ConsoleOps {
@@ -1141,6 +1160,32 @@ impl appliance_console::Ops for ConsoleOps {
             crate::model::remove_model(&dir, &name)
                 .await
                 .map(|()| format!("Model {name} removed."))
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+
+    fn pin_model(
+        &self,
+        name: String,
+        device: Option<String>,
+    ) -> appliance_console::OpsFuture<Result<String, String>> {
+        let (dir, configured) = (self.dir.clone(), self.pinned_in_config.get(&name).cloned());
+        let loaded = self.gateway.model(&name).is_some();
+        Box::pin(async move {
+            if let Some(d) = configured {
+                return Err(format!(
+                    "{name} is pinned to {d} by [devices] in appliance.toml; change it there"
+                ));
+            }
+            crate::model::pin_model(&dir, &name, device.as_deref())
+                .await
+                .map(|m| {
+                    if loaded {
+                        format!("{m}; it moves there when it is next loaded (unload, then load).")
+                    } else {
+                        format!("{m}.")
+                    }
+                })
                 .map_err(|e| format!("{e:#}"))
         })
     }

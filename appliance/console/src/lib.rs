@@ -103,6 +103,9 @@ pub trait Ops: Send + Sync {
     ) -> OpsFuture<Result<String, String>>;
     /// Removes a model that is not loaded.
     fn remove_model(&self, name: String) -> OpsFuture<Result<String, String>>;
+    /// Pins a registry model to a device (`cpu`, `cuda:N`; `None`: automatic) for its
+    /// next load; refused where appliance.toml pins it, or the device cannot exist here.
+    fn pin_model(&self, name: String, device: Option<String>) -> OpsFuture<Result<String, String>>;
     /// Replaces the certificate of the API and console listeners (PEM chain and key,
     /// checked to belong together), for new connections at once and after restarts.
     fn replace_certificate(&self, cert_pem: String, key_pem: String) -> Result<String, String>;

@@ -357,6 +357,24 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
             let flash = import_start(c, r, v).await;
             models(c, v, flash).await
         }
+        "/models/pin" if post => {
+            let name = r.f("model").to_string();
+            let device = r.f("device").trim().to_string();
+            let flash = if !valid_name(&name) {
+                Flash::Error("Choose a model.".into())
+            } else {
+                let resource = format!("model:{name}");
+                let device = (!device.is_empty() && device != "auto").then_some(device);
+                c.audited(
+                    v.user,
+                    r.peer,
+                    ("model.pin", resource, 400),
+                    c.ops.pin_model(name, device),
+                )
+                .await
+            };
+            models(c, v, flash).await
+        }
         "/models/remove" if post => {
             let name = r.f("model").to_string();
             let flash = if c.gateway.model(&name).is_some() {
@@ -895,6 +913,7 @@ fn import_progress(c: &Console) -> Resp {
 
 async fn models(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
     let registry = c.store.models().await.unwrap_or_default();
+    let pins = c.store.model_devices().await.unwrap_or_default();
     let served = c.gateway.status();
     let mut rows = vec![];
     let mut names: Vec<String> = registry.iter().map(|m| m.name.clone()).collect();
@@ -948,22 +967,53 @@ async fn models(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
             } else {
                 "not loaded".into()
             },
+            pins.get(name)
+                .map(|d| esc(d))
+                .unwrap_or_else(|| "automatic".into()),
             action,
         ]);
     }
+    // Pinning: one form for every model (the table's rows stay one button each).
+    let pin_form = if registry.is_empty() {
+        String::new()
+    } else {
+        let inv = appliance_supervisor::inventory::read(&c.data_dir);
+        let gpus: Vec<String> = inv
+            .gpus
+            .iter()
+            .map(|g| format!("cuda:{}", g.index))
+            .collect();
+        let mut devices: Vec<(&str, &str)> =
+            vec![("auto", "automatic (by free memory)"), ("cpu", "cpu")];
+        devices.extend(gpus.iter().map(|g| (g.as_str(), g.as_str())));
+        let names: Vec<(&str, &str)> = registry
+            .iter()
+            .map(|m| (m.name.as_str(), m.name.as_str()))
+            .collect();
+        format!(
+            "<section class=\"card narrow\"><h2>Placement</h2><p>Pin a model to a device: it is placed there from its next load (a loaded model moves when it is unloaded and loaded again). A pin in appliance.toml's <code>[devices]</code> takes precedence and is changed there.</p><form method=\"post\" action=\"/models/pin\">{}{}{}<p><button type=\"submit\">Pin</button></p></form></section>",
+            csrf_field(v.csrf),
+            select("model", "Model", &names, ""),
+            select("device", "Device", &devices, "auto"),
+        )
+    };
     let running = crate::lock(&c.import)
         .as_ref()
         .is_some_and(|i| i.result.is_none());
     let body = format!(
         "{}<section class=\"card narrow\"><h2>Import</h2><p>A GGUF file or a signed bundle already on the appliance (for example on a mounted USB drive): its signature is checked against the site's trusted signers.</p><form method=\"post\" action=\"/models/import\">{}{}{}<p><button type=\"submit\">Import</button></p></form><div id=\"import\" data-active=\"{}\"><label for=\"import-bar\">Import progress</label> <progress id=\"import-bar\" max=\"1\" value=\"0\"></progress> <output id=\"import-status\"></output></div></section>\
 <section class=\"card narrow\"><h2>Upload</h2><p>A GGUF file or a signed bundle (.tar) from this computer: it is sent to the appliance, then imported with the same checks.</p><form id=\"upload\">{}<p class=\"field\"><label for=\"up-file\">Model file</label><input id=\"up-file\" type=\"file\" accept=\".gguf,.tar\" required></p><p class=\"field\"><label for=\"up-name\">Name of the uploaded model (empty: the bundle's or the file's)</label><input id=\"up-name\" type=\"text\"></p><p><button type=\"submit\">Upload and import</button></p><p><label for=\"upload-bar\">Upload progress</label> <progress id=\"upload-bar\" max=\"1\" value=\"0\"></progress> <output id=\"upload-status\" role=\"status\"></output></p></form></section>",
-        table("Models", &["Name", "Size", "Quantization", "Context", "Architecture", "State", ""], &rows),
+        table(
+            "Models",
+            &["Name", "Size", "Quantization", "Context", "Architecture", "State", "Device", ""],
+            &rows
+        ),
         csrf_field(v.csrf),
         field("path", "Path on the appliance", "text", "", "required placeholder=\"/media/usb/model.bundle\""),
         field("name", "Name (empty: the bundle's or the file's)", "text", "", ""),
         running,
         csrf_field(v.csrf)
-    );
+    ) + &pin_form;
     ok_page("Models", v, flash, &body)
 }
 

@@ -1621,7 +1621,8 @@ fn weighted_values(
             let (lo, hi) = r.split_at_mut((i + w) * hd);
             let (dst, src) = (&mut lo[i * hd..(i + 1) * hd], &hi[..hd]);
             for d in 0..hd {
-                dst[d] = src[d] + dst[d];
+                // a[i + w] + a[i]: IEEE addition is commutative, the bits are the same.
+                dst[d] += src[d];
             }
         }
     }

@@ -81,6 +81,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "usage accounting",
         include_str!("../migrations/0005_usage.sql"),
     ),
+    (
+        6,
+        "model device pins",
+        include_str!("../migrations/0006_model_devices.sql"),
+    ),
 ];
 
 /// Requests and tokens of one hour, tenant, key and model.
@@ -592,8 +597,50 @@ impl Store {
             .bind(&m.sha256)
             .fetch_one(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM model_devices WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok((m, others > 0))
+    }
+
+    /// The devices models are pinned to, by model name.
+    pub async fn model_devices(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let rows = sqlx::query("SELECT name, device FROM model_devices ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Pins a registry model to a device (`None`: placed automatically again). The
+    /// caller has checked the device's name.
+    pub async fn set_model_device(&self, name: &str, device: Option<&str>, at: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if Self::model_in(&mut tx, name).await?.is_none() {
+            return Err(StoreError::NoSuchModel(name.to_string()));
+        }
+        match device {
+            Some(d) => {
+                sqlx::query(
+                    "INSERT INTO model_devices (name, device, set_at) VALUES (?, ?, ?)
+                     ON CONFLICT(name) DO UPDATE SET device = excluded.device, set_at = excluded.set_at",
+                )
+                .bind(name)
+                .bind(d)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM model_devices WHERE name = ?")
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     fn user_from_row(r: &sqlx::sqlite::SqliteRow) -> ConsoleUser {

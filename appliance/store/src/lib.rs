@@ -952,7 +952,7 @@ mod tests {
     async fn tenants_keys_revoke_rotate() {
         let path = tmp("basic");
         let s = Store::open(&path).await.unwrap();
-        assert_eq!(s.schema_version().await.unwrap(), 5);
+        assert_eq!(s.schema_version().await.unwrap(), 6);
         s.create_tenant("acme", 100).await.unwrap();
         assert!(matches!(
             s.create_tenant("acme", 101).await,

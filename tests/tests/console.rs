@@ -611,20 +611,8 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
 
     // Uploads from the browser: the raw bytes, the session's token in a header.
     let upload = |b: &mut Browser, file: &Path, query: &str, token: &str| -> Page {
-        let url = format!("{}/models/upload?{query}", b.base);
-        let data = format!("@{}", file.display());
         let token = format!("X-CSRF-Token: {token}");
-        b.run(&[
-            "-H",
-            "Expect:",
-            "-H",
-            "Content-Type: application/octet-stream",
-            "-H",
-            &token,
-            "--data-binary",
-            &data,
-            &url,
-        ])
+        raw_post(b, &format!("/models/upload?{query}"), file, &[&token])
     };
     admin.get("/models");
     let token = admin.csrf.clone();
@@ -693,6 +681,24 @@ fn models_are_imported_from_the_appliance_with_progress_and_removed() {
         .collect();
     // Each attempt is recorded before it acts; the two refusals then with their 400.
     assert_eq!(pins, [200, 200, 400, 200, 400, 200], "{pins:?}");
+}
+
+/// A file's raw bytes POSTed from the page's session (as the page's scripts send them),
+/// with extra headers.
+fn raw_post(b: &mut Browser, path: &str, file: &Path, headers: &[&str]) -> Page {
+    let url = format!("{}{path}", b.base);
+    let data = format!("@{}", file.display());
+    let mut args = vec![
+        "-H",
+        "Expect:",
+        "-H",
+        "Content-Type: application/octet-stream",
+    ];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.extend(["--data-binary", &data, &url]);
+    b.run(&args)
 }
 
 /// `appliance backup ...` with the passphrase on stdin: (success, stdout + stderr).
@@ -778,6 +784,86 @@ fn backups_download_verify_and_restore() {
     // Not while the daemon runs.
     let (ok, out) = backup_cli(&["restore", f, "--data-dir", s.dir.to_str().unwrap()], PASS);
     assert!(!ok && out.contains("stop it"), "{out}");
+
+    // From the page: a key made after the backup, then the backup restored: refused
+    // with a wrong passphrase (nothing changes), staged with the right one, and the
+    // daemon restarts itself (status 75) to put it in place.
+    let later = appliance()
+        .args(["key", "create", "--tenant", "acme", "--data-dir"])
+        .arg(&s.dir)
+        .output()
+        .unwrap();
+    let later = String::from_utf8_lossy(&later.stdout).trim().to_string();
+    assert_eq!(api_status(&s, &later), "200");
+    let restore = |b: &mut Browser, pass: &str| -> Page {
+        let token = format!("X-CSRF-Token: {}", b.csrf);
+        let pass = format!("X-Backup-Passphrase: {pass}");
+        raw_post(b, "/system/restore", &file, &[&token, &pass])
+    };
+    admin.get("/system");
+    let p = raw_post(
+        &mut admin,
+        "/system/restore",
+        &file,
+        &[
+            "X-CSRF-Token: forged",
+            &format!("X-Backup-Passphrase: {PASS}"),
+        ],
+    );
+    assert_eq!(p.code, 403, "a forged token: {}", p.body);
+    let p = restore(&mut admin, "not-the-passphrase");
+    assert_eq!(p.code, 400, "{}", p.body);
+    assert!(p.body.contains("does not decrypt"), "{}", p.body);
+    assert_eq!(api_status(&s, &later), "200", "nothing changed");
+    let p = restore(&mut admin, PASS);
+    assert_eq!(p.code, 200, "{}", p.body);
+    assert!(p.body.contains("restarts now"), "{}", p.body);
+    let mut s = s;
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = s.guard.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "the daemon did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(75), "{status:?}");
+    let back = Server::start_in(
+        s.dir.clone(),
+        &["--console-listen", "127.0.0.1:0"],
+        None,
+        None,
+    );
+    assert_eq!(api_status(&back, &key), "200", "the backup's key works");
+    assert_eq!(api_status(&back, &later), "401", "the later key is gone");
+    assert!(!back.dir.join("restore/staged").exists());
+    appliance_ok(&["audit", "verify", "--data-dir", back.dir.to_str().unwrap()]);
+    drop(back);
+    // The restored log goes on from the backup's end with the restore; the log it
+    // replaced (with the staging records) is kept aside.
+    let all = audit_records(&s.dir);
+    assert!(all
+        .iter()
+        .any(|r| r["action"] == "backup.restore" && r["status"] == 200));
+    let aside = std::fs::read_dir(&s.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pre-restore-")
+        })
+        .expect("the replaced files are kept");
+    let before = audit_records(&aside);
+    for status in [400, 200] {
+        assert!(
+            before
+                .iter()
+                .any(|r| r["action"] == "backup.stage" && r["status"] == status),
+            "no backup.stage {status}"
+        );
+    }
     drop(s);
 
     // Onto another appliance: refused without --new-appliance (another audit key),

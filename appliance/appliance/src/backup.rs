@@ -290,6 +290,112 @@ pub async fn open_verified(
     Ok((files, summary))
 }
 
+/// Puts a verified backup's files in place; what they replace (databases with their
+/// WAL files) is moved to `DATA/pre-restore-<time>/`, not deleted. Returns that folder.
+/// The daemon must not be running (the caller holds its lock).
+pub fn apply(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<PathBuf> {
+    let aside = dir.join(format!(
+        "pre-restore-{}",
+        appliance_gateway::server::unix_now()
+    ));
+    for name in files.keys().filter(|n| *n != "manifest.json") {
+        let target = dir.join(name);
+        if target.exists() {
+            let keep = aside.join(name);
+            std::fs::create_dir_all(keep.parent().unwrap_or(&aside))?;
+            std::fs::rename(&target, &keep)?;
+        }
+        for suffix in ["-wal", "-shm"] {
+            let side = PathBuf::from(format!("{}{suffix}", target.display()));
+            if side.exists() {
+                let keep = aside.join(format!("{name}{suffix}"));
+                std::fs::create_dir_all(keep.parent().unwrap_or(&aside))?;
+                std::fs::rename(&side, &keep)?;
+            }
+        }
+    }
+    for (name, b) in files.iter().filter(|(n, _)| *n != "manifest.json") {
+        let target = dir.join(name);
+        if let Some(p) = target.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        write_private(&target, b)?;
+    }
+    Ok(aside)
+}
+
+/// Where a restore staged from the console waits for the daemon's next start.
+fn staged_dir(dir: &Path) -> PathBuf {
+    dir.join("restore/staged")
+}
+
+/// Stages a verified backup's files (0600, in a 0700 folder; the manifest written last)
+/// for [`apply_staged`] at the daemon's next start.
+pub fn stage(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let staged = staged_dir(dir);
+    let _ = std::fs::remove_dir_all(&staged);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&staged)
+        .with_context(|| format!("creating {}", staged.display()))?;
+    for (name, b) in files.iter().filter(|(n, _)| *n != "manifest.json") {
+        let target = staged.join(name);
+        if let Some(p) = target.parent() {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(p)?;
+        }
+        write_private(&target, b)?;
+    }
+    let manifest = files
+        .get("manifest.json")
+        .context("the backup has no manifest")?;
+    write_private(&staged.join("manifest.json"), manifest)
+}
+
+/// Applies a staged restore, if there is one whose files all match its manifest (a
+/// partial or altered staging is refused and left for the operator). Returns what was
+/// done, for the log and the audit record.
+pub fn apply_staged(dir: &Path) -> Result<Option<String>> {
+    let staged = staged_dir(dir);
+    let Ok(manifest_bytes) = std::fs::read(staged.join("manifest.json")) else {
+        return Ok(None);
+    };
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "the restore staged in {} is not applied: {why}; remove that folder to start without it",
+            staged.display()
+        )
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| refuse(format!("its manifest: {e}")))?;
+    let listed = manifest["files"]
+        .as_object()
+        .ok_or_else(|| refuse("its manifest lists no files".into()))?;
+    let mut files = BTreeMap::new();
+    for (name, hash) in listed {
+        if !allowed(name) {
+            return Err(refuse(format!("it holds {name:?}")));
+        }
+        let b = std::fs::read(staged.join(name)).map_err(|e| refuse(format!("{name}: {e}")))?;
+        if Some(sha256_hex(&b).as_str()) != hash.as_str() {
+            return Err(refuse(format!("{name} does not match its manifest")));
+        }
+        files.insert(name.clone(), b);
+    }
+    files.insert("manifest.json".into(), manifest_bytes);
+    let aside = apply(dir, &files)?;
+    std::fs::remove_dir_all(&staged).with_context(|| format!("removing {}", staged.display()))?;
+    Ok(Some(format!(
+        "restored the backup of {} staged from the console; the replaced files are in {}",
+        appliance_audit::record::format_time(manifest["created_ms"].as_i64().unwrap_or(0)),
+        aside.display()
+    )))
+}
+
 fn record(dir: &Path, action: &str, status: u16, detail: String) {
     let mut r = Record::action(action, status);
     r.detail = Some(detail.chars().take(200).collect());
@@ -359,34 +465,7 @@ pub fn run(cmd: BackupCmd) -> Result<()> {
                     }
                 }
             }
-            // What is replaced is kept aside, not deleted.
-            let aside = dir.join(format!(
-                "pre-restore-{}",
-                appliance_gateway::server::unix_now()
-            ));
-            for name in files.keys().filter(|n| *n != "manifest.json") {
-                let target = dir.join(name);
-                if target.exists() {
-                    let keep = aside.join(name);
-                    std::fs::create_dir_all(keep.parent().unwrap_or(&aside))?;
-                    std::fs::rename(&target, &keep)?;
-                }
-                for suffix in ["-wal", "-shm"] {
-                    let side = PathBuf::from(format!("{}{suffix}", target.display()));
-                    if side.exists() {
-                        let keep = aside.join(format!("{name}{suffix}"));
-                        std::fs::create_dir_all(keep.parent().unwrap_or(&aside))?;
-                        std::fs::rename(&side, &keep)?;
-                    }
-                }
-            }
-            for (name, b) in files.iter().filter(|(n, _)| *n != "manifest.json") {
-                let target = dir.join(name);
-                if let Some(p) = target.parent() {
-                    std::fs::create_dir_all(p)?;
-                }
-                write_private(&target, b)?;
-            }
+            let aside = apply(&dir, &files)?;
             drop(lock);
             record(&dir, "backup.restore", 200, summary.clone());
             println!(

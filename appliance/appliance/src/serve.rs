@@ -87,8 +87,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The exit status of a daemon that stopped to restart itself (to apply a restore
+/// staged from the console); the unit restarts it (`RestartForceExitStatus=75`).
+pub const RESTART_STATUS: i32 = 75;
+
+/// Set when the console asks the daemon to restart.
+static RESTART: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub fn run(a: ServeArgs) -> Result<()> {
-    runtime()?.block_on(serve(a))
+    runtime()?.block_on(serve(a))?;
+    if RESTART.load(std::sync::atomic::Ordering::Acquire) {
+        log::info!("exiting with status {RESTART_STATUS} to be restarted");
+        std::process::exit(RESTART_STATUS);
+    }
+    Ok(())
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {
@@ -109,9 +121,28 @@ async fn serve(a: ServeArgs) -> Result<()> {
         );
     };
 
+    let restart = Arc::new(tokio::sync::Notify::new());
+    // A restore staged from the console is applied before anything is opened.
+    let restored = crate::backup::apply_staged(&dir)?;
+    let file = match &restored {
+        Some(what) => {
+            log::info!("restore: {what}");
+            config::load(&dir)?
+        }
+        None => file,
+    };
     let store = Store::open(&DataDir::db(&dir)).await?;
     // The audit log first: nothing is served unless it can be written.
     let (auditor, audit_task) = crate::audit::start(&dir, &file.audit).await?;
+    if let Some(what) = &restored {
+        let mut r = Record::action("backup.restore", 200);
+        r.source = Some("local".into());
+        r.detail = Some(what.chars().take(200).collect());
+        auditor
+            .record(r)
+            .await
+            .context("the audit log cannot be written; not starting")?;
+    }
     let mut started = Record::action("daemon.start", 200);
     started.source = Some("local".into());
     // The configuration in force, by hash: a changed file shows as a changed hash.
@@ -434,6 +465,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
                 live_cert: live_cert.clone(),
                 cert_in_data_dir,
                 pinned_in_config: file.devices.clone(),
+                restart: restart.clone(),
             });
             let c = appliance_console::Console::new(
                 store.clone(),
@@ -554,6 +586,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             },
         ))
     });
+    let restart_wait = restart.clone();
     let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing the SIGTERM handler");
@@ -562,6 +595,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
         tokio::select! {
             _ = term.recv() => log::info!("SIGTERM: shutting down"),
             _ = int.recv() => log::info!("SIGINT: shutting down"),
+            _ = restart_wait.notified() => {
+                RESTART.store(true, std::sync::atomic::Ordering::Release);
+                log::info!("restart requested from the console: shutting down");
+            }
         }
         crate::sdnotify::notify("STOPPING=1\nSTATUS=Draining");
         let _ = stop_tx.send(true);
@@ -1021,6 +1058,8 @@ struct ConsoleOps {
     cert_in_data_dir: bool,
     /// `[devices]` of appliance.toml: pins the console may not change.
     pinned_in_config: std::collections::BTreeMap<String, String>,
+    /// Wakes the shutdown path for a restart.
+    restart: Arc<tokio::sync::Notify>,
 }
 
 impl appliance_console::Ops for ConsoleOps {
@@ -1162,6 +1201,29 @@ impl appliance_console::Ops for ConsoleOps {
                 .map(|()| format!("Model {name} removed."))
                 .map_err(|e| format!("{e:#}"))
         })
+    }
+
+    fn stage_restore(
+        &self,
+        backup: Vec<u8>,
+        passphrase: String,
+    ) -> appliance_console::OpsFuture<Result<String, String>> {
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            let (files, summary) = crate::backup::open_verified(&backup, &passphrase)
+                .await
+                .map_err(|e| format!("refused: {e:#}"))?;
+            let current = std::fs::read(dir.join("audit/public.key")).ok();
+            if current.is_some() && files.get("audit/public.key") != current.as_ref() {
+                return Err("refused: its audit key is not this appliance's (restore another appliance's backup with appliance backup restore --new-appliance)".into());
+            }
+            crate::backup::stage(&dir, &files).map_err(|e| format!("{e:#}"))?;
+            Ok(summary)
+        })
+    }
+
+    fn restart(&self) {
+        self.restart.notify_one();
     }
 
     fn pin_model(

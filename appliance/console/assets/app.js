@@ -175,3 +175,38 @@ document.addEventListener("DOMContentLoaded", () => {
     xhr.send(file);
   });
 });
+
+// Restore a backup: its bytes and passphrase to the appliance, which checks it, answers,
+// then restarts to put it in place.
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.getElementById("restore");
+  if (!form) return;
+  const status = document.getElementById("restore-status");
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const file = document.getElementById("rs-file").files[0];
+    const pass = document.getElementById("rs-pass").value;
+    if (!file || !pass) return;
+    if (!window.confirm("Restore " + file.name + "? The appliance restarts and its current state is set aside.")) return;
+    const csrf = form.querySelector("input[name=csrf]").value;
+    const button = form.querySelector("button[type=submit]");
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", "/system/restore");
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.setRequestHeader("X-CSRF-Token", csrf);
+    xhr.setRequestHeader("X-Backup-Passphrase", encodeURIComponent(pass));
+    xhr.addEventListener("load", () => {
+      let r = {};
+      try { r = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+      status.textContent = (xhr.status === 200 ? "" : "Refused: ") + (r.message || "HTTP " + xhr.status);
+      if (xhr.status !== 200) button.disabled = false;
+    });
+    xhr.addEventListener("error", () => {
+      button.disabled = false;
+      status.textContent = "Failed: the connection broke off.";
+    });
+    button.disabled = true;
+    status.textContent = "Sending " + file.name;
+    xhr.send(file);
+  });
+});

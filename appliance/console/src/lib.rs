@@ -111,6 +111,15 @@ pub trait Ops: Send + Sync {
     fn replace_certificate(&self, cert_pem: String, key_pem: String) -> Result<String, String>;
     /// An encrypted backup of the appliance's state (`appliance backup` format).
     fn backup(&self, passphrase: String) -> OpsFuture<Result<Vec<u8>, String>>;
+    /// Decrypts and verifies a backup of this appliance and stages it to be restored at
+    /// the daemon's next start; its summary, or why it is refused.
+    fn stage_restore(
+        &self,
+        backup: Vec<u8>,
+        passphrase: String,
+    ) -> OpsFuture<Result<String, String>>;
+    /// Stops the daemon (draining) so that it is restarted.
+    fn restart(&self);
 }
 
 /// How far a running import is.
@@ -552,6 +561,9 @@ impl Console {
         }
         if method == Method::POST && path == "/models/upload" {
             return self.upload(parts, body, peer).await;
+        }
+        if method == Method::POST && path == "/system/restore" {
+            return self.restore(parts, body, peer).await;
         }
         let form = if method == Method::POST {
             let form_type = parts

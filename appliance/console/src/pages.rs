@@ -1961,9 +1961,11 @@ async fn system(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
         table("Data directory usage", &["Part", "Path", "Size"], &rows)
     );
     let b = format!(
-        "{b}<section class=\"card narrow\"><h2>Backup</h2><p>The key store, the audit log and its keys, TLS material, policy and credentials, and the configuration (not the models), encrypted with a passphrase you choose. Restore on the appliance with <code>appliance backup restore FILE</code> while the daemon is stopped: it refuses a backup that does not decrypt, does not match its manifest, or whose audit log does not verify.</p><form method=\"post\" action=\"/system/backup\">{}{}<p><button type=\"submit\">Download a backup</button></p></form></section>",
+        "{b}<section class=\"card narrow\"><h2>Backup</h2><p>The key store, the audit log and its keys, TLS material, policy and credentials, and the configuration (not the models), encrypted with a passphrase you choose.</p><form method=\"post\" action=\"/system/backup\">{}{}<p><button type=\"submit\">Download a backup</button></p></form></section>\
+<section class=\"card narrow\"><h2>Restore</h2><p>A backup of this appliance: it is decrypted and checked here (its manifest, its audit log against its own key and checkpoints), then the appliance restarts and puts it in place; what it replaces is kept in the data directory. A backup that does not decrypt or verify, or another appliance's, is refused and nothing changes (another appliance's backup is restored with <code>appliance backup restore FILE --new-appliance</code> while the daemon is stopped).</p><form id=\"restore\">{}<p class=\"field\"><label for=\"rs-file\">Backup file</label><input id=\"rs-file\" type=\"file\" required></p><p class=\"field\"><label for=\"rs-pass\">The backup's passphrase</label><input id=\"rs-pass\" type=\"password\" autocomplete=\"off\" required></p><p><button type=\"submit\">Restore and restart</button></p><p><output id=\"restore-status\" role=\"status\"></output></p></form></section>",
         csrf_field(v.csrf),
         field("passphrase", &format!("Passphrase (at least {} characters; keep it: the backup cannot be read without it)", password::MIN_LENGTH), "password", "", "required autocomplete=\"new-password\""),
+        csrf_field(v.csrf),
     );
     ok_page("System", v, flash, &b)
 }

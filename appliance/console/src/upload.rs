@@ -55,30 +55,30 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 }
 
 impl Console {
-    pub(crate) async fn upload(
-        self: &Arc<Self>,
-        parts: http::request::Parts,
-        mut body: Incoming,
+    /// The checks of a raw-bytes POST from the page: a session, one of `roles`, the
+    /// session's CSRF token in `X-CSRF-Token`, an octet-stream body. The user, or the
+    /// answer (refusals recorded against `resource`).
+    async fn raw_post(
+        &self,
+        parts: &http::request::Parts,
         peer: SocketAddr,
-    ) -> Resp {
+        roles: &[Role],
+        resource: &str,
+        denied: &str,
+    ) -> Result<String, Resp> {
         let cookies = crate::cookies_of(&parts.headers);
         let id = cookies.get(crate::SESSION).cloned().unwrap_or_default();
         let Some((user, role, csrf)) = self.session(&id, false) else {
-            return answer(
+            return Err(answer(
                 StatusCode::UNAUTHORIZED,
                 false,
                 "Your session has ended; log in again.",
-            );
+            ));
         };
-        if !matches!(role, Role::Admin | Role::Operator) {
-            return self
-                .refuse(
-                    &user,
-                    peer,
-                    "console.denied",
-                    "Your role may not import models.",
-                )
-                .await;
+        if !roles.contains(&role) {
+            return Err(self
+                .refuse(&user, peer, "console.denied", resource, denied)
+                .await);
         }
         let token = parts
             .headers
@@ -86,14 +86,15 @@ impl Console {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if !same(token, &csrf) {
-            return self
+            return Err(self
                 .refuse(
                     &user,
                     peer,
                     "console.csrf",
+                    resource,
                     "The upload's security token is missing or wrong; reload the page and try again.",
                 )
-                .await;
+                .await);
         }
         let octets = parts
             .headers
@@ -101,12 +102,136 @@ impl Console {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/octet-stream"));
         if !octets {
-            return answer(
+            return Err(answer(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 false,
                 "Send the file's bytes as application/octet-stream.",
+            ));
+        }
+        Ok(user)
+    }
+
+    /// `POST /system/restore`: a backup file's bytes (admin only) with its passphrase in
+    /// `X-Backup-Passphrase`; decrypted and verified, staged, then the daemon restarts
+    /// to apply it (docs/CONSOLE.md). Answers JSON.
+    pub(crate) async fn restore(
+        self: &Arc<Self>,
+        parts: http::request::Parts,
+        mut body: Incoming,
+        peer: SocketAddr,
+    ) -> Resp {
+        const RESOURCE: &str = "/system/restore";
+        let user = match self
+            .raw_post(
+                &parts,
+                peer,
+                &[Role::Admin],
+                RESOURCE,
+                "Only an admin may restore.",
+            )
+            .await
+        {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        // Percent-encoded by the page (a header carries ASCII only).
+        let passphrase = parts
+            .headers
+            .get("x-backup-passphrase")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                crate::parse_form(&format!("p={v}"))
+                    .remove("p")
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        let Some(len) = content_length(&parts).filter(|&n| n <= MAX_BACKUP) else {
+            return answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                false,
+                "A backup must say its length and be at most 1 GiB.",
+            );
+        };
+        if passphrase.is_empty() {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                false,
+                "Give the backup's passphrase.",
             );
         }
+        let bytes = match receive_bytes(&mut body, len).await {
+            Ok(b) => b,
+            Err(e) => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    false,
+                    &format!("The upload failed: {e}"),
+                )
+            }
+        };
+        let resource = Some(RESOURCE.to_string());
+        if let Err(e) = self
+            .record(
+                Some(&user),
+                peer,
+                "backup.stage",
+                200,
+                resource.clone(),
+                Some(format!("{len} bytes")),
+            )
+            .await
+        {
+            return answer(StatusCode::SERVICE_UNAVAILABLE, false, &e);
+        }
+        match self.ops.stage_restore(bytes, passphrase).await {
+            Ok(summary) => {
+                let ops = self.ops.clone();
+                // Answer first, then stop: the daemon restarts and applies it.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    ops.restart();
+                });
+                answer(
+                    StatusCode::OK,
+                    true,
+                    &format!("Staged: {summary}. The appliance restarts now to restore it; log in again in a minute."),
+                )
+            }
+            Err(e) => {
+                let _ = self
+                    .record(
+                        Some(&user),
+                        peer,
+                        "backup.stage",
+                        400,
+                        resource,
+                        Some(e.clone()),
+                    )
+                    .await;
+                answer(StatusCode::BAD_REQUEST, false, &e)
+            }
+        }
+    }
+
+    pub(crate) async fn upload(
+        self: &Arc<Self>,
+        parts: http::request::Parts,
+        mut body: Incoming,
+        peer: SocketAddr,
+    ) -> Resp {
+        let user = match self
+            .raw_post(
+                &parts,
+                peer,
+                &[Role::Admin, Role::Operator],
+                "/models/upload",
+                "Your role may not import models.",
+            )
+            .await
+        {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
         let query = crate::parse_form(parts.uri.query().unwrap_or(""));
         let Some(file) = query.get("file").and_then(|f| upload_name(f)) else {
             return answer(
@@ -126,13 +251,7 @@ impl Console {
                 "A model name is 1 to 64 letters, digits, '.', '_', ':' or '-'.",
             );
         }
-        let Some(len) = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|&n| n > 0)
-        else {
+        let Some(len) = content_length(&parts) else {
             return answer(
                 StatusCode::LENGTH_REQUIRED,
                 false,
@@ -254,17 +373,17 @@ impl Console {
         )
     }
 
-    /// A 403 for the upload, recorded under `action`.
-    async fn refuse(&self, user: &str, peer: SocketAddr, action: &str, message: &str) -> Resp {
+    /// A 403, recorded under `action` against `resource`.
+    async fn refuse(
+        &self,
+        user: &str,
+        peer: SocketAddr,
+        action: &str,
+        resource: &str,
+        message: &str,
+    ) -> Resp {
         let _ = self
-            .record(
-                Some(user),
-                peer,
-                action,
-                403,
-                Some("/models/upload".into()),
-                None,
-            )
+            .record(Some(user), peer, action, 403, Some(resource.into()), None)
             .await;
         answer(StatusCode::FORBIDDEN, false, message)
     }
@@ -294,6 +413,52 @@ impl Console {
     }
 }
 
+/// The largest backup the page takes (backups are built and checked in memory).
+const MAX_BACKUP: u64 = 1 << 30;
+
+fn content_length(parts: &http::request::Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&n| n > 0)
+}
+
+/// The body's next data bytes (`None` at its end); a stall of [`STALL`] or a broken
+/// connection is an error.
+async fn next_chunk(body: &mut Incoming) -> Result<Option<Bytes>, String> {
+    loop {
+        let frame = match tokio::time::timeout(STALL, body.frame()).await {
+            Err(_) => return Err(format!("nothing arrived for {} s", STALL.as_secs())),
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => return Err(format!("the connection broke off ({e})")),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
+        }
+    }
+}
+
+/// Reads exactly `len` bytes of the body (a stall of [`STALL`] ends it).
+async fn receive_bytes(body: &mut Incoming, len: u64) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(len as usize);
+    loop {
+        let Some(data) = next_chunk(body).await? else {
+            break;
+        };
+        if out.len() as u64 + data.len() as u64 > len {
+            return Err("more bytes than the upload announced".into());
+        }
+        out.extend_from_slice(&data);
+    }
+    if out.len() as u64 != len {
+        return Err(format!("{} of {len} bytes arrived", out.len()));
+    }
+    Ok(out)
+}
+
 /// Streams the body into `path` (0600, created new), exactly `len` bytes, synced.
 async fn receive(
     body: &mut Incoming,
@@ -310,14 +475,8 @@ async fn receive(
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut done = 0u64;
     loop {
-        let frame = match tokio::time::timeout(STALL, body.frame()).await {
-            Err(_) => return Err(format!("nothing arrived for {} s", STALL.as_secs())),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(format!("the connection broke off ({e})")),
-            Ok(Some(Ok(f))) => f,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
+        let Some(data) = next_chunk(body).await? else {
+            break;
         };
         done += data.len() as u64;
         if done > len {

@@ -56,6 +56,107 @@ struct Q80x4 {
     qs: [[i8; 32]; 4],
 }
 
+/// Four rows' Q4_0 blocks at one block index (18 bytes per block, as in the file):
+/// weights `d·(q − 8)`, low nibbles values 0..16, high nibbles 16..32.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct Q40x4 {
+    d: [u16; 4],
+    qs: [[u8; 16]; 4],
+}
+
+/// A group whose weights are `d·q` with `q` a signed byte per value (Q8_0 as stored,
+/// Q4_0 once its nibbles are widened and offset): the Q8_0 kernels serve both, as
+/// ggml's `vec_dot_q4_0_q8_0` and `vec_dot_q8_0_q8_0` share their arithmetic.
+#[allow(unsafe_code)]
+trait I8Group: Copy + Sync {
+    /// The four rows' f16 scales.
+    fn scales(&self) -> &[u16; 4];
+    /// Row `r`'s 32 signed quants (for the portable kernels and the tests).
+    #[allow(dead_code)]
+    fn row_i8(&self, r: usize) -> [i8; 32];
+    /// Row `r`'s 32 signed quants in a register.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn row_i8_ymm(&self, r: usize) -> std::arch::x86_64::__m256i;
+    /// Rows `2p` and `2p + 1`, one per half of a 512-bit register.
+    ///
+    /// # Safety
+    /// AVX-512F/BW must be available (the caller enables them).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_i8_zmm(&self, p: usize) -> std::arch::x86_64::__m512i;
+}
+
+#[allow(unsafe_code)]
+impl I8Group for Q80x4 {
+    fn scales(&self) -> &[u16; 4] {
+        &self.d
+    }
+    fn row_i8(&self, r: usize) -> [i8; 32] {
+        self.qs[r]
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row_i8_ymm(&self, r: usize) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: a 32-byte load of the row's own array.
+        unsafe { _mm256_loadu_si256(self.qs[r].as_ptr() as *const __m256i) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows_i8_zmm(&self, p: usize) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        // SAFETY: rows 2p and 2p+1 are 64 adjacent bytes of `qs`.
+        unsafe { _mm512_loadu_si512(self.qs[2 * p].as_ptr() as *const __m512i) }
+    }
+}
+
+#[allow(unsafe_code)]
+impl I8Group for Q40x4 {
+    fn scales(&self) -> &[u16; 4] {
+        &self.d
+    }
+    fn row_i8(&self, r: usize) -> [i8; 32] {
+        std::array::from_fn(|j| {
+            let b = self.qs[r][j % 16];
+            (if j < 16 { b & 15 } else { b >> 4 }) as i8 - 8
+        })
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row_i8_ymm(&self, r: usize) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: a 16-byte load of the row's own array.
+        unsafe {
+            let packed = _mm_loadu_si128(self.qs[r].as_ptr() as *const __m128i);
+            let q = _mm256_and_si256(
+                _mm256_set1_epi8(0x0F),
+                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+            );
+            _mm256_sub_epi8(q, _mm256_set1_epi8(8))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows_i8_zmm(&self, p: usize) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        // SAFETY: rows 2p and 2p+1 are 32 adjacent bytes of `qs`.
+        unsafe {
+            let ab = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                self.qs[2 * p].as_ptr() as *const __m256i
+            ));
+            let idx = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+            let q = _mm512_and_si512(
+                _mm512_set1_epi8(0x0F),
+                _mm512_permutex2var_epi64(ab, idx, _mm512_srli_epi16(ab, 4)),
+            );
+            _mm512_sub_epi8(q, _mm512_set1_epi8(8))
+        }
+    }
+}
+
 /// Rows of ggml blocks (`block_bytes` each, `kb` per row) regrouped four rows at a time;
 /// missing rows of the last group stay zero.
 fn regroup<G: Default + Clone>(
@@ -191,7 +292,7 @@ impl Q80Matrix {
             m,
             out,
             pool,
-            &dot_q80_group,
+            &dot_i8_group::<Q80x4>,
         );
     }
 
@@ -207,6 +308,53 @@ impl Q80Matrix {
                 *v = d * q as f32;
             }
         }
+    }
+}
+
+const Q40_BYTES: usize = 18;
+
+/// A Q4_0 weight matrix `[rows, cols]`: activations quantized to Q8_0 and each dot
+/// product in ggml's `vec_dot_q4_0_q8_0` order (that of Q8_0 × Q8_0 on `q − 8`).
+#[derive(Debug)]
+pub struct Q40Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    groups: Vec<Q40x4>,
+}
+
+impl Q40Matrix {
+    /// From ggml's raw Q4_0 bytes (18 bytes per 32 weights, row-major).
+    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * Q40_BYTES {
+            return None;
+        }
+        let groups = regroup(bytes, rows, cols / QK, Q40_BYTES, |g: &mut Q40x4, r, b| {
+            g.d[r] = u16::from_le_bytes([b[0], b[1]]);
+            g.qs[r].copy_from_slice(&b[2..18]);
+        });
+        Some(Self { rows, cols, groups })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.groups.len() * std::mem::size_of::<Q40x4>()
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
+        let kb = self.cols / QK;
+        let mut xq = vec![BlockQ80::default(); m * kb];
+        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_0);
+        grouped(
+            &self.groups,
+            &xq,
+            kb,
+            self.rows,
+            m,
+            out,
+            pool,
+            &dot_i8_group::<Q40x4>,
+        );
     }
 }
 
@@ -409,17 +557,18 @@ fn dot_q41_group(w: &[Q41x4], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 4]) {
     }
 }
 
-/// One group of four Q8_0 rows times one to four Q8_0 rows (see [`dot_q41_group`]).
-fn dot_q80_group(w: &[Q80x4], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 4]) {
+/// One group of four signed-byte rows (Q8_0, Q4_0) times one to four Q8_0 rows (see
+/// [`dot_q41_group`]).
+fn dot_i8_group<G: I8Group>(w: &[G], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 4]) {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: `avx512()` checked that the CPU has every feature the kernels enable.
         #[allow(unsafe_code)]
         unsafe {
             match x.len() {
-                1 => zmm::q80_rows2(w, x[0], out),
-                2 => zmm::q80_pairs::<1>(w, [x[0], x[1], x[0], x[1]], out),
-                _ => zmm::q80_pairs::<2>(w, [x[0], x[1], x[2], *x.get(3).unwrap_or(&x[2])], out),
+                1 => zmm::i8_rows2(w, x[0], out),
+                2 => zmm::i8_pairs::<G, 1>(w, [x[0], x[1], x[0], x[1]], out),
+                _ => zmm::i8_pairs::<G, 2>(w, [x[0], x[1], x[2], *x.get(3).unwrap_or(&x[2])], out),
             }
         }
         return;
@@ -427,9 +576,9 @@ fn dot_q80_group(w: &[Q80x4], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 4]) {
     let mut two = [[0f32; 2]; 4];
     for (c, xs) in x.chunks(2).enumerate() {
         if xs.len() == 2 {
-            q80_group_base::<2>(w, [xs[0], xs[1]], &mut two);
+            i8_group_base::<G, 2>(w, [xs[0], xs[1]], &mut two);
         } else {
-            q80_group_base::<1>(w, [xs[0], xs[0]], &mut two);
+            i8_group_base::<G, 1>(w, [xs[0], xs[0]], &mut two);
         }
         for r in 0..4 {
             out[r][2 * c..2 * c + xs.len()].copy_from_slice(&two[r][..xs.len()]);
@@ -472,9 +621,13 @@ fn q41_group_base<const N: usize>(w: &[Q41x4], x: [&[BlockQ81]; 2], out: &mut [[
     }
 }
 
-/// One group of four Q8_0 rows times `N` Q8_0 activation rows (see
+/// One group of four signed-byte rows times `N` Q8_0 activation rows (see
 /// [`q41_group_base`]).
-fn q80_group_base<const N: usize>(w: &[Q80x4], x: [&[BlockQ80]; 2], out: &mut [[f32; 2]; 4]) {
+fn i8_group_base<G: I8Group, const N: usize>(
+    w: &[G],
+    x: [&[BlockQ80]; 2],
+    out: &mut [[f32; 2]; 4],
+) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -482,7 +635,7 @@ fn q80_group_base<const N: usize>(w: &[Q80x4], x: [&[BlockQ80]; 2], out: &mut [[
         target_feature = "f16c"
     ))]
     {
-        simd::dot_q80_group::<N>(w, x, out)
+        simd::dot_i8_group::<G, N>(w, x, out)
     }
     #[cfg(not(all(
         target_arch = "x86_64",
@@ -495,8 +648,8 @@ fn q80_group_base<const N: usize>(w: &[Q80x4], x: [&[BlockQ80]; 2], out: &mut [[
             let row: Vec<BlockQ80> = w
                 .iter()
                 .map(|g| BlockQ80 {
-                    d: f16::from_bits(g.d[r]).to_f32(),
-                    qs: g.qs[r],
+                    d: f16::from_bits(g.scales()[r]).to_f32(),
+                    qs: g.row_i8(r),
                 })
                 .collect();
             for i in 0..N {
@@ -634,7 +787,7 @@ fn dot_q41_q81_scalar(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
 ))]
 #[allow(unsafe_code, clippy::needless_range_loop)]
 mod simd {
-    use super::{BlockQ80, BlockQ81, Q41x4, Q80x4};
+    use super::{BlockQ80, BlockQ81, I8Group, Q41x4};
     use std::arch::x86_64::*;
 
     /// ggml's `hsum_float_8`.
@@ -783,11 +936,11 @@ mod simd {
         }
     }
 
-    /// Four Q8_0 rows (one group) × `N` Q8_0 rows, in ggml's `vec_dot_q8_0_q8_0`
-    /// arithmetic.
+    /// Four signed-byte rows (one group) × `N` Q8_0 rows, in ggml's
+    /// `vec_dot_q8_0_q8_0` (and `q4_0_q8_0`) arithmetic.
     #[inline(always)]
-    pub(super) fn dot_q80_group<const N: usize>(
-        w: &[Q80x4],
+    pub(super) fn dot_i8_group<G: I8Group, const N: usize>(
+        w: &[G],
         x: [&[BlockQ80]; 2],
         out: &mut [[f32; 2]; 4],
     ) {
@@ -796,7 +949,7 @@ mod simd {
             let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_ps(); N]; 4];
             for (b, g) in w.iter().enumerate() {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.scales().as_ptr() as *const __m128i));
                 let mut dd = [_mm_setzero_ps(); N];
                 let mut qx = [_mm256_setzero_si256(); N];
                 for i in 0..N {
@@ -805,7 +958,7 @@ mod simd {
                     qx[i] = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
                 }
                 for r in 0..4 {
-                    let qw = _mm256_loadu_si256(g.qs[r].as_ptr() as *const __m256i);
+                    let qw = g.row_i8_ymm(r);
                     // |w| as unsigned times x with w's sign: exact i16 pair sums, then
                     // i32 lanes of four consecutive products.
                     let aw = _mm256_sign_epi8(qw, qw);
@@ -835,7 +988,7 @@ mod simd {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, clippy::needless_range_loop)]
 mod zmm {
-    use super::{BlockQ80, BlockQ81, Q41x4, Q80x4};
+    use super::{BlockQ80, BlockQ81, I8Group, Q41x4};
     use std::arch::x86_64::*;
 
     /// ggml's `hsum_float_8` of the low (`HI = false`) or high half.
@@ -1006,17 +1159,17 @@ mod zmm {
     /// # Safety
     /// As for [`q41_rows2`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q80_rows2(w: &[Q80x4], x: &[BlockQ80], out: &mut [[f32; 4]; 4]) {
+    pub(super) unsafe fn i8_rows2<G: I8Group>(w: &[G], x: &[BlockQ80], out: &mut [[f32; 4]; 4]) {
         // SAFETY: as for `q41_rows2`; two adjacent 32-byte quant arrays are 64 bytes.
         unsafe {
             let mut acc = [_mm512_setzero_ps(); 2];
             for (g, xb) in w.iter().zip(x) {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.scales().as_ptr() as *const __m128i));
                 let dd = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
                 let qx =
                     _mm512_broadcast_i64x4(_mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i));
                 for p in 0..2 {
-                    let wq = _mm512_loadu_si512(g.qs[2 * p].as_ptr() as *const __m512i);
+                    let wq = g.rows_i8_zmm(p);
                     let (aw, sx) = abs_and_signed(wq, qx);
                     let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
                     acc[p] = _mm512_fmadd_ps(
@@ -1038,8 +1191,8 @@ mod zmm {
     /// # Safety
     /// As for [`q41_rows2`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q80_pairs<const P: usize>(
-        w: &[Q80x4],
+    pub(super) unsafe fn i8_pairs<G: I8Group, const P: usize>(
+        w: &[G],
         x: [&[BlockQ80]; 4],
         out: &mut [[f32; 4]; 4],
     ) {
@@ -1047,7 +1200,7 @@ mod zmm {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); P]; 4];
             for (b, g) in w.iter().enumerate() {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.scales().as_ptr() as *const __m128i));
                 let mut dd = [_mm_setzero_ps(); 4];
                 let mut qx = [_mm512_setzero_si512(); P];
                 for i in 0..2 * P {
@@ -1059,9 +1212,7 @@ mod zmm {
                     qx[p] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
                 }
                 for r in 0..4 {
-                    let wq = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                        g.qs[r].as_ptr() as *const __m256i
-                    ));
+                    let wq = _mm512_broadcast_i64x4(g.row_i8_ymm(r));
                     for p in 0..P {
                         let (aw, sx) = abs_and_signed(wq, qx[p]);
                         let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
@@ -1091,6 +1242,27 @@ mod tests {
     /// kernel gives the same bits, so tests running meanwhile are unaffected.
     pub(super) static NO_AVX512: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
+
+    /// Q4_0 bytes as ggml's reference quantizer makes them (`d = max/−8`, by the value of
+    /// largest magnitude).
+    fn q40_bytes(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in w.chunks_exact(QK) {
+            let max = b
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            for j in 0..16 {
+                let q0 = ((b[j] * id + 8.5) as u8).min(15);
+                let q1 = ((b[j + 16] * id + 8.5) as u8).min(15);
+                out.push(q0 | (q1 << 4));
+            }
+        }
+        out
+    }
 
     /// Builds Q4_1 bytes for a matrix the way ggml's reference quantizer does.
     fn q41_bytes(w: &[f32]) -> Vec<u8> {
@@ -1154,6 +1326,7 @@ mod tests {
             }
         }
         let q80 = Q80Matrix::from_ggml_bytes(&q80_bytes, rows, cols).unwrap();
+        let q40 = Q40Matrix::from_ggml_bytes(&q40_bytes(&w), rows, cols).unwrap();
         let pool = Pool::new(2);
         for m in 1..=9 {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
@@ -1161,10 +1334,12 @@ mod tests {
                 NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
                 let mut a = vec![0f32; m * rows];
                 let mut b = vec![0f32; m * rows];
+                let mut c = vec![0f32; m * rows];
                 q41.matmul_into(&x, m, &mut a, &pool);
                 q80.matmul_into(&x, m, &mut b, &pool);
+                q40.matmul_into(&x, m, &mut c, &pool);
                 NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
-                (a, b)
+                (a, b, c)
             };
             let (fast, base) = (run(false), run(true));
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -1180,6 +1355,29 @@ mod tests {
                 "Q8_0, {m} rows ({})",
                 kernel_level()
             );
+            assert_eq!(bits(&fast.2), bits(&base.2), "Q4_0, {m} rows");
+            // Q4_0 against the portable dot of its widened quants.
+            let kb = cols / QK;
+            for i in 0..m {
+                let mut xq = vec![BlockQ80::default(); kb];
+                quantize_row_q8_0_portable(&x[i * cols..(i + 1) * cols], &mut xq);
+                for r in 0..rows {
+                    let row: Vec<BlockQ80> = (0..kb)
+                        .map(|b| {
+                            let g = &q40.groups[(r / 4) * kb + b];
+                            BlockQ80 {
+                                d: f16::from_bits(g.scales()[r % 4]).to_f32(),
+                                qs: g.row_i8(r % 4),
+                            }
+                        })
+                        .collect();
+                    assert_eq!(
+                        fast.2[i * rows + r].to_bits(),
+                        dot_q80_q80_scalar(&row, &xq).to_bits(),
+                        "Q4_0 row {r} seq {i}"
+                    );
+                }
+            }
             // A row computed alone equals the same row in the batch.
             let single = q41.matmul(&x[(m - 1) * cols..], 1);
             assert_eq!(bits(&single), bits(&fast.0[(m - 1) * rows..]));

@@ -29,6 +29,7 @@ enum LinearKind {
     Candle(QMatMul),
     Q41(crate::kernels::Q41Matrix),
     Q80(Arc<crate::kernels::Q80Matrix>),
+    Q40(crate::kernels::Q40Matrix),
 }
 
 impl Linear {
@@ -43,6 +44,17 @@ impl Linear {
                     {
                         return Ok(Self {
                             kind: LinearKind::Q41(m),
+                            rows,
+                            cols,
+                        });
+                    }
+                }
+                GgmlDType::Q4_0 => {
+                    if let Some(m) =
+                        crate::kernels::Q40Matrix::from_ggml_bytes(&data()?, rows, cols)
+                    {
+                        return Ok(Self {
+                            kind: LinearKind::Q40(m),
                             rows,
                             cols,
                         });
@@ -93,6 +105,7 @@ impl Linear {
         match &self.kind {
             LinearKind::Q41(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q80(w) => w.matmul_into(x, m, out, pool),
+            LinearKind::Q40(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Candle(w) => {
                 let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
                 let y = w

@@ -42,7 +42,7 @@ const Q41_BYTES: usize = 20;
 /// instruction and keeps four rows' sums at once; 20 bytes per block, as in the file.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
-struct Q41x4 {
+pub struct Q41x4 {
     d: [u16; 4],
     m: [u16; 4],
     qs: [[u8; 16]; 4],
@@ -51,7 +51,7 @@ struct Q41x4 {
 /// Four rows' Q8_0 blocks at one block index (34 bytes per block, as in the file).
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
-struct Q80x4 {
+pub struct Q80x4 {
     d: [u16; 4],
     qs: [[i8; 32]; 4],
 }
@@ -60,7 +60,7 @@ struct Q80x4 {
 /// weights `d·(q − 8)`, low nibbles values 0..16, high nibbles 16..32.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
-struct Q40x4 {
+pub struct Q40x4 {
     d: [u16; 4],
     qs: [[u8; 16]; 4],
 }
@@ -174,31 +174,48 @@ fn regroup<G: Default + Clone>(
     groups
 }
 
-/// A Q4_1 weight matrix `[rows, cols]` (rows = outputs).
+/// A weight matrix `[rows, cols]` (rows = outputs) stored as groups of four rows.
 #[derive(Debug)]
-pub struct Q41Matrix {
+pub struct Grouped<G> {
     pub rows: usize,
     pub cols: usize,
-    groups: Vec<Q41x4>,
+    groups: Vec<G>,
 }
 
-impl Q41Matrix {
-    /// From ggml's raw Q4_1 bytes (20 bytes per 32 weights, row-major).
-    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * Q41_BYTES {
+impl<G: Default + Clone> Grouped<G> {
+    /// From ggml's raw row-major blocks of `block_bytes` per 32 weights, each block put
+    /// into its group by `put(group, row_in_group, block)`.
+    fn from_blocks(
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        block_bytes: usize,
+        put: impl Fn(&mut G, usize, &[u8]),
+    ) -> Option<Self> {
+        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * block_bytes {
             return None;
         }
-        let groups = regroup(bytes, rows, cols / QK, Q41_BYTES, |g: &mut Q41x4, r, b| {
-            g.d[r] = u16::from_le_bytes([b[0], b[1]]);
-            g.m[r] = u16::from_le_bytes([b[2], b[3]]);
-            g.qs[r].copy_from_slice(&b[4..20]);
-        });
+        let groups = regroup(bytes, rows, cols / QK, block_bytes, put);
         Some(Self { rows, cols, groups })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.groups.len() * std::mem::size_of::<Q41x4>()
+        self.groups.len() * std::mem::size_of::<G>()
+    }
+}
+
+/// A Q4_1 weight matrix.
+pub type Q41Matrix = Grouped<Q41x4>;
+
+impl Q41Matrix {
+    /// From ggml's raw Q4_1 bytes (20 bytes per 32 weights, row-major).
+    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        Self::from_blocks(bytes, rows, cols, Q41_BYTES, |g: &mut Q41x4, r, b| {
+            g.d[r] = u16::from_le_bytes([b[0], b[1]]);
+            g.m[r] = u16::from_le_bytes([b[2], b[3]]);
+            g.qs[r].copy_from_slice(&b[4..20]);
+        })
     }
 
     /// Row `r`'s block `b`, scales as f32.
@@ -248,34 +265,20 @@ struct BlockQ80 {
 
 const Q80_BYTES: usize = 34;
 
-/// A Q8_0 weight matrix `[rows, cols]` (rows = outputs): the output head of most GGUF
-/// files, and the layers of Q8_0 files. Activations are quantized to Q8_0 as ggml does
-/// and each dot product summed in ggml's x86 order (as for Q4_1, without min terms).
-#[derive(Debug)]
-pub struct Q80Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    groups: Vec<Q80x4>,
-}
+/// A Q8_0 weight matrix: the output head of most GGUF files, and the layers of Q8_0
+/// files. Activations are quantized to Q8_0 as ggml does and each dot product summed in
+/// ggml's x86 order (as for Q4_1, without min terms).
+pub type Q80Matrix = Grouped<Q80x4>;
 
 impl Q80Matrix {
     /// From ggml's raw Q8_0 bytes (34 bytes per 32 weights, row-major).
     pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * Q80_BYTES {
-            return None;
-        }
-        let groups = regroup(bytes, rows, cols / QK, Q80_BYTES, |g: &mut Q80x4, r, b| {
+        Self::from_blocks(bytes, rows, cols, Q80_BYTES, |g: &mut Q80x4, r, b| {
             g.d[r] = u16::from_le_bytes([b[0], b[1]]);
             for (q, &v) in g.qs[r].iter_mut().zip(&b[2..34]) {
                 *q = v as i8;
             }
-        });
-        Some(Self { rows, cols, groups })
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.groups.len() * std::mem::size_of::<Q80x4>()
+        })
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
@@ -313,31 +316,17 @@ impl Q80Matrix {
 
 const Q40_BYTES: usize = 18;
 
-/// A Q4_0 weight matrix `[rows, cols]`: activations quantized to Q8_0 and each dot
-/// product in ggml's `vec_dot_q4_0_q8_0` order (that of Q8_0 × Q8_0 on `q − 8`).
-#[derive(Debug)]
-pub struct Q40Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    groups: Vec<Q40x4>,
-}
+/// A Q4_0 weight matrix: activations quantized to Q8_0 and each dot product in ggml's
+/// `vec_dot_q4_0_q8_0` order (that of Q8_0 × Q8_0 on `q − 8`).
+pub type Q40Matrix = Grouped<Q40x4>;
 
 impl Q40Matrix {
     /// From ggml's raw Q4_0 bytes (18 bytes per 32 weights, row-major).
     pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * Q40_BYTES {
-            return None;
-        }
-        let groups = regroup(bytes, rows, cols / QK, Q40_BYTES, |g: &mut Q40x4, r, b| {
+        Self::from_blocks(bytes, rows, cols, Q40_BYTES, |g: &mut Q40x4, r, b| {
             g.d[r] = u16::from_le_bytes([b[0], b[1]]);
             g.qs[r].copy_from_slice(&b[2..18]);
-        });
-        Some(Self { rows, cols, groups })
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.groups.len() * std::mem::size_of::<Q40x4>()
+        })
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.

@@ -36,42 +36,20 @@ impl Linear {
     fn new(t: Arc<QTensor>) -> Result<Self> {
         let (rows, cols) = t.shape().dims2()?;
         if t.device().is_cpu() {
-            let data = || t.data();
-            match t.dtype() {
+            use crate::kernels::{Q40Matrix, Q41Matrix, Q80Matrix};
+            let own = match t.dtype() {
                 GgmlDType::Q4_1 => {
-                    if let Some(m) =
-                        crate::kernels::Q41Matrix::from_ggml_bytes(&data()?, rows, cols)
-                    {
-                        return Ok(Self {
-                            kind: LinearKind::Q41(m),
-                            rows,
-                            cols,
-                        });
-                    }
+                    Q41Matrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q41)
                 }
                 GgmlDType::Q4_0 => {
-                    if let Some(m) =
-                        crate::kernels::Q40Matrix::from_ggml_bytes(&data()?, rows, cols)
-                    {
-                        return Ok(Self {
-                            kind: LinearKind::Q40(m),
-                            rows,
-                            cols,
-                        });
-                    }
+                    Q40Matrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q40)
                 }
-                GgmlDType::Q8_0 => {
-                    if let Some(m) =
-                        crate::kernels::Q80Matrix::from_ggml_bytes(&data()?, rows, cols)
-                    {
-                        return Ok(Self {
-                            kind: LinearKind::Q80(Arc::new(m)),
-                            rows,
-                            cols,
-                        });
-                    }
-                }
-                _ => {}
+                GgmlDType::Q8_0 => Q80Matrix::from_ggml_bytes(&t.data()?, rows, cols)
+                    .map(|m| LinearKind::Q80(Arc::new(m))),
+                _ => None,
+            };
+            if let Some(kind) = own {
+                return Ok(Self { kind, rows, cols });
             }
         }
         Ok(Self {

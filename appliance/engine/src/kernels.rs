@@ -65,6 +65,33 @@ pub struct Q40x4 {
     qs: [[u8; 16]; 4],
 }
 
+impl Q41x4 {
+    /// Row `r`'s block from ggml's bytes (`d`, `m`, 16 bytes of nibbles).
+    fn put(&mut self, r: usize, b: &[u8]) {
+        self.d[r] = u16::from_le_bytes([b[0], b[1]]);
+        self.m[r] = u16::from_le_bytes([b[2], b[3]]);
+        self.qs[r].copy_from_slice(&b[4..20]);
+    }
+}
+
+impl Q80x4 {
+    /// Row `r`'s block from ggml's bytes (`d`, 32 signed bytes).
+    fn put(&mut self, r: usize, b: &[u8]) {
+        self.d[r] = u16::from_le_bytes([b[0], b[1]]);
+        for (q, &v) in self.qs[r].iter_mut().zip(&b[2..34]) {
+            *q = v as i8;
+        }
+    }
+}
+
+impl Q40x4 {
+    /// Row `r`'s block from ggml's bytes (`d`, 16 bytes of nibbles).
+    fn put(&mut self, r: usize, b: &[u8]) {
+        self.d[r] = u16::from_le_bytes([b[0], b[1]]);
+        self.qs[r].copy_from_slice(&b[2..18]);
+    }
+}
+
 /// A group whose weights are `d·q` with `q` a signed byte per value (Q8_0 as stored,
 /// Q4_0 once its nibbles are widened and offset): the Q8_0 kernels serve both, as
 /// ggml's `vec_dot_q4_0_q8_0` and `vec_dot_q8_0_q8_0` share their arithmetic.
@@ -157,23 +184,6 @@ impl I8Group for Q40x4 {
     }
 }
 
-/// Rows of ggml blocks (`block_bytes` each, `kb` per row) regrouped four rows at a time;
-/// missing rows of the last group stay zero.
-fn regroup<G: Default + Clone>(
-    bytes: &[u8],
-    rows: usize,
-    kb: usize,
-    block_bytes: usize,
-    put: impl Fn(&mut G, usize, &[u8]),
-) -> Vec<G> {
-    let mut groups = vec![G::default(); rows.div_ceil(4) * kb];
-    for (i, blk) in bytes.chunks_exact(block_bytes).enumerate() {
-        let (r, b) = (i / kb, i % kb);
-        put(&mut groups[(r / 4) * kb + b], r % 4, blk);
-    }
-    groups
-}
-
 /// A weight matrix `[rows, cols]` (rows = outputs) stored as groups of four rows.
 #[derive(Debug)]
 pub struct Grouped<G> {
@@ -192,11 +202,34 @@ impl<G: Default + Clone> Grouped<G> {
         block_bytes: usize,
         put: impl Fn(&mut G, usize, &[u8]),
     ) -> Option<Self> {
-        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * block_bytes {
+        if bytes.len() != rows * (cols / QK) * block_bytes {
             return None;
         }
-        let groups = regroup(bytes, rows, cols / QK, block_bytes, put);
-        Some(Self { rows, cols, groups })
+        Self::read_blocks(&mut &bytes[..], rows, cols, block_bytes, put).ok()?
+    }
+
+    /// The same, read row by row from `r` (a file: no copy of the whole tensor is
+    /// ever held). `None` when `cols` is not a multiple of 32.
+    fn read_blocks(
+        r: &mut impl std::io::Read,
+        rows: usize,
+        cols: usize,
+        block_bytes: usize,
+        put: impl Fn(&mut G, usize, &[u8]),
+    ) -> std::io::Result<Option<Self>> {
+        if !cols.is_multiple_of(QK) {
+            return Ok(None);
+        }
+        let kb = cols / QK;
+        let mut groups = vec![G::default(); rows.div_ceil(4) * kb];
+        let mut row = vec![0u8; kb * block_bytes];
+        for i in 0..rows {
+            r.read_exact(&mut row)?;
+            for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
+                put(&mut groups[(i / 4) * kb + b], i % 4, blk);
+            }
+        }
+        Ok(Some(Self { rows, cols, groups }))
     }
 
     /// Bytes held.
@@ -211,11 +244,16 @@ pub type Q41Matrix = Grouped<Q41x4>;
 impl Q41Matrix {
     /// From ggml's raw Q4_1 bytes (20 bytes per 32 weights, row-major).
     pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        Self::from_blocks(bytes, rows, cols, Q41_BYTES, |g: &mut Q41x4, r, b| {
-            g.d[r] = u16::from_le_bytes([b[0], b[1]]);
-            g.m[r] = u16::from_le_bytes([b[2], b[3]]);
-            g.qs[r].copy_from_slice(&b[4..20]);
-        })
+        Self::from_blocks(bytes, rows, cols, Q41_BYTES, Q41x4::put)
+    }
+
+    /// Read from a GGUF file's tensor data.
+    pub fn read(
+        r: &mut impl std::io::Read,
+        rows: usize,
+        cols: usize,
+    ) -> std::io::Result<Option<Self>> {
+        Self::read_blocks(r, rows, cols, Q41_BYTES, Q41x4::put)
     }
 
     /// Row `r`'s block `b`, scales as f32.
@@ -273,12 +311,16 @@ pub type Q80Matrix = Grouped<Q80x4>;
 impl Q80Matrix {
     /// From ggml's raw Q8_0 bytes (34 bytes per 32 weights, row-major).
     pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        Self::from_blocks(bytes, rows, cols, Q80_BYTES, |g: &mut Q80x4, r, b| {
-            g.d[r] = u16::from_le_bytes([b[0], b[1]]);
-            for (q, &v) in g.qs[r].iter_mut().zip(&b[2..34]) {
-                *q = v as i8;
-            }
-        })
+        Self::from_blocks(bytes, rows, cols, Q80_BYTES, Q80x4::put)
+    }
+
+    /// Read from a GGUF file's tensor data.
+    pub fn read(
+        r: &mut impl std::io::Read,
+        rows: usize,
+        cols: usize,
+    ) -> std::io::Result<Option<Self>> {
+        Self::read_blocks(r, rows, cols, Q80_BYTES, Q80x4::put)
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
@@ -323,10 +365,16 @@ pub type Q40Matrix = Grouped<Q40x4>;
 impl Q40Matrix {
     /// From ggml's raw Q4_0 bytes (18 bytes per 32 weights, row-major).
     pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        Self::from_blocks(bytes, rows, cols, Q40_BYTES, |g: &mut Q40x4, r, b| {
-            g.d[r] = u16::from_le_bytes([b[0], b[1]]);
-            g.qs[r].copy_from_slice(&b[2..18]);
-        })
+        Self::from_blocks(bytes, rows, cols, Q40_BYTES, Q40x4::put)
+    }
+
+    /// Read from a GGUF file's tensor data.
+    pub fn read(
+        r: &mut impl std::io::Read,
+        rows: usize,
+        cols: usize,
+    ) -> std::io::Result<Option<Self>> {
+        Self::read_blocks(r, rows, cols, Q40_BYTES, Q40x4::put)
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.

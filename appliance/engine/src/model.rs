@@ -333,37 +333,105 @@ impl Model {
             path: path.clone(),
             source,
         })?;
-        let mut reader = BufReader::new(f);
-        let mut weight_bytes = 0usize;
-        let mut load_q = |name: &str| -> Result<QTensor> {
+        let reader = std::cell::RefCell::new(BufReader::new(f));
+        let weight_bytes = std::cell::Cell::new(0usize);
+        let load_q = |name: &str| -> Result<QTensor> {
             if !file.content.tensor_infos.contains_key(name) {
                 return Err(EngineError::MissingTensor(name.to_string()));
             }
             let t = file
                 .content
-                .tensor(&mut reader, name, device)
+                .tensor(&mut *reader.borrow_mut(), name, device)
                 .map_err(|e| EngineError::BadGguf {
                     path: path.clone(),
                     reason: format!("tensor `{name}`: {e}"),
                 })?;
             check_dtype(name, &t)?;
-            weight_bytes += t.storage_size_in_bytes();
+            weight_bytes.set(weight_bytes.get() + t.storage_size_in_bytes());
             Ok(t)
+        };
+        // On the CPU, the weight types the engine has kernels for are read from the file
+        // straight into their grouped layout, row by row: no second copy of a tensor is
+        // ever held, so loading peaks at what the model keeps.
+        let own = |name: &str| -> Result<Option<Linear>> {
+            use crate::kernels::{Q40Matrix, Q41Matrix, Q80Matrix};
+            use std::io::{Seek, SeekFrom};
+            let Some(info) = file.content.tensor_infos.get(name) else {
+                return Err(EngineError::MissingTensor(name.to_string()));
+            };
+            let Ok((rows, cols)) = info.shape.dims2() else {
+                return Ok(None);
+            };
+            if !device.is_cpu()
+                || !matches!(
+                    info.ggml_dtype,
+                    GgmlDType::Q4_1 | GgmlDType::Q4_0 | GgmlDType::Q8_0
+                )
+            {
+                return Ok(None);
+            }
+            let io = |source: std::io::Error| EngineError::Io {
+                path: path.clone(),
+                source,
+            };
+            let mut r = reader.borrow_mut();
+            r.seek(SeekFrom::Start(
+                file.content.tensor_data_offset + info.offset,
+            ))
+            .map_err(io)?;
+            let kind = match info.ggml_dtype {
+                GgmlDType::Q4_1 => Q41Matrix::read(&mut *r, rows, cols)
+                    .map_err(io)?
+                    .map(LinearKind::Q41),
+                GgmlDType::Q4_0 => Q40Matrix::read(&mut *r, rows, cols)
+                    .map_err(io)?
+                    .map(LinearKind::Q40),
+                _ => Q80Matrix::read(&mut *r, rows, cols)
+                    .map_err(io)?
+                    .map(|m| LinearKind::Q80(Arc::new(m))),
+            };
+            let Some(kind) = kind else { return Ok(None) };
+            let bytes = rows * cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            weight_bytes.set(weight_bytes.get() + bytes);
+            Ok(Some(Linear { kind, rows, cols }))
+        };
+        let linear = |name: &str| -> Result<Linear> {
+            match own(name)? {
+                Some(l) => Ok(l),
+                None => Linear::new(Arc::new(load_q(name)?)),
+            }
         };
         let has = |name: &str| file.content.tensor_infos.contains_key(name);
 
-        let tok_embd = Arc::new(load_q("token_embd.weight")?);
         let tied = !has("output.weight");
-        let output = if tied {
-            Linear::new(tok_embd.clone())?
+        // Embeddings: the engine's own Q8_0 rows on the CPU (one copy with a tied output
+        // head), else candle's tensor.
+        let embd_own = own("token_embd.weight")?;
+        let embd: Option<Arc<crate::kernels::Q80Matrix>> = match &embd_own {
+            Some(Linear {
+                kind: LinearKind::Q80(m),
+                ..
+            }) => Some(m.clone()),
+            _ => None,
+        };
+        let tok_embd = if embd.is_some() {
+            None
         } else {
-            Linear::new(Arc::new(load_q("output.weight")?))?
+            Some(Arc::new(load_q("token_embd.weight")?))
+        };
+        let output = match (tied, embd_own, &tok_embd) {
+            (false, _, _) => linear("output.weight")?,
+            (true, Some(l), _) => l,
+            (true, None, Some(t)) => Linear::new(t.clone())?,
+            (true, None, None) => {
+                return Err(EngineError::MissingTensor("token_embd.weight".into()))
+            }
         };
         let output_norm = load_q("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}");
-            let mut opt_bias = |s: &str| -> Result<Option<Tensor>> {
+            let opt_bias = |s: &str| -> Result<Option<Tensor>> {
                 if has(&p(s)) {
                     Ok(Some(load_q(&p(s))?.dequantize(device)?))
                 } else {
@@ -375,20 +443,20 @@ impl Model {
                 opt_bias("attn_k.bias")?,
                 opt_bias("attn_v.bias")?,
             );
-            let mm = |t: QTensor| Linear::new(Arc::new(t));
+            let mm = |name: String| linear(&name);
             layers.push(Layer {
                 attn_norm: load_q(&p("attn_norm.weight"))?.dequantize(device)?,
-                wq: mm(load_q(&p("attn_q.weight"))?)?,
-                wk: mm(load_q(&p("attn_k.weight"))?)?,
-                wv: mm(load_q(&p("attn_v.weight"))?)?,
-                wo: mm(load_q(&p("attn_output.weight"))?)?,
+                wq: mm(p("attn_q.weight"))?,
+                wk: mm(p("attn_k.weight"))?,
+                wv: mm(p("attn_v.weight"))?,
+                wo: mm(p("attn_output.weight"))?,
                 bq,
                 bk,
                 bv,
                 ffn_norm: load_q(&p("ffn_norm.weight"))?.dequantize(device)?,
-                w_gate: mm(load_q(&p("ffn_gate.weight"))?)?,
-                w_up: mm(load_q(&p("ffn_up.weight"))?)?,
-                w_down: mm(load_q(&p("ffn_down.weight"))?)?,
+                w_gate: mm(p("ffn_gate.weight"))?,
+                w_up: mm(p("ffn_up.weight"))?,
+                w_down: mm(p("ffn_down.weight"))?,
             });
         }
         let context = max_context
@@ -442,17 +510,6 @@ impl Model {
                     })
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            // Q8_0 embeddings are looked up by the engine's kernel; tied to the output
-            // head, they are one copy for both.
-            let embd = match (&output.kind, tied) {
-                (LinearKind::Q80(m), true) => Some(m.clone()),
-                _ if tok_embd.dtype() == GgmlDType::Q8_0 => {
-                    let (rows, cols) = tok_embd.shape().dims2()?;
-                    crate::kernels::Q80Matrix::from_ggml_bytes(&tok_embd.data()?, rows, cols)
-                        .map(Arc::new)
-                }
-                _ => None,
-            };
             Some(Host {
                 layers: host_layers,
                 output_norm: v(&output_norm)?,
@@ -464,10 +521,6 @@ impl Model {
             })
         } else {
             None
-        };
-        let tok_embd = match &host {
-            Some(h) if h.embd.is_some() => None,
-            _ => Some(tok_embd),
         };
         let cos = Tensor::from_vec(cos, (context, half), device)?;
         let sin = Tensor::from_vec(sin, (context, half), device)?;
@@ -482,7 +535,7 @@ impl Model {
             host,
             cos,
             sin,
-            weight_bytes,
+            weight_bytes: weight_bytes.get(),
         })
     }
 

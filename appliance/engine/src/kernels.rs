@@ -65,7 +65,16 @@ pub struct Q40x4 {
     qs: [[u8; 16]; 4],
 }
 
-impl Q41x4 {
+/// A group of four rows' blocks of one ggml type.
+pub trait GroupLayout: Default + Clone {
+    /// Bytes of one ggml block (32 weights) in the file.
+    const BLOCK_BYTES: usize;
+    /// Puts row `r`'s block, as ggml stores it, into the group.
+    fn put(&mut self, r: usize, b: &[u8]);
+}
+
+impl GroupLayout for Q41x4 {
+    const BLOCK_BYTES: usize = Q41_BYTES;
     /// Row `r`'s block from ggml's bytes (`d`, `m`, 16 bytes of nibbles).
     fn put(&mut self, r: usize, b: &[u8]) {
         self.d[r] = u16::from_le_bytes([b[0], b[1]]);
@@ -74,7 +83,8 @@ impl Q41x4 {
     }
 }
 
-impl Q80x4 {
+impl GroupLayout for Q80x4 {
+    const BLOCK_BYTES: usize = Q80_BYTES;
     /// Row `r`'s block from ggml's bytes (`d`, 32 signed bytes).
     fn put(&mut self, r: usize, b: &[u8]) {
         self.d[r] = u16::from_le_bytes([b[0], b[1]]);
@@ -84,7 +94,8 @@ impl Q80x4 {
     }
 }
 
-impl Q40x4 {
+impl GroupLayout for Q40x4 {
+    const BLOCK_BYTES: usize = Q40_BYTES;
     /// Row `r`'s block from ggml's bytes (`d`, 16 bytes of nibbles).
     fn put(&mut self, r: usize, b: &[u8]) {
         self.d[r] = u16::from_le_bytes([b[0], b[1]]);
@@ -192,41 +203,32 @@ pub struct Grouped<G> {
     groups: Vec<G>,
 }
 
-impl<G: Default + Clone> Grouped<G> {
-    /// From ggml's raw row-major blocks of `block_bytes` per 32 weights, each block put
-    /// into its group by `put(group, row_in_group, block)`.
-    fn from_blocks(
-        bytes: &[u8],
-        rows: usize,
-        cols: usize,
-        block_bytes: usize,
-        put: impl Fn(&mut G, usize, &[u8]),
-    ) -> Option<Self> {
-        if bytes.len() != rows * (cols / QK) * block_bytes {
+impl<G: GroupLayout> Grouped<G> {
+    /// From ggml's raw row-major blocks (`G::BLOCK_BYTES` per 32 weights).
+    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if bytes.len() != rows * (cols / QK) * G::BLOCK_BYTES {
             return None;
         }
-        Self::read_blocks(&mut &bytes[..], rows, cols, block_bytes, put).ok()?
+        Self::read(&mut &bytes[..], rows, cols).ok()?
     }
 
-    /// The same, read row by row from `r` (a file: no copy of the whole tensor is
-    /// ever held). `None` when `cols` is not a multiple of 32.
-    fn read_blocks(
+    /// The same, read row by row from `r` (a GGUF file's tensor data: no copy of the
+    /// whole tensor is ever held). `None` when `cols` is not a multiple of 32.
+    pub fn read(
         r: &mut impl std::io::Read,
         rows: usize,
         cols: usize,
-        block_bytes: usize,
-        put: impl Fn(&mut G, usize, &[u8]),
     ) -> std::io::Result<Option<Self>> {
         if !cols.is_multiple_of(QK) {
             return Ok(None);
         }
         let kb = cols / QK;
         let mut groups = vec![G::default(); rows.div_ceil(4) * kb];
-        let mut row = vec![0u8; kb * block_bytes];
+        let mut row = vec![0u8; kb * G::BLOCK_BYTES];
         for i in 0..rows {
             r.read_exact(&mut row)?;
-            for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
-                put(&mut groups[(i / 4) * kb + b], i % 4, blk);
+            for (b, blk) in row.chunks_exact(G::BLOCK_BYTES).enumerate() {
+                groups[(i / 4) * kb + b].put(i % 4, blk);
             }
         }
         Ok(Some(Self { rows, cols, groups }))
@@ -242,20 +244,6 @@ impl<G: Default + Clone> Grouped<G> {
 pub type Q41Matrix = Grouped<Q41x4>;
 
 impl Q41Matrix {
-    /// From ggml's raw Q4_1 bytes (20 bytes per 32 weights, row-major).
-    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        Self::from_blocks(bytes, rows, cols, Q41_BYTES, Q41x4::put)
-    }
-
-    /// Read from a GGUF file's tensor data.
-    pub fn read(
-        r: &mut impl std::io::Read,
-        rows: usize,
-        cols: usize,
-    ) -> std::io::Result<Option<Self>> {
-        Self::read_blocks(r, rows, cols, Q41_BYTES, Q41x4::put)
-    }
-
     /// Row `r`'s block `b`, scales as f32.
     #[cfg(test)]
     fn block(&self, r: usize, b: usize) -> BlockQ41 {
@@ -309,20 +297,6 @@ const Q80_BYTES: usize = 34;
 pub type Q80Matrix = Grouped<Q80x4>;
 
 impl Q80Matrix {
-    /// From ggml's raw Q8_0 bytes (34 bytes per 32 weights, row-major).
-    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        Self::from_blocks(bytes, rows, cols, Q80_BYTES, Q80x4::put)
-    }
-
-    /// Read from a GGUF file's tensor data.
-    pub fn read(
-        r: &mut impl std::io::Read,
-        rows: usize,
-        cols: usize,
-    ) -> std::io::Result<Option<Self>> {
-        Self::read_blocks(r, rows, cols, Q80_BYTES, Q80x4::put)
-    }
-
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
         let kb = self.cols / QK;
@@ -363,20 +337,6 @@ const Q40_BYTES: usize = 18;
 pub type Q40Matrix = Grouped<Q40x4>;
 
 impl Q40Matrix {
-    /// From ggml's raw Q4_0 bytes (18 bytes per 32 weights, row-major).
-    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        Self::from_blocks(bytes, rows, cols, Q40_BYTES, Q40x4::put)
-    }
-
-    /// Read from a GGUF file's tensor data.
-    pub fn read(
-        r: &mut impl std::io::Read,
-        rows: usize,
-        cols: usize,
-    ) -> std::io::Result<Option<Self>> {
-        Self::read_blocks(r, rows, cols, Q40_BYTES, Q40x4::put)
-    }
-
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
         let kb = self.cols / QK;

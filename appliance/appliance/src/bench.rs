@@ -322,14 +322,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "prompt_tokens": ids.len(),
         "gen_tokens": a.gen_tokens,
         "stream_tokens": a.stream_tokens,
+        "kernels": appliance_engine::kernels::kernel_level(),
     });
     println!(
-        "model {} ({}), prompt {} tokens, decode {} tokens, streams of {} tokens",
+        "model {} ({}), prompt {} tokens, decode {} tokens, streams of {} tokens; engine kernels: {}",
         a.model.display(),
         file.quantization(),
         ids.len(),
         a.gen_tokens,
-        a.stream_tokens
+        a.stream_tokens,
+        appliance_engine::kernels::kernel_level()
     );
     println!(
         "{:<28} {:>12} {:>12} {:>8}",

@@ -379,24 +379,26 @@ fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
     quantize_row_q8_0_portable(x, out)
 }
 
-/// [`quantize_row_q8_0`] in plain code.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
-fn quantize_row_q8_0_portable(x: &[f32], out: &mut [BlockQ80]) {
-    for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        for (q, v) in blk.qs.iter_mut().zip(b) {
-            *q = (v * id).round_ties_even() as i8;
+multiversion! {
+    /// [`quantize_row_q8_0`] in plain code.
+    #[cfg_attr(
+        all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ),
+        allow(dead_code)
+    )]
+    fn quantize_row_q8_0_portable(x: &[f32], out: &mut [BlockQ80]) {
+        for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            for (q, v) in blk.qs.iter_mut().zip(b) {
+                *q = (v * id).round_ties_even() as i8;
+            }
+            blk.d = f16::from_f32(d).to_f32();
         }
-        blk.d = f16::from_f32(d).to_f32();
     }
 }
 
@@ -423,6 +425,22 @@ fn avx512() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx512() -> bool {
+    false
+}
+
+/// Whether the CPU has AVX2, FMA and F16C (looked up once; see `multiversion!`).
+#[allow(dead_code)]
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
@@ -713,28 +731,30 @@ fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ81]) {
     quantize_row_q8_1_portable(x, out)
 }
 
-/// [`quantize_row_q8_1`] in plain code.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
-fn quantize_row_q8_1_portable(x: &[f32], out: &mut [BlockQ81]) {
-    for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in blk.qs.iter_mut().zip(b) {
-            let r = (v * id).round_ties_even() as i32;
-            *q = r as i8;
-            sum += r;
+multiversion! {
+    /// [`quantize_row_q8_1`] in plain code.
+    #[cfg_attr(
+        all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ),
+        allow(dead_code)
+    )]
+    fn quantize_row_q8_1_portable(x: &[f32], out: &mut [BlockQ81]) {
+        for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in blk.qs.iter_mut().zip(b) {
+                let r = (v * id).round_ties_even() as i32;
+                *q = r as i8;
+                sum += r;
+            }
+            blk.d = f16::from_f32(d).to_f32();
+            blk.s = f16::from_f32(d * sum as f32).to_f32();
         }
-        blk.d = f16::from_f32(d).to_f32();
-        blk.s = f16::from_f32(d * sum as f32).to_f32();
     }
 }
 
@@ -1499,6 +1519,7 @@ mod q80_tests {
 /// scaled by `2^n`; max error about 1.5 ulp). Matching it keeps SiLU and softmax
 /// roundings identical to llama.cpp's, which matters because the next matmul quantizes
 /// its input to 8 bits.
+#[inline(always)]
 pub fn ggml_expf(x: f32) -> f32 {
     const SHIFT: f32 = 12582912.0; // 0x1.8p23
     const LOG2E: f32 = f32::from_bits(0x3FB8_AA3B); // 0x1.715476p+0
@@ -1525,16 +1546,19 @@ pub fn ggml_expf(x: f32) -> f32 {
 
 /// `j · 2^n` with a single rounding, as a hardware scale instruction does (the f64
 /// product is exact).
+#[inline(always)]
 fn scale_by_pow2(j: f32, n: i32) -> f32 {
     // |n| <= 192 here, well inside f64's exponent range: 2^n is built from its bits.
     let p = f64::from_bits(((n + 1023) as u64) << 52);
     ((j as f64) * p) as f32
 }
 
-/// [`swiglu`] into `gate`.
-pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = (*g / (1.0 + ggml_expf(-*g))) * u;
+multiversion! {
+    /// [`swiglu`] into `gate`.
+    pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = (*g / (1.0 + ggml_expf(-*g))) * u;
+        }
     }
 }
 
@@ -1613,6 +1637,7 @@ mod exp_tests {
 }
 
 /// GCC's `_mm512_reduce_add_ps` order over 16 lanes.
+#[inline(always)]
 fn reduce16(a: &[f32; 16]) -> f32 {
     let mut t3 = [0f32; 8];
     for i in 0..8 {
@@ -1628,6 +1653,7 @@ fn reduce16(a: &[f32; 16]) -> f32 {
 /// and the lanes reduced. Zero padding up to a multiple of 64 changes nothing, so any
 /// length is handled as if padded. Written over whole 16-lane chunks so that the
 /// compiler vectorises it; lanes keep their own order, so the result is the same.
+#[inline(always)]
 pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
@@ -1641,6 +1667,7 @@ pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// [`f16_dot`] in plain code.
+#[inline(always)]
 fn f16_dot_portable(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let mut sum = [[0f32; 16]; 4];
@@ -1668,6 +1695,7 @@ fn f16_dot_portable(x: &[f32], y: &[f32]) -> f32 {
 /// The same dot as llamafile's tinyBLAS computes it on AVX-512 (llama.cpp's path for
 /// f16 matrix products with two or more rows): one 16-lane accumulator, element `i`
 /// FMA'd into lane `i%16` in order, then the lanes reduced.
+#[inline(always)]
 pub fn f16_dot_chain(x: &[f32], y: &[f32]) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
@@ -1681,6 +1709,7 @@ pub fn f16_dot_chain(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// [`f16_dot_chain`] in plain code.
+#[inline(always)]
 fn f16_dot_chain_portable(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let mut acc = [0f32; 16];
@@ -1697,6 +1726,7 @@ fn f16_dot_chain_portable(x: &[f32], y: &[f32]) -> f32 {
     reduce16(&acc)
 }
 
+#[inline(always)]
 fn f16_round(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
 }
@@ -1708,57 +1738,60 @@ pub struct AttentionScratch {
     slots: Vec<f32>,
 }
 
-/// One query head of one sequence, as llama.cpp computes causal attention without flash
-/// attention and with an f16 KV cache. `q` holds the sequence's `l` new rows with
-/// `q_stride` floats between rows (the head's `hd` values first); `k`/`v` are the
-/// sequence's cache for this layer, `[t, kv_stride]` with `t >= start + l`, this head's
-/// kv head at `kv_offset`; all values already rounded to f16. Prompt rows sum scores in
-/// tinyBLAS's order, decode rows in the dot-product order. Writes `out` as `[l, hd]`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_head(
-    q: &[f32],
-    q_stride: usize,
-    k: &[f32],
-    v: &[f32],
-    kv_stride: usize,
-    kv_offset: usize,
-    l: usize,
-    start: usize,
-    hd: usize,
-    scale: f32,
-    prompt_rows: bool,
-    out: &mut [f32],
-    scratch: &mut AttentionScratch,
-) {
-    for r in 0..l {
-        let qr = &q[r * q_stride..r * q_stride + hd];
-        // Positions past this row's own are masked (weight exactly 0): leaving them out
-        // of the softmax and the weighted sum changes no bit of either.
-        let visible = start + r + 1;
-        scratch.p.clear();
-        scratch.p.extend((0..visible).map(|c| {
-            let o = c * kv_stride + kv_offset;
-            let kc = &k[o..o + hd];
-            (if prompt_rows {
-                f16_dot_chain(qr, kc)
-            } else {
-                f16_dot(qr, kc)
-            }) * scale
-        }));
-        softmax_row_chunked(&mut scratch.p);
-        for pc in scratch.p.iter_mut() {
-            *pc = f16_round(*pc);
+multiversion! {
+    /// One query head of one sequence, as llama.cpp computes causal attention without flash
+    /// attention and with an f16 KV cache. `q` holds the sequence's `l` new rows with
+    /// `q_stride` floats between rows (the head's `hd` values first); `k`/`v` are the
+    /// sequence's cache for this layer, `[t, kv_stride]` with `t >= start + l`, this head's
+    /// kv head at `kv_offset`; all values already rounded to f16. Prompt rows sum scores in
+    /// tinyBLAS's order, decode rows in the dot-product order. Writes `out` as `[l, hd]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_head(
+        q: &[f32],
+        q_stride: usize,
+        k: &[f32],
+        v: &[f32],
+        kv_stride: usize,
+        kv_offset: usize,
+        l: usize,
+        start: usize,
+        hd: usize,
+        scale: f32,
+        prompt_rows: bool,
+        out: &mut [f32],
+        scratch: &mut AttentionScratch,
+    ) {
+        for r in 0..l {
+            let qr = &q[r * q_stride..r * q_stride + hd];
+            // Positions past this row's own are masked (weight exactly 0): leaving them
+            // out of the softmax and the weighted sum changes no bit of either.
+            let visible = start + r + 1;
+            scratch.p.clear();
+            for c in 0..visible {
+                let o = c * kv_stride + kv_offset;
+                let kc = &k[o..o + hd];
+                let dot = if prompt_rows {
+                    f16_dot_chain(qr, kc)
+                } else {
+                    f16_dot(qr, kc)
+                };
+                scratch.p.push(dot * scale);
+            }
+            softmax_row_chunked(&mut scratch.p);
+            for pc in scratch.p.iter_mut() {
+                *pc = f16_round(*pc);
+            }
+            weighted_values(
+                &scratch.p,
+                v,
+                kv_stride,
+                kv_offset,
+                hd,
+                prompt_rows,
+                &mut out[r * hd..(r + 1) * hd],
+                &mut scratch.slots,
+            );
         }
-        weighted_values(
-            &scratch.p,
-            v,
-            kv_stride,
-            kv_offset,
-            hd,
-            prompt_rows,
-            &mut out[r * hd..(r + 1) * hd],
-            &mut scratch.slots,
-        );
     }
 }
 
@@ -1768,6 +1801,7 @@ pub fn attention_head(
 /// `v` is read row by row and the inner loop vectorises. `slots` holds `[slot][hd]`
 /// partial sums (16 slots for the chain order, 64 for the dot order).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn weighted_values(
     p: &[f32],
     v: &[f32],
@@ -1826,6 +1860,7 @@ fn weighted_values(
 
 /// ggml's softmax on AVX-512: exp per 16-value chunk, each chunk's sum reduced in f32
 /// (GCC's order) and accumulated in f64, then one multiplication by the f32 reciprocal.
+#[inline(always)]
 pub fn softmax_row_chunked(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
@@ -1843,26 +1878,28 @@ pub fn softmax_row_chunked(row: &mut [f32]) {
     }
 }
 
-/// RoPE on the CPU as ggml computes it. `x` is `[tokens, heads, hd]`, `cos`/`sin` are
-/// `[tokens, hd/2]`. `neox` rotates `(i, i + hd/2)` pairs, otherwise adjacent pairs.
-/// The rotations are fused multiply-adds, as GCC contracts ggml's expressions.
-pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, neox: bool) {
-    let half = hd / 2;
-    for (t, tok) in x.chunks_exact_mut(heads * hd).enumerate() {
-        let (c, s) = (
-            &cos[t * half..(t + 1) * half],
-            &sin[t * half..(t + 1) * half],
-        );
-        for head in tok.chunks_exact_mut(hd) {
-            for i in 0..half {
-                let (a, b) = if neox {
-                    (i, i + half)
-                } else {
-                    (2 * i, 2 * i + 1)
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0.mul_add(c[i], -(x1 * s[i]));
-                head[b] = x0.mul_add(s[i], x1 * c[i]);
+multiversion! {
+    /// RoPE on the CPU as ggml computes it. `x` is `[tokens, heads, hd]`, `cos`/`sin` are
+    /// `[tokens, hd/2]`. `neox` rotates `(i, i + hd/2)` pairs, otherwise adjacent pairs.
+    /// The rotations are fused multiply-adds, as GCC contracts ggml's expressions.
+    pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, neox: bool) {
+        let half = hd / 2;
+        for (t, tok) in x.chunks_exact_mut(heads * hd).enumerate() {
+            let (c, s) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            for head in tok.chunks_exact_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = if neox {
+                        (i, i + half)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0.mul_add(c[i], -(x1 * s[i]));
+                    head[b] = x0.mul_add(s[i], x1 * c[i]);
+                }
             }
         }
     }

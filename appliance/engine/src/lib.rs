@@ -5,6 +5,40 @@
 //! token streams. It never reads the environment, never touches the network and never
 //! logs prompt or completion text.
 
+/// Defines `fn NAME(ARGS) -> R { BODY }` so that, in a build that does not target AVX2,
+/// FMA and F16C (a portable build), `BODY` also runs compiled with them when the CPU has
+/// them: `mul_add` is then one instruction and the loops vectorise. `BODY` and the
+/// `#[inline(always)]` helpers it calls are inlined into a `#[target_feature]` twin; the
+/// results are the same bits (IEEE operations, the same order). A build that targets the
+/// features compiles `BODY` once.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($a: $t),*) $(-> $r)? $body
+            #[cfg(all(
+                target_arch = "x86_64",
+                not(all(target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))
+            ))]
+            {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                #[allow(unsafe_code, clippy::too_many_arguments)]
+                unsafe fn twin($($a: $t),*) $(-> $r)? {
+                    body($($a),*)
+                }
+                if crate::kernels::has_avx2_fma() {
+                    // SAFETY: the CPU was seen to have every feature `twin` enables.
+                    #[allow(unsafe_code)]
+                    return unsafe { twin($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+
 pub mod engine;
 pub mod error;
 pub mod gguf;

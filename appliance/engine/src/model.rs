@@ -278,22 +278,26 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     Tensor::from_vec(out, (rows, n), x.device())
 }
 
-/// [`rms_norm`]'s arithmetic over rows of `n` values.
-fn rms_norm_rows(x: &[f32], w: &[f32], n: usize, eps: f32, out: &mut [f32]) {
-    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum: f64 = row.iter().map(|v| (v * v) as f64).sum();
-        let mean = (sum / n as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
-            *o = (v * scale) * g;
+multiversion! {
+    /// [`rms_norm`]'s arithmetic over rows of `n` values.
+    fn rms_norm_rows(x: &[f32], w: &[f32], n: usize, eps: f32, out: &mut [f32]) {
+        for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let sum: f64 = row.iter().map(|v| (v * v) as f64).sum();
+            let mean = (sum / n as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+                *o = (v * scale) * g;
+            }
         }
     }
 }
 
-/// Rounds every value through f16 (see [`half_round`]).
-fn half_round_in_place(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = half::f16::from_f32(*v).to_f32();
+multiversion! {
+    /// Rounds every value through f16 (see [`half_round`]).
+    fn half_round_in_place(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
     }
 }
 

@@ -132,6 +132,36 @@ document.addEventListener("DOMContentLoaded", () => {
   pollImport(document.getElementById("import-bar"), document.getElementById("import-status"));
 });
 
+// Sends a file's bytes from a form to `url` with the form's CSRF token (and `headers`);
+// the button is disabled meanwhile; `done(ok, message)` gets the JSON answer's message,
+// `progress(loaded, total)` the upload's progress.
+function postFile(form, url, file, headers, status, done, progress) {
+  const button = form.querySelector("button[type=submit]");
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", url);
+  xhr.setRequestHeader("Content-Type", "application/octet-stream");
+  xhr.setRequestHeader("X-CSRF-Token", form.querySelector("input[name=csrf]").value);
+  for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v);
+  if (progress) {
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable) progress(e.loaded, e.total);
+    });
+  }
+  xhr.addEventListener("load", () => {
+    let r = {};
+    try { r = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+    if (xhr.status !== 200) button.disabled = false;
+    done(xhr.status === 200, r.message || "HTTP " + xhr.status);
+  });
+  xhr.addEventListener("error", () => {
+    button.disabled = false;
+    status.textContent = "Failed: the connection broke off.";
+  });
+  button.disabled = true;
+  status.textContent = "Sending " + file.name;
+  xhr.send(file);
+}
+
 // Upload a model file from this computer, with progress; the import then shows above.
 document.addEventListener("DOMContentLoaded", () => {
   const form = document.getElementById("upload");
@@ -143,36 +173,16 @@ document.addEventListener("DOMContentLoaded", () => {
     const file = document.getElementById("up-file").files[0];
     if (!file) return;
     const name = document.getElementById("up-name").value.trim();
-    const csrf = form.querySelector("input[name=csrf]").value;
-    const button = form.querySelector("button[type=submit]");
-    const xhr = new XMLHttpRequest();
-    xhr.open("POST", "/models/upload?file=" + encodeURIComponent(file.name) + (name ? "&name=" + encodeURIComponent(name) : ""));
-    xhr.setRequestHeader("Content-Type", "application/octet-stream");
-    xhr.setRequestHeader("X-CSRF-Token", csrf);
-    xhr.upload.addEventListener("progress", (e) => {
-      if (!e.lengthComputable) return;
-      bar.max = Math.max(1, e.total);
-      bar.value = e.loaded;
-      status.textContent = "Uploading: " + Math.round((100 * e.loaded) / e.total) + " % of " + file.name;
+    const url = "/models/upload?file=" + encodeURIComponent(file.name) + (name ? "&name=" + encodeURIComponent(name) : "");
+    postFile(form, url, file, {}, status, (ok, message) => {
+      // The import runs on the appliance now: follow it here.
+      if (ok) pollImport(bar, status);
+      else status.textContent = "Failed: " + message;
+    }, (loaded, total) => {
+      bar.max = Math.max(1, total);
+      bar.value = loaded;
+      status.textContent = "Uploading: " + Math.round((100 * loaded) / total) + " % of " + file.name;
     });
-    xhr.addEventListener("load", () => {
-      let r = {};
-      try { r = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
-      if (xhr.status === 200) {
-        // The import runs on the appliance now: follow it here.
-        pollImport(bar, status);
-      } else {
-        button.disabled = false;
-        status.textContent = "Failed: " + (r.message || "HTTP " + xhr.status);
-      }
-    });
-    xhr.addEventListener("error", () => {
-      button.disabled = false;
-      status.textContent = "Failed: the connection broke off.";
-    });
-    button.disabled = true;
-    status.textContent = "Uploading " + file.name;
-    xhr.send(file);
   });
 });
 
@@ -188,25 +198,9 @@ document.addEventListener("DOMContentLoaded", () => {
     const pass = document.getElementById("rs-pass").value;
     if (!file || !pass) return;
     if (!window.confirm("Restore " + file.name + "? The appliance restarts and its current state is set aside.")) return;
-    const csrf = form.querySelector("input[name=csrf]").value;
-    const button = form.querySelector("button[type=submit]");
-    const xhr = new XMLHttpRequest();
-    xhr.open("POST", "/system/restore");
-    xhr.setRequestHeader("Content-Type", "application/octet-stream");
-    xhr.setRequestHeader("X-CSRF-Token", csrf);
-    xhr.setRequestHeader("X-Backup-Passphrase", encodeURIComponent(pass));
-    xhr.addEventListener("load", () => {
-      let r = {};
-      try { r = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
-      status.textContent = (xhr.status === 200 ? "" : "Refused: ") + (r.message || "HTTP " + xhr.status);
-      if (xhr.status !== 200) button.disabled = false;
+    const headers = { "X-Backup-Passphrase": encodeURIComponent(pass) };
+    postFile(form, "/system/restore", file, headers, status, (ok, message) => {
+      status.textContent = (ok ? "" : "Refused: ") + message;
     });
-    xhr.addEventListener("error", () => {
-      button.disabled = false;
-      status.textContent = "Failed: the connection broke off.";
-    });
-    button.disabled = true;
-    status.textContent = "Sending " + file.name;
-    xhr.send(file);
   });
 });

@@ -355,49 +355,57 @@ impl Q40Matrix {
     }
 }
 
-/// ggml's `quantize_row_q8_0` on x86 (`d = amax/127` kept as f16, `q =
-/// round_half_even(x·127/amax)`).
-fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
+/// One block of 32 activations quantized as ggml's x86 `quantize_row_q8_0/1` do:
+/// `d = amax/127`, `q = round_half_even(x·(127/amax))`; returns `d`, `Σq` and `q`.
+#[inline(always)]
+fn quantize_block(b: &[f32]) -> (f32, i32, [i8; 32]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    {
-        simd::quantize_row_q8(x, out.len(), |i, d, _, qs| {
-            out[i] = BlockQ80 {
-                d: f16::from_f32(d).to_f32(),
-                qs,
-            }
-        })
-    }
+    return simd::quantize_block(b);
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     )))]
-    quantize_row_q8_0_portable(x, out)
+    quantize_block_portable(b)
+}
+
+/// [`quantize_block`] in plain code (the same values: the max and the integer sum are
+/// exact, the product and rounding the same operations).
+#[inline(always)]
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn quantize_block_portable(b: &[f32]) -> (f32, i32, [i8; 32]) {
+    let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut qs = [0i8; 32];
+    let mut sum = 0i32;
+    for (q, v) in qs.iter_mut().zip(b) {
+        let r = (v * id).round_ties_even() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (amax / 127.0, sum, qs)
 }
 
 multiversion! {
-    /// [`quantize_row_q8_0`] in plain code.
-    #[cfg_attr(
-        all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ),
-        allow(dead_code)
-    )]
-    fn quantize_row_q8_0_portable(x: &[f32], out: &mut [BlockQ80]) {
+    /// ggml's `quantize_row_q8_0` on x86 (`d` kept as f16).
+    fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
         for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
-            let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            for (q, v) in blk.qs.iter_mut().zip(b) {
-                *q = (v * id).round_ties_even() as i8;
-            }
-            blk.d = f16::from_f32(d).to_f32();
+            let (d, _, qs) = quantize_block(b);
+            *blk = BlockQ80 {
+                d: f16::from_f32(d).to_f32(),
+                qs,
+            };
         }
     }
 }
@@ -707,53 +715,16 @@ fn dot_q80_q80_scalar(w: &[BlockQ80], x: &[BlockQ80]) -> f32 {
     r[0] + r[1]
 }
 
-/// ggml's `quantize_row_q8_1` (the SIMD path's arithmetic).
-fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ81]) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        simd::quantize_row_q8(x, out.len(), |i, d, s, qs| {
-            out[i] = BlockQ81 {
-                d: f16::from_f32(d).to_f32(),
-                s: f16::from_f32(d * s as f32).to_f32(),
-                qs,
-            }
-        })
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    quantize_row_q8_1_portable(x, out)
-}
-
 multiversion! {
-    /// [`quantize_row_q8_1`] in plain code.
-    #[cfg_attr(
-        all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ),
-        allow(dead_code)
-    )]
-    fn quantize_row_q8_1_portable(x: &[f32], out: &mut [BlockQ81]) {
+    /// ggml's `quantize_row_q8_1` on x86 (`d` and the block sum `s = d·Σq` kept as f16).
+    fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ81]) {
         for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
-            let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in blk.qs.iter_mut().zip(b) {
-                let r = (v * id).round_ties_even() as i32;
-                *q = r as i8;
-                sum += r;
-            }
-            blk.d = f16::from_f32(d).to_f32();
-            blk.s = f16::from_f32(d * sum as f32).to_f32();
+            let (d, sum, qs) = quantize_block(b);
+            *blk = BlockQ81 {
+                d: f16::from_f32(d).to_f32(),
+                s: f16::from_f32(d * sum as f32).to_f32(),
+                qs,
+            };
         }
     }
 }
@@ -852,48 +823,38 @@ mod simd {
         }
     }
 
-    /// Quantizes `n` blocks of 32 values of `x` as ggml's x86 `quantize_row_q8_0/1`
-    /// does (`d = amax/127`, `q = round_half_even(x·(127/amax))`) and hands each block's
-    /// `d`, integer sum and quants to `put`: the same values as the plain code (max and
-    /// integer sums are exact; the products and roundings are the same operations).
+    /// [`super::quantize_block`] in AVX2 registers.
     #[inline(always)]
-    pub(super) fn quantize_row_q8(
-        x: &[f32],
-        n: usize,
-        mut put: impl FnMut(usize, f32, i32, [i8; 32]),
-    ) {
+    pub(super) fn quantize_block(b: &[f32]) -> (f32, i32, [i8; 32]) {
         // SAFETY: AVX2 and FMA are enabled for the whole build; loads read 8 floats of
-        // a 32-value chunk of `x`, stores write 8 i32 into a local array.
+        // the 32-value block, stores write 8 i32 into a local array.
         unsafe {
             let sign = _mm256_set1_ps(-0.0);
-            for (i, b) in x.chunks_exact(32).take(n).enumerate() {
-                let v: [__m256; 4] =
-                    std::array::from_fn(|j| _mm256_loadu_ps(b[8 * j..8 * j + 8].as_ptr()));
-                let mut m = _mm256_andnot_ps(sign, v[0]);
-                for vj in &v[1..] {
-                    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vj));
-                }
-                let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
-                let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-                let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-                let amax = _mm_cvtss_f32(m4);
-                let d = amax / 127.0;
-                let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-                let mut qs = [0i8; 32];
-                let mut sum = 0i32;
-                for (j, vj) in v.iter().enumerate() {
-                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                        _mm256_mul_ps(*vj, id),
-                    );
-                    let mut ints = [0i32; 8];
-                    _mm256_storeu_si256(ints.as_mut_ptr() as *mut __m256i, _mm256_cvtps_epi32(r));
-                    for (k, &q) in ints.iter().enumerate() {
-                        qs[8 * j + k] = q as i8;
-                        sum += q;
-                    }
-                }
-                put(i, d, sum, qs);
+            let v: [__m256; 4] =
+                std::array::from_fn(|j| _mm256_loadu_ps(b[8 * j..8 * j + 8].as_ptr()));
+            let mut m = _mm256_andnot_ps(sign, v[0]);
+            for vj in &v[1..] {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vj));
             }
+            let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+            let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            let amax = _mm_cvtss_f32(m4);
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let mut qs = [0i8; 32];
+            let mut sum = 0i32;
+            for (j, vj) in v.iter().enumerate() {
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm256_mul_ps(*vj, id),
+                );
+                let mut ints = [0i32; 8];
+                _mm256_storeu_si256(ints.as_mut_ptr() as *mut __m256i, _mm256_cvtps_epi32(r));
+                for (k, &q) in ints.iter().enumerate() {
+                    qs[8 * j + k] = q as i8;
+                    sum += q;
+                }
+            }
+            (amax / 127.0, sum, qs)
         }
     }
 
@@ -1309,21 +1270,9 @@ mod tests {
         for (i, v) in x[32..64].iter_mut().enumerate() {
             *v = (i as f32 - 16.0) * 0.5;
         }
-        let n = x.len() / 32;
-        let (mut a, mut b) = (vec![BlockQ81::default(); n], vec![BlockQ81::default(); n]);
-        quantize_row_q8_1(&x, &mut a);
-        quantize_row_q8_1_portable(&x, &mut b);
-        for (p, q) in a.iter().zip(&b) {
-            assert_eq!(
-                (p.d.to_bits(), p.s.to_bits(), p.qs),
-                (q.d.to_bits(), q.s.to_bits(), q.qs)
-            );
-        }
-        let (mut a, mut b) = (vec![BlockQ80::default(); n], vec![BlockQ80::default(); n]);
-        quantize_row_q8_0(&x, &mut a);
-        quantize_row_q8_0_portable(&x, &mut b);
-        for (p, q) in a.iter().zip(&b) {
-            assert_eq!((p.d.to_bits(), p.qs), (q.d.to_bits(), q.qs));
+        for b in x.chunks_exact(32) {
+            let (p, q) = (quantize_block(b), quantize_block_portable(b));
+            assert_eq!((p.0.to_bits(), p.1, p.2), (q.0.to_bits(), q.1, q.2));
         }
     }
 
@@ -1377,7 +1326,7 @@ mod tests {
             let kb = cols / QK;
             for i in 0..m {
                 let mut xq = vec![BlockQ80::default(); kb];
-                quantize_row_q8_0_portable(&x[i * cols..(i + 1) * cols], &mut xq);
+                quantize_row_q8_0(&x[i * cols..(i + 1) * cols], &mut xq);
                 for r in 0..rows {
                     let row: Vec<BlockQ80> = (0..kb)
                         .map(|b| {
@@ -1554,20 +1503,12 @@ fn scale_by_pow2(j: f32, n: i32) -> f32 {
 }
 
 multiversion! {
-    /// [`swiglu`] into `gate`.
+    /// SiLU(gate)·up into `gate`, element-wise, with ggml's exp.
     pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
         for (g, &u) in gate.iter_mut().zip(up) {
             *g = (*g / (1.0 + ggml_expf(-*g))) * u;
         }
     }
-}
-
-/// SiLU(gate)·up, element-wise, with ggml's exp.
-pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| (g / (1.0 + ggml_expf(-g))) * u)
-        .collect()
 }
 
 #[cfg(test)]

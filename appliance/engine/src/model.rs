@@ -62,13 +62,10 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.kind {
             LinearKind::Candle(m) => m.forward(x),
-            _ => {
-                let (t, _) = x.dims2()?;
-                let v = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; t * self.rows];
-                self.forward_host(&v, t, &mut out, &Pool::new(1))?;
-                Tensor::from_vec(out, (t, self.rows), x.device())
-            }
+            // The engine's own kinds are made for the CPU, whose steps take the CPU path.
+            _ => Err(candle_core::Error::Msg(
+                "an engine kernel matrix outside the CPU path".into(),
+            )),
         }
     }
 
@@ -263,23 +260,10 @@ pub struct BatchItem<'a> {
     pub prompt_rows: bool,
 }
 
-/// RMS normalisation as ggml computes it on the CPU (squares in f32 summed in f64, the
-/// scale in f32, then the weight). Activations are quantized to 8 bits right after, so
-/// a last-bit difference here can flip a rounding there. Other devices use candle's.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
-        return candle_nn::ops::rms_norm(x, w, eps);
-    }
-    let (rows, n) = x.dims2()?;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let ws = w.to_vec1::<f32>()?;
-    let mut out = vec![0f32; xs.len()];
-    rms_norm_rows(&xs, &ws, n, eps, &mut out);
-    Tensor::from_vec(out, (rows, n), x.device())
-}
-
 multiversion! {
-    /// [`rms_norm`]'s arithmetic over rows of `n` values.
+    /// RMS normalisation as ggml computes it on the CPU, over rows of `n` values: squares
+    /// in f32 summed in f64, the scale in f32, then the weight. Activations are quantized
+    /// to 8 bits right after, so a last-bit difference here can flip a rounding there.
     fn rms_norm_rows(x: &[f32], w: &[f32], n: usize, eps: f32, out: &mut [f32]) {
         for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
             let sum: f64 = row.iter().map(|v| (v * v) as f64).sum();
@@ -639,21 +623,7 @@ impl Model {
             .sin
             .index_select(&pos_t, 0)?
             .reshape((total, 1, hd / 2))?;
-        let cpu_trig = if self.device.is_cpu() {
-            Some((
-                cos.flatten_all()?.to_vec1::<f32>()?,
-                sin.flatten_all()?.to_vec1::<f32>()?,
-            ))
-        } else {
-            None
-        };
         let rope = |x: Tensor| -> candle_core::Result<Tensor> {
-            if let Some((c, s)) = &cpu_trig {
-                let (t, h, _, d) = x.dims4()?;
-                let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-                crate::kernels::rope(&mut v, c, s, h, d, cfg.architecture == Architecture::Qwen2);
-                return Tensor::from_vec(v, (t, h, 1, d), x.device());
-            }
             match cfg.architecture {
                 Architecture::Llama => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
                 Architecture::Qwen2 => candle_nn::rotary_emb::rope(&x, &cos, &sin),
@@ -665,7 +635,7 @@ impl Model {
         })?;
         let mut x = tok_embd.embedding(&ids_t)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
             trace(&format!("attn_norm-{li}"), &h);
             let add_bias = |t: Tensor, b: &Option<Tensor>| -> candle_core::Result<Tensor> {
                 match b {
@@ -745,19 +715,13 @@ impl Model {
             let attn_out = layer.wo.forward(&attn)?;
             trace(&format!("attn_out-{li}"), &attn_out);
             x = (x + attn_out)?;
-            let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
             trace(&format!("ffn_norm-{li}"), &h);
             let gate = layer.w_gate.forward(&h)?;
             let up = layer.w_up.forward(&h)?;
             trace(&format!("ffn_gate-{li}"), &gate);
             trace(&format!("ffn_up-{li}"), &up);
-            let swiglu = if gate.device().is_cpu() {
-                let g = gate.flatten_all()?.to_vec1::<f32>()?;
-                let u = up.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(crate::kernels::swiglu(&g, &u), gate.shape(), gate.device())?
-            } else {
-                (candle_nn::ops::silu(&gate)? * up)?
-            };
+            let swiglu = (candle_nn::ops::silu(&gate)? * up)?;
             trace(&format!("ffn_swiglu-{li}"), &swiglu);
             let ffn_out = layer.w_down.forward(&swiglu)?;
             trace(&format!("ffn_out-{li}"), &ffn_out);
@@ -781,7 +745,7 @@ impl Model {
         let n_rows = rows.len();
         let sel = Tensor::from_vec(rows, n_rows, &self.device)?;
         let last = x.index_select(&sel, 0)?;
-        let last = rms_norm(&last, &self.output_norm, cfg.rms_eps)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.output_norm, cfg.rms_eps)?;
         trace("result_norm", &last);
         let logits = self.output.forward(&last)?.to_dtype(DType::F32)?;
         let mut logits = logits.to_vec2::<f32>()?.into_iter();
@@ -793,9 +757,9 @@ impl Model {
         Ok(result)
     }
 
-    /// The CPU path of [`Model::forward`]: plain arrays, the engine's kernels and its
-    /// compute team; the same arithmetic as the candle path's CPU kernels, without
-    /// tensors, per-operation allocations or a thread hand-off per operation.
+    /// The CPU path of [`Model::forward`]: plain arrays, the engine's kernels (llama.cpp's
+    /// CPU arithmetic) and its compute team; no tensors, no per-operation allocations,
+    /// no thread hand-off per operation. Other devices take the candle path below.
     fn forward_host(
         &self,
         host: &Host,

@@ -56,19 +56,25 @@ pub struct Q80x4 {
     qs: [[i8; 32]; 4],
 }
 
-/// Four rows' Q4_0 blocks at one block index (18 bytes per block, as in the file):
-/// weights `d·(q − 8)`, low nibbles values 0..16, high nibbles 16..32.
+/// Sixteen rows' Q4_0 blocks at one block index (weights `d·(q − 8)`; in the file, low
+/// nibbles hold values 0..16 and high nibbles 16..32), laid out for kernels that keep
+/// one row per 32-bit lane: the sixteen f16 scales, then, for each of a block's four
+/// 4-byte words of nibbles, that word of all sixteen rows. 288 bytes: 18 per block, as
+/// in the file. This is the shape of llama.cpp's repacked Q4_0 (`block_q4_0x8`), whose
+/// arithmetic the kernels follow (see [`Q40Matrix`]).
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
-pub struct Q40x4 {
-    d: [u16; 4],
-    qs: [[u8; 16]; 4],
+pub struct Q40x16 {
+    d: [u16; 16],
+    qs: [[u32; 16]; 4],
 }
 
-/// A group of four rows' blocks of one ggml type.
+/// A group of rows' blocks (four unless said otherwise) of one ggml type.
 pub trait GroupLayout: Default + Clone {
     /// Bytes of one ggml block (32 weights) in the file.
     const BLOCK_BYTES: usize;
+    /// Rows per group.
+    const ROWS: usize = 4;
     /// Puts row `r`'s block, as ggml stores it, into the group.
     fn put(&mut self, r: usize, b: &[u8]);
 }
@@ -94,18 +100,20 @@ impl GroupLayout for Q80x4 {
     }
 }
 
-impl GroupLayout for Q40x4 {
+impl GroupLayout for Q40x16 {
     const BLOCK_BYTES: usize = Q40_BYTES;
+    const ROWS: usize = 16;
     /// Row `r`'s block from ggml's bytes (`d`, 16 bytes of nibbles).
     fn put(&mut self, r: usize, b: &[u8]) {
         self.d[r] = u16::from_le_bytes([b[0], b[1]]);
-        self.qs[r].copy_from_slice(&b[2..18]);
+        for (k, w) in b[2..18].chunks_exact(4).enumerate() {
+            self.qs[k][r] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        }
     }
 }
 
-/// A group whose weights are `d·q` with `q` a signed byte per value (Q8_0 as stored,
-/// Q4_0 once its nibbles are widened and offset): the Q8_0 kernels serve both, as
-/// ggml's `vec_dot_q4_0_q8_0` and `vec_dot_q8_0_q8_0` share their arithmetic.
+/// A group whose weights are `d·q` with `q` a signed byte per value (Q8_0 as stored),
+/// for the kernels in ggml's `vec_dot_q8_0_q8_0` arithmetic.
 #[allow(unsafe_code)]
 trait I8Group: Copy + Sync {
     /// The four rows' f16 scales.
@@ -151,51 +159,7 @@ impl I8Group for Q80x4 {
     }
 }
 
-#[allow(unsafe_code)]
-impl I8Group for Q40x4 {
-    fn scales(&self) -> &[u16; 4] {
-        &self.d
-    }
-    fn row_i8(&self, r: usize) -> [i8; 32] {
-        std::array::from_fn(|j| {
-            let b = self.qs[r][j % 16];
-            (if j < 16 { b & 15 } else { b >> 4 }) as i8 - 8
-        })
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn row_i8_ymm(&self, r: usize) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        // SAFETY: a 16-byte load of the row's own array.
-        unsafe {
-            let packed = _mm_loadu_si128(self.qs[r].as_ptr() as *const __m128i);
-            let q = _mm256_and_si256(
-                _mm256_set1_epi8(0x0F),
-                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-            );
-            _mm256_sub_epi8(q, _mm256_set1_epi8(8))
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn rows_i8_zmm(&self, p: usize) -> std::arch::x86_64::__m512i {
-        use std::arch::x86_64::*;
-        // SAFETY: rows 2p and 2p+1 are 32 adjacent bytes of `qs`.
-        unsafe {
-            let ab = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                self.qs[2 * p].as_ptr() as *const __m256i
-            ));
-            let idx = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-            let q = _mm512_and_si512(
-                _mm512_set1_epi8(0x0F),
-                _mm512_permutex2var_epi64(ab, idx, _mm512_srli_epi16(ab, 4)),
-            );
-            _mm512_sub_epi8(q, _mm512_set1_epi8(8))
-        }
-    }
-}
-
-/// A weight matrix `[rows, cols]` (rows = outputs) stored as groups of four rows.
+/// A weight matrix `[rows, cols]` (rows = outputs) stored as groups of `G::ROWS` rows.
 #[derive(Debug)]
 pub struct Grouped<G> {
     pub rows: usize,
@@ -223,12 +187,12 @@ impl<G: GroupLayout> Grouped<G> {
             return Ok(None);
         }
         let kb = cols / QK;
-        let mut groups = vec![G::default(); rows.div_ceil(4) * kb];
+        let mut groups = vec![G::default(); rows.div_ceil(G::ROWS) * kb];
         let mut row = vec![0u8; kb * G::BLOCK_BYTES];
         for i in 0..rows {
             r.read_exact(&mut row)?;
             for (b, blk) in row.chunks_exact(G::BLOCK_BYTES).enumerate() {
-                groups[(i / 4) * kb + b].put(i % 4, blk);
+                groups[(i / G::ROWS) * kb + b].put(i % G::ROWS, blk);
             }
         }
         Ok(Some(Self { rows, cols, groups }))
@@ -277,6 +241,7 @@ impl Q41Matrix {
             m,
             out,
             pool,
+            step4(),
             &dot_q41_group,
         );
     }
@@ -311,6 +276,7 @@ impl Q80Matrix {
             m,
             out,
             pool,
+            step4(),
             &dot_i8_group::<Q80x4>,
         );
     }
@@ -332,16 +298,51 @@ impl Q80Matrix {
 
 const Q40_BYTES: usize = 18;
 
-/// A Q4_0 weight matrix: activations quantized to Q8_0 and each dot product in ggml's
-/// `vec_dot_q4_0_q8_0` order (that of Q8_0 × Q8_0 on `q − 8`).
-pub type Q40Matrix = Grouped<Q40x4>;
+/// A Q4_0 weight matrix, computed as llama.cpp computes Q4_0 on x86 (where it repacks
+/// Q4_0 into eight-row tiles: `ggml_gemv/gemm_q4_0_8x8_q8_0`): activations quantized to
+/// Q8_0; per row and block the exact integer `Σ(q − 8)·x_q`; the row's result the FMA
+/// chain `acc = f32(isum)·(d_w·d_x) + acc` over its blocks, from zero. Every (row,
+/// sequence) pair has its own chain, so batching changes nothing.
+pub type Q40Matrix = Grouped<Q40x16>;
+
+/// Q8_0 activations with the block's `−8·Σq` (the offset of Q4_0's `q − 8`, folded into
+/// the integer sum before any rounding).
+#[derive(Debug, Clone, Copy, Default)]
+struct BlockQ80S {
+    d: f32,
+    s: i32,
+    qs: [i8; 32],
+}
+
+impl BlockQ80S {
+    /// Activations `4k..4k+4` as one little-endian word.
+    #[inline(always)]
+    fn word(&self, k: usize) -> i32 {
+        let q = &self.qs[4 * k..4 * k + 4];
+        i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
+    }
+}
+
+multiversion! {
+    /// [`quantize_row_q8_0`] keeping `−8·Σq` for Q4_0.
+    fn quantize_row_q8_0s(x: &[f32], out: &mut [BlockQ80S]) {
+        for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let (d, sum, qs) = quantize_block(b);
+            *blk = BlockQ80S {
+                d: f16::from_f32(d).to_f32(),
+                s: -8 * sum,
+                qs,
+            };
+        }
+    }
+}
 
 impl Q40Matrix {
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
         let kb = self.cols / QK;
-        let mut xq = vec![BlockQ80::default(); m * kb];
-        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_0);
+        let mut xq = vec![BlockQ80S::default(); m * kb];
+        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_0s);
         grouped(
             &self.groups,
             &xq,
@@ -350,7 +351,8 @@ impl Q40Matrix {
             m,
             out,
             pool,
-            &dot_i8_group::<Q40x4>,
+            4,
+            &dot_q40_group,
         );
     }
 }
@@ -410,9 +412,9 @@ multiversion! {
     }
 }
 
-/// A group kernel: one group of four weight rows (`kb` groups of blocks) times one to
+/// A group kernel: one group of `R` weight rows (`kb` groups of blocks) times one to
 /// four activation rows; `out[row][i]`.
-type Group<'a, G, X> = dyn Fn(&[G], &[&[X]], &mut [[f32; 4]; 4]) + Sync + 'a;
+type Group<'a, G, X, const R: usize> = dyn Fn(&[G], &[&[X]], &mut [[f32; 4]; R]) + Sync + 'a;
 
 /// Whether the AVX-512 (BW, VNNI) kernels run: looked up once.
 #[cfg(target_arch = "x86_64")]
@@ -437,10 +439,14 @@ fn avx512() -> bool {
 }
 
 /// Whether the CPU has AVX2, FMA and F16C (looked up once; see `multiversion!`).
-#[allow(dead_code)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        #[cfg(test)]
+        if tests::NO_AVX2.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
             is_x86_feature_detected!("avx2")
@@ -468,12 +474,23 @@ pub fn kernel_level() -> &'static str {
     }
 }
 
-/// `out[m, rows] = x · Wᵀ` over a matrix stored in groups of four rows: about eight
-/// tasks per thread, each a run of groups; within a task, the activation rows two at a
-/// time (each weight block read once for both). Every (row, sequence) dot product keeps
-/// its own accumulators and order, so the result does not depend on the grouping.
+/// Activation rows per pass of the four-row group kernels: four where a 512-bit
+/// register holds two sequences.
+fn step4() -> usize {
+    if avx512() {
+        4
+    } else {
+        2
+    }
+}
+
+/// `out[m, rows] = x · Wᵀ` over a matrix stored in groups of `R` rows: about eight
+/// tasks per thread, each a run of groups; within a task, the activation rows `step` at
+/// a time (each weight block read once for all of them). Every (row, sequence) dot
+/// product keeps its own accumulators and order, so the result does not depend on the
+/// grouping.
 #[allow(clippy::too_many_arguments)]
-fn grouped<G: Sync, X: Sync>(
+fn grouped<G: Sync, X: Sync, const R: usize>(
     groups: &[G],
     xq: &[X],
     kb: usize,
@@ -481,17 +498,17 @@ fn grouped<G: Sync, X: Sync>(
     m: usize,
     out: &mut [f32],
     pool: &Pool,
-    kernel: &Group<'_, G, X>,
+    step: usize,
+    kernel: &Group<'_, G, X, R>,
 ) {
     debug_assert_eq!(out.len(), m * rows);
-    let n_groups = rows.div_ceil(4);
+    debug_assert!((1..=4).contains(&step));
+    let n_groups = rows.div_ceil(R);
     let tasks = (pool.threads() * 8).min(n_groups).max(1);
     let per = n_groups.div_ceil(tasks);
-    // Activation rows per pass: four where a 512-bit register holds two sequences.
-    let step = if avx512() { 4 } else { 2 };
     let x_rows: Vec<&[X]> = (0..m).map(|i| &xq[i * kb..(i + 1) * kb]).collect();
-    // Task `t` owns rows `t·per·4..` of every activation row's output: `m` slices each.
-    let span = per * 4;
+    // Task `t` owns rows `t·per·R..` of every activation row's output: `m` slices each.
+    let span = per * R;
     let n_tasks = rows.div_ceil(span);
     let mut split: Vec<Vec<&mut [f32]>> = (0..n_tasks).map(|_| Vec::with_capacity(m)).collect();
     for out_i in out.chunks_mut(rows) {
@@ -504,17 +521,17 @@ fn grouped<G: Sync, X: Sync>(
         let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
         let first = t * per;
         let n_rows = dst[0].len();
-        let mut acc = [[0f32; 4]; 4];
-        for (gi, g) in (first..first + n_rows.div_ceil(4)).enumerate() {
+        let mut acc = [[0f32; 4]; R];
+        for (gi, g) in (first..first + n_rows.div_ceil(R)).enumerate() {
             let w = &groups[g * kb..(g + 1) * kb];
-            let live = (n_rows - gi * 4).min(4);
+            let live = (n_rows - gi * R).min(R);
             let mut i = 0;
             while i < m {
                 let n = (m - i).min(step);
                 kernel(w, &x_rows[i..i + n], &mut acc);
                 for (r, a) in acc.iter().enumerate().take(live) {
                     for k in 0..n {
-                        dst[i + k][gi * 4 + r] = a[k];
+                        dst[i + k][gi * R + r] = a[k];
                     }
                 }
                 i += n;
@@ -605,6 +622,171 @@ fn dot_i8_group<G: I8Group>(w: &[G], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 4])
         }
         for r in 0..4 {
             out[r][2 * c..2 * c + xs.len()].copy_from_slice(&two[r][..xs.len()]);
+        }
+    }
+}
+
+/// One group of sixteen Q4_0 rows times one to four activation rows, with the best
+/// kernel this machine has (chosen at run time, whatever the build targets); every
+/// kernel gives the same bits.
+fn dot_q40_group(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]) {
+    let xs = [
+        x[0],
+        x[x.len().min(2) - 1],
+        x[x.len().min(3) - 1],
+        x[x.len() - 1],
+    ];
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: each kernel runs only where the CPU was seen to have the features it
+        // enables (`avx512()`, `has_avx2_fma()`).
+        #[allow(unsafe_code)]
+        unsafe {
+            if avx512() {
+                match x.len() {
+                    1 => lanes::q40_zmm::<1>(w, xs, out),
+                    2 => lanes::q40_zmm::<2>(w, xs, out),
+                    3 => lanes::q40_zmm::<3>(w, xs, out),
+                    _ => lanes::q40_zmm::<4>(w, xs, out),
+                }
+                return;
+            }
+            if has_avx2_fma() {
+                match x.len() {
+                    1 => lanes::q40_ymm::<1>(w, xs, out),
+                    2 => lanes::q40_ymm::<2>(w, xs, out),
+                    3 => lanes::q40_ymm::<3>(w, xs, out),
+                    _ => lanes::q40_ymm::<4>(w, xs, out),
+                }
+                return;
+            }
+        }
+    }
+    q40_group_portable(w, &xs[..x.len()], out);
+}
+
+/// [`dot_q40_group`] in plain code: the same exact integer sums, the same FMA chain.
+fn q40_group_portable(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]) {
+    for (r, o) in out.iter_mut().enumerate() {
+        for (i, xr) in x.iter().enumerate() {
+            let mut acc = 0f32;
+            for (g, xb) in w.iter().zip(xr.iter()) {
+                let mut isum = xb.s;
+                for k in 0..4 {
+                    let word = g.qs[k][r].to_le_bytes();
+                    for (j, byte) in word.iter().enumerate() {
+                        isum += (byte & 15) as i32 * xb.qs[4 * k + j] as i32
+                            + (byte >> 4) as i32 * xb.qs[16 + 4 * k + j] as i32;
+                    }
+                }
+                let dd = f16::from_bits(g.d[r]).to_f32() * xb.d;
+                acc = (isum as f32).mul_add(dd, acc);
+            }
+            o[i] = acc;
+        }
+    }
+}
+
+/// Kernels with one weight row per 32-bit lane (sixteen rows in a 512-bit register,
+/// eight in a 256-bit one), compiled for their features whatever the build targets and
+/// chosen at run time. A lane's `vpdpbusd` (or `maddubs` + `madd`) adds four products
+/// of an unsigned nibble and a signed activation: exact, like every integer step here,
+/// so a lane ends each block with exactly `Σ(q − 8)·x_q` and scales it by one FMA.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::needless_range_loop)]
+mod lanes {
+    use super::{BlockQ80S, Q40x16};
+    use std::arch::x86_64::*;
+
+    /// Sixteen Q4_0 rows × `N` Q8_0 rows (`x[..N]`), one row per lane.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F/BW/VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q40_zmm<const N: usize>(
+        w: &[Q40x16],
+        x: [&[BlockQ80S]; 4],
+        out: &mut [[f32; 4]; 16],
+    ) {
+        // SAFETY: features as documented; every load reads inside a group (32 bytes
+        // of scales, 64 bytes per word row).
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let mut acc = [_mm512_setzero_ps(); N];
+            for (b, g) in w.iter().enumerate() {
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr() as *const __m256i));
+                let mut q = [_mm512_setzero_si512(); 8];
+                for k in 0..4 {
+                    let raw = _mm512_loadu_si512(g.qs[k].as_ptr() as *const __m512i);
+                    q[k] = _mm512_and_si512(raw, low);
+                    q[4 + k] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                }
+                for i in 0..N {
+                    let xb = &x[i][b];
+                    let mut isum = _mm512_set1_epi32(xb.s);
+                    for k in 0..8 {
+                        isum = _mm512_dpbusd_epi32(isum, q[k], _mm512_set1_epi32(xb.word(k)));
+                    }
+                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dd, acc[i]);
+                }
+            }
+            for i in 0..N {
+                let mut v = [0f32; 16];
+                _mm512_storeu_ps(v.as_mut_ptr(), acc[i]);
+                for r in 0..16 {
+                    out[r][i] = v[r];
+                }
+            }
+        }
+    }
+
+    /// [`q40_zmm`] with AVX2: the sixteen rows as two halves of eight.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q40_ymm<const N: usize>(
+        w: &[Q40x16],
+        x: [&[BlockQ80S]; 4],
+        out: &mut [[f32; 4]; 16],
+    ) {
+        // SAFETY: features as documented; loads read 16 bytes of scales and 32 bytes
+        // of a word row inside the group.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); N];
+                for (b, g) in w.iter().enumerate() {
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i));
+                    let mut q = [_mm256_setzero_si256(); 8];
+                    for k in 0..4 {
+                        let raw = _mm256_loadu_si256(g.qs[k][8 * h..].as_ptr() as *const __m256i);
+                        q[k] = _mm256_and_si256(raw, low);
+                        q[4 + k] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                    }
+                    for i in 0..N {
+                        let xb = &x[i][b];
+                        let mut isum = _mm256_set1_epi32(xb.s);
+                        for k in 0..8 {
+                            // Pairs of nibble × activation fit an i16 (at most 2·15·128).
+                            let pairs = _mm256_maddubs_epi16(q[k], _mm256_set1_epi32(xb.word(k)));
+                            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones));
+                        }
+                        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[i]);
+                    }
+                }
+                for i in 0..N {
+                    let mut v = [0f32; 8];
+                    _mm256_storeu_ps(v.as_mut_ptr(), acc[i]);
+                    for r in 0..8 {
+                        out[8 * h + r][i] = v[r];
+                    }
+                }
+            }
         }
     }
 }
@@ -1220,6 +1402,9 @@ mod tests {
     /// kernel gives the same bits, so tests running meanwhile are unaffected.
     pub(super) static NO_AVX512: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
+    /// The same for AVX2 (with `NO_AVX512`: the portable kernels).
+    pub(super) static NO_AVX2: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
 
     /// Q4_0 bytes as ggml's reference quantizer makes them (`d = max/−8`, by the value of
     /// largest magnitude).
@@ -1322,31 +1507,84 @@ mod tests {
                 kernel_level()
             );
             assert_eq!(bits(&fast.2), bits(&base.2), "Q4_0, {m} rows");
-            // Q4_0 against the portable dot of its widened quants.
-            let kb = cols / QK;
+            // A row computed alone equals the same row in the batch.
+            let single = q41.matmul(&x[(m - 1) * cols..], 1);
+            assert_eq!(bits(&single), bits(&fast.0[(m - 1) * rows..]));
+        }
+    }
+
+    #[test]
+    fn q4_0_follows_llama_cpp_repacked_arithmetic_at_every_kernel_level() {
+        // 42 rows: the last group of sixteen is partly empty; batches 1 to 9.
+        let (rows, cols) = (42, 160);
+        let kb = cols / QK;
+        let mut rng = crate::sampling::Rng::new(40);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+        let bytes = q40_bytes(&w);
+        let mat = Q40Matrix::from_ggml_bytes(&bytes, rows, cols).unwrap();
+        assert!(Q40Matrix::from_ggml_bytes(&bytes[1..], rows, cols).is_none());
+        let pool = Pool::new(2);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for m in 1..=9 {
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            // From the file's bytes: per block the exact Σ(q − 8)·x_q, then one FMA.
+            let mut want = vec![0f32; m * rows];
             for i in 0..m {
                 let mut xq = vec![BlockQ80::default(); kb];
                 quantize_row_q8_0(&x[i * cols..(i + 1) * cols], &mut xq);
                 for r in 0..rows {
-                    let row: Vec<BlockQ80> = (0..kb)
-                        .map(|b| {
-                            let g = &q40.groups[(r / 4) * kb + b];
-                            BlockQ80 {
-                                d: f16::from_bits(g.scales()[r % 4]).to_f32(),
-                                qs: g.row_i8(r % 4),
-                            }
-                        })
-                        .collect();
-                    assert_eq!(
-                        fast.2[i * rows + r].to_bits(),
-                        dot_q80_q80_scalar(&row, &xq).to_bits(),
-                        "Q4_0 row {r} seq {i}"
-                    );
+                    let mut acc = 0f32;
+                    for (b, xb) in xq.iter().enumerate() {
+                        let blk = &bytes[(r * kb + b) * Q40_BYTES..][..Q40_BYTES];
+                        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                        let isum: i32 = (0..QK)
+                            .map(|j| {
+                                let n = if j < 16 {
+                                    blk[2 + j] & 15
+                                } else {
+                                    blk[2 + j - 16] >> 4
+                                };
+                                (n as i32 - 8) * xb.qs[j] as i32
+                            })
+                            .sum();
+                        acc = (isum as f32).mul_add(d * xb.d, acc);
+                    }
+                    want[i * rows + r] = acc;
                 }
             }
-            // A row computed alone equals the same row in the batch.
-            let single = q41.matmul(&x[(m - 1) * cols..], 1);
-            assert_eq!(bits(&single), bits(&fast.0[(m - 1) * rows..]));
+            for (no512, no2, level) in [
+                (false, false, kernel_level()),
+                (true, false, "avx2"),
+                (true, true, "portable"),
+            ] {
+                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+                let mut got = vec![0f32; m * rows];
+                mat.matmul_into(&x, m, &mut got, &pool);
+                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+                assert_eq!(bits(&got), bits(&want), "{level}, {m} rows");
+            }
+            // Close to the dequantized weights times the exact activations.
+            for r in 0..rows {
+                let blk = |b: usize| &bytes[(r * kb + b) * Q40_BYTES..][..Q40_BYTES];
+                let exact: f32 = (0..cols)
+                    .map(|c| {
+                        let (b, j) = (blk(c / QK), c % QK);
+                        let n = if j < 16 {
+                            b[2 + j] & 15
+                        } else {
+                            b[2 + j - 16] >> 4
+                        };
+                        f16::from_le_bytes([b[0], b[1]]).to_f32() * (n as f32 - 8.0) * x[c]
+                    })
+                    .sum();
+                assert!(
+                    (want[r] - exact).abs() < 0.05,
+                    "row {r}: {} vs {exact}",
+                    want[r]
+                );
+            }
         }
     }
 

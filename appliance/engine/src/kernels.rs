@@ -36,24 +36,26 @@ struct BlockQ81 {
 const QK: usize = 32;
 const Q41_BYTES: usize = 20;
 
-/// Four rows' Q4_1 blocks at one block index, interleaved: the scales (f16, as in the
-/// file) of the four rows together, then their nibbles. A matrix is stored as groups of
-/// four rows, block by block, so a kernel reads one stream, converts four scales with one
-/// instruction and keeps four rows' sums at once; 20 bytes per block, as in the file.
+/// Sixteen rows' Q4_1 blocks at one block index, laid out for kernels that keep one
+/// row per 32-bit lane: the sixteen rows' f16 scales `d`, their mins `m`, then, for each
+/// of a block's four 4-byte words of nibbles, that word of all sixteen rows. 320 bytes:
+/// 20 per block, as in the file.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
-pub struct Q41x4 {
-    d: [u16; 4],
-    m: [u16; 4],
-    qs: [[u8; 16]; 4],
+pub struct Q41x16 {
+    d: [u16; 16],
+    m: [u16; 16],
+    qs: [[u32; 16]; 4],
 }
 
-/// Four rows' Q8_0 blocks at one block index (34 bytes per block, as in the file).
+/// Sixteen rows' Q8_0 blocks at one block index: the f16 scales, then, for each of a
+/// block's eight 4-byte words of signed quants, that word of all sixteen rows. 544
+/// bytes: 34 per block, as in the file.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
-pub struct Q80x4 {
-    d: [u16; 4],
-    qs: [[i8; 32]; 4],
+pub struct Q80x16 {
+    d: [u16; 16],
+    qs: [[u32; 16]; 8],
 }
 
 /// Sixteen rows' Q4_0 blocks at one block index (weights `d·(q − 8)`; in the file, low
@@ -79,23 +81,59 @@ pub trait GroupLayout: Default + Clone {
     fn put(&mut self, r: usize, b: &[u8]);
 }
 
-impl GroupLayout for Q41x4 {
+impl GroupLayout for Q41x16 {
     const BLOCK_BYTES: usize = Q41_BYTES;
+    const ROWS: usize = 16;
     /// Row `r`'s block from ggml's bytes (`d`, `m`, 16 bytes of nibbles).
     fn put(&mut self, r: usize, b: &[u8]) {
         self.d[r] = u16::from_le_bytes([b[0], b[1]]);
         self.m[r] = u16::from_le_bytes([b[2], b[3]]);
-        self.qs[r].copy_from_slice(&b[4..20]);
+        for (k, w) in b[4..20].chunks_exact(4).enumerate() {
+            self.qs[k][r] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        }
     }
 }
 
-impl GroupLayout for Q80x4 {
+impl GroupLayout for Q80x16 {
     const BLOCK_BYTES: usize = Q80_BYTES;
+    const ROWS: usize = 16;
     /// Row `r`'s block from ggml's bytes (`d`, 32 signed bytes).
     fn put(&mut self, r: usize, b: &[u8]) {
         self.d[r] = u16::from_le_bytes([b[0], b[1]]);
-        for (q, &v) in self.qs[r].iter_mut().zip(&b[2..34]) {
-            *q = v as i8;
+        for (k, w) in b[2..34].chunks_exact(4).enumerate() {
+            self.qs[k][r] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        }
+    }
+}
+
+impl Q41x16 {
+    /// Row `r`'s block, scales as f32.
+    fn row(&self, r: usize) -> BlockQ41 {
+        let mut qs = [0u8; 16];
+        for (k, w) in qs.chunks_exact_mut(4).enumerate() {
+            w.copy_from_slice(&self.qs[k][r].to_le_bytes());
+        }
+        BlockQ41 {
+            d: f16::from_bits(self.d[r]).to_f32(),
+            m: f16::from_bits(self.m[r]).to_f32(),
+            qs,
+        }
+    }
+}
+
+impl Q80x16 {
+    /// Row `r`'s block, scale as f32.
+    fn row(&self, r: usize) -> BlockQ80 {
+        let mut qs = [0i8; 32];
+        for (k, w) in qs.chunks_exact_mut(4).enumerate() {
+            for (q, b) in w.iter_mut().zip(self.qs[k][r].to_le_bytes()) {
+                *q = b as i8;
+            }
+        }
+        BlockQ80 {
+            d: f16::from_bits(self.d[r]).to_f32(),
+            o: [0; 8],
+            qs,
         }
     }
 }
@@ -109,53 +147,6 @@ impl GroupLayout for Q40x16 {
         for (k, w) in b[2..18].chunks_exact(4).enumerate() {
             self.qs[k][r] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
         }
-    }
-}
-
-/// A group whose weights are `d·q` with `q` a signed byte per value (Q8_0 as stored),
-/// for the kernels in ggml's `vec_dot_q8_0_q8_0` arithmetic.
-#[allow(unsafe_code)]
-trait I8Group: Copy + Sync {
-    /// The four rows' f16 scales.
-    fn scales(&self) -> &[u16; 4];
-    /// Row `r`'s 32 signed quants (for the portable kernels and the tests).
-    #[allow(dead_code)]
-    fn row_i8(&self, r: usize) -> [i8; 32];
-    /// Row `r`'s 32 signed quants in a register.
-    ///
-    /// # Safety
-    /// AVX2 must be available.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn row_i8_ymm(&self, r: usize) -> std::arch::x86_64::__m256i;
-    /// Rows `2p` and `2p + 1`, one per half of a 512-bit register.
-    ///
-    /// # Safety
-    /// AVX-512F/BW must be available (the caller enables them).
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn rows_i8_zmm(&self, p: usize) -> std::arch::x86_64::__m512i;
-}
-
-#[allow(unsafe_code)]
-impl I8Group for Q80x4 {
-    fn scales(&self) -> &[u16; 4] {
-        &self.d
-    }
-    fn row_i8(&self, r: usize) -> [i8; 32] {
-        self.qs[r]
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn row_i8_ymm(&self, r: usize) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        // SAFETY: a 32-byte load of the row's own array.
-        unsafe { _mm256_loadu_si256(self.qs[r].as_ptr() as *const __m256i) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn rows_i8_zmm(&self, p: usize) -> std::arch::x86_64::__m512i {
-        use std::arch::x86_64::*;
-        // SAFETY: rows 2p and 2p+1 are 64 adjacent bytes of `qs`.
-        unsafe { _mm512_loadu_si512(self.qs[2 * p].as_ptr() as *const __m512i) }
     }
 }
 
@@ -205,18 +196,14 @@ impl<G: GroupLayout> Grouped<G> {
 }
 
 /// A Q4_1 weight matrix.
-pub type Q41Matrix = Grouped<Q41x4>;
+pub type Q41Matrix = Grouped<Q41x16>;
 
 impl Q41Matrix {
     /// Row `r`'s block `b`, scales as f32.
     #[cfg(test)]
     fn block(&self, r: usize, b: usize) -> BlockQ41 {
-        let g = &self.groups[(r / 4) * (self.cols / QK) + b];
-        BlockQ41 {
-            d: f16::from_bits(g.d[r % 4]).to_f32(),
-            m: f16::from_bits(g.m[r % 4]).to_f32(),
-            qs: g.qs[r % 4],
-        }
+        let g = &self.groups[(r / 16) * (self.cols / QK) + b];
+        g.row(r % 16)
     }
 
     /// `x` is `[m, cols]` row-major; returns `[m, rows]` = `x · Wᵀ` (on the calling
@@ -241,16 +228,18 @@ impl Q41Matrix {
             m,
             out,
             pool,
-            step4(),
+            lanes_step(),
             &dot_q41_group,
         );
     }
 }
 
-/// ggml's Q8_0 block of activations: 32 values `d·q`, scale kept as f32.
+/// ggml's Q8_0 block of activations: 32 values `d·q`, scale kept as f32; `o[j]` is
+/// `−128·Σ` of values `4j..4j+4` (for kernels that offset signed weights to unsigned).
 #[derive(Debug, Clone, Copy, Default)]
 struct BlockQ80 {
     d: f32,
+    o: [i32; 8],
     qs: [i8; 32],
 }
 
@@ -259,7 +248,7 @@ const Q80_BYTES: usize = 34;
 /// A Q8_0 weight matrix: the output head of most GGUF files, and the layers of Q8_0
 /// files. Activations are quantized to Q8_0 as ggml does and each dot product summed in
 /// ggml's x86 order (as for Q4_1, without min terms).
-pub type Q80Matrix = Grouped<Q80x4>;
+pub type Q80Matrix = Grouped<Q80x16>;
 
 impl Q80Matrix {
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
@@ -276,21 +265,21 @@ impl Q80Matrix {
             m,
             out,
             pool,
-            step4(),
-            &dot_i8_group::<Q80x4>,
+            lanes_step(),
+            &dot_q80_group,
         );
     }
 
     /// Row `r` dequantized (`d·q`, as ggml's `dequantize_row_q8_0`): an embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let kb = self.cols / QK;
-        for (g, o) in self.groups[(r / 4) * kb..(r / 4 + 1) * kb]
+        for (g, o) in self.groups[(r / 16) * kb..(r / 16 + 1) * kb]
             .iter()
             .zip(out.chunks_exact_mut(QK))
         {
-            let d = f16::from_bits(g.d[r % 4]).to_f32();
-            for (v, &q) in o.iter_mut().zip(&g.qs[r % 4]) {
-                *v = d * q as f32;
+            let b = g.row(r % 16);
+            for (v, &q) in o.iter_mut().zip(&b.qs) {
+                *v = b.d * q as f32;
             }
         }
     }
@@ -305,6 +294,14 @@ const Q40_BYTES: usize = 18;
 /// sequence) pair has its own chain, so batching changes nothing.
 pub type Q40Matrix = Grouped<Q40x16>;
 
+/// Values `4k..4k+4` of an activation block as one little-endian word (a kernel
+/// broadcasts it to every row's lane).
+#[inline(always)]
+fn word(qs: &[i8; 32], k: usize) -> i32 {
+    let q = &qs[4 * k..4 * k + 4];
+    i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
+}
+
 /// Q8_0 activations with the block's `−8·Σq` (the offset of Q4_0's `q − 8`, folded into
 /// the integer sum before any rounding).
 #[derive(Debug, Clone, Copy, Default)]
@@ -312,15 +309,6 @@ struct BlockQ80S {
     d: f32,
     s: i32,
     qs: [i8; 32],
-}
-
-impl BlockQ80S {
-    /// Activations `4k..4k+4` as one little-endian word.
-    #[inline(always)]
-    fn word(&self, k: usize) -> i32 {
-        let q = &self.qs[4 * k..4 * k + 4];
-        i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
-    }
 }
 
 multiversion! {
@@ -406,6 +394,9 @@ multiversion! {
             let (d, _, qs) = quantize_block(b);
             *blk = BlockQ80 {
                 d: f16::from_f32(d).to_f32(),
+                o: std::array::from_fn(|j| {
+                    -128 * qs[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum::<i32>()
+                }),
                 qs,
             };
         }
@@ -474,13 +465,13 @@ pub fn kernel_level() -> &'static str {
     }
 }
 
-/// Activation rows per pass of the four-row group kernels: four where a 512-bit
-/// register holds two sequences.
-fn step4() -> usize {
+/// Activation rows per pass of the Q4_1 and Q8_0 kernels (eight accumulators per
+/// sequence): two in 512-bit registers (32 of them), one in 256-bit ones (16).
+fn lanes_step() -> usize {
     if avx512() {
-        4
-    } else {
         2
+    } else {
+        1
     }
 }
 
@@ -568,60 +559,74 @@ fn quantize_rows<X: Send>(
     });
 }
 
-/// One group of four Q4_1 rows times one to four Q8_1 rows, with the best kernel this
-/// machine has; every kernel gives the same bits.
-fn dot_q41_group(w: &[Q41x4], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 4]) {
+/// One group of sixteen Q4_1 rows times one or two Q8_1 rows, with the best kernel
+/// this machine has (chosen at run time); every kernel gives the same bits, those of
+/// [`dot_q41_q81_scalar`].
+fn dot_q41_group(w: &[Q41x16], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 16]) {
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: `avx512()` checked that the CPU has every feature the kernels enable.
+    {
+        let xs = [x[0], x[x.len() - 1]];
+        // SAFETY: each kernel runs only where the CPU was seen to have the features it
+        // enables (`avx512()`, `has_avx2_fma()`).
         #[allow(unsafe_code)]
         unsafe {
-            match x.len() {
-                1 => zmm::q41_rows2(w, x[0], out),
-                2 => zmm::q41_pairs::<1>(w, [x[0], x[1], x[0], x[1]], out),
-                _ => zmm::q41_pairs::<2>(w, [x[0], x[1], x[2], *x.get(3).unwrap_or(&x[2])], out),
+            if avx512() {
+                match x.len() {
+                    1 => lanes::q41_zmm::<1>(w, xs, out),
+                    _ => lanes::q41_zmm::<2>(w, xs, out),
+                }
+                return;
+            }
+            if has_avx2_fma() {
+                for (i, xi) in x.iter().enumerate() {
+                    let mut one = [0f32; 16];
+                    lanes::q41_ymm(w, xi, &mut one);
+                    for r in 0..16 {
+                        out[r][i] = one[r];
+                    }
+                }
+                return;
             }
         }
-        return;
     }
-    let mut two = [[0f32; 2]; 4];
-    for (c, xs) in x.chunks(2).enumerate() {
-        if xs.len() == 2 {
-            q41_group_base::<2>(w, [xs[0], xs[1]], &mut two);
-        } else {
-            q41_group_base::<1>(w, [xs[0], xs[0]], &mut two);
-        }
-        for r in 0..4 {
-            out[r][2 * c..2 * c + xs.len()].copy_from_slice(&two[r][..xs.len()]);
+    for r in 0..16 {
+        for (i, xi) in x.iter().enumerate() {
+            out[r][i] = dot_q41_q81_scalar(w.iter().map(|g| g.row(r)), xi);
         }
     }
 }
 
-/// One group of four signed-byte rows (Q8_0, Q4_0) times one to four Q8_0 rows (see
-/// [`dot_q41_group`]).
-fn dot_i8_group<G: I8Group>(w: &[G], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 4]) {
+/// One group of sixteen Q8_0 rows times one or two Q8_0 rows (see [`dot_q41_group`];
+/// the bits of [`dot_q80_q80_scalar`]).
+fn dot_q80_group(w: &[Q80x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: `avx512()` checked that the CPU has every feature the kernels enable.
+    {
+        let xs = [x[0], x[x.len() - 1]];
+        // SAFETY: as in `dot_q41_group`.
         #[allow(unsafe_code)]
         unsafe {
-            match x.len() {
-                1 => zmm::i8_rows2(w, x[0], out),
-                2 => zmm::i8_pairs::<G, 1>(w, [x[0], x[1], x[0], x[1]], out),
-                _ => zmm::i8_pairs::<G, 2>(w, [x[0], x[1], x[2], *x.get(3).unwrap_or(&x[2])], out),
+            if avx512() {
+                match x.len() {
+                    1 => lanes::q80_zmm::<1>(w, xs, out),
+                    _ => lanes::q80_zmm::<2>(w, xs, out),
+                }
+                return;
+            }
+            if has_avx2_fma() {
+                for (i, xi) in x.iter().enumerate() {
+                    let mut one = [0f32; 16];
+                    lanes::q80_ymm(w, xi, &mut one);
+                    for r in 0..16 {
+                        out[r][i] = one[r];
+                    }
+                }
+                return;
             }
         }
-        return;
     }
-    let mut two = [[0f32; 2]; 4];
-    for (c, xs) in x.chunks(2).enumerate() {
-        if xs.len() == 2 {
-            i8_group_base::<G, 2>(w, [xs[0], xs[1]], &mut two);
-        } else {
-            i8_group_base::<G, 1>(w, [xs[0], xs[0]], &mut two);
-        }
-        for r in 0..4 {
-            out[r][2 * c..2 * c + xs.len()].copy_from_slice(&two[r][..xs.len()]);
+    for r in 0..16 {
+        for (i, xi) in x.iter().enumerate() {
+            out[r][i] = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), xi);
         }
     }
 }
@@ -695,8 +700,212 @@ fn q40_group_portable(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, clippy::needless_range_loop)]
 mod lanes {
-    use super::{BlockQ80S, Q40x16};
+    use super::{word, BlockQ80, BlockQ80S, BlockQ81, Q40x16, Q41x16, Q80x16};
     use std::arch::x86_64::*;
+
+    /// ggml's `hsum_float_8` of eight accumulators lane by lane (lane `l` of the
+    /// result reduces lane `l` of each): `(a0+a4, a1+a5, a2+a6, a3+a7)`, then
+    /// `(0+2, 1+3)`, then `0+1`.
+    #[inline(always)]
+    unsafe fn hsum8_zmm(a: &[__m512; 8]) -> __m512 {
+        // SAFETY (callers): AVX-512F is available.
+        unsafe {
+            let r: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(a[l], a[l + 4]));
+            let r = [_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3])];
+            _mm512_add_ps(r[0], r[1])
+        }
+    }
+
+    /// [`hsum8_zmm`] for 256-bit registers.
+    #[inline(always)]
+    unsafe fn hsum8_ymm(a: &[__m256; 8]) -> __m256 {
+        // SAFETY (callers): AVX is available.
+        unsafe {
+            let r: [__m256; 4] = std::array::from_fn(|l| _mm256_add_ps(a[l], a[l + 4]));
+            let r = [_mm256_add_ps(r[0], r[2]), _mm256_add_ps(r[1], r[3])];
+            _mm256_add_ps(r[0], r[1])
+        }
+    }
+
+    /// Sixteen Q4_1 rows × `N` Q8_1 rows (`x[..N]`) in ggml's `vec_dot_q4_1_q8_1`
+    /// arithmetic: accumulator `j` holds, per row, the FMA chain of ggml's float lane
+    /// `j` (values `4j..4j+4` of each block: low nibbles of word `j`, then high
+    /// nibbles), the min terms `m·s` summed apart, the lanes reduced as `hsum_float_8`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F/BW/VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q41_zmm<const N: usize>(
+        w: &[Q41x16],
+        x: [&[BlockQ81]; 2],
+        out: &mut [[f32; 4]; 16],
+    ) {
+        // SAFETY: features as documented; loads read inside a group (32 bytes of
+        // scales or mins, 64 bytes per word row).
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let mut acc = [[_mm512_setzero_ps(); 8]; N];
+            let mut summs = [_mm512_setzero_ps(); N];
+            for (b, g) in w.iter().enumerate() {
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr() as *const __m256i));
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(g.m.as_ptr() as *const __m256i));
+                let mut dd = [_mm512_setzero_ps(); N];
+                for i in 0..N {
+                    let xb = &x[i][b];
+                    dd[i] = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
+                    summs[i] = _mm512_add_ps(summs[i], _mm512_mul_ps(mw, _mm512_set1_ps(xb.s)));
+                }
+                for k in 0..4 {
+                    let raw = _mm512_loadu_si512(g.qs[k].as_ptr() as *const __m512i);
+                    let q = [
+                        _mm512_and_si512(raw, low),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low),
+                    ];
+                    for (h, qh) in q.iter().enumerate() {
+                        let j = 4 * h + k;
+                        for i in 0..N {
+                            let xw = word(&x[i][b].qs, j);
+                            let isum = _mm512_dpbusd_epi32(
+                                _mm512_setzero_si512(),
+                                *qh,
+                                _mm512_set1_epi32(xw),
+                            );
+                            acc[i][j] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(isum), acc[i][j]);
+                        }
+                    }
+                }
+            }
+            for i in 0..N {
+                let mut v = [0f32; 16];
+                _mm512_storeu_ps(v.as_mut_ptr(), _mm512_add_ps(hsum8_zmm(&acc[i]), summs[i]));
+                for r in 0..16 {
+                    out[r][i] = v[r];
+                }
+            }
+        }
+    }
+
+    /// [`q41_zmm`] for one Q8_1 row with AVX2 (the sixteen rows as two halves).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q41_ymm(w: &[Q41x16], x: &[BlockQ81], out: &mut [f32; 16]) {
+        // SAFETY: features as documented; loads read 16 bytes of scales or mins and 32
+        // bytes of a word row inside the group.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut summs = _mm256_setzero_ps();
+                for (g, xb) in w.iter().zip(x) {
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i));
+                    let mw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(g.m[8 * h..].as_ptr() as *const __m128i));
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                    summs = _mm256_add_ps(summs, _mm256_mul_ps(mw, _mm256_set1_ps(xb.s)));
+                    for k in 0..4 {
+                        let raw = _mm256_loadu_si256(g.qs[k][8 * h..].as_ptr() as *const __m256i);
+                        let q = [
+                            _mm256_and_si256(raw, low),
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low),
+                        ];
+                        for (hi, qh) in q.iter().enumerate() {
+                            let j = 4 * hi + k;
+                            let xw = _mm256_set1_epi32(word(&xb.qs, j));
+                            let isum = _mm256_madd_epi16(_mm256_maddubs_epi16(*qh, xw), ones);
+                            acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
+                        }
+                    }
+                }
+                _mm256_storeu_ps(
+                    out[8 * h..].as_mut_ptr(),
+                    _mm256_add_ps(hsum8_ymm(&acc), summs),
+                );
+            }
+        }
+    }
+
+    /// Sixteen Q8_0 rows × `N` Q8_0 rows in ggml's `vec_dot_q8_0_q8_0` arithmetic (as
+    /// [`q41_zmm`], without min terms). `vpdpbusd` takes unsigned weights: each is
+    /// offset by 128 (`w ^ 0x80`) and the activation's `−128·Σx` of the word starts the
+    /// sum, which stays exact.
+    ///
+    /// # Safety
+    /// As for [`q41_zmm`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q80_zmm<const N: usize>(
+        w: &[Q80x16],
+        x: [&[BlockQ80]; 2],
+        out: &mut [[f32; 4]; 16],
+    ) {
+        // SAFETY: as for `q41_zmm`.
+        unsafe {
+            let flip = _mm512_set1_epi8(-128);
+            let mut acc = [[_mm512_setzero_ps(); 8]; N];
+            for (b, g) in w.iter().enumerate() {
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr() as *const __m256i));
+                let mut dd = [_mm512_setzero_ps(); N];
+                for i in 0..N {
+                    dd[i] = _mm512_mul_ps(dw, _mm512_set1_ps(x[i][b].d));
+                }
+                for j in 0..8 {
+                    let u = _mm512_xor_si512(
+                        _mm512_loadu_si512(g.qs[j].as_ptr() as *const __m512i),
+                        flip,
+                    );
+                    for i in 0..N {
+                        let xb = &x[i][b];
+                        let isum = _mm512_dpbusd_epi32(
+                            _mm512_set1_epi32(xb.o[j]),
+                            u,
+                            _mm512_set1_epi32(word(&xb.qs, j)),
+                        );
+                        acc[i][j] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(isum), acc[i][j]);
+                    }
+                }
+            }
+            for i in 0..N {
+                let mut v = [0f32; 16];
+                _mm512_storeu_ps(v.as_mut_ptr(), hsum8_zmm(&acc[i]));
+                for r in 0..16 {
+                    out[r][i] = v[r];
+                }
+            }
+        }
+    }
+
+    /// [`q80_zmm`] for one Q8_0 row with AVX2: `|w|` times `x` with `w`'s sign, as
+    /// ggml's `mul_sum_i8_pairs` (pairs within ±2·128·127: no i16 saturation).
+    ///
+    /// # Safety
+    /// As for [`q41_ymm`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q80_ymm(w: &[Q80x16], x: &[BlockQ80], out: &mut [f32; 16]) {
+        // SAFETY: as for `q41_ymm`.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (g, xb) in w.iter().zip(x) {
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i));
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                    for j in 0..8 {
+                        let q = _mm256_loadu_si256(g.qs[j][8 * h..].as_ptr() as *const __m256i);
+                        let xw = _mm256_set1_epi32(word(&xb.qs, j));
+                        let pairs =
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xw, q));
+                        let isum = _mm256_madd_epi16(pairs, ones);
+                        acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
+                    }
+                }
+                _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), hsum8_ymm(&acc));
+            }
+        }
+    }
 
     /// Sixteen Q4_0 rows × `N` Q8_0 rows (`x[..N]`), one row per lane.
     ///
@@ -725,7 +934,7 @@ mod lanes {
                     let xb = &x[i][b];
                     let mut isum = _mm512_set1_epi32(xb.s);
                     for k in 0..8 {
-                        isum = _mm512_dpbusd_epi32(isum, q[k], _mm512_set1_epi32(xb.word(k)));
+                        isum = _mm512_dpbusd_epi32(isum, q[k], _mm512_set1_epi32(word(&xb.qs, k)));
                     }
                     let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
                     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dd, acc[i]);
@@ -772,7 +981,8 @@ mod lanes {
                         let mut isum = _mm256_set1_epi32(xb.s);
                         for k in 0..8 {
                             // Pairs of nibble × activation fit an i16 (at most 2·15·128).
-                            let pairs = _mm256_maddubs_epi16(q[k], _mm256_set1_epi32(xb.word(k)));
+                            let pairs =
+                                _mm256_maddubs_epi16(q[k], _mm256_set1_epi32(word(&xb.qs, k)));
                             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones));
                         }
                         let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
@@ -791,94 +1001,12 @@ mod lanes {
     }
 }
 
-/// One group of four Q4_1 rows times `N` Q8_1 rows: AVX2 when the build has it,
-/// otherwise portable.
-fn q41_group_base<const N: usize>(w: &[Q41x4], x: [&[BlockQ81]; 2], out: &mut [[f32; 2]; 4]) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        simd::dot_q41_group::<N>(w, x, out)
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    {
-        for r in 0..4 {
-            let row: Vec<BlockQ41> = w
-                .iter()
-                .map(|g| BlockQ41 {
-                    d: f16::from_bits(g.d[r]).to_f32(),
-                    m: f16::from_bits(g.m[r]).to_f32(),
-                    qs: g.qs[r],
-                })
-                .collect();
-            for i in 0..N {
-                out[r][i] = dot_q41_q81_scalar(&row, x[i]);
-            }
-        }
-    }
-}
-
-/// One group of four signed-byte rows times `N` Q8_0 activation rows (see
-/// [`q41_group_base`]).
-fn i8_group_base<G: I8Group, const N: usize>(
-    w: &[G],
-    x: [&[BlockQ80]; 2],
-    out: &mut [[f32; 2]; 4],
-) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        simd::dot_i8_group::<G, N>(w, x, out)
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    {
-        for r in 0..4 {
-            let row: Vec<BlockQ80> = w
-                .iter()
-                .map(|g| BlockQ80 {
-                    d: f16::from_bits(g.scales()[r]).to_f32(),
-                    qs: g.row_i8(r),
-                })
-                .collect();
-            for i in 0..N {
-                out[r][i] = dot_q80_q80_scalar(&row, x[i]);
-            }
-        }
-    }
-}
-
 /// One Q8_0 row times one Q8_0 row in ggml's x86 order: eight float lanes, lane `l`
 /// accumulating (by FMA) the integer dot of values `4l..4l+4` of every block times
 /// `d_w·d_x`, reduced as [`dot_q41_q81_scalar`] reduces.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ),
-    allow(dead_code)
-)]
-fn dot_q80_q80_scalar(w: &[BlockQ80], x: &[BlockQ80]) -> f32 {
+fn dot_q80_q80_scalar(w: impl Iterator<Item = BlockQ80>, x: &[BlockQ80]) -> f32 {
     let mut acc = [0f32; 8];
-    for (wb, xb) in w.iter().zip(x) {
+    for (wb, xb) in w.zip(x) {
         let dd = wb.d * xb.d;
         for (l, a) in acc.iter_mut().enumerate() {
             let s: i32 = (4 * l..4 * l + 4)
@@ -915,19 +1043,10 @@ multiversion! {
 /// lane `l` accumulating (by FMA) the integer dot of values `4l..4l+4` of every block
 /// times `d_w·d_x`; the min terms summed separately; the lanes reduced pairwise. The
 /// portable version of the SIMD group kernels; same arithmetic, same result.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ),
-    allow(dead_code)
-)]
-fn dot_q41_q81_scalar(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
+fn dot_q41_q81_scalar(w: impl Iterator<Item = BlockQ41>, x: &[BlockQ81]) -> f32 {
     let mut acc = [0f32; 8];
     let mut summs = 0f32;
-    for (wb, xb) in w.iter().zip(x) {
+    for (wb, xb) in w.zip(x) {
         summs += wb.m * xb.s;
         let dd = wb.d * xb.d;
         let mut lanes = [0i32; 8];
@@ -957,7 +1076,6 @@ fn dot_q41_q81_scalar(w: &[BlockQ41], x: &[BlockQ81]) -> f32 {
 ))]
 #[allow(unsafe_code, clippy::needless_range_loop)]
 mod simd {
-    use super::{BlockQ80, BlockQ81, I8Group, Q41x4};
     use std::arch::x86_64::*;
 
     /// ggml's `hsum_float_8`.
@@ -1039,359 +1157,6 @@ mod simd {
             (amax / 127.0, sum, qs)
         }
     }
-
-    /// Lane `r` of `v` in all eight lanes.
-    #[inline(always)]
-    fn lane(v: __m128, r: usize) -> __m256 {
-        // SAFETY: AVX2 is enabled for the whole build.
-        unsafe { _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(r as i32)) }
-    }
-
-    /// Four Q4_1 rows (one group) × `N` Q8_1 rows; each pair's arithmetic is
-    /// [`dot_q41_q81`]'s: `d_w·d_x` and `m_w·s_x` are the same f32 products, computed
-    /// for the four rows in one instruction, and `summs` the same sequential sums.
-    #[inline(always)]
-    pub(super) fn dot_q41_group<const N: usize>(
-        w: &[Q41x4],
-        x: [&[BlockQ81]; 2],
-        out: &mut [[f32; 2]; 4],
-    ) {
-        // SAFETY: AVX2, FMA and F16C are enabled for the whole build; every load reads
-        // bytes of a group or block inside the slices (8-byte scale arrays, 16- and
-        // 32-byte quant arrays).
-        unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); N]; 4];
-            let mut summs = [_mm_setzero_ps(); N];
-            for (b, g) in w.iter().enumerate() {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
-                let m4 = _mm_cvtph_ps(_mm_loadl_epi64(g.m.as_ptr() as *const __m128i));
-                let mut dd = [_mm_setzero_ps(); N];
-                let mut qx = [_mm256_setzero_si256(); N];
-                for i in 0..N {
-                    let xb = &x[i][b];
-                    dd[i] = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
-                    summs[i] = _mm_add_ps(summs[i], _mm_mul_ps(m4, _mm_set1_ps(xb.s)));
-                    qx[i] = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                }
-                for r in 0..4 {
-                    let packed = _mm_loadu_si128(g.qs[r].as_ptr() as *const __m128i);
-                    let qw =
-                        _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed));
-                    for i in 0..N {
-                        let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx[i]), ones);
-                        acc[r][i] =
-                            _mm256_fmadd_ps(lane(dd[i], r), _mm256_cvtepi32_ps(lanes), acc[r][i]);
-                    }
-                }
-            }
-            for i in 0..N {
-                let mut s = [0f32; 4];
-                _mm_storeu_ps(s.as_mut_ptr(), summs[i]);
-                for r in 0..4 {
-                    out[r][i] = hsum(acc[r][i]) + s[r];
-                }
-            }
-        }
-    }
-
-    /// Four signed-byte rows (one group) × `N` Q8_0 rows, in ggml's
-    /// `vec_dot_q8_0_q8_0` (and `q4_0_q8_0`) arithmetic.
-    #[inline(always)]
-    pub(super) fn dot_i8_group<G: I8Group, const N: usize>(
-        w: &[G],
-        x: [&[BlockQ80]; 2],
-        out: &mut [[f32; 2]; 4],
-    ) {
-        // SAFETY: as for `dot_q41_group`.
-        unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); N]; 4];
-            for (b, g) in w.iter().enumerate() {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.scales().as_ptr() as *const __m128i));
-                let mut dd = [_mm_setzero_ps(); N];
-                let mut qx = [_mm256_setzero_si256(); N];
-                for i in 0..N {
-                    let xb = &x[i][b];
-                    dd[i] = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
-                    qx[i] = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                }
-                for r in 0..4 {
-                    let qw = g.row_i8_ymm(r);
-                    // |w| as unsigned times x with w's sign: exact i16 pair sums, then
-                    // i32 lanes of four consecutive products.
-                    let aw = _mm256_sign_epi8(qw, qw);
-                    for i in 0..N {
-                        let sx = _mm256_sign_epi8(qx[i], qw);
-                        let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                        acc[r][i] =
-                            _mm256_fmadd_ps(lane(dd[i], r), _mm256_cvtepi32_ps(lanes), acc[r][i]);
-                    }
-                }
-            }
-            for i in 0..N {
-                for r in 0..4 {
-                    out[r][i] = hsum(acc[r][i]);
-                }
-            }
-        }
-    }
-}
-
-/// AVX-512 (BW, VNNI) group kernels, chosen at run time. A 512-bit register holds two
-/// (row, sequence) pairs' eight lanes side by side: two rows of one sequence (decode) or
-/// one row of two sequences (batches). Each pair's lanes see exactly the AVX2 kernel's
-/// arithmetic: `vpdpbusd` gives the same exact i32 sums of four products as
-/// `maddubs`+`madd` (no pair sum can saturate: at most 2·128·127), the scales are the
-/// same f32 products, and each half is reduced as ggml's `hsum_float_8`.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::needless_range_loop)]
-mod zmm {
-    use super::{BlockQ80, BlockQ81, I8Group, Q41x4};
-    use std::arch::x86_64::*;
-
-    /// ggml's `hsum_float_8` of the low (`HI = false`) or high half.
-    #[inline(always)]
-    unsafe fn hsum_half<const HI: bool>(v: __m512) -> f32 {
-        // SAFETY (callers): AVX-512F is available.
-        unsafe {
-            let h = if HI {
-                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
-            } else {
-                _mm512_castps512_ps256(v)
-            };
-            let r = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
-            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-            _mm_cvtss_f32(r)
-        }
-    }
-
-    /// Lane `a` of `lo` in the low eight lanes and lane `b` of `hi` in the high eight.
-    #[inline(always)]
-    unsafe fn two_lanes(lo: __m128, a: usize, hi: __m128, b: usize) -> __m512 {
-        // SAFETY (callers): AVX-512F is available.
-        unsafe {
-            let idx = _mm512_set_epi32(
-                16 + b as i32,
-                16 + b as i32,
-                16 + b as i32,
-                16 + b as i32,
-                16 + b as i32,
-                16 + b as i32,
-                16 + b as i32,
-                16 + b as i32,
-                a as i32,
-                a as i32,
-                a as i32,
-                a as i32,
-                a as i32,
-                a as i32,
-                a as i32,
-                a as i32,
-            );
-            _mm512_permutex2var_ps(_mm512_castps128_ps512(lo), idx, _mm512_castps128_ps512(hi))
-        }
-    }
-
-    /// Four Q4_1 rows × one Q8_1 row: rows 0–1 in one register, 2–3 in another.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F/BW/VNNI, F16C and FMA.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q41_rows2(w: &[Q41x4], x: &[BlockQ81], out: &mut [[f32; 4]; 4]) {
-        // SAFETY: features as documented; loads read bytes of groups and blocks inside
-        // the slices (two adjacent 16-byte quant arrays of a group are 32 bytes).
-        unsafe {
-            let low = _mm512_set1_epi8(0x0F);
-            // qwords: [a, a>>4, b, b>>4] from [a, b] and its shifted copy.
-            let idx = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-            let mut acc = [_mm512_setzero_ps(); 2];
-            let mut summs = _mm_setzero_ps();
-            for (g, xb) in w.iter().zip(x) {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
-                let m4 = _mm_cvtph_ps(_mm_loadl_epi64(g.m.as_ptr() as *const __m128i));
-                let dd = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
-                summs = _mm_add_ps(summs, _mm_mul_ps(m4, _mm_set1_ps(xb.s)));
-                let qx =
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i));
-                for p in 0..2 {
-                    let ab = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                        g.qs[2 * p].as_ptr() as *const __m256i
-                    ));
-                    let qw = _mm512_and_si512(
-                        low,
-                        _mm512_permutex2var_epi64(ab, idx, _mm512_srli_epi16(ab, 4)),
-                    );
-                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, qx);
-                    acc[p] = _mm512_fmadd_ps(
-                        two_lanes(dd, 2 * p, dd, 2 * p + 1),
-                        _mm512_cvtepi32_ps(lanes),
-                        acc[p],
-                    );
-                }
-            }
-            let mut sm = [0f32; 4];
-            _mm_storeu_ps(sm.as_mut_ptr(), summs);
-            out[0][0] = hsum_half::<false>(acc[0]) + sm[0];
-            out[1][0] = hsum_half::<true>(acc[0]) + sm[1];
-            out[2][0] = hsum_half::<false>(acc[1]) + sm[2];
-            out[3][0] = hsum_half::<true>(acc[1]) + sm[3];
-        }
-    }
-
-    /// Four Q4_1 rows × `2·P` Q8_1 rows, two sequences per register.
-    ///
-    /// # Safety
-    /// As for [`q41_rows2`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q41_pairs<const P: usize>(
-        w: &[Q41x4],
-        x: [&[BlockQ81]; 4],
-        out: &mut [[f32; 4]; 4],
-    ) {
-        // SAFETY: as for `q41_rows2`.
-        unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            let mut acc = [[_mm512_setzero_ps(); P]; 4];
-            let mut summs = [_mm_setzero_ps(); 4];
-            for (b, g) in w.iter().enumerate() {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.d.as_ptr() as *const __m128i));
-                let m4 = _mm_cvtph_ps(_mm_loadl_epi64(g.m.as_ptr() as *const __m128i));
-                let mut dd = [_mm_setzero_ps(); 4];
-                let mut qx = [_mm512_setzero_si512(); P];
-                for i in 0..2 * P {
-                    let xb = &x[i][b];
-                    dd[i] = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
-                    summs[i] = _mm_add_ps(summs[i], _mm_mul_ps(m4, _mm_set1_ps(xb.s)));
-                }
-                for p in 0..P {
-                    let lo = _mm256_loadu_si256(x[2 * p][b].qs.as_ptr() as *const __m256i);
-                    let hi = _mm256_loadu_si256(x[2 * p + 1][b].qs.as_ptr() as *const __m256i);
-                    qx[p] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                }
-                for r in 0..4 {
-                    let packed = _mm_loadu_si128(g.qs[r].as_ptr() as *const __m128i);
-                    let qw = _mm512_broadcast_i64x4(_mm256_and_si256(
-                        low,
-                        _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-                    ));
-                    for p in 0..P {
-                        let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, qx[p]);
-                        acc[r][p] = _mm512_fmadd_ps(
-                            two_lanes(dd[2 * p], r, dd[2 * p + 1], r),
-                            _mm512_cvtepi32_ps(lanes),
-                            acc[r][p],
-                        );
-                    }
-                }
-            }
-            let mut sm = [[0f32; 4]; 4];
-            for i in 0..2 * P {
-                _mm_storeu_ps(sm[i].as_mut_ptr(), summs[i]);
-            }
-            for r in 0..4 {
-                for p in 0..P {
-                    out[r][2 * p] = hsum_half::<false>(acc[r][p]) + sm[2 * p][r];
-                    out[r][2 * p + 1] = hsum_half::<true>(acc[r][p]) + sm[2 * p + 1][r];
-                }
-            }
-        }
-    }
-
-    /// `|w|` and `x` with `w`'s sign (`x` where `w` is negative negated), as AVX2's
-    /// `sign_epi8` pair gives; activations are within ±127, so negation is exact.
-    #[inline(always)]
-    unsafe fn abs_and_signed(wq: __m512i, xq: __m512i) -> (__m512i, __m512i) {
-        // SAFETY (callers): AVX-512BW is available.
-        unsafe {
-            let neg = _mm512_movepi8_mask(wq);
-            (
-                _mm512_abs_epi8(wq),
-                _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq),
-            )
-        }
-    }
-
-    /// Four Q8_0 rows × one Q8_0 row: rows 0–1 in one register, 2–3 in another.
-    ///
-    /// # Safety
-    /// As for [`q41_rows2`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn i8_rows2<G: I8Group>(w: &[G], x: &[BlockQ80], out: &mut [[f32; 4]; 4]) {
-        // SAFETY: as for `q41_rows2`; two adjacent 32-byte quant arrays are 64 bytes.
-        unsafe {
-            let mut acc = [_mm512_setzero_ps(); 2];
-            for (g, xb) in w.iter().zip(x) {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.scales().as_ptr() as *const __m128i));
-                let dd = _mm_mul_ps(d4, _mm_set1_ps(xb.d));
-                let qx =
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i));
-                for p in 0..2 {
-                    let wq = g.rows_i8_zmm(p);
-                    let (aw, sx) = abs_and_signed(wq, qx);
-                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
-                    acc[p] = _mm512_fmadd_ps(
-                        two_lanes(dd, 2 * p, dd, 2 * p + 1),
-                        _mm512_cvtepi32_ps(lanes),
-                        acc[p],
-                    );
-                }
-            }
-            out[0][0] = hsum_half::<false>(acc[0]);
-            out[1][0] = hsum_half::<true>(acc[0]);
-            out[2][0] = hsum_half::<false>(acc[1]);
-            out[3][0] = hsum_half::<true>(acc[1]);
-        }
-    }
-
-    /// Four Q8_0 rows × `2·P` Q8_0 rows, two sequences per register.
-    ///
-    /// # Safety
-    /// As for [`q41_rows2`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn i8_pairs<G: I8Group, const P: usize>(
-        w: &[G],
-        x: [&[BlockQ80]; 4],
-        out: &mut [[f32; 4]; 4],
-    ) {
-        // SAFETY: as for `q41_rows2`.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); P]; 4];
-            for (b, g) in w.iter().enumerate() {
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(g.scales().as_ptr() as *const __m128i));
-                let mut dd = [_mm_setzero_ps(); 4];
-                let mut qx = [_mm512_setzero_si512(); P];
-                for i in 0..2 * P {
-                    dd[i] = _mm_mul_ps(d4, _mm_set1_ps(x[i][b].d));
-                }
-                for p in 0..P {
-                    let lo = _mm256_loadu_si256(x[2 * p][b].qs.as_ptr() as *const __m256i);
-                    let hi = _mm256_loadu_si256(x[2 * p + 1][b].qs.as_ptr() as *const __m256i);
-                    qx[p] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                }
-                for r in 0..4 {
-                    let wq = _mm512_broadcast_i64x4(g.row_i8_ymm(r));
-                    for p in 0..P {
-                        let (aw, sx) = abs_and_signed(wq, qx[p]);
-                        let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
-                        acc[r][p] = _mm512_fmadd_ps(
-                            two_lanes(dd[2 * p], r, dd[2 * p + 1], r),
-                            _mm512_cvtepi32_ps(lanes),
-                            acc[r][p],
-                        );
-                    }
-                }
-            }
-            for r in 0..4 {
-                for p in 0..P {
-                    out[r][2 * p] = hsum_half::<false>(acc[r][p]);
-                    out[r][2 * p + 1] = hsum_half::<true>(acc[r][p]);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1462,7 +1227,7 @@ mod tests {
     }
 
     #[test]
-    fn avx512_and_avx2_kernels_give_the_same_bits_for_any_batch() {
+    fn every_kernel_level_gives_the_same_bits_for_any_batch() {
         let (rows, cols) = (30, 128);
         let mut rng = crate::sampling::Rng::new(21);
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
@@ -1481,32 +1246,28 @@ mod tests {
         let pool = Pool::new(2);
         for m in 1..=9 {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-            let run = |no512: bool| {
+            let run = |no512: bool, no2: bool| {
                 NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
                 let mut a = vec![0f32; m * rows];
                 let mut b = vec![0f32; m * rows];
                 let mut c = vec![0f32; m * rows];
                 q41.matmul_into(&x, m, &mut a, &pool);
                 q80.matmul_into(&x, m, &mut b, &pool);
                 q40.matmul_into(&x, m, &mut c, &pool);
+                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
                 NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
                 (a, b, c)
             };
-            let (fast, base) = (run(false), run(true));
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&fast.0),
-                bits(&base.0),
-                "Q4_1, {m} rows ({})",
-                kernel_level()
-            );
-            assert_eq!(
-                bits(&fast.1),
-                bits(&base.1),
-                "Q8_0, {m} rows ({})",
-                kernel_level()
-            );
-            assert_eq!(bits(&fast.2), bits(&base.2), "Q4_0, {m} rows");
+            let fast = run(false, false);
+            // The portable kernels are the plain reference dots, row by row.
+            let plain = run(true, true);
+            for (level, other) in [(kernel_level(), &fast), ("avx2", &run(true, false))] {
+                assert_eq!(bits(&other.0), bits(&plain.0), "Q4_1, {m} rows, {level}");
+                assert_eq!(bits(&other.1), bits(&plain.1), "Q8_0, {m} rows, {level}");
+                assert_eq!(bits(&other.2), bits(&plain.2), "Q4_0, {m} rows, {level}");
+            }
             // A row computed alone equals the same row in the batch.
             let single = q41.matmul(&x[(m - 1) * cols..], 1);
             assert_eq!(bits(&single), bits(&fast.0[(m - 1) * rows..]));
@@ -1632,7 +1393,7 @@ mod tests {
                 let wrow: Vec<BlockQ41> = (0..cols / QK).map(|b| mat.block(r, b)).collect();
                 assert_eq!(
                     y[i * rows + r].to_bits(),
-                    dot_q41_q81_scalar(&wrow, &xq).to_bits(),
+                    dot_q41_q81_scalar(wrow.iter().copied(), &xq).to_bits(),
                     "row {r} seq {i}"
                 );
             }
@@ -1685,13 +1446,17 @@ mod q80_tests {
                                 bytes[(r * cols / QK + b) * Q80_BYTES + 1],
                             ])
                             .to_f32(),
+                            o: [0; 8],
                             qs,
                         }
                     })
                     .collect();
                 let exact: f32 = (0..cols).map(|c| w[r * cols + c] * x[i * cols + c]).sum();
                 let got = y[i * rows + r];
-                assert_eq!(got.to_bits(), dot_q80_q80_scalar(&wrow, &xq).to_bits());
+                assert_eq!(
+                    got.to_bits(),
+                    dot_q80_q80_scalar(wrow.iter().copied(), &xq).to_bits()
+                );
                 assert!(
                     (got - exact).abs() < 0.02 * exact.abs().max(1.0),
                     "{got} vs {exact}"

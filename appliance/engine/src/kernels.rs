@@ -1705,6 +1705,18 @@ multiversion! {
         out: &mut [f32],
         scratch: &mut AttentionScratch,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512() && hd.is_multiple_of(16) && hd <= 256 {
+            // SAFETY: `avx512()` saw every feature the function enables.
+            #[allow(unsafe_code)]
+            unsafe {
+                att512::attention_head(
+                    q, q_stride, k, v, kv_stride, kv_offset, l, start, hd, scale, prompt_rows,
+                    out, scratch,
+                );
+            }
+            return;
+        }
         for r in 0..l {
             let qr = &q[r * q_stride..r * q_stride + hd];
             // Positions past this row's own are masked (weight exactly 0): leaving them
@@ -1756,24 +1768,26 @@ fn weighted_values(
     o: &mut [f32],
     slots: &mut Vec<f32>,
 ) {
+    // Position `c` goes to lane `c % 16` of register `(c / 16) % 4` (dot order), that
+    // is to slot `c % 64`; or to slot `c % 16` (chain order).
     let n_slots = if chain { 16 } else { 64 };
     slots.clear();
     slots.resize(n_slots * hd, 0.0);
-    let slot_of = |c: usize| {
-        if chain {
-            c % 16
-        } else {
-            16 * ((c / 16) % 4) + c % 16
-        }
-    };
     for (c, &pc) in p.iter().enumerate() {
         let vr = &v[c * stride + offset..c * stride + offset + hd];
-        let s = slot_of(c);
+        let s = c % n_slots;
         let acc = &mut slots[s * hd..(s + 1) * hd];
         for (a, &x) in acc.iter_mut().zip(vr) {
             *a = pc.mul_add(x, *a);
         }
     }
+    reduce_slots(slots, hd, chain, o);
+}
+
+/// The lane reductions of [`f16_dot`] / [`f16_dot_chain`] over `slots` (`[slot][hd]`,
+/// 64 or 16 slots) for every dimension at once, into `o`.
+#[inline(always)]
+fn reduce_slots(slots: &mut [f32], hd: usize, chain: bool, o: &mut [f32]) {
     // The lane reductions of [`f16_dot`] / [`f16_dot_chain`] for every `d` at once:
     // each step pairs the same slots as the scalar reduction, over whole rows of `d`.
     let (r, rest) = slots.split_at_mut(16 * hd);
@@ -1800,6 +1814,154 @@ fn weighted_values(
         }
     }
     o.copy_from_slice(&r[..hd]);
+}
+
+/// [`attention_head`] in 512-bit registers for head sizes that are multiples of 16 (up
+/// to 256): sixteen positions' scores at a time, their lane reductions done together
+/// by a transposing add tree that pairs exactly the lanes `reduce16` pairs; the
+/// weighted values one slot at a time with its partial sums in registers. The same
+/// operations in the same order per value as the plain code: the same bits.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod att512 {
+    use super::{f16_round, reduce_slots, softmax_row_chunked, AttentionScratch};
+    use std::arch::x86_64::*;
+
+    /// `reduce16` of each of sixteen registers: lane `c` of the result is `t[c]`'s.
+    #[inline(always)]
+    unsafe fn reduce16x16(t: &[__m512; 16]) -> __m512 {
+        // SAFETY (callers): AVX-512F is available.
+        unsafe {
+            // w = 8: quarters (0,1) + (2,3) of each register, two registers per result.
+            let b: [__m512; 8] = std::array::from_fn(|i| {
+                let (x, y) = (t[2 * i], t[2 * i + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0xEE>(x, y),
+                    _mm512_shuffle_f32x4::<0x44>(x, y),
+                )
+            });
+            // w = 4: quarter 1 + quarter 0 of each half; quarter k of c[i] is register 4i+k.
+            let c: [__m512; 4] = std::array::from_fn(|i| {
+                let (x, y) = (b[2 * i], b[2 * i + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0xDD>(x, y),
+                    _mm512_shuffle_f32x4::<0x88>(x, y),
+                )
+            });
+            // w = 2 and w = 1 within quarters.
+            let d: [__m512; 2] = std::array::from_fn(|i| {
+                let (x, y) = (c[2 * i], c[2 * i + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0xEE>(x, y),
+                    _mm512_shuffle_ps::<0x44>(x, y),
+                )
+            });
+            let e = _mm512_add_ps(
+                _mm512_shuffle_ps::<0xDD>(d[0], d[1]),
+                _mm512_shuffle_ps::<0x88>(d[0], d[1]),
+            );
+            // Lane 4k + j of `e` holds register 4j + k.
+            let idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+            _mm512_permutexvar_ps(idx, e)
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX2, FMA and F16C; `hd` a multiple of 16, at most
+    /// 256; the slices as for [`super::attention_head`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn attention_head(
+        q: &[f32],
+        q_stride: usize,
+        k: &[f32],
+        v: &[f32],
+        kv_stride: usize,
+        kv_offset: usize,
+        l: usize,
+        start: usize,
+        hd: usize,
+        scale: f32,
+        chain: bool,
+        out: &mut [f32],
+        scratch: &mut AttentionScratch,
+    ) {
+        let chunks = hd / 16;
+        // SAFETY: features as documented; every load reads 16 floats of a row slice
+        // bounds-checked by the slicing below.
+        unsafe {
+            for r in 0..l {
+                let qr = &q[r * q_stride..r * q_stride + hd];
+                let qv: [__m512; 16] = std::array::from_fn(|j| {
+                    if j < chunks {
+                        _mm512_loadu_ps(qr[16 * j..].as_ptr())
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                let visible = start + r + 1;
+                scratch.p.clear();
+                scratch.p.resize(visible.next_multiple_of(16), 0.0);
+                for c0 in (0..visible).step_by(16) {
+                    let t: [__m512; 16] = std::array::from_fn(|i| {
+                        let c = c0 + i;
+                        if c >= visible {
+                            return _mm512_setzero_ps();
+                        }
+                        let o = c * kv_stride + kv_offset;
+                        let kc = &k[o..o + hd];
+                        let mut acc = [_mm512_setzero_ps(); 4];
+                        for j in 0..chunks {
+                            let a = if chain { 0 } else { j % 4 };
+                            let kj = _mm512_loadu_ps(kc[16 * j..].as_ptr());
+                            acc[a] = _mm512_fmadd_ps(qv[j], kj, acc[a]);
+                        }
+                        if chain {
+                            acc[0]
+                        } else {
+                            _mm512_add_ps(
+                                _mm512_add_ps(acc[0], acc[2]),
+                                _mm512_add_ps(acc[1], acc[3]),
+                            )
+                        }
+                    });
+                    let dots = _mm512_mul_ps(reduce16x16(&t), _mm512_set1_ps(scale));
+                    _mm512_storeu_ps(scratch.p[c0..].as_mut_ptr(), dots);
+                }
+                scratch.p.truncate(visible);
+                softmax_row_chunked(&mut scratch.p);
+                for pc in scratch.p.iter_mut() {
+                    *pc = f16_round(*pc);
+                }
+                // Weighted values: slot `s` takes positions `s, s + n, s + 2n, ...`.
+                let n_slots = if chain { 16 } else { 64 };
+                scratch.slots.clear();
+                scratch.slots.resize(n_slots * hd, 0.0);
+                for s in 0..n_slots.min(visible) {
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for c in (s..visible).step_by(n_slots) {
+                        let o = c * kv_stride + kv_offset;
+                        let vr = &v[o..o + hd];
+                        let pc = _mm512_set1_ps(scratch.p[c]);
+                        for j in 0..chunks {
+                            let x = _mm512_loadu_ps(vr[16 * j..].as_ptr());
+                            acc[j] = _mm512_fmadd_ps(pc, x, acc[j]);
+                        }
+                    }
+                    let dst = &mut scratch.slots[s * hd..(s + 1) * hd];
+                    for j in 0..chunks {
+                        _mm512_storeu_ps(dst[16 * j..].as_mut_ptr(), acc[j]);
+                    }
+                }
+                reduce_slots(
+                    &mut scratch.slots,
+                    hd,
+                    chain,
+                    &mut out[r * hd..(r + 1) * hd],
+                );
+            }
+        }
+    }
 }
 
 /// ggml's softmax on AVX-512: exp per 16-value chunk, each chunk's sum reduced in f32
@@ -1852,6 +2014,56 @@ multiversion! {
 #[cfg(test)]
 mod attention_tests {
     use super::*;
+
+    #[test]
+    fn attention_gives_the_same_bits_with_and_without_avx512() {
+        let mut rng = crate::sampling::Rng::new(77);
+        let kv_stride = 3 * 128;
+        for hd in [64usize, 128, 16] {
+            for (l, start, chain) in [
+                (1, 0, false),
+                (1, 150, false),
+                (1, 63, false),
+                (37, 0, true),
+                (5, 80, true),
+            ] {
+                let t = start + l;
+                let q: Vec<f32> = (0..l * 2 * hd).map(|_| rng.next_f32() - 0.5).collect();
+                let k: Vec<f32> = (0..t * kv_stride)
+                    .map(|_| f16_round(rng.next_f32() * 2.0 - 1.0))
+                    .collect();
+                let v: Vec<f32> = (0..t * kv_stride)
+                    .map(|_| f16_round(rng.next_f32() - 0.5))
+                    .collect();
+                let run = |no512: bool| {
+                    tests::NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
+                    let mut out = vec![0f32; l * hd];
+                    attention_head(
+                        &q[hd..],
+                        2 * hd,
+                        &k,
+                        &v,
+                        kv_stride,
+                        hd,
+                        l,
+                        start,
+                        hd,
+                        0.125,
+                        chain,
+                        &mut out,
+                        &mut AttentionScratch::default(),
+                    );
+                    tests::NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+                    out.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    run(false),
+                    run(true),
+                    "hd {hd}, l {l}, start {start}, chain {chain}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn rope_rotates_pairs_by_the_angle() {

@@ -58,6 +58,19 @@ pub struct Q80x16 {
     qs: [[u32; 16]; 8],
 }
 
+/// Sixteen rows' Q5_0 blocks at one block index (weights `d·(q − 16)`, `q` five bits:
+/// a nibble as in Q4_0 and a high bit from the block's 32-bit `qh`): the scales, the
+/// nibble words as in [`Q40x16`], and the high bits regrouped as eight 64-bit masks, one
+/// per 4-value word `j` of the block, bit `4r + b` the high bit of row `r`'s value
+/// `4j + b` — the byte mask of that word of all sixteen rows. 352 bytes: 22 per block.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+pub struct Q50x16 {
+    d: [u16; 16],
+    hi: [u64; 8],
+    qs: [[u32; 16]; 4],
+}
+
 /// Sixteen rows' Q4_0 blocks at one block index (weights `d·(q − 8)`; in the file, low
 /// nibbles hold values 0..16 and high nibbles 16..32), laid out for kernels that keep
 /// one row per 32-bit lane: the sixteen f16 scales, then, for each of a block's four
@@ -129,6 +142,42 @@ impl Q80x16 {
             for (q, b) in w.iter_mut().zip(self.qs[k][r].to_le_bytes()) {
                 *q = b as i8;
             }
+        }
+        BlockQ80 {
+            d: f16::from_bits(self.d[r]).to_f32(),
+            o: [0; 8],
+            qs,
+        }
+    }
+}
+
+impl GroupLayout for Q50x16 {
+    const BLOCK_BYTES: usize = Q50_BYTES;
+    const ROWS: usize = 16;
+    /// Row `r`'s block from ggml's bytes (`d`, `qh`, 16 bytes of nibbles).
+    fn put(&mut self, r: usize, b: &[u8]) {
+        self.d[r] = u16::from_le_bytes([b[0], b[1]]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        for (j, m) in self.hi.iter_mut().enumerate() {
+            let bits = (qh >> (4 * j)) & 0xF;
+            *m = (*m & !(0xF << (4 * r))) | (u64::from(bits) << (4 * r));
+        }
+        for (k, w) in b[6..22].chunks_exact(4).enumerate() {
+            self.qs[k][r] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        }
+    }
+}
+
+impl Q50x16 {
+    /// Row `r`'s block as signed values `q − 16` with its scale.
+    fn row(&self, r: usize) -> BlockQ80 {
+        let mut qs = [0i8; 32];
+        for (i, q) in qs.iter_mut().enumerate() {
+            let (j, b) = (i / 4, i % 4);
+            let byte = self.qs[j % 4][r].to_le_bytes()[b];
+            let nib = if j < 4 { byte & 15 } else { byte >> 4 };
+            let high = ((self.hi[j] >> (4 * r + b)) & 1) as u8;
+            *q = (nib | (high << 4)) as i8 - 16;
         }
         BlockQ80 {
             d: f16::from_bits(self.d[r]).to_f32(),
@@ -286,6 +335,32 @@ impl Q80Matrix {
 }
 
 const Q40_BYTES: usize = 18;
+const Q50_BYTES: usize = 22;
+
+/// A Q5_0 weight matrix (most layers of a Q4_K_M file whose rows are not a multiple of
+/// 256): activations quantized to Q8_0 and each dot product in ggml's
+/// `vec_dot_q5_0_q8_0` order, which is Q8_0's on the values `q − 16`.
+pub type Q50Matrix = Grouped<Q50x16>;
+
+impl Q50Matrix {
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
+        let kb = self.cols / QK;
+        let mut xq = vec![BlockQ80::default(); m * kb];
+        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_0);
+        grouped(
+            &self.groups,
+            &xq,
+            kb,
+            self.rows,
+            m,
+            out,
+            pool,
+            lanes_step(),
+            &dot_q50_group,
+        );
+    }
+}
 
 /// A Q4_0 weight matrix, computed as llama.cpp computes Q4_0 on x86 (where it repacks
 /// Q4_0 into eight-row tiles: `ggml_gemv/gemm_q4_0_8x8_q8_0`): activations quantized to
@@ -631,6 +706,41 @@ fn dot_q80_group(w: &[Q80x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
     }
 }
 
+/// One group of sixteen Q5_0 rows times one or two Q8_0 rows (see [`dot_q41_group`];
+/// the bits of [`dot_q80_q80_scalar`] on `q − 16`).
+fn dot_q50_group(w: &[Q50x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let xs = [x[0], x[x.len() - 1]];
+        // SAFETY: as in `dot_q41_group`.
+        #[allow(unsafe_code)]
+        unsafe {
+            if avx512() {
+                match x.len() {
+                    1 => lanes::q50_zmm::<1>(w, xs, out),
+                    _ => lanes::q50_zmm::<2>(w, xs, out),
+                }
+                return;
+            }
+            if has_avx2_fma() {
+                for (i, xi) in x.iter().enumerate() {
+                    let mut one = [0f32; 16];
+                    lanes::q50_ymm(w, xi, &mut one);
+                    for r in 0..16 {
+                        out[r][i] = one[r];
+                    }
+                }
+                return;
+            }
+        }
+    }
+    for r in 0..16 {
+        for (i, xi) in x.iter().enumerate() {
+            out[r][i] = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), xi);
+        }
+    }
+}
+
 /// One group of sixteen Q4_0 rows times one to four activation rows, with the best
 /// kernel this machine has (chosen at run time, whatever the build targets); every
 /// kernel gives the same bits.
@@ -700,7 +810,7 @@ fn q40_group_portable(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, clippy::needless_range_loop)]
 mod lanes {
-    use super::{word, BlockQ80, BlockQ80S, BlockQ81, Q40x16, Q41x16, Q80x16};
+    use super::{word, BlockQ80, BlockQ80S, BlockQ81, Q40x16, Q41x16, Q50x16, Q80x16};
     use std::arch::x86_64::*;
 
     /// ggml's `hsum_float_8` of eight accumulators lane by lane (lane `l` of the
@@ -873,6 +983,109 @@ mod lanes {
                 for r in 0..16 {
                     out[r][i] = v[r];
                 }
+            }
+        }
+    }
+
+    /// Sixteen Q5_0 rows × `N` Q8_0 rows in ggml's `vec_dot_q5_0_q8_0` arithmetic (that
+    /// of [`q80_zmm`] on `q − 16`): each word's five-bit values are its nibbles with
+    /// `0x10` set under the word's high-bit mask, unsigned for `vpdpbusd`, and the
+    /// activation's `−16·Σx` (its `o / 8`) starts the sum.
+    ///
+    /// # Safety
+    /// As for [`q41_zmm`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q50_zmm<const N: usize>(
+        w: &[Q50x16],
+        x: [&[BlockQ80]; 2],
+        out: &mut [[f32; 4]; 16],
+    ) {
+        // SAFETY: as for `q41_zmm`.
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let bit4 = _mm512_set1_epi8(0x10);
+            let mut acc = [[_mm512_setzero_ps(); 8]; N];
+            for (b, g) in w.iter().enumerate() {
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr() as *const __m256i));
+                let mut dd = [_mm512_setzero_ps(); N];
+                for i in 0..N {
+                    dd[i] = _mm512_mul_ps(dw, _mm512_set1_ps(x[i][b].d));
+                }
+                for k in 0..4 {
+                    let raw = _mm512_loadu_si512(g.qs[k].as_ptr() as *const __m512i);
+                    let nib = [
+                        _mm512_and_si512(raw, low),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low),
+                    ];
+                    for (h, n) in nib.iter().enumerate() {
+                        let j = 4 * h + k;
+                        let u = _mm512_or_si512(*n, _mm512_maskz_mov_epi8(g.hi[j], bit4));
+                        for i in 0..N {
+                            let xb = &x[i][b];
+                            let isum = _mm512_dpbusd_epi32(
+                                _mm512_set1_epi32(xb.o[j] >> 3),
+                                u,
+                                _mm512_set1_epi32(word(&xb.qs, j)),
+                            );
+                            acc[i][j] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(isum), acc[i][j]);
+                        }
+                    }
+                }
+            }
+            for i in 0..N {
+                let mut v = [0f32; 16];
+                _mm512_storeu_ps(v.as_mut_ptr(), hsum8_zmm(&acc[i]));
+                for r in 0..16 {
+                    out[r][i] = v[r];
+                }
+            }
+        }
+    }
+
+    /// [`q50_zmm`] for one Q8_0 row with AVX2 (the high-bit mask widened to bytes by
+    /// a byte shuffle and a bit test; pairs of five-bit values × activations fit i16).
+    ///
+    /// # Safety
+    /// As for [`q41_ymm`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q50_ymm(w: &[Q50x16], x: &[BlockQ80], out: &mut [f32; 16]) {
+        // SAFETY: as for `q41_ymm`.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let bit4 = _mm256_set1_epi8(0x10);
+            let ones = _mm256_set1_epi16(1);
+            // Byte i of a 32-bit mask's widening tests bit i % 8 of mask byte i / 8.
+            let spread = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            );
+            let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (g, xb) in w.iter().zip(x) {
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i));
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                    for k in 0..4 {
+                        let raw = _mm256_loadu_si256(g.qs[k][8 * h..].as_ptr() as *const __m256i);
+                        let nib = [
+                            _mm256_and_si256(raw, low),
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low),
+                        ];
+                        for (hh, n) in nib.iter().enumerate() {
+                            let j = 4 * hh + k;
+                            let m = _mm256_set1_epi32((g.hi[j] >> (32 * h)) as u32 as i32);
+                            let sel = _mm256_and_si256(_mm256_shuffle_epi8(m, spread), bits);
+                            let set = _mm256_cmpeq_epi8(sel, bits);
+                            let u = _mm256_or_si256(*n, _mm256_and_si256(set, bit4));
+                            let xw = _mm256_set1_epi32(word(&xb.qs, j));
+                            let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones);
+                            let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o[j] >> 3));
+                            acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
+                        }
+                    }
+                }
+                _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), hsum8_ymm(&acc));
             }
         }
     }
@@ -1190,6 +1403,95 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Q5_0 bytes as ggml's reference quantizer makes them (`d = max/−16`).
+    fn q50_bytes(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in w.chunks_exact(QK) {
+            let max = b
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let d = max / -16.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut qh = 0u32;
+            let mut qs = [0u8; 16];
+            for j in 0..16 {
+                let q0 = ((b[j] * id + 16.5) as u8).min(31);
+                let q1 = ((b[j + 16] * id + 16.5) as u8).min(31);
+                qs[j] = (q0 & 15) | ((q1 & 15) << 4);
+                qh |= u32::from(q0 >> 4) << j;
+                qh |= u32::from(q1 >> 4) << (j + 16);
+            }
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend_from_slice(&qh.to_le_bytes());
+            out.extend_from_slice(&qs);
+        }
+        out
+    }
+
+    #[test]
+    fn q5_0_follows_ggml_vec_dot_at_every_kernel_level() {
+        let (rows, cols) = (37, 192);
+        let kb = cols / QK;
+        let mut rng = crate::sampling::Rng::new(50);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+        let bytes = q50_bytes(&w);
+        let mat = Q50Matrix::from_ggml_bytes(&bytes, rows, cols).unwrap();
+        assert!(Q50Matrix::from_ggml_bytes(&bytes[1..], rows, cols).is_none());
+        let pool = Pool::new(2);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        // The file's values, widened by hand: `(nibble | high bit << 4) − 16`.
+        let value = |r: usize, c: usize| -> (f32, i8) {
+            let blk = &bytes[(r * kb + c / QK) * Q50_BYTES..][..Q50_BYTES];
+            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+            let j = c % QK;
+            let nib = if j < 16 {
+                blk[6 + j] & 15
+            } else {
+                blk[6 + j - 16] >> 4
+            };
+            let q = (nib | (((qh >> j) & 1) as u8) << 4) as i8 - 16;
+            (f16::from_le_bytes([blk[0], blk[1]]).to_f32(), q)
+        };
+        for m in 1..=5 {
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            let mut want = vec![0f32; m * rows];
+            for i in 0..m {
+                let mut xq = vec![BlockQ80::default(); kb];
+                quantize_row_q8_0(&x[i * cols..(i + 1) * cols], &mut xq);
+                for r in 0..rows {
+                    let row = (0..kb).map(|b| BlockQ80 {
+                        d: value(r, b * QK).0,
+                        o: [0; 8],
+                        qs: std::array::from_fn(|j| value(r, b * QK + j).1),
+                    });
+                    want[i * rows + r] = dot_q80_q80_scalar(row, &xq);
+                    let exact: f32 = (0..cols)
+                        .map(|c| {
+                            let (d, q) = value(r, c);
+                            d * q as f32 * x[i * cols + c]
+                        })
+                        .sum();
+                    let got = want[i * rows + r];
+                    assert!((got - exact).abs() < 0.05, "row {r}: {got} vs {exact}");
+                }
+            }
+            for (no512, no2, level) in [
+                (false, false, kernel_level()),
+                (true, false, "avx2"),
+                (true, true, "portable"),
+            ] {
+                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+                let mut got = vec![0f32; m * rows];
+                mat.matmul_into(&x, m, &mut got, &pool);
+                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+                assert_eq!(bits(&got), bits(&want), "{level}, {m} rows");
+            }
+        }
     }
 
     /// Builds Q4_1 bytes for a matrix the way ggml's reference quantizer does.

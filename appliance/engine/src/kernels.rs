@@ -71,6 +71,75 @@ pub struct Q50x16 {
     qs: [[u32; 16]; 4],
 }
 
+/// Sixteen rows' Q6_K super-blocks (256 weights `d·sc_s·(q − 32)`, `q` six bits: four
+/// from `ql`, two from `qh`; one signed scale `sc_s` per 16 weights) at one index: the
+/// f16 scales, the sub-block scales `[sub][row]`, then `ql`'s 32 and `qh`'s 16 words
+/// each for all sixteen rows. 3,360 bytes: 210 per super-block, as in the file.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct Q6Kx16 {
+    d: [u16; 16],
+    sc: [[i8; 16]; 16],
+    ql: [[u32; 16]; 32],
+    qh: [[u32; 16]; 16],
+}
+
+impl Default for Q6Kx16 {
+    fn default() -> Self {
+        Self {
+            d: [0; 16],
+            sc: [[0; 16]; 16],
+            ql: [[0; 16]; 32],
+            qh: [[0; 16]; 16],
+        }
+    }
+}
+
+/// Where value `e` (0..256) of a Q6_K super-block lives: `ql` word, its shift, `qh`
+/// word, its shift (ggml's layout: per half of 128, `ql` low nibbles of bytes 0..64 then
+/// high nibbles, `qh` two bits per value at 0, 2, 4, 6).
+#[inline(always)]
+fn q6k_place(e: usize) -> (usize, u32, usize, u32) {
+    let (c, b) = (e / 32, e % 32);
+    let (j, r) = (c / 4, c % 4);
+    (
+        (64 * j + 32 * (r & 1) + b) / 4,
+        4 * (r as u32 >> 1),
+        (32 * j + b) / 4,
+        2 * r as u32,
+    )
+}
+
+impl GroupLayout for Q6Kx16 {
+    const BLOCK_BYTES: usize = Q6K_BYTES;
+    const ROWS: usize = 16;
+    const BLOCK_VALUES: usize = 256;
+    /// Row `r`'s super-block from ggml's bytes (`ql`, `qh`, scales, `d`).
+    fn put(&mut self, r: usize, b: &[u8]) {
+        for (k, w) in b[..128].chunks_exact(4).enumerate() {
+            self.ql[k][r] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        }
+        for (k, w) in b[128..192].chunks_exact(4).enumerate() {
+            self.qh[k][r] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        }
+        for (s, &v) in b[192..208].iter().enumerate() {
+            self.sc[s][r] = v as i8;
+        }
+        self.d[r] = u16::from_le_bytes([b[208], b[209]]);
+    }
+}
+
+impl Q6Kx16 {
+    /// Row `r`'s value `e` as `q − 32`.
+    fn value(&self, r: usize, e: usize) -> i32 {
+        let (lw, ls, hw, hs) = q6k_place(e);
+        let byte = e % 4;
+        let lo = (self.ql[lw][r] >> (8 * byte + ls as usize)) & 0xF;
+        let hi = (self.qh[hw][r] >> (8 * byte + hs as usize)) & 0x3;
+        (lo | (hi << 4)) as i32 - 32
+    }
+}
+
 /// Sixteen rows' Q4_0 blocks at one block index (weights `d·(q − 8)`; in the file, low
 /// nibbles hold values 0..16 and high nibbles 16..32), laid out for kernels that keep
 /// one row per 32-bit lane: the sixteen f16 scales, then, for each of a block's four
@@ -90,6 +159,8 @@ pub trait GroupLayout: Default + Clone {
     const BLOCK_BYTES: usize;
     /// Rows per group.
     const ROWS: usize = 4;
+    /// Weights per block (32; 256 for K-quants).
+    const BLOCK_VALUES: usize = QK;
     /// Puts row `r`'s block, as ggml stores it, into the group.
     fn put(&mut self, r: usize, b: &[u8]);
 }
@@ -210,23 +281,25 @@ pub struct Grouped<G> {
 impl<G: GroupLayout> Grouped<G> {
     /// From ggml's raw row-major blocks (`G::BLOCK_BYTES` per 32 weights).
     pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if bytes.len() != rows * (cols / QK) * G::BLOCK_BYTES {
+        if !cols.is_multiple_of(G::BLOCK_VALUES)
+            || bytes.len() != rows * (cols / G::BLOCK_VALUES) * G::BLOCK_BYTES
+        {
             return None;
         }
         Self::read(&mut &bytes[..], rows, cols).ok()?
     }
 
     /// The same, read row by row from `r` (a GGUF file's tensor data: no copy of the
-    /// whole tensor is ever held). `None` when `cols` is not a multiple of 32.
+    /// whole tensor is ever held). `None` when `cols` is not a multiple of the block size.
     pub fn read(
         r: &mut impl std::io::Read,
         rows: usize,
         cols: usize,
     ) -> std::io::Result<Option<Self>> {
-        if !cols.is_multiple_of(QK) {
+        if !cols.is_multiple_of(G::BLOCK_VALUES) {
             return Ok(None);
         }
-        let kb = cols / QK;
+        let kb = cols / G::BLOCK_VALUES;
         let mut groups = vec![G::default(); rows.div_ceil(G::ROWS) * kb];
         let mut row = vec![0u8; kb * G::BLOCK_BYTES];
         for i in 0..rows {
@@ -336,6 +409,155 @@ impl Q80Matrix {
 
 const Q40_BYTES: usize = 18;
 const Q50_BYTES: usize = 22;
+const Q6K_BYTES: usize = 210;
+const QKK: usize = 256;
+
+/// ggml's Q8_K block of activations (256 values, `d` kept as f32), with `o[w]` =
+/// `−32·Σ` of values `4w..4w+4` (Q6_K's offset) and the sums of each 16.
+#[derive(Debug, Clone, Copy)]
+struct BlockQ8K {
+    d: f32,
+    o: [i32; 64],
+    bsums: [i32; 16],
+    qs: [i8; 256],
+}
+
+impl Default for BlockQ8K {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            o: [0; 64],
+            bsums: [0; 16],
+            qs: [0; 256],
+        }
+    }
+}
+
+multiversion! {
+    /// ggml's `quantize_row_q8_K_ref` (what x86 runs): the value of largest magnitude
+    /// (the first, on ties) sets `iscale = −127/max`, values `min(127, round(iscale·x))`
+    /// (half to even), `d = 1/iscale`; an all-zero block is zeros.
+    fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+        for (b, blk) in x.chunks_exact(QKK).zip(out.iter_mut()) {
+            let (mut max, mut amax) = (0f32, 0f32);
+            for &v in b {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            *blk = BlockQ8K::default();
+            if amax == 0.0 {
+                continue;
+            }
+            let iscale = -127.0 / max;
+            for (q, &v) in blk.qs.iter_mut().zip(b) {
+                *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            }
+            for (w, o) in blk.o.iter_mut().enumerate() {
+                *o = -32 * blk.qs[4 * w..4 * w + 4].iter().map(|&q| q as i32).sum::<i32>();
+            }
+            for (k, s) in blk.bsums.iter_mut().enumerate() {
+                *s = blk.qs[16 * k..16 * k + 16].iter().map(|&q| q as i32).sum();
+            }
+            blk.d = 1.0 / iscale;
+        }
+    }
+}
+
+/// A Q6_K weight matrix (in Q4_K_M files, half the layers' FFN down projections):
+/// activations quantized to Q8_K and each dot product in ggml's x86
+/// `vec_dot_q6_K_q8_K` order: eight lanes, lane `l` the exact integer
+/// `Σ_c sc·(q − 32)·x` over values `32c + 4l..+4` of the super-block, scaled by one FMA
+/// with `d_x·d_w` per super-block, the lanes reduced as `hsum_float_8`.
+pub type Q6KMatrix = Grouped<Q6Kx16>;
+
+impl Q6KMatrix {
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
+        let kb = self.cols / QKK;
+        let mut xq = vec![BlockQ8K::default(); m * kb];
+        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_k);
+        grouped(
+            &self.groups,
+            &xq,
+            kb,
+            self.rows,
+            m,
+            out,
+            pool,
+            1,
+            &dot_q6k_group,
+        );
+    }
+}
+
+/// One Q6_K row (`w(b, e)` its value `e` of super-block `b` as `q − 32`, `d(b)` and
+/// `sc(b, s)` its scales) times one Q8_K row, in ggml's x86 order: the portable kernel
+/// and the tests' reference.
+fn dot_q6k_scalar(
+    w: impl Fn(usize, usize) -> i32,
+    d: impl Fn(usize) -> f32,
+    sc: impl Fn(usize, usize) -> i32,
+    x: &[BlockQ8K],
+) -> f32 {
+    let mut acc = [0f32; 8];
+    for (b, xb) in x.iter().enumerate() {
+        let mut lanes = [0i32; 8];
+        for e in 0..QKK {
+            lanes[(e % 32) / 4] += sc(b, e / 16) * w(b, e) * xb.qs[e] as i32;
+        }
+        let dd = xb.d * d(b);
+        for (a, l) in acc.iter_mut().zip(lanes) {
+            *a = dd.mul_add(l as f32, *a);
+        }
+    }
+    let r = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    let r = [r[0] + r[2], r[1] + r[3]];
+    r[0] + r[1]
+}
+
+/// One group of sixteen Q6_K rows times one Q8_K row (see [`dot_q41_group`]).
+fn dot_q6k_group(w: &[Q6Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
+    for (i, xi) in x.iter().enumerate() {
+        let mut one = [0f32; 16];
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `dot_q41_group`.
+            #[allow(unsafe_code)]
+            unsafe {
+                if avx512() {
+                    lanes::q6k_zmm(w, xi, &mut one);
+                } else if has_avx2_fma() {
+                    lanes::q6k_ymm(w, xi, &mut one);
+                } else {
+                    q6k_group_portable(w, xi, &mut one);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        q6k_group_portable(w, xi, &mut one);
+        for r in 0..16 {
+            out[r][i] = one[r];
+        }
+    }
+}
+
+fn q6k_group_portable(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_q6k_scalar(
+            |b, e| w[b].value(r, e),
+            |b| f16::from_bits(w[b].d[r]).to_f32(),
+            |b, s| w[b].sc[s][r] as i32,
+            x,
+        );
+    }
+}
 
 /// A Q5_0 weight matrix (most layers of a Q4_K_M file whose rows are not a multiple of
 /// 256): activations quantized to Q8_0 and each dot product in ggml's
@@ -810,7 +1032,10 @@ fn q40_group_portable(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, clippy::needless_range_loop)]
 mod lanes {
-    use super::{word, BlockQ80, BlockQ80S, BlockQ81, Q40x16, Q41x16, Q50x16, Q80x16};
+    use super::{
+        q6k_place, word, BlockQ80, BlockQ80S, BlockQ81, BlockQ8K, Q40x16, Q41x16, Q50x16, Q6Kx16,
+        Q80x16,
+    };
     use std::arch::x86_64::*;
 
     /// ggml's `hsum_float_8` of eight accumulators lane by lane (lane `l` of the
@@ -1088,6 +1313,131 @@ mod lanes {
                 _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), hsum8_ymm(&acc));
             }
         }
+    }
+
+    /// Sixteen Q6_K rows × one Q8_K row in ggml's `vec_dot_q6_K_q8_K` order (see
+    /// [`super::Q6KMatrix`]): per 4-value word, the six-bit values (unsigned) start
+    /// from the activation's `−32·Σx`, are scaled by each row's sub-block scale and
+    /// summed into the word's lane; all exact integers until one FMA per super-block.
+    ///
+    /// # Safety
+    /// As for [`q41_zmm`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q6k_zmm(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+        // SAFETY: as for `q41_zmm` (16-byte scale rows, 64-byte word rows).
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0F);
+            let m2 = _mm512_set1_epi8(0x03);
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (g, xb) in w.iter().zip(x) {
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr() as *const __m256i));
+                let dd = _mm512_mul_ps(_mm512_set1_ps(xb.d), dw);
+                let mut isum = [_mm512_setzero_si512(); 8];
+                for c in 0..8 {
+                    let sc = [
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            g.sc[2 * c].as_ptr() as *const __m128i
+                        )),
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            g.sc[2 * c + 1].as_ptr() as *const __m128i
+                        )),
+                    ];
+                    for l in 0..8 {
+                        let (lw, ls, hw, hs) = q6k_place(32 * c + 4 * l);
+                        let ql = _mm512_loadu_si512(g.ql[lw].as_ptr() as *const __m512i);
+                        let qh = _mm512_loadu_si512(g.qh[hw].as_ptr() as *const __m512i);
+                        let lo = _mm512_and_si512(
+                            _mm512_srl_epi16(ql, _mm_cvtsi32_si128(ls as i32)),
+                            m4,
+                        );
+                        let hi = _mm512_and_si512(
+                            _mm512_srl_epi16(qh, _mm_cvtsi32_si128(hs as i32)),
+                            m2,
+                        );
+                        let u = _mm512_or_si512(lo, _mm512_slli_epi16::<4>(hi));
+                        let wi = 8 * c + l;
+                        let t = _mm512_dpbusd_epi32(
+                            _mm512_set1_epi32(xb.o[wi]),
+                            u,
+                            _mm512_set1_epi32(word4(&xb.qs, wi)),
+                        );
+                        isum[l] = _mm512_add_epi32(isum[l], _mm512_mullo_epi32(t, sc[l / 4]));
+                    }
+                }
+                for l in 0..8 {
+                    acc[l] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum[l]), acc[l]);
+                }
+            }
+            _mm512_storeu_ps(out.as_mut_ptr(), hsum8_zmm(&acc));
+        }
+    }
+
+    /// [`q6k_zmm`] with AVX2 (the sixteen rows as two halves; six-bit values × activation
+    /// pairs fit i16).
+    ///
+    /// # Safety
+    /// As for [`q41_ymm`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q6k_ymm(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+        // SAFETY: as for `q41_ymm` (8-byte scale halves, 32-byte word halves).
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m2 = _mm256_set1_epi8(0x03);
+            let ones = _mm256_set1_epi16(1);
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (g, xb) in w.iter().zip(x) {
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i));
+                    let dd = _mm256_mul_ps(_mm256_set1_ps(xb.d), dw);
+                    let mut isum = [_mm256_setzero_si256(); 8];
+                    for c in 0..8 {
+                        let sc = [
+                            _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                g.sc[2 * c][8 * h..].as_ptr() as *const __m128i
+                            )),
+                            _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                g.sc[2 * c + 1][8 * h..].as_ptr() as *const __m128i,
+                            )),
+                        ];
+                        for l in 0..8 {
+                            let (lw, ls, hw, hs) = q6k_place(32 * c + 4 * l);
+                            let ql =
+                                _mm256_loadu_si256(g.ql[lw][8 * h..].as_ptr() as *const __m256i);
+                            let qh =
+                                _mm256_loadu_si256(g.qh[hw][8 * h..].as_ptr() as *const __m256i);
+                            let lo = _mm256_and_si256(
+                                _mm256_srl_epi16(ql, _mm_cvtsi32_si128(ls as i32)),
+                                m4,
+                            );
+                            let hi = _mm256_and_si256(
+                                _mm256_srl_epi16(qh, _mm_cvtsi32_si128(hs as i32)),
+                                m2,
+                            );
+                            let u = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi));
+                            let wi = 8 * c + l;
+                            let xw = _mm256_set1_epi32(word4(&xb.qs, wi));
+                            let t = _mm256_add_epi32(
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones),
+                                _mm256_set1_epi32(xb.o[wi]),
+                            );
+                            isum[l] = _mm256_add_epi32(isum[l], _mm256_mullo_epi32(t, sc[l / 4]));
+                        }
+                    }
+                    for l in 0..8 {
+                        acc[l] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[l]), acc[l]);
+                    }
+                }
+                _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), hsum8_ymm(&acc));
+            }
+        }
+    }
+
+    /// Values `4k..4k+4` of a 256-value block as one little-endian word.
+    #[inline(always)]
+    fn word4(qs: &[i8; 256], k: usize) -> i32 {
+        let q = &qs[4 * k..4 * k + 4];
+        i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
     }
 
     /// [`q80_zmm`] for one Q8_0 row with AVX2: `|w|` times `x` with `w`'s sign, as
@@ -1476,6 +1826,82 @@ mod tests {
                         .sum();
                     let got = want[i * rows + r];
                     assert!((got - exact).abs() < 0.05, "row {r}: {got} vs {exact}");
+                }
+            }
+            for (no512, no2, level) in [
+                (false, false, kernel_level()),
+                (true, false, "avx2"),
+                (true, true, "portable"),
+            ] {
+                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+                let mut got = vec![0f32; m * rows];
+                mat.matmul_into(&x, m, &mut got, &pool);
+                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+                assert_eq!(bits(&got), bits(&want), "{level}, {m} rows");
+            }
+        }
+    }
+
+    #[test]
+    fn q6_k_follows_ggml_vec_dot_at_every_kernel_level() {
+        let (rows, cols) = (21, 512);
+        let kb = cols / QKK;
+        let mut rng = crate::sampling::Rng::new(66);
+        let mut bytes = vec![0u8; rows * kb * Q6K_BYTES];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = match i % Q6K_BYTES {
+                208 => 0x00,
+                209 => 0x1C + (rng.next_f32() * 3.0) as u8, // d: f16 around 0.004–0.03
+                192..208 => (rng.next_f32() * 255.0) as u8 ^ 0x80,
+                _ => (rng.next_f32() * 256.0) as u8,
+            };
+        }
+        let mat = Q6KMatrix::from_ggml_bytes(&bytes, rows, cols).unwrap();
+        assert!(Q6KMatrix::from_ggml_bytes(&bytes[1..], rows, cols).is_none());
+        // ggml's `dequantize_row_q6_K` layout, decoded straight from the bytes.
+        let blk = |r: usize, b: usize| &bytes[(r * kb + b) * Q6K_BYTES..][..Q6K_BYTES];
+        let value = |r: usize, b: usize, e: usize| -> i32 {
+            let x = blk(r, b);
+            let (half, k) = (e / 128, e % 128);
+            let (ql, qh) = (&x[64 * half..], &x[128 + 32 * half..]);
+            let (part, l) = (k / 32, k % 32);
+            let q = match part {
+                0 => (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+                1 => (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                2 => (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                _ => (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+            };
+            q as i32 - 32
+        };
+        let pool = Pool::new(2);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for m in 1..=3 {
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            let mut want = vec![0f32; m * rows];
+            for i in 0..m {
+                let mut xq = vec![BlockQ8K::default(); kb];
+                quantize_row_q8_k(&x[i * cols..(i + 1) * cols], &mut xq);
+                for r in 0..rows {
+                    let d =
+                        |b: usize| f16::from_le_bytes([blk(r, b)[208], blk(r, b)[209]]).to_f32();
+                    let sc = |b: usize, s: usize| blk(r, b)[192 + s] as i8 as i32;
+                    want[i * rows + r] = dot_q6k_scalar(|b, e| value(r, b, e), d, sc, &xq);
+                    let terms: Vec<f32> = (0..cols)
+                        .map(|c| {
+                            let (b, e) = (c / QKK, c % QKK);
+                            d(b) * sc(b, e / 16) as f32 * value(r, b, e) as f32 * x[i * cols + c]
+                        })
+                        .collect();
+                    let exact: f32 = terms.iter().sum();
+                    let scale: f32 = terms.iter().map(|t| t.abs()).sum();
+                    // 8-bit activations: an error of at most half a step per value.
+                    let got = want[i * rows + r];
+                    assert!(
+                        (got - exact).abs() < 0.01 * scale,
+                        "row {r}: {got} vs {exact} (Σ|terms| {scale})"
+                    );
                 }
             }
             for (no512, no2, level) in [

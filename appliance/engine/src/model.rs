@@ -31,14 +31,18 @@ enum LinearKind {
     Q80(Arc<crate::kernels::Q80Matrix>),
     Q40(crate::kernels::Q40Matrix),
     Q50(crate::kernels::Q50Matrix),
+    Q6K(crate::kernels::Q6KMatrix),
 }
 
 impl Linear {
     fn new(t: Arc<QTensor>) -> Result<Self> {
         let (rows, cols) = t.shape().dims2()?;
         if t.device().is_cpu() {
-            use crate::kernels::{Q40Matrix, Q41Matrix, Q50Matrix, Q80Matrix};
+            use crate::kernels::{Q40Matrix, Q41Matrix, Q50Matrix, Q6KMatrix, Q80Matrix};
             let own = match t.dtype() {
+                GgmlDType::Q6K => {
+                    Q6KMatrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q6K)
+                }
                 GgmlDType::Q5_0 => {
                     Q50Matrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q50)
                 }
@@ -86,6 +90,7 @@ impl Linear {
             LinearKind::Q80(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q40(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q50(w) => w.matmul_into(x, m, out, pool),
+            LinearKind::Q6K(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Candle(w) => {
                 let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
                 let y = w
@@ -347,7 +352,7 @@ impl Model {
         // straight into their grouped layout, row by row: no second copy of a tensor is
         // ever held, so loading peaks at what the model keeps.
         let own = |name: &str| -> Result<Option<Linear>> {
-            use crate::kernels::{Q40Matrix, Q41Matrix, Q50Matrix, Q80Matrix};
+            use crate::kernels::{Q40Matrix, Q41Matrix, Q50Matrix, Q6KMatrix, Q80Matrix};
             use std::io::{Seek, SeekFrom};
             let Some(info) = file.content.tensor_infos.get(name) else {
                 return Err(EngineError::MissingTensor(name.to_string()));
@@ -358,7 +363,11 @@ impl Model {
             if !device.is_cpu()
                 || !matches!(
                     info.ggml_dtype,
-                    GgmlDType::Q4_1 | GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0
+                    GgmlDType::Q4_1
+                        | GgmlDType::Q4_0
+                        | GgmlDType::Q5_0
+                        | GgmlDType::Q6K
+                        | GgmlDType::Q8_0
                 )
             {
                 return Ok(None);
@@ -382,6 +391,9 @@ impl Model {
                 GgmlDType::Q5_0 => Q50Matrix::read(&mut *r, rows, cols)
                     .map_err(io)?
                     .map(LinearKind::Q50),
+                GgmlDType::Q6K => Q6KMatrix::read(&mut *r, rows, cols)
+                    .map_err(io)?
+                    .map(LinearKind::Q6K),
                 _ => Q80Matrix::read(&mut *r, rows, cols)
                     .map_err(io)?
                     .map(|m| LinearKind::Q80(Arc::new(m))),

@@ -95,6 +95,72 @@ impl Default for Q6Kx16 {
     }
 }
 
+/// Sixteen rows' Q4_K super-blocks (256 weights `d·sc_s·q − dmin·m_s`, `q` a nibble,
+/// eight sub-blocks `s` of 32 with six-bit scales and mins) at one index: the f16 `d`
+/// and `dmin`, the unpacked scales and mins `[sub][row]`, then the 32 nibble words for
+/// all sixteen rows. 2,368 bytes: 148 per super-block (the file's 144, its twelve
+/// bytes of packed six-bit scales kept as sixteen).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct Q4Kx16 {
+    d: [u16; 16],
+    dmin: [u16; 16],
+    sc: [[u8; 16]; 8],
+    mn: [[u8; 16]; 8],
+    qs: [[u32; 16]; 32],
+}
+
+impl Default for Q4Kx16 {
+    fn default() -> Self {
+        Self {
+            d: [0; 16],
+            dmin: [0; 16],
+            sc: [[0; 16]; 8],
+            mn: [[0; 16]; 8],
+            qs: [[0; 16]; 32],
+        }
+    }
+}
+
+impl GroupLayout for Q4Kx16 {
+    const BLOCK_BYTES: usize = Q4K_BYTES;
+    const ROWS: usize = 16;
+    const BLOCK_VALUES: usize = 256;
+    /// Row `r`'s super-block from ggml's bytes (`d`, `dmin`, 12 bytes of packed
+    /// scales and mins, 128 bytes of nibbles), the scales unpacked as ggml's
+    /// `get_scale_min_k4` does.
+    fn put(&mut self, r: usize, b: &[u8]) {
+        self.d[r] = u16::from_le_bytes([b[0], b[1]]);
+        self.dmin[r] = u16::from_le_bytes([b[2], b[3]]);
+        let q = &b[4..16];
+        for j in 0..8 {
+            let (sc, m) = if j < 4 {
+                (q[j] & 63, q[j + 4] & 63)
+            } else {
+                (
+                    (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+                    (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+                )
+            };
+            self.sc[j][r] = sc;
+            self.mn[j][r] = m;
+        }
+        for (k, w) in b[16..144].chunks_exact(4).enumerate() {
+            self.qs[k][r] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        }
+    }
+}
+
+impl Q4Kx16 {
+    /// Row `r`'s nibble for value `e`: sub-blocks `2j` and `2j + 1` share bytes
+    /// `32j..32j+32`, low and high nibbles.
+    fn value(&self, r: usize, e: usize) -> i32 {
+        let (s, i) = (e / 32, e % 32);
+        let word = self.qs[8 * (s / 2) + i / 4][r];
+        ((word >> (8 * (i % 4) + 4 * (s % 2))) & 0xF) as i32
+    }
+}
+
 /// Where value `e` (0..256) of a Q6_K super-block lives: `ql` word, its shift, `qh`
 /// word, its shift (ggml's layout: per half of 128, `ql` low nibbles of bytes 0..64 then
 /// high nibbles, `qh` two bits per value at 0, 2, 4, 6).
@@ -410,6 +476,7 @@ impl Q80Matrix {
 const Q40_BYTES: usize = 18;
 const Q50_BYTES: usize = 22;
 const Q6K_BYTES: usize = 210;
+const Q4K_BYTES: usize = 144;
 const QKK: usize = 256;
 
 /// ggml's Q8_K block of activations (256 values, `d` kept as f32), with `o[w]` =
@@ -488,6 +555,103 @@ impl Q6KMatrix {
             pool,
             1,
             &dot_q6k_group,
+        );
+    }
+}
+
+/// A Q4_K weight matrix (in Q4_K_M files, the other half of the FFN down
+/// projections), computed as llama.cpp computes Q4_K on x86, where it repacks Q4_K into
+/// eight-row tiles (`ggml_gemv/gemm_q4_K_8x8_q8_K`): activations quantized to Q8_K; per
+/// row and super-block the exact integers `Σ_s sc_s·Σ q·x` and `Σ_s m_s·Σx`; the row's
+/// result `acc − acc_min`, each the FMA chain over super-blocks of its integer times
+/// `d_w·d_x` (resp. `dmin_w·d_x`).
+pub type Q4KMatrix = Grouped<Q4Kx16>;
+
+impl Q4KMatrix {
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
+        let kb = self.cols / QKK;
+        let mut xq = vec![BlockQ8K::default(); m * kb];
+        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_k);
+        grouped(
+            &self.groups,
+            &xq,
+            kb,
+            self.rows,
+            m,
+            out,
+            pool,
+            1,
+            &dot_q4k_group,
+        );
+    }
+}
+
+/// One group of sixteen Q4_K rows times one Q8_K row (see [`dot_q41_group`]).
+fn dot_q4k_group(w: &[Q4Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
+    for (i, xi) in x.iter().enumerate() {
+        let mut one = [0f32; 16];
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `dot_q41_group`.
+            #[allow(unsafe_code)]
+            unsafe {
+                if avx512() {
+                    lanes::q4k_zmm(w, xi, &mut one);
+                } else if has_avx2_fma() {
+                    lanes::q4k_ymm(w, xi, &mut one);
+                } else {
+                    q4k_group_portable(w, xi, &mut one);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        q4k_group_portable(w, xi, &mut one);
+        for r in 0..16 {
+            out[r][i] = one[r];
+        }
+    }
+}
+
+/// One Q4_K row times one Q8_K row in llama.cpp's repacked order (see
+/// [`Q4KMatrix`]); `q(b, e)` the nibble of value `e` of super-block `b`, `d(b)` and
+/// `dmin(b)` its f16 scales as f32, `sm(b, s)` sub-block `s`'s scale and min.
+fn dot_q4k_scalar(
+    q: impl Fn(usize, usize) -> i32,
+    d: impl Fn(usize) -> (f32, f32),
+    sm: impl Fn(usize, usize) -> (i32, i32),
+    x: &[BlockQ8K],
+) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (b, xb) in x.iter().enumerate() {
+        let (mut isum, mut imin) = (0i32, 0i32);
+        for s in 0..8 {
+            let (sc, m) = sm(b, s);
+            let dot: i32 = (32 * s..32 * s + 32)
+                .map(|e| q(b, e) * xb.qs[e] as i32)
+                .sum();
+            isum += sc * dot;
+            imin += m * (xb.bsums[2 * s] + xb.bsums[2 * s + 1]);
+        }
+        let (dw, dmin) = d(b);
+        acc = (isum as f32).mul_add(dw * xb.d, acc);
+        acc_min = (imin as f32).mul_add(dmin * xb.d, acc_min);
+    }
+    acc - acc_min
+}
+
+fn q4k_group_portable(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_q4k_scalar(
+            |b, e| w[b].value(r, e),
+            |b| {
+                (
+                    f16::from_bits(w[b].d[r]).to_f32(),
+                    f16::from_bits(w[b].dmin[r]).to_f32(),
+                )
+            },
+            |b, s| (w[b].sc[s][r] as i32, w[b].mn[s][r] as i32),
+            x,
         );
     }
 }
@@ -1033,8 +1197,8 @@ fn q40_group_portable(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]
 #[allow(unsafe_code, clippy::needless_range_loop)]
 mod lanes {
     use super::{
-        q6k_place, word, BlockQ80, BlockQ80S, BlockQ81, BlockQ8K, Q40x16, Q41x16, Q50x16, Q6Kx16,
-        Q80x16,
+        q6k_place, word, BlockQ80, BlockQ80S, BlockQ81, BlockQ8K, Q40x16, Q41x16, Q4Kx16, Q50x16,
+        Q6Kx16, Q80x16,
     };
     use std::arch::x86_64::*;
 
@@ -1429,6 +1593,107 @@ mod lanes {
                     }
                 }
                 _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), hsum8_ymm(&acc));
+            }
+        }
+    }
+
+    /// Sixteen Q4_K rows × one Q8_K row in llama.cpp's repacked Q4_K arithmetic (see
+    /// [`super::Q4KMatrix`]), one row per lane.
+    ///
+    /// # Safety
+    /// As for [`q41_zmm`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q4k_zmm(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+        // SAFETY: as for `q41_zmm` (16-byte scale rows, 64-byte word rows).
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0F);
+            let (mut acc, mut acc_min) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for (g, xb) in w.iter().zip(x) {
+                let da = _mm512_set1_ps(xb.d);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr() as *const __m256i));
+                let dm = _mm512_cvtph_ps(_mm256_loadu_si256(g.dmin.as_ptr() as *const __m256i));
+                let mut isum = _mm512_setzero_si512();
+                let mut imin = _mm512_setzero_si512();
+                for s in 0..8 {
+                    let mut t = _mm512_setzero_si512();
+                    for k in 0..8 {
+                        let raw =
+                            _mm512_loadu_si512(g.qs[8 * (s / 2) + k].as_ptr() as *const __m512i);
+                        let u = if s % 2 == 0 {
+                            _mm512_and_si512(raw, m4)
+                        } else {
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4)
+                        };
+                        t = _mm512_dpbusd_epi32(t, u, _mm512_set1_epi32(word4(&xb.qs, 8 * s + k)));
+                    }
+                    let sc =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128(g.sc[s].as_ptr() as *const __m128i));
+                    let mn =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128(g.mn[s].as_ptr() as *const __m128i));
+                    isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(t, sc));
+                    let bs = _mm512_set1_epi32(xb.bsums[2 * s] + xb.bsums[2 * s + 1]);
+                    imin = _mm512_add_epi32(imin, _mm512_mullo_epi32(mn, bs));
+                }
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, da), acc);
+                acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dm, da), acc_min);
+            }
+            _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(acc, acc_min));
+        }
+    }
+
+    /// [`q4k_zmm`] with AVX2 (two halves of eight rows).
+    ///
+    /// # Safety
+    /// As for [`q41_ymm`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4k_ymm(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+        // SAFETY: as for `q41_ymm` (8-byte scale halves, 32-byte word halves).
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            for h in 0..2 {
+                let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for (g, xb) in w.iter().zip(x) {
+                    let da = _mm256_set1_ps(xb.d);
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i));
+                    let dm = _mm256_cvtph_ps(_mm_loadu_si128(
+                        g.dmin[8 * h..].as_ptr() as *const __m128i
+                    ));
+                    let mut isum = _mm256_setzero_si256();
+                    let mut imin = _mm256_setzero_si256();
+                    for s in 0..8 {
+                        let mut t = _mm256_setzero_si256();
+                        for k in 0..8 {
+                            let raw = _mm256_loadu_si256(
+                                g.qs[8 * (s / 2) + k][8 * h..].as_ptr() as *const __m256i
+                            );
+                            let u = if s % 2 == 0 {
+                                _mm256_and_si256(raw, m4)
+                            } else {
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4)
+                            };
+                            let xw = _mm256_set1_epi32(word4(&xb.qs, 8 * s + k));
+                            t = _mm256_add_epi32(
+                                t,
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones),
+                            );
+                        }
+                        let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            g.sc[s][8 * h..].as_ptr() as *const __m128i
+                        ));
+                        let mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            g.mn[s][8 * h..].as_ptr() as *const __m128i
+                        ));
+                        isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(t, sc));
+                        let bs = _mm256_set1_epi32(xb.bsums[2 * s] + xb.bsums[2 * s + 1]);
+                        imin = _mm256_add_epi32(imin, _mm256_mullo_epi32(mn, bs));
+                    }
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, da), acc);
+                    acc_min =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dm, da), acc_min);
+                }
+                _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), _mm256_sub_ps(acc, acc_min));
             }
         }
     }
@@ -1891,15 +2156,16 @@ mod tests {
                     let terms: Vec<f32> = (0..cols)
                         .map(|c| {
                             let (b, e) = (c / QKK, c % QKK);
-                            d(b) * sc(b, e / 16) as f32 * value(r, b, e) as f32 * x[i * cols + c]
+                            let xv = xq[b].d * xq[b].qs[e] as f32;
+                            d(b) * sc(b, e / 16) as f32 * value(r, b, e) as f32 * xv
                         })
                         .collect();
                     let exact: f32 = terms.iter().sum();
                     let scale: f32 = terms.iter().map(|t| t.abs()).sum();
-                    // 8-bit activations: an error of at most half a step per value.
+                    // Against the quantized activations: only float rounding differs.
                     let got = want[i * rows + r];
                     assert!(
-                        (got - exact).abs() < 0.01 * scale,
+                        (got - exact).abs() < 1e-5 * scale,
                         "row {r}: {got} vs {exact} (Σ|terms| {scale})"
                     );
                 }
@@ -1916,6 +2182,86 @@ mod tests {
                 NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
                 NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
                 assert_eq!(bits(&got), bits(&want), "{level}, {m} rows");
+            }
+        }
+    }
+
+    #[test]
+    fn q4_k_kernels_agree_at_every_level_and_with_the_dequantized_values() {
+        let (rows, cols) = (19, 512);
+        let kb = cols / QKK;
+        let mut rng = crate::sampling::Rng::new(44);
+        let mut bytes = vec![0u8; rows * kb * Q4K_BYTES];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = match i % Q4K_BYTES {
+                0 | 2 => 0x00,
+                1 => 0x1C + (rng.next_f32() * 3.0) as u8, // d, dmin: f16 around 0.004–0.03
+                3 => 0x18 + (rng.next_f32() * 3.0) as u8,
+                _ => (rng.next_f32() * 256.0) as u8,
+            };
+        }
+        let mat = Q4KMatrix::from_ggml_bytes(&bytes, rows, cols).unwrap();
+        assert!(Q4KMatrix::from_ggml_bytes(&bytes[1..], rows, cols).is_none());
+        // ggml's `dequantize_row_q4_K` (`get_scale_min_k4`), straight from the bytes.
+        let blk = |r: usize, b: usize| &bytes[(r * kb + b) * Q4K_BYTES..][..Q4K_BYTES];
+        let weight = |r: usize, b: usize, e: usize| -> f32 {
+            let x = blk(r, b);
+            let q = &x[4..16];
+            let j = e / 32;
+            let (sc, m) = if j < 4 {
+                (q[j] & 63, q[j + 4] & 63)
+            } else {
+                (
+                    (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+                    (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+                )
+            };
+            let byte = x[16 + 32 * (j / 2) + e % 32];
+            let nib = if j % 2 == 0 { byte & 0xF } else { byte >> 4 };
+            let d = f16::from_le_bytes([x[0], x[1]]).to_f32();
+            let dmin = f16::from_le_bytes([x[2], x[3]]).to_f32();
+            d * sc as f32 * nib as f32 - dmin * m as f32
+        };
+        let pool = Pool::new(2);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for m in 1..=3 {
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            let mut plain = vec![0f32; m * rows];
+            for (no512, no2, level) in [
+                (true, true, "portable"),
+                (true, false, "avx2"),
+                (false, false, kernel_level()),
+            ] {
+                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+                let mut got = vec![0f32; m * rows];
+                mat.matmul_into(&x, m, &mut got, &pool);
+                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
+                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+                if level == "portable" {
+                    plain = got;
+                } else {
+                    assert_eq!(bits(&got), bits(&plain), "{level}, {m} rows");
+                }
+            }
+            for i in 0..m {
+                let mut xq = vec![BlockQ8K::default(); kb];
+                quantize_row_q8_k(&x[i * cols..(i + 1) * cols], &mut xq);
+                for r in 0..rows {
+                    let terms: Vec<f32> = (0..cols)
+                        .map(|c| {
+                            let (b, e) = (c / QKK, c % QKK);
+                            weight(r, b, e) * xq[b].d * xq[b].qs[e] as f32
+                        })
+                        .collect();
+                    let exact: f32 = terms.iter().sum();
+                    let scale: f32 = terms.iter().map(|t| t.abs()).sum();
+                    let got = plain[i * rows + r];
+                    assert!(
+                        (got - exact).abs() < 1e-5 * scale,
+                        "row {r}: {got} vs {exact} (Σ|terms| {scale})"
+                    );
+                }
             }
         }
     }

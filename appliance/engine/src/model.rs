@@ -32,14 +32,20 @@ enum LinearKind {
     Q40(crate::kernels::Q40Matrix),
     Q50(crate::kernels::Q50Matrix),
     Q6K(crate::kernels::Q6KMatrix),
+    Q4K(crate::kernels::Q4KMatrix),
 }
 
 impl Linear {
     fn new(t: Arc<QTensor>) -> Result<Self> {
         let (rows, cols) = t.shape().dims2()?;
         if t.device().is_cpu() {
-            use crate::kernels::{Q40Matrix, Q41Matrix, Q50Matrix, Q6KMatrix, Q80Matrix};
+            use crate::kernels::{
+                Q40Matrix, Q41Matrix, Q4KMatrix, Q50Matrix, Q6KMatrix, Q80Matrix,
+            };
             let own = match t.dtype() {
+                GgmlDType::Q4K => {
+                    Q4KMatrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q4K)
+                }
                 GgmlDType::Q6K => {
                     Q6KMatrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q6K)
                 }
@@ -91,6 +97,7 @@ impl Linear {
             LinearKind::Q40(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q50(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q6K(w) => w.matmul_into(x, m, out, pool),
+            LinearKind::Q4K(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Candle(w) => {
                 let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
                 let y = w
@@ -352,7 +359,9 @@ impl Model {
         // straight into their grouped layout, row by row: no second copy of a tensor is
         // ever held, so loading peaks at what the model keeps.
         let own = |name: &str| -> Result<Option<Linear>> {
-            use crate::kernels::{Q40Matrix, Q41Matrix, Q50Matrix, Q6KMatrix, Q80Matrix};
+            use crate::kernels::{
+                Q40Matrix, Q41Matrix, Q4KMatrix, Q50Matrix, Q6KMatrix, Q80Matrix,
+            };
             use std::io::{Seek, SeekFrom};
             let Some(info) = file.content.tensor_infos.get(name) else {
                 return Err(EngineError::MissingTensor(name.to_string()));
@@ -367,6 +376,7 @@ impl Model {
                         | GgmlDType::Q4_0
                         | GgmlDType::Q5_0
                         | GgmlDType::Q6K
+                        | GgmlDType::Q4K
                         | GgmlDType::Q8_0
                 )
             {
@@ -394,6 +404,9 @@ impl Model {
                 GgmlDType::Q6K => Q6KMatrix::read(&mut *r, rows, cols)
                     .map_err(io)?
                     .map(LinearKind::Q6K),
+                GgmlDType::Q4K => Q4KMatrix::read(&mut *r, rows, cols)
+                    .map_err(io)?
+                    .map(LinearKind::Q4K),
                 _ => Q80Matrix::read(&mut *r, rows, cols)
                     .map_err(io)?
                     .map(|m| LinearKind::Q80(Arc::new(m))),

@@ -183,8 +183,24 @@ impl GgufFile {
             .sum()
     }
 
-    /// The dominant quantization of the file's 2-D weights, e.g. "Q4_1".
+    /// The file's quantization, e.g. "Q4_1": the mixed recipe named by
+    /// `general.file_type` where it is one (a "Q4_K_M" file is mostly Q5_0, Q4_K and
+    /// Q6_K when its rows are not multiples of 256), else the dominant type of its 2-D
+    /// weights.
     pub fn quantization(&self) -> String {
+        let mixed = match meta_u64(self.metadata(), "general.file_type") {
+            Some(11) => Some("Q3_K_S"),
+            Some(12) => Some("Q3_K_M"),
+            Some(13) => Some("Q3_K_L"),
+            Some(14) => Some("Q4_K_S"),
+            Some(15) => Some("Q4_K_M"),
+            Some(16) => Some("Q5_K_S"),
+            Some(17) => Some("Q5_K_M"),
+            _ => None,
+        };
+        if let Some(name) = mixed {
+            return name.to_string();
+        }
         let mut counts: HashMap<&'static str, usize> = HashMap::new();
         for info in self.content.tensor_infos.values() {
             if info.shape.rank() == 2 {

@@ -196,13 +196,13 @@ impl GroupLayout for Q6Kx16 {
 }
 
 impl Q6Kx16 {
-    /// Row `r`'s value `e` as `q − 32`.
+    /// Row `r`'s value `e` as unsigned `q` (the weight is `q − 32`).
     fn value(&self, r: usize, e: usize) -> i32 {
         let (lw, ls, hw, hs) = q6k_place(e);
         let byte = e % 4;
         let lo = (self.ql[lw][r] >> (8 * byte + ls as usize)) & 0xF;
         let hi = (self.qh[hw][r] >> (8 * byte + hs as usize)) & 0x3;
-        (lo | (hi << 4)) as i32 - 32
+        (lo | (hi << 4)) as i32
     }
 }
 
@@ -479,12 +479,11 @@ const Q6K_BYTES: usize = 210;
 const Q4K_BYTES: usize = 144;
 const QKK: usize = 256;
 
-/// ggml's Q8_K block of activations (256 values, `d` kept as f32), with `o[w]` =
-/// `−32·Σ` of values `4w..4w+4` (Q6_K's offset) and the sums of each 16.
+/// ggml's Q8_K block of activations (256 values, `d` kept as f32) with the sums of
+/// each 16.
 #[derive(Debug, Clone, Copy)]
 struct BlockQ8K {
     d: f32,
-    o: [i32; 64],
     bsums: [i32; 16],
     qs: [i8; 256],
 }
@@ -493,7 +492,6 @@ impl Default for BlockQ8K {
     fn default() -> Self {
         Self {
             d: 0.0,
-            o: [0; 64],
             bsums: [0; 16],
             qs: [0; 256],
         }
@@ -521,9 +519,6 @@ multiversion! {
             for (q, &v) in blk.qs.iter_mut().zip(b) {
                 *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
             }
-            for (w, o) in blk.o.iter_mut().enumerate() {
-                *o = -32 * blk.qs[4 * w..4 * w + 4].iter().map(|&q| q as i32).sum::<i32>();
-            }
             for (k, s) in blk.bsums.iter_mut().enumerate() {
                 *s = blk.qs[16 * k..16 * k + 16].iter().map(|&q| q as i32).sum();
             }
@@ -535,8 +530,11 @@ multiversion! {
 /// A Q6_K weight matrix (in Q4_K_M files, half the layers' FFN down projections):
 /// activations quantized to Q8_K and each dot product in ggml's x86
 /// `vec_dot_q6_K_q8_K` order: eight lanes, lane `l` the exact integer
-/// `Σ_c sc·(q − 32)·x` over values `32c + 4l..+4` of the super-block, scaled by one FMA
-/// with `d_x·d_w` per super-block, the lanes reduced as `hsum_float_8`.
+/// `Σ_c sc·q·x` over values `32c + 4l..+4` of the super-block (`q` unsigned, 0..64)
+/// less `32·(sc_{2l}·bsum_{2l} + sc_{2l+1}·bsum_{2l+1})` (ggml takes the offset of
+/// `q − 32` from the 16-value sums, pairing them with lanes by position, not by the
+/// values the lane holds), scaled by one FMA with `d_x·d_w` per super-block, the lanes
+/// reduced as `hsum_float_8`.
 pub type Q6KMatrix = Grouped<Q6Kx16>;
 
 impl Q6KMatrix {
@@ -656,7 +654,7 @@ fn q4k_group_portable(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
     }
 }
 
-/// One Q6_K row (`w(b, e)` its value `e` of super-block `b` as `q − 32`, `d(b)` and
+/// One Q6_K row (`w(b, e)` its value `e` of super-block `b` as unsigned `q`, `d(b)` and
 /// `sc(b, s)` its scales) times one Q8_K row, in ggml's x86 order: the portable kernel
 /// and the tests' reference.
 fn dot_q6k_scalar(
@@ -670,6 +668,9 @@ fn dot_q6k_scalar(
         let mut lanes = [0i32; 8];
         for e in 0..QKK {
             lanes[(e % 32) / 4] += sc(b, e / 16) * w(b, e) * xb.qs[e] as i32;
+        }
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane -= 32 * (sc(b, 2 * l) * xb.bsums[2 * l] + sc(b, 2 * l + 1) * xb.bsums[2 * l + 1]);
         }
         let dd = xb.d * d(b);
         for (a, l) in acc.iter_mut().zip(lanes) {
@@ -1480,9 +1481,10 @@ mod lanes {
     }
 
     /// Sixteen Q6_K rows × one Q8_K row in ggml's `vec_dot_q6_K_q8_K` order (see
-    /// [`super::Q6KMatrix`]): per 4-value word, the six-bit values (unsigned) start
-    /// from the activation's `−32·Σx`, are scaled by each row's sub-block scale and
-    /// summed into the word's lane; all exact integers until one FMA per super-block.
+    /// [`super::Q6KMatrix`]): per 4-value word, the six-bit values (unsigned) times the
+    /// activations, scaled by each row's sub-block scale, summed into the word's lane;
+    /// then each lane less its `32·sc·bsum` pair; all exact integers until one FMA per
+    /// super-block.
     ///
     /// # Safety
     /// As for [`q41_zmm`].
@@ -1521,12 +1523,25 @@ mod lanes {
                         let u = _mm512_or_si512(lo, _mm512_slli_epi16::<4>(hi));
                         let wi = 8 * c + l;
                         let t = _mm512_dpbusd_epi32(
-                            _mm512_set1_epi32(xb.o[wi]),
+                            _mm512_setzero_si512(),
                             u,
                             _mm512_set1_epi32(word4(&xb.qs, wi)),
                         );
                         isum[l] = _mm512_add_epi32(isum[l], _mm512_mullo_epi32(t, sc[l / 4]));
                     }
+                }
+                for l in 0..8 {
+                    let sc_at = |s: usize| {
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(g.sc[s].as_ptr() as *const __m128i))
+                    };
+                    let pair = _mm512_add_epi32(
+                        _mm512_mullo_epi32(sc_at(2 * l), _mm512_set1_epi32(xb.bsums[2 * l])),
+                        _mm512_mullo_epi32(
+                            sc_at(2 * l + 1),
+                            _mm512_set1_epi32(xb.bsums[2 * l + 1]),
+                        ),
+                    );
+                    isum[l] = _mm512_sub_epi32(isum[l], _mm512_slli_epi32::<5>(pair));
                 }
                 for l in 0..8 {
                     acc[l] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum[l]), acc[l]);
@@ -1581,12 +1596,24 @@ mod lanes {
                             let u = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi));
                             let wi = 8 * c + l;
                             let xw = _mm256_set1_epi32(word4(&xb.qs, wi));
-                            let t = _mm256_add_epi32(
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones),
-                                _mm256_set1_epi32(xb.o[wi]),
-                            );
+                            let t = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones);
                             isum[l] = _mm256_add_epi32(isum[l], _mm256_mullo_epi32(t, sc[l / 4]));
                         }
+                    }
+                    for l in 0..8 {
+                        let sc_at = |s: usize| {
+                            _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                g.sc[s][8 * h..].as_ptr() as *const __m128i
+                            ))
+                        };
+                        let pair = _mm256_add_epi32(
+                            _mm256_mullo_epi32(sc_at(2 * l), _mm256_set1_epi32(xb.bsums[2 * l])),
+                            _mm256_mullo_epi32(
+                                sc_at(2 * l + 1),
+                                _mm256_set1_epi32(xb.bsums[2 * l + 1]),
+                            ),
+                        );
+                        isum[l] = _mm256_sub_epi32(isum[l], _mm256_slli_epi32::<5>(pair));
                     }
                     for l in 0..8 {
                         acc[l] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[l]), acc[l]);
@@ -2138,7 +2165,7 @@ mod tests {
                 2 => (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
                 _ => (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
             };
-            q as i32 - 32
+            q as i32
         };
         let pool = Pool::new(2);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -2157,7 +2184,7 @@ mod tests {
                         .map(|c| {
                             let (b, e) = (c / QKK, c % QKK);
                             let xv = xq[b].d * xq[b].qs[e] as f32;
-                            d(b) * sc(b, e / 16) as f32 * value(r, b, e) as f32 * xv
+                            d(b) * sc(b, e / 16) as f32 * (value(r, b, e) - 32) as f32 * xv
                         })
                         .collect();
                     let exact: f32 = terms.iter().sum();

@@ -777,7 +777,7 @@ multiversion! {
     /// [`quantize_row_q8_0`] keeping `−8·Σq` for Q4_0.
     fn quantize_row_q8_0s(x: &[f32], out: &mut [BlockQ80S]) {
         for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
-            let (d, sum, qs) = quantize_block(b);
+            let (d, sum, qs) = quantize_block::<AVX2>(b);
             *blk = BlockQ80S {
                 d: f16::from_f32(d).to_f32(),
                 s: -8 * sum,
@@ -810,32 +810,20 @@ impl Q40Matrix {
 /// One block of 32 activations quantized as ggml's x86 `quantize_row_q8_0/1` do:
 /// `d = amax/127`, `q = round_half_even(x·(127/amax))`; returns `d`, `Σq` and `q`.
 #[inline(always)]
-fn quantize_block(b: &[f32]) -> (f32, i32, [i8; 32]) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    return simd::quantize_block(b);
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
+fn quantize_block<const AVX2: bool>(b: &[f32]) -> (f32, i32, [i8; 32]) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: `AVX2` is true only in a build that enables AVX2 and FMA or in a
+        // `multiversion!` twin, which runs after the CPU was seen to have them.
+        #[allow(unsafe_code)]
+        return unsafe { simd::quantize_block(b) };
+    }
     quantize_block_portable(b)
 }
 
 /// [`quantize_block`] in plain code (the same values: the max and the integer sum are
 /// exact, the product and rounding the same operations).
 #[inline(always)]
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
 fn quantize_block_portable(b: &[f32]) -> (f32, i32, [i8; 32]) {
     let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -853,7 +841,7 @@ multiversion! {
     /// ggml's `quantize_row_q8_0` on x86 (`d` kept as f16).
     fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
         for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
-            let (d, _, qs) = quantize_block(b);
+            let (d, _, qs) = quantize_block::<AVX2>(b);
             *blk = BlockQ80 {
                 d: f16::from_f32(d).to_f32(),
                 o: std::array::from_fn(|j| {
@@ -915,12 +903,7 @@ pub(crate) fn has_avx2_fma() -> bool {
 pub fn kernel_level() -> &'static str {
     if avx512() {
         "avx512-vnni"
-    } else if cfg!(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )) {
+    } else if has_avx2_fma() {
         "avx2"
     } else {
         "portable"
@@ -1884,7 +1867,7 @@ multiversion! {
     /// ggml's `quantize_row_q8_1` on x86 (`d` and the block sum `s = d·Σq` kept as f16).
     fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ81]) {
         for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
-            let (d, sum, qs) = quantize_block(b);
+            let (d, sum, qs) = quantize_block::<AVX2>(b);
             *blk = BlockQ81 {
                 d: f16::from_f32(d).to_f32(),
                 s: f16::from_f32(d * sum as f32).to_f32(),
@@ -1923,20 +1906,20 @@ fn dot_q41_q81_scalar(w: impl Iterator<Item = BlockQ41>, x: &[BlockQ81]) -> f32 
     (r[0] + r[1]) + summs
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-#[allow(unsafe_code, clippy::needless_range_loop)]
+/// AVX2/FMA helpers, inlined into code that has the features: an AVX2 build, or a
+/// `multiversion!` twin (`AVX2 = true`).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::needless_range_loop, dead_code)]
 mod simd {
     use std::arch::x86_64::*;
 
     /// ggml's `hsum_float_8`.
+    ///
+    /// # Safety
+    /// AVX must be available.
     #[inline(always)]
-    fn hsum(acc: __m256) -> f32 {
-        // SAFETY: AVX2 is enabled for the whole build (see the module's cfg).
+    unsafe fn hsum(acc: __m256) -> f32 {
+        // SAFETY: as documented.
         unsafe {
             let r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
             let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -1949,11 +1932,13 @@ mod simd {
     /// [`super::f16_dot_chain`] (one 16-lane register) for lengths that are multiples
     /// of 16; a 16-lane register is two 8-lane halves, and the lane reduction
     /// (`t[i] = a[i+8] + a[i]`, then 4, 2, 1) is `hsum_float_8` of the halves' sum.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
     #[inline(always)]
-    pub(super) fn f16_dot(x: &[f32], y: &[f32], chain: bool) -> f32 {
-        // SAFETY: AVX2 and FMA are enabled for the whole build; every load reads 8
-        // floats inside `x` and `y` (lengths equal and a multiple of 16, checked by
-        // the caller and by the slicing).
+    pub(super) unsafe fn f16_dot(x: &[f32], y: &[f32], chain: bool) -> f32 {
+        // SAFETY: features as documented; every load reads 8 floats inside `x` and `y`
+        // (lengths equal and a multiple of 16, checked by the caller and the slicing).
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; 4];
             for (c, (xs, ys)) in x.chunks_exact(16).zip(y.chunks_exact(16)).enumerate() {
@@ -1979,10 +1964,13 @@ mod simd {
     }
 
     /// [`super::quantize_block`] in AVX2 registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
     #[inline(always)]
-    pub(super) fn quantize_block(b: &[f32]) -> (f32, i32, [i8; 32]) {
-        // SAFETY: AVX2 and FMA are enabled for the whole build; loads read 8 floats of
-        // the 32-value block, stores write 8 i32 into a local array.
+    pub(super) unsafe fn quantize_block(b: &[f32]) -> (f32, i32, [i8; 32]) {
+        // SAFETY: features as documented; loads read 8 floats of the 32-value block,
+        // stores write 8 i32 into a local array.
         unsafe {
             let sign = _mm256_set1_ps(-0.0);
             let v: [__m256; 4] =
@@ -2321,8 +2309,12 @@ mod tests {
         for (i, v) in x[32..64].iter_mut().enumerate() {
             *v = (i as f32 - 16.0) * 0.5;
         }
+        // The AVX2 helper may only run where the CPU has AVX2 (every x86 CI machine).
+        if cfg!(target_arch = "x86_64") && !has_avx2_fma() {
+            return;
+        }
         for b in x.chunks_exact(32) {
-            let (p, q) = (quantize_block(b), quantize_block_portable(b));
+            let (p, q) = (quantize_block::<true>(b), quantize_block_portable(b));
             assert_eq!((p.0.to_bits(), p.1, p.2), (q.0.to_bits(), q.1, q.2));
         }
     }
@@ -2606,9 +2598,24 @@ fn scale_by_pow2(j: f32, n: i32) -> f32 {
     ((j as f64) * p) as f32
 }
 
+/// SiLU(gate)·up into `gate`, element-wise, with ggml's exp (sixteen lanes at a time
+/// where the CPU has AVX-512, as ggml's `ggml_v_silu`; the same bits).
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: `avx512()` saw every feature the function enables.
+        #[allow(unsafe_code)]
+        unsafe {
+            att512::swiglu(gate, up)
+        };
+        return;
+    }
+    swiglu_plain(gate, up);
+}
+
 multiversion! {
-    /// SiLU(gate)·up into `gate`, element-wise, with ggml's exp.
-    pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    /// [`swiglu_in_place`] in plain code.
+    fn swiglu_plain(gate: &mut [f32], up: &[f32]) {
         for (g, &u) in gate.iter_mut().zip(up) {
             *g = (*g / (1.0 + ggml_expf(-*g))) * u;
         }
@@ -2706,7 +2713,9 @@ pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
         target_feature = "fma"
     ))]
     if x.len() == y.len() && x.len().is_multiple_of(16) {
-        return simd::f16_dot(x, y, false);
+        // SAFETY: the build enables AVX2 and FMA.
+        #[allow(unsafe_code)]
+        return unsafe { simd::f16_dot(x, y, false) };
     }
     f16_dot_portable(x, y)
 }
@@ -2748,7 +2757,9 @@ pub fn f16_dot_chain(x: &[f32], y: &[f32]) -> f32 {
         target_feature = "fma"
     ))]
     if x.len() == y.len() && x.len().is_multiple_of(16) {
-        return simd::f16_dot(x, y, true);
+        // SAFETY: the build enables AVX2 and FMA.
+        #[allow(unsafe_code)]
+        return unsafe { simd::f16_dot(x, y, true) };
     }
     f16_dot_chain_portable(x, y)
 }
@@ -2925,8 +2936,104 @@ fn reduce_slots(slots: &mut [f32], hd: usize, chain: bool, o: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod att512 {
-    use super::{f16_round, reduce_slots, softmax_row_chunked, AttentionScratch};
+    use super::{f16_round, reduce16, reduce_slots, AttentionScratch};
     use std::arch::x86_64::*;
+
+    /// ggml's `ggml_v_expf` (AVX-512): [`super::ggml_expf`] in sixteen lanes, the same
+    /// operations (`vscalefps` is its single-rounding scale by `2^n`).
+    ///
+    /// # Safety
+    /// AVX-512F and FMA must be available.
+    #[inline(always)]
+    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
+        // SAFETY (callers): as documented.
+        unsafe {
+            let r = _mm512_set1_ps(12582912.0);
+            let z = _mm512_fmadd_ps(x, _mm512_set1_ps(f32::from_bits(0x3FB8_AA3B)), r);
+            let n = _mm512_sub_ps(z, r);
+            let b = _mm512_fnmadd_ps(
+                n,
+                _mm512_set1_ps(f32::from_bits(0x35BF_BE8E)),
+                _mm512_fnmadd_ps(n, _mm512_set1_ps(f32::from_bits(0x3F31_7200)), x),
+            );
+            let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+            let u = _mm512_mul_ps(b, b);
+            let j = _mm512_fmadd_ps(
+                _mm512_fmadd_ps(
+                    _mm512_fmadd_ps(
+                        _mm512_set1_ps(f32::from_bits(0x3C07_2010)),
+                        b,
+                        _mm512_set1_ps(f32::from_bits(0x3D2B_9F17)),
+                    ),
+                    u,
+                    _mm512_fmadd_ps(
+                        _mm512_set1_ps(f32::from_bits(0x3E2A_AF33)),
+                        b,
+                        _mm512_set1_ps(f32::from_bits(0x3EFF_FEDB)),
+                    ),
+                ),
+                u,
+                _mm512_fmadd_ps(
+                    _mm512_set1_ps(f32::from_bits(0x3F7F_FFF6)),
+                    b,
+                    _mm512_set1_ps(1.0),
+                ),
+            );
+            let res = _mm512_scalef_ps(j, n);
+            let le0 = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
+            let alt = _mm512_mask_blend_ps(le0, _mm512_set1_ps(f32::INFINITY), _mm512_setzero_ps());
+            _mm512_mask_blend_ps(d, res, alt)
+        }
+    }
+
+    /// [`super::swiglu_in_place`] sixteen values at a time.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA must be available.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+        // SAFETY: as documented; masked loads and stores touch only the slices' values.
+        unsafe {
+            let one = _mm512_set1_ps(1.0);
+            for (g, u) in gate.chunks_mut(16).zip(up.chunks(16)) {
+                let n = g.len().min(u.len());
+                let m: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+                let x = _mm512_maskz_loadu_ps(m, g.as_ptr());
+                let uv = _mm512_maskz_loadu_ps(m, u.as_ptr());
+                let neg = _mm512_xor_ps(x, _mm512_set1_ps(-0.0));
+                let silu = _mm512_div_ps(x, _mm512_add_ps(one, exp16(neg)));
+                _mm512_mask_storeu_ps(g.as_mut_ptr(), m, _mm512_mul_ps(silu, uv));
+            }
+        }
+    }
+
+    /// [`super::softmax_row_chunked`] with [`exp16`]: the same values, the same sums.
+    ///
+    /// # Safety
+    /// As for [`exp16`].
+    #[inline(always)]
+    pub(super) unsafe fn softmax(row: &mut [f32]) {
+        // SAFETY: as documented; masked loads read only the chunk's own values.
+        unsafe {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let vmax = _mm512_set1_ps(max);
+            let mut sum = 0f64;
+            for chunk in row.chunks_mut(16) {
+                let n = chunk.len();
+                let m: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+                let x = _mm512_maskz_loadu_ps(m, chunk.as_ptr());
+                let e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(x, vmax)));
+                let mut lanes = [0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), e);
+                chunk.copy_from_slice(&lanes[..n]);
+                sum += reduce16(&lanes) as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
 
     /// `reduce16` of each of sixteen registers: lane `c` of the result is `t[c]`'s.
     #[inline(always)]
@@ -3030,7 +3137,7 @@ mod att512 {
                     _mm512_storeu_ps(scratch.p[c0..].as_mut_ptr(), dots);
                 }
                 scratch.p.truncate(visible);
-                softmax_row_chunked(&mut scratch.p);
+                softmax(&mut scratch.p);
                 for pc in scratch.p.iter_mut() {
                     *pc = f16_round(*pc);
                 }
@@ -3115,6 +3222,66 @@ multiversion! {
 #[cfg(test)]
 mod attention_tests {
     use super::*;
+
+    #[test]
+    fn avx512_exp_and_softmax_match_the_plain_ones() {
+        if !avx512() {
+            return;
+        }
+        #[allow(unsafe_code)]
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn both(xs: &[f32; 16]) -> [f32; 16] {
+            let mut out = [0f32; 16];
+            // SAFETY: `avx512()` saw the features; 16 floats in, 16 out.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_ps(
+                    out.as_mut_ptr(),
+                    att512::exp16(_mm512_loadu_ps(xs.as_ptr())),
+                );
+            }
+            out
+        }
+        let mut rng = crate::sampling::Rng::new(5);
+        for round in 0..400 {
+            let spread = [1.0, 30.0, 150.0, 400.0][round % 4];
+            let mut xs: [f32; 16] = std::array::from_fn(|_| (rng.next_f32() - 0.8) * spread);
+            xs[0] = [0.0, -0.0, -88.7, 88.7][round % 4];
+            #[allow(unsafe_code)]
+            // SAFETY: checked above.
+            let got = unsafe { both(&xs) };
+            for (g, x) in got.iter().zip(xs) {
+                assert_eq!(g.to_bits(), ggml_expf(x).to_bits(), "exp({x})");
+            }
+        }
+        #[allow(unsafe_code)]
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn soft(row: &mut [f32]) {
+            // SAFETY: `avx512()` saw the features.
+            unsafe { att512::softmax(row) }
+        }
+        for n in [1usize, 7, 16, 33, 150] {
+            let g: Vec<f32> = (0..n).map(|_| (rng.next_f32() - 0.5) * 30.0).collect();
+            let u: Vec<f32> = (0..n).map(|_| rng.next_f32() - 0.5).collect();
+            let (mut a, mut b) = (g.clone(), g);
+            swiglu_plain(&mut a, &u);
+            swiglu_in_place(&mut b, &u);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "SwiGLU, {n} values"
+            );
+            let row: Vec<f32> = (0..n).map(|_| (rng.next_f32() - 0.5) * 20.0).collect();
+            let (mut a, mut b) = (row.clone(), row);
+            softmax_row_chunked(&mut a);
+            #[allow(unsafe_code)]
+            // SAFETY: checked above.
+            unsafe {
+                soft(&mut b)
+            };
+            assert_eq!(a, b, "{n} values");
+        }
+    }
 
     #[test]
     fn attention_gives_the_same_bits_with_and_without_avx512() {

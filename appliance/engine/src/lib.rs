@@ -10,14 +10,15 @@
 /// them: `mul_add` is then one instruction and the loops vectorise. `BODY` and the
 /// `#[inline(always)]` helpers it calls are inlined into a `#[target_feature]` twin; the
 /// results are the same bits (IEEE operations, the same order). A build that targets the
-/// features compiles `BODY` once.
+/// features compiles `BODY` once. Inside `BODY` the constant `AVX2` says whether this copy
+/// runs with AVX2, FMA and F16C, so it may call helpers written with their intrinsics.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
         $vis fn $name($($a: $t),*) $(-> $r)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn body($($a: $t),*) $(-> $r)? $body
+            fn body<const AVX2: bool>($($a: $t),*) $(-> $r)? $body
             #[cfg(all(
                 target_arch = "x86_64",
                 not(all(target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))
@@ -26,7 +27,7 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx2,fma,f16c")]
                 #[allow(unsafe_code, clippy::too_many_arguments)]
                 unsafe fn twin($($a: $t),*) $(-> $r)? {
-                    body($($a),*)
+                    body::<true>($($a),*)
                 }
                 if crate::kernels::has_avx2_fma() {
                     // SAFETY: the CPU was seen to have every feature `twin` enables.
@@ -34,7 +35,14 @@ macro_rules! multiversion {
                     return unsafe { twin($($a),*) };
                 }
             }
-            body($($a),*)
+            body::<{
+                cfg!(all(
+                    target_arch = "x86_64",
+                    target_feature = "avx2",
+                    target_feature = "fma",
+                    target_feature = "f16c"
+                ))
+            }>($($a),*)
         }
     };
 }

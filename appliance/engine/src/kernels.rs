@@ -75,7 +75,7 @@ pub struct Q50x16 {
 /// from `ql`, two from `qh`; one signed scale `sc_s` per 16 weights) at one index: the
 /// f16 scales, the sub-block scales `[sub][row]`, then `ql`'s 32 and `qh`'s 16 words
 /// each for all sixteen rows. 3,360 bytes: 210 per super-block, as in the file.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub struct Q6Kx16 {
     d: [u16; 16],
@@ -84,23 +84,12 @@ pub struct Q6Kx16 {
     qh: [[u32; 16]; 16],
 }
 
-impl Default for Q6Kx16 {
-    fn default() -> Self {
-        Self {
-            d: [0; 16],
-            sc: [[0; 16]; 16],
-            ql: [[0; 16]; 32],
-            qh: [[0; 16]; 16],
-        }
-    }
-}
-
 /// Sixteen rows' Q4_K super-blocks (256 weights `d·sc_s·q − dmin·m_s`, `q` a nibble,
 /// eight sub-blocks `s` of 32 with six-bit scales and mins) at one index: the f16 `d`
 /// and `dmin`, the unpacked scales and mins `[sub][row]`, then the 32 nibble words for
 /// all sixteen rows. 2,368 bytes: 148 per super-block (the file's 144, its twelve
 /// bytes of packed six-bit scales kept as sixteen).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub struct Q4Kx16 {
     d: [u16; 16],
@@ -108,18 +97,6 @@ pub struct Q4Kx16 {
     sc: [[u8; 16]; 8],
     mn: [[u8; 16]; 8],
     qs: [[u32; 16]; 32],
-}
-
-impl Default for Q4Kx16 {
-    fn default() -> Self {
-        Self {
-            d: [0; 16],
-            dmin: [0; 16],
-            sc: [[0; 16]; 8],
-            mn: [[0; 16]; 8],
-            qs: [[0; 16]; 32],
-        }
-    }
 }
 
 impl GroupLayout for Q4Kx16 {
@@ -1034,9 +1011,9 @@ fn dot_q41_group(w: &[Q41x16], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 16]) {
             }
         }
     }
-    for r in 0..16 {
+    for (r, o) in out.iter_mut().enumerate() {
         for (i, xi) in x.iter().enumerate() {
-            out[r][i] = dot_q41_q81_scalar(w.iter().map(|g| g.row(r)), xi);
+            o[i] = dot_q41_q81_scalar(w.iter().map(|g| g.row(r)), xi);
         }
     }
 }
@@ -1069,9 +1046,9 @@ fn dot_q80_group(w: &[Q80x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
             }
         }
     }
-    for r in 0..16 {
+    for (r, o) in out.iter_mut().enumerate() {
         for (i, xi) in x.iter().enumerate() {
-            out[r][i] = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), xi);
+            o[i] = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), xi);
         }
     }
 }
@@ -1104,9 +1081,9 @@ fn dot_q50_group(w: &[Q50x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
             }
         }
     }
-    for r in 0..16 {
+    for (r, o) in out.iter_mut().enumerate() {
         for (i, xi) in x.iter().enumerate() {
-            out[r][i] = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), xi);
+            o[i] = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), xi);
         }
     }
 }
@@ -2232,7 +2209,11 @@ mod tests {
                 )
             };
             let byte = x[16 + 32 * (j / 2) + e % 32];
-            let nib = if j % 2 == 0 { byte & 0xF } else { byte >> 4 };
+            let nib = if j.is_multiple_of(2) {
+                byte & 0xF
+            } else {
+                byte >> 4
+            };
             let d = f16::from_le_bytes([x[0], x[1]]).to_f32();
             let dmin = f16::from_le_bytes([x[2], x[3]]).to_f32();
             d * sc as f32 * nib as f32 - dmin * m as f32

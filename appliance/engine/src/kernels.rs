@@ -7,8 +7,12 @@
 //! Reproducing this keeps our logits within rounding of llama.cpp's, where candle's Q4_1
 //! path (f16 block sums, scalar code) drifts by tenths and is several times slower.
 //!
-//! A batched call quantizes every activation row once and walks each weight row once
-//! for all of them: the weights are read once per step, whatever the batch size.
+//! The other types follow ggml's x86 arithmetic the same way (Q4_0 and Q4_K that of its
+//! repacked eight-row GEMMs, Q5_0, Q6_K and Q8_0 that of its `vec_dot`s). Weights are
+//! regrouped at load sixteen rows at a time so that a kernel keeps one row per 32-bit
+//! lane; each kernel exists portable, with AVX2 and with AVX-512 VNNI, chosen at run
+//! time, all giving the same bits. A batched call quantizes every activation row once
+//! and walks each weight group once per pass of one to four activation rows.
 
 use std::sync::Mutex;
 
@@ -196,12 +200,12 @@ pub struct Q40x16 {
     qs: [[u32; 16]; 4],
 }
 
-/// A group of rows' blocks (four unless said otherwise) of one ggml type.
+/// A group of rows' blocks of one ggml type (sixteen rows unless said otherwise).
 pub trait GroupLayout: Default + Clone {
     /// Bytes of one ggml block (32 weights) in the file.
     const BLOCK_BYTES: usize;
     /// Rows per group.
-    const ROWS: usize = 4;
+    const ROWS: usize = 16;
     /// Weights per block (32; 256 for K-quants).
     const BLOCK_VALUES: usize = QK;
     /// Puts row `r`'s block, as ggml stores it, into the group.

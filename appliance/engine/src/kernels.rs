@@ -2772,11 +2772,14 @@ fn f16_round(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
 }
 
-/// Scratch for [`attention_head`]: scores and partial sums, reused between calls.
+/// Scratch for [`attention_head`]: scores, partial sums and (plain code) the head's
+/// keys and values widened to f32, reused between calls.
 #[derive(Debug, Default)]
 pub struct AttentionScratch {
     p: Vec<f32>,
     slots: Vec<f32>,
+    kf: Vec<f32>,
+    vf: Vec<f32>,
 }
 
 multiversion! {
@@ -2784,14 +2787,15 @@ multiversion! {
     /// attention and with an f16 KV cache. `q` holds the sequence's `l` new rows with
     /// `q_stride` floats between rows (the head's `hd` values first); `k`/`v` are the
     /// sequence's cache for this layer, `[t, kv_stride]` with `t >= start + l`, this head's
-    /// kv head at `kv_offset`; all values already rounded to f16. Prompt rows sum scores in
-    /// tinyBLAS's order, decode rows in the dot-product order. Writes `out` as `[l, hd]`.
+    /// kv head at `kv_offset`, stored as f16 bits (llama.cpp's default cache type); `q`
+    /// already rounded to f16. Prompt rows sum scores in tinyBLAS's order, decode rows in
+    /// the dot-product order. Writes `out` as `[l, hd]`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_head(
         q: &[f32],
         q_stride: usize,
-        k: &[f32],
-        v: &[f32],
+        k: &[u16],
+        v: &[u16],
         kv_stride: usize,
         kv_offset: usize,
         l: usize,
@@ -2814,12 +2818,22 @@ multiversion! {
             }
             return;
         }
+        // This head's keys and values as f32 rows of `hd` (exact: they are f16 values).
+        let AttentionScratch { p, slots, kf, vf } = scratch;
+        kf.clear();
+        vf.clear();
+        for c in 0..start + l {
+            let o = c * kv_stride + kv_offset;
+            kf.extend(k[o..o + hd].iter().map(|&b| f16::from_bits(b).to_f32()));
+            vf.extend(v[o..o + hd].iter().map(|&b| f16::from_bits(b).to_f32()));
+        }
+        let (k, v, kv_stride, kv_offset) = (&kf[..], &vf[..], hd, 0);
         for r in 0..l {
             let qr = &q[r * q_stride..r * q_stride + hd];
             // Positions past this row's own are masked (weight exactly 0): leaving them
             // out of the softmax and the weighted sum changes no bit of either.
             let visible = start + r + 1;
-            scratch.p.clear();
+            p.clear();
             for c in 0..visible {
                 let o = c * kv_stride + kv_offset;
                 let kc = &k[o..o + hd];
@@ -2828,21 +2842,21 @@ multiversion! {
                 } else {
                     f16_dot(qr, kc)
                 };
-                scratch.p.push(dot * scale);
+                p.push(dot * scale);
             }
-            softmax_row_chunked(&mut scratch.p);
-            for pc in scratch.p.iter_mut() {
+            softmax_row_chunked(p);
+            for pc in p.iter_mut() {
                 *pc = f16_round(*pc);
             }
             weighted_values(
-                &scratch.p,
+                p,
                 v,
                 kv_stride,
                 kv_offset,
                 hd,
                 prompt_rows,
                 &mut out[r * hd..(r + 1) * hd],
-                &mut scratch.slots,
+                slots,
             );
         }
     }
@@ -3067,8 +3081,8 @@ mod att512 {
     pub(super) unsafe fn attention_head(
         q: &[f32],
         q_stride: usize,
-        k: &[f32],
-        v: &[f32],
+        k: &[u16],
+        v: &[u16],
         kv_stride: usize,
         kv_offset: usize,
         l: usize,
@@ -3106,7 +3120,9 @@ mod att512 {
                         let mut acc = [_mm512_setzero_ps(); 4];
                         for j in 0..chunks {
                             let a = if chain { 0 } else { j % 4 };
-                            let kj = _mm512_loadu_ps(kc[16 * j..].as_ptr());
+                            let kj = _mm512_cvtph_ps(_mm256_loadu_si256(
+                                kc[16 * j..].as_ptr() as *const __m256i
+                            ));
                             acc[a] = _mm512_fmadd_ps(qv[j], kj, acc[a]);
                         }
                         if chain {
@@ -3137,7 +3153,9 @@ mod att512 {
                         let vr = &v[o..o + hd];
                         let pc = _mm512_set1_ps(scratch.p[c]);
                         for j in 0..chunks {
-                            let x = _mm512_loadu_ps(vr[16 * j..].as_ptr());
+                            let x = _mm512_cvtph_ps(_mm256_loadu_si256(
+                                vr[16 * j..].as_ptr() as *const __m256i
+                            ));
                             acc[j] = _mm512_fmadd_ps(pc, x, acc[j]);
                         }
                     }
@@ -3282,11 +3300,11 @@ mod attention_tests {
             ] {
                 let t = start + l;
                 let q: Vec<f32> = (0..l * 2 * hd).map(|_| rng.next_f32() - 0.5).collect();
-                let k: Vec<f32> = (0..t * kv_stride)
-                    .map(|_| f16_round(rng.next_f32() * 2.0 - 1.0))
+                let k: Vec<u16> = (0..t * kv_stride)
+                    .map(|_| f16::from_f32(rng.next_f32() * 2.0 - 1.0).to_bits())
                     .collect();
-                let v: Vec<f32> = (0..t * kv_stride)
-                    .map(|_| f16_round(rng.next_f32() - 0.5))
+                let v: Vec<u16> = (0..t * kv_stride)
+                    .map(|_| f16::from_f32(rng.next_f32() - 0.5).to_bits())
                     .collect();
                 let run = |no512: bool| {
                     tests::NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
@@ -3337,8 +3355,13 @@ mod attention_tests {
         let q = vec![
             1.0, 0.0, 0.0, 1.0, 1.0, 1.0, /* head 1 */ 0.0, 0.0, 1.0, 0.0, 0.5, 0.5,
         ];
-        let k = vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
-        let v = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let bits = |x: &[f32]| {
+            x.iter()
+                .map(|&v| f16::from_f32(v).to_bits())
+                .collect::<Vec<_>>()
+        };
+        let k = bits(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+        let v = bits(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let _ = n_kv;
         for prompt_rows in [true, false] {
             // Output as [l, n_head·hd], each head computed on its own.

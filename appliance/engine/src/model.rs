@@ -192,9 +192,11 @@ pub struct KvCache {
 }
 
 enum KvStore {
+    /// Per layer, `[position][kv_heads·head_dim]` as f16 bits (llama.cpp's default
+    /// cache type: the values are f16 roundings, so nothing is lost).
     Host {
-        k: Vec<Vec<f32>>,
-        v: Vec<Vec<f32>>,
+        k: Vec<Vec<u16>>,
+        v: Vec<Vec<u16>>,
         row: usize,
     },
     Tensors {
@@ -227,7 +229,7 @@ impl KvCache {
     /// Bytes held by this cache.
     pub fn bytes(&self) -> usize {
         match &self.store {
-            KvStore::Host { k, v, .. } => k.iter().chain(v).map(|x| x.capacity() * 4).sum(),
+            KvStore::Host { k, v, .. } => k.iter().chain(v).map(|x| x.capacity() * 2).sum(),
             KvStore::Tensors { k, v } => k
                 .iter()
                 .chain(v.iter())
@@ -299,6 +301,14 @@ multiversion! {
         for v in x.iter_mut() {
             *v = half::f16::from_f32(*v).to_f32();
         }
+    }
+}
+
+multiversion! {
+    /// Appends `x` rounded to f16 (round half to even, as [`half_round_in_place`]) as
+    /// bits to `out`.
+    fn to_f16_bits(x: &[f32], out: &mut Vec<u16>) {
+        out.extend(x.iter().map(|&v| half::f16::from_f32(v).to_bits()));
     }
 }
 
@@ -879,17 +889,15 @@ impl Model {
                 tr(&format!("Qcur-{li}#3"), &q, qd);
                 tr(&format!("Kcur-{li}#3"), &k, kvd);
                 half_round_in_place(&mut q);
-                half_round_in_place(&mut k);
-                half_round_in_place(&mut v);
                 for (it, &(s, l, _)) in items.iter_mut().zip(spans) {
                     if let KvStore::Host { k: ck, v: cv, .. } = &mut it.cache.store {
-                        ck[li].extend_from_slice(&k[s * kvd..(s + l) * kvd]);
-                        cv[li].extend_from_slice(&v[s * kvd..(s + l) * kvd]);
+                        to_f16_bits(&k[s * kvd..(s + l) * kvd], &mut ck[li]);
+                        to_f16_bits(&v[s * kvd..(s + l) * kvd], &mut cv[li]);
                     }
                 }
                 // Attention: one task per (sequence, head), each writing its own
                 // `[l, hd]` block of `heads`, laid out sequence by sequence.
-                let caches: Vec<(&[f32], &[f32])> = items
+                let caches: Vec<(&[u16], &[u16])> = items
                     .iter()
                     .map(|it| match &it.cache.store {
                         KvStore::Host { k: ck, v: cv, .. } => (&ck[li][..], &cv[li][..]),

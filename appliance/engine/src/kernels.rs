@@ -566,30 +566,16 @@ impl Q4KMatrix {
     }
 }
 
-/// One group of sixteen Q4_K rows times one Q8_K row (see [`dot_q41_group`]).
+/// Q4_K × Q8_K (see [`Levels::run`]), one activation row at a time.
 fn dot_q4k_group(w: &[Q4Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
-    for (i, xi) in x.iter().enumerate() {
-        let mut one = [0f32; 16];
+    Levels {
         #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: as in `dot_q41_group`.
-            #[allow(unsafe_code)]
-            unsafe {
-                if avx512() {
-                    lanes::q4k_zmm(w, xi, &mut one);
-                } else if has_avx2_fma() {
-                    lanes::q4k_ymm(w, xi, &mut one);
-                } else {
-                    q4k_group_portable(w, xi, &mut one);
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        q4k_group_portable(w, xi, &mut one);
-        for r in 0..16 {
-            out[r][i] = one[r];
-        }
+        zmm: Zmm::Rows(lanes::q4k_zmm),
+        #[cfg(target_arch = "x86_64")]
+        ymm: lanes::q4k_ymm,
+        plain: q4k_group_portable,
     }
+    .run(w, x, out)
 }
 
 /// One Q4_K row times one Q8_K row in llama.cpp's repacked order (see
@@ -668,30 +654,16 @@ fn dot_q6k_scalar(
     r[0] + r[1]
 }
 
-/// One group of sixteen Q6_K rows times one Q8_K row (see [`dot_q41_group`]).
+/// Q6_K × Q8_K (see [`Levels::run`]), one activation row at a time.
 fn dot_q6k_group(w: &[Q6Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
-    for (i, xi) in x.iter().enumerate() {
-        let mut one = [0f32; 16];
+    Levels {
         #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: as in `dot_q41_group`.
-            #[allow(unsafe_code)]
-            unsafe {
-                if avx512() {
-                    lanes::q6k_zmm(w, xi, &mut one);
-                } else if has_avx2_fma() {
-                    lanes::q6k_ymm(w, xi, &mut one);
-                } else {
-                    q6k_group_portable(w, xi, &mut one);
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        q6k_group_portable(w, xi, &mut one);
-        for r in 0..16 {
-            out[r][i] = one[r];
-        }
+        zmm: Zmm::Rows(lanes::q6k_zmm),
+        #[cfg(target_arch = "x86_64")]
+        ymm: lanes::q6k_ymm,
+        plain: q6k_group_portable,
     }
+    .run(w, x, out)
 }
 
 fn q6k_group_portable(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
@@ -985,111 +957,137 @@ fn quantize_rows<X: Send>(
     });
 }
 
-/// One group of sixteen Q4_1 rows times one or two Q8_1 rows, with the best kernel
-/// this machine has (chosen at run time); every kernel gives the same bits, those of
-/// [`dot_q41_q81_scalar`].
+/// A pair kernel: sixteen weight rows times activation rows `x[0]` and `x[1]` (`N = 2`)
+/// or `x[0]` alone (`N = 1`).
+#[cfg(target_arch = "x86_64")]
+type PairKernel<G, X> = unsafe fn(&[G], [&[X]; 2], &mut [[f32; 4]; 16]);
+/// A row kernel: sixteen weight rows times one activation row.
+#[cfg(target_arch = "x86_64")]
+type RowKernel<G, X> = unsafe fn(&[G], &[X], &mut [f32; 16]);
+
+/// One weight type's group kernels at each level; [`Levels::run`] picks one.
+struct Levels<G: 'static, X: 'static> {
+    /// AVX-512 VNNI: one pair kernel per `N` (`[1, 2]`), or a row kernel.
+    #[cfg(target_arch = "x86_64")]
+    zmm: Zmm<G, X>,
+    /// AVX2 and FMA/F16C.
+    #[cfg(target_arch = "x86_64")]
+    ymm: RowKernel<G, X>,
+    /// Plain code (safe; the reference the others are tested against).
+    plain: fn(&[G], &[X], &mut [f32; 16]),
+}
+
+#[cfg(target_arch = "x86_64")]
+enum Zmm<G: 'static, X: 'static> {
+    Pairs([PairKernel<G, X>; 2]),
+    Rows(RowKernel<G, X>),
+}
+
+impl<G, X> Levels<G, X> {
+    /// One group of sixteen weight rows times one or two activation rows (`x`), with
+    /// the best kernel this machine has (chosen at run time); every level gives the
+    /// same bits.
+    fn run(&self, w: &[G], x: &[&[X]], out: &mut [[f32; 4]; 16]) {
+        debug_assert!((1..=2).contains(&x.len()));
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: each kernel runs only where the CPU was seen to have the features
+            // it enables (`avx512()`, `has_avx2_fma()`).
+            #[allow(unsafe_code)]
+            unsafe {
+                if avx512() {
+                    match &self.zmm {
+                        Zmm::Pairs(k) => k[x.len() - 1](w, [x[0], x[x.len() - 1]], out),
+                        Zmm::Rows(k) => by_row(x, out, |xi, one| k(w, xi, one)),
+                    }
+                    return;
+                }
+                if has_avx2_fma() {
+                    by_row(x, out, |xi, one| (self.ymm)(w, xi, one));
+                    return;
+                }
+            }
+        }
+        by_row(x, out, |xi, one| (self.plain)(w, xi, one));
+    }
+}
+
+/// `kernel` on each activation row in turn, its sixteen results into that row's column
+/// of `out`.
+#[inline(always)]
+fn by_row<X>(x: &[&[X]], out: &mut [[f32; 4]; 16], mut kernel: impl FnMut(&[X], &mut [f32; 16])) {
+    for (i, xi) in x.iter().enumerate() {
+        let mut one = [0f32; 16];
+        kernel(xi, &mut one);
+        for (o, v) in out.iter_mut().zip(one) {
+            o[i] = v;
+        }
+    }
+}
+
+/// Q4_1 × Q8_1 (see [`Levels::run`]); the bits of [`dot_q41_q81_scalar`].
 fn dot_q41_group(w: &[Q41x16], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 16]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let xs = [x[0], x[x.len() - 1]];
-        // SAFETY: each kernel runs only where the CPU was seen to have the features it
-        // enables (`avx512()`, `has_avx2_fma()`).
-        #[allow(unsafe_code)]
-        unsafe {
-            if avx512() {
-                match x.len() {
-                    1 => lanes::q41_zmm::<1>(w, xs, out),
-                    _ => lanes::q41_zmm::<2>(w, xs, out),
-                }
-                return;
+    Levels {
+        #[cfg(target_arch = "x86_64")]
+        zmm: Zmm::Pairs([lanes::q41_zmm::<1>, lanes::q41_zmm::<2>]),
+        #[cfg(target_arch = "x86_64")]
+        ymm: lanes::q41_ymm,
+        plain: |w, x, out| {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = dot_q41_q81_scalar(w.iter().map(|g| g.row(r)), x);
             }
-            if has_avx2_fma() {
-                for (i, xi) in x.iter().enumerate() {
-                    let mut one = [0f32; 16];
-                    lanes::q41_ymm(w, xi, &mut one);
-                    for r in 0..16 {
-                        out[r][i] = one[r];
-                    }
-                }
-                return;
-            }
-        }
+        },
     }
-    for (r, o) in out.iter_mut().enumerate() {
-        for (i, xi) in x.iter().enumerate() {
-            o[i] = dot_q41_q81_scalar(w.iter().map(|g| g.row(r)), xi);
-        }
+    .run(w, x, out)
+}
+
+/// Groups whose rows read as signed-byte Q8_0 blocks (Q8_0 as stored, Q5_0 widened).
+trait I8Rows {
+    /// Row `r`'s block: `d` and 32 signed values.
+    fn row(&self, r: usize) -> BlockQ80;
+}
+
+impl I8Rows for Q80x16 {
+    fn row(&self, r: usize) -> BlockQ80 {
+        Q80x16::row(self, r)
     }
 }
 
-/// One group of sixteen Q8_0 rows times one or two Q8_0 rows (see [`dot_q41_group`];
-/// the bits of [`dot_q80_q80_scalar`]).
+impl I8Rows for Q50x16 {
+    fn row(&self, r: usize) -> BlockQ80 {
+        Q50x16::row(self, r)
+    }
+}
+
+/// The plain kernel of [`I8Rows`] groups: [`dot_q80_q80_scalar`] row by row.
+fn i8_group_plain<G: I8Rows>(w: &[G], x: &[BlockQ80], out: &mut [f32; 16]) {
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), x);
+    }
+}
+
+/// Q8_0 × Q8_0 (see [`Levels::run`]).
 fn dot_q80_group(w: &[Q80x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let xs = [x[0], x[x.len() - 1]];
-        // SAFETY: as in `dot_q41_group`.
-        #[allow(unsafe_code)]
-        unsafe {
-            if avx512() {
-                match x.len() {
-                    1 => lanes::q80_zmm::<1>(w, xs, out),
-                    _ => lanes::q80_zmm::<2>(w, xs, out),
-                }
-                return;
-            }
-            if has_avx2_fma() {
-                for (i, xi) in x.iter().enumerate() {
-                    let mut one = [0f32; 16];
-                    lanes::q80_ymm(w, xi, &mut one);
-                    for r in 0..16 {
-                        out[r][i] = one[r];
-                    }
-                }
-                return;
-            }
-        }
+    Levels {
+        #[cfg(target_arch = "x86_64")]
+        zmm: Zmm::Pairs([lanes::q80_zmm::<1>, lanes::q80_zmm::<2>]),
+        #[cfg(target_arch = "x86_64")]
+        ymm: lanes::q80_ymm,
+        plain: i8_group_plain,
     }
-    for (r, o) in out.iter_mut().enumerate() {
-        for (i, xi) in x.iter().enumerate() {
-            o[i] = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), xi);
-        }
-    }
+    .run(w, x, out)
 }
 
-/// One group of sixteen Q5_0 rows times one or two Q8_0 rows (see [`dot_q41_group`];
-/// the bits of [`dot_q80_q80_scalar`] on `q − 16`).
+/// Q5_0 × Q8_0 (see [`Levels::run`]): the bits of [`dot_q80_q80_scalar`] on `q − 16`.
 fn dot_q50_group(w: &[Q50x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let xs = [x[0], x[x.len() - 1]];
-        // SAFETY: as in `dot_q41_group`.
-        #[allow(unsafe_code)]
-        unsafe {
-            if avx512() {
-                match x.len() {
-                    1 => lanes::q50_zmm::<1>(w, xs, out),
-                    _ => lanes::q50_zmm::<2>(w, xs, out),
-                }
-                return;
-            }
-            if has_avx2_fma() {
-                for (i, xi) in x.iter().enumerate() {
-                    let mut one = [0f32; 16];
-                    lanes::q50_ymm(w, xi, &mut one);
-                    for r in 0..16 {
-                        out[r][i] = one[r];
-                    }
-                }
-                return;
-            }
-        }
+    Levels {
+        #[cfg(target_arch = "x86_64")]
+        zmm: Zmm::Pairs([lanes::q50_zmm::<1>, lanes::q50_zmm::<2>]),
+        #[cfg(target_arch = "x86_64")]
+        ymm: lanes::q50_ymm,
+        plain: i8_group_plain,
     }
-    for (r, o) in out.iter_mut().enumerate() {
-        for (i, xi) in x.iter().enumerate() {
-            o[i] = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), xi);
-        }
-    }
+    .run(w, x, out)
 }
 
 /// One group of sixteen Q4_0 rows times one to four activation rows, with the best

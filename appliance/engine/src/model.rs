@@ -36,36 +36,10 @@ enum LinearKind {
 }
 
 impl Linear {
+    /// Through candle's `QMatMul`: weight types or devices the engine has no kernel for
+    /// (the loader reads the others straight into the engine's layout, see `own`).
     fn new(t: Arc<QTensor>) -> Result<Self> {
         let (rows, cols) = t.shape().dims2()?;
-        if t.device().is_cpu() {
-            use crate::kernels::{
-                Q40Matrix, Q41Matrix, Q4KMatrix, Q50Matrix, Q6KMatrix, Q80Matrix,
-            };
-            let own = match t.dtype() {
-                GgmlDType::Q4K => {
-                    Q4KMatrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q4K)
-                }
-                GgmlDType::Q6K => {
-                    Q6KMatrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q6K)
-                }
-                GgmlDType::Q5_0 => {
-                    Q50Matrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q50)
-                }
-                GgmlDType::Q4_1 => {
-                    Q41Matrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q41)
-                }
-                GgmlDType::Q4_0 => {
-                    Q40Matrix::from_ggml_bytes(&t.data()?, rows, cols).map(LinearKind::Q40)
-                }
-                GgmlDType::Q8_0 => Q80Matrix::from_ggml_bytes(&t.data()?, rows, cols)
-                    .map(|m| LinearKind::Q80(Arc::new(m))),
-                _ => None,
-            };
-            if let Some(kind) = own {
-                return Ok(Self { kind, rows, cols });
-            }
-        }
         Ok(Self {
             kind: LinearKind::Candle(QMatMul::from_arc(t)?),
             rows,

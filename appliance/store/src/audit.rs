@@ -6,6 +6,7 @@
 //! stays so the tree still verifies), `audit_intents(id, body)` (requests in progress),
 //! `audit_checkpoints(size, time_ms, note)`.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row};
+use sqlx::Row;
 
 use crate::{Result, StoreError};
 
@@ -85,24 +86,60 @@ pub struct AuditDb {
     writer: SqlitePool,
 }
 
-/// Rows per INSERT statement at most (4 parameters each, under SQLite's 32766); a power
-/// of two.
-const ROWS_PER_INSERT: usize = 4096;
+/// One batch in one call: a single statement text, so the whole transaction is one trip
+/// to the connection's thread, however many rows. The rows travel as JSON arrays
+/// (`?1` records `[seq, time_ms, leaf hex, body]`, `?2` intents `[id, body]`, `?3` the
+/// intent ids to delete); `?4`-`?6` are the checkpoint, NULL when there is none. The
+/// text never changes, so its prepared statements stay cached.
+const COMMIT: &str = "BEGIN IMMEDIATE;
+INSERT INTO audit_records (seq, time_ms, leaf, body)
+    SELECT value->>0, value->>1, unhex(value->>2), value->>3 FROM json_each(?1);
+INSERT INTO audit_intents (id, body) SELECT value->>0, value->>1 FROM json_each(?2);
+DELETE FROM audit_intents WHERE id IN (SELECT value FROM json_each(?3));
+INSERT INTO audit_checkpoints (size, time_ms, note) SELECT ?4, ?5, ?6 WHERE ?4 IS NOT NULL;
+COMMIT;";
 
-/// Splits rows into runs whose lengths are powers of two (largest first), so that the
-/// few statement texts that result stay in the prepared-statement cache whatever the
-/// batch sizes.
-fn chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
-    let mut rest = rows;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
+/// `[[seq, time_ms, "leaf hex", "body"], ...]`.
+fn records_json(records: &[NewAuditRow<'_>]) -> String {
+    let mut out =
+        String::with_capacity(2 + records.iter().map(|r| r.body.len() + 110).sum::<usize>());
+    out.push('[');
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
         }
-        let n = rest.len().min(ROWS_PER_INSERT);
-        let (run, after) = rest.split_at(1 << (usize::BITS - 1 - n.leading_zeros()));
-        rest = after;
-        Some(run)
-    })
+        let _ = write!(out, "[{},{},\"", r.seq, r.time_ms);
+        for b in r.leaf {
+            let _ = write!(out, "{b:02x}");
+        }
+        out.push_str("\",");
+        out.push_str(&json_str(r.body));
+        out.push(']');
+    }
+    out.push(']');
+    out
+}
+
+/// `s` as a JSON string.
+fn json_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// `[[id, "body"], ...]`.
+fn intents_json(intents: &[(u64, &str)]) -> String {
+    let mut out =
+        String::with_capacity(2 + intents.iter().map(|(_, b)| b.len() + 30).sum::<usize>());
+    out.push('[');
+    for (i, (id, body)) in intents.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "[{id},");
+        out.push_str(&json_str(body));
+        out.push(']');
+    }
+    out.push(']');
+    out
 }
 
 impl AuditDb {
@@ -161,48 +198,24 @@ impl AuditDb {
         // Plain BEGIN/COMMIT rather than sqlx's transaction: a COMMIT that fails with
         // SQLITE_FULL or SQLITE_BUSY leaves SQLite's transaction open, and the connection
         // must be rolled back and dropped, not reused inside it.
+        let resolved = format!(
+            "[{}]",
+            resolved
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         let mut conn = self.writer.acquire().await?;
-        let result = async {
-            sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-            for chunk in chunks(records) {
-                let mut q =
-                    QueryBuilder::new("INSERT INTO audit_records (seq, time_ms, leaf, body) ");
-                q.push_values(chunk, |mut b, r| {
-                    b.push_bind(r.seq as i64)
-                        .push_bind(r.time_ms)
-                        .push_bind(r.leaf)
-                        .push_bind(r.body);
-                });
-                q.build().execute(&mut *conn).await?;
-            }
-            for chunk in chunks(intents) {
-                let mut q = QueryBuilder::new("INSERT INTO audit_intents (id, body) ");
-                q.push_values(chunk, |mut b, (id, body)| {
-                    b.push_bind(*id as i64).push_bind(*body);
-                });
-                q.build().execute(&mut *conn).await?;
-            }
-            for chunk in chunks(resolved) {
-                let mut q = QueryBuilder::new("DELETE FROM audit_intents WHERE id IN (");
-                let mut list = q.separated(", ");
-                for id in chunk {
-                    list.push_bind(*id as i64);
-                }
-                q.push(")");
-                q.build().execute(&mut *conn).await?;
-            }
-            if let Some((size, time_ms, note)) = checkpoint {
-                sqlx::query("INSERT INTO audit_checkpoints (size, time_ms, note) VALUES (?, ?, ?)")
-                    .bind(size as i64)
-                    .bind(time_ms)
-                    .bind(note)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
-            Ok::<(), sqlx::Error>(())
-        }
-        .await;
+        let result = sqlx::query(COMMIT)
+            .bind(records_json(records))
+            .bind(intents_json(intents))
+            .bind(resolved)
+            .bind(checkpoint.map(|c| c.0 as i64))
+            .bind(checkpoint.map(|c| c.1))
+            .bind(checkpoint.map(|c| c.2))
+            .execute(&mut *conn)
+            .await;
         if let Err(e) = result {
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
             conn.close_on_drop();
@@ -398,24 +411,49 @@ impl AuditDb {
 mod tests {
     use super::*;
 
-    #[test]
-    fn rows_go_in_power_of_two_runs() {
-        let rows: Vec<u32> = (0..9000).collect();
-        let lens: Vec<usize> = chunks(&rows).map(<[u32]>::len).collect();
-        assert_eq!(lens, [4096, 4096, 512, 256, 32, 8]);
-        assert_eq!(chunks(&rows).flatten().copied().collect::<Vec<_>>(), rows);
-        assert_eq!(chunks(&rows[..1]).count(), 1);
-        assert_eq!(chunks::<u32>(&[]).count(), 0);
-    }
-
-    #[tokio::test]
-    async fn batches_are_all_or_nothing() {
-        let dir = std::env::temp_dir().join(format!("audit-db-{}", std::process::id()));
+    /// An empty audit database in a directory of its own.
+    async fn fresh(name: &str) -> (std::path::PathBuf, AuditDb) {
+        let dir = std::env::temp_dir().join(format!("{name}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let db = AuditDb::open(&dir.join("audit.db"), Duration::from_millis(200))
             .await
             .unwrap();
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn texts_and_leaves_come_back_byte_for_byte() {
+        let (dir, db) = fresh("audit-db-bytes-").await;
+        let leaf: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
+        let odd = "{\"q\":\"a \\\"quote\\\" \\\\ back\",\"u\":\"\u{e9}\u{1F600}\u{2028}\",\"t\":\"\t\u{7f}\"} ' -- ;";
+        let row = NewAuditRow {
+            seq: 1,
+            time_ms: -5,
+            leaf: &leaf,
+            body: odd,
+        };
+        db.commit(&[row], &[(7, odd), (8, "")], &[], Some((1, 2, odd)))
+            .await
+            .unwrap();
+        let got = db.rows(1, 1).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].leaf, leaf);
+        assert_eq!(got[0].time_ms, -5);
+        assert_eq!(got[0].body.as_deref(), Some(odd));
+        assert_eq!(
+            db.intents().await.unwrap(),
+            vec![(7, odd.to_string()), (8, String::new())]
+        );
+        // Nothing at all is a valid batch too.
+        db.commit(&[], &[], &[7, 8, 9], None).await.unwrap();
+        assert!(db.intents().await.unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn batches_are_all_or_nothing() {
+        let (dir, db) = fresh("audit-db-").await;
         let leaf = [1u8; 32];
         let rows: Vec<NewAuditRow> = (1..=5000)
             .map(|seq| NewAuditRow {

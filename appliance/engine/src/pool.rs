@@ -41,6 +41,10 @@ struct Shared {
     /// Sleeping workers wait here (after spinning for [`SPIN`]).
     sleep: Mutex<()>,
     wake: Condvar,
+    /// Workers between deciding to sleep and waking: a loop notifies only when there
+    /// are some (a notify is a system call even with nobody waiting, and a decode step
+    /// starts a few hundred loops).
+    sleepers: AtomicUsize,
 }
 
 /// How long an idle worker spins for the next loop before it sleeps.
@@ -72,6 +76,7 @@ impl Pool {
             stop: AtomicBool::new(false),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
         });
         let workers = (1..threads.max(1))
             .filter_map(|i| {
@@ -114,8 +119,11 @@ impl Pool {
         });
         s.next.store(0, Ordering::Relaxed);
         s.pending.store(self.workers.len(), Ordering::Relaxed);
-        s.generation.fetch_add(1, Ordering::Release);
-        {
+        // SeqCst pairs with the worker's increment of `sleepers` before it looks at the
+        // generation: either it sees this loop's generation, or this sees it sleeping
+        // (and then cannot notify before it waits: both hold `sleep`).
+        s.generation.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = lock(&s.sleep);
             s.wake.notify_all();
         }
@@ -182,13 +190,17 @@ fn worker(s: &Shared, index: usize) {
                 continue;
             }
             let guard = lock(&s.sleep);
-            if s.generation.load(Ordering::Acquire) == seen {
+            s.sleepers.fetch_add(1, Ordering::SeqCst);
+            if s.generation.load(Ordering::SeqCst) == seen {
                 // Woken by the next loop's notify (or spuriously: then look again).
                 let _ = s
                     .wake
                     .wait_timeout(guard, Duration::from_millis(100))
                     .map(|(g, _)| drop(g));
+            } else {
+                drop(guard);
             }
+            s.sleepers.fetch_sub(1, Ordering::SeqCst);
         }
         if s.stop.load(Ordering::Acquire) {
             return;

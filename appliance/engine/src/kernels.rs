@@ -3140,34 +3140,46 @@ mod att512 {
                 for pc in scratch.p.iter_mut() {
                     *pc = f16_round(*pc);
                 }
-                // Weighted values: slot `s` takes positions `s, s + n, s + 2n, ...`.
-                let n_slots = if chain { 16 } else { 64 };
+                // Weighted values: slot `s` takes positions `s, s + n, s + 2n, ...` (`n`
+                // 16 for prompt rows, 64 for decode rows). With 64, slots `l`, `l + 16`,
+                // `l + 32`, `l + 48` are summed in registers as `reduce_slots` pairs them,
+                // `(s_l + s_{l+32}) + (s_{l+16} + s_{l+48})`, four dimensions' chunks at a
+                // time, so only sixteen slots are stored; then the sixteen-lane tree.
+                let quads = if chain { 1 } else { 4 };
                 scratch.slots.clear();
-                scratch.slots.resize(n_slots * hd, 0.0);
-                for s in 0..n_slots.min(visible) {
-                    let mut acc = [_mm512_setzero_ps(); 16];
-                    for c in (s..visible).step_by(n_slots) {
-                        let o = c * kv_stride + kv_offset;
-                        let vr = &v[o..o + hd];
-                        let pc = _mm512_set1_ps(scratch.p[c]);
-                        for j in 0..chunks {
-                            let x = _mm512_cvtph_ps(_mm256_loadu_si256(
-                                vr[16 * j..].as_ptr() as *const __m256i
-                            ));
-                            acc[j] = _mm512_fmadd_ps(pc, x, acc[j]);
+                scratch.slots.resize(16 * hd, 0.0);
+                for l in 0..16 {
+                    for j0 in (0..chunks).step_by(4) {
+                        let nj = (chunks - j0).min(4);
+                        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                        for (q, acc_q) in acc.iter_mut().enumerate().take(quads) {
+                            for c in (l + 16 * q..visible).step_by(16 * quads) {
+                                let o = c * kv_stride + kv_offset + 16 * j0;
+                                let vr = &v[o..o + 16 * nj];
+                                let pc = _mm512_set1_ps(scratch.p[c]);
+                                for (j, a) in acc_q.iter_mut().enumerate().take(nj) {
+                                    let x = _mm512_cvtph_ps(_mm256_loadu_si256(
+                                        vr[16 * j..].as_ptr() as *const __m256i,
+                                    ));
+                                    *a = _mm512_fmadd_ps(pc, x, *a);
+                                }
+                            }
+                        }
+                        let dst = &mut scratch.slots[l * hd + 16 * j0..(l + 1) * hd];
+                        for j in 0..nj {
+                            let sum = if chain {
+                                acc[0][j]
+                            } else {
+                                _mm512_add_ps(
+                                    _mm512_add_ps(acc[0][j], acc[2][j]),
+                                    _mm512_add_ps(acc[1][j], acc[3][j]),
+                                )
+                            };
+                            _mm512_storeu_ps(dst[16 * j..].as_mut_ptr(), sum);
                         }
                     }
-                    let dst = &mut scratch.slots[s * hd..(s + 1) * hd];
-                    for j in 0..chunks {
-                        _mm512_storeu_ps(dst[16 * j..].as_mut_ptr(), acc[j]);
-                    }
                 }
-                reduce_slots(
-                    &mut scratch.slots,
-                    hd,
-                    chain,
-                    &mut out[r * hd..(r + 1) * hd],
-                );
+                reduce_slots(&mut scratch.slots, hd, true, &mut out[r * hd..(r + 1) * hd]);
             }
         }
     }

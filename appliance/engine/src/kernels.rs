@@ -2933,7 +2933,7 @@ fn reduce_slots(slots: &mut [f32], hd: usize, chain: bool, o: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod att512 {
-    use super::{f16_round, reduce16, reduce_slots, AttentionScratch};
+    use super::{reduce16, reduce_slots, AttentionScratch};
     use std::arch::x86_64::*;
 
     /// ggml's `ggml_v_expf` (AVX-512): [`super::ggml_expf`] in sixteen lanes, the same
@@ -3137,8 +3137,17 @@ mod att512 {
                 }
                 scratch.p.truncate(visible);
                 softmax(&mut scratch.p);
-                for pc in scratch.p.iter_mut() {
-                    *pc = f16_round(*pc);
+                // The weights through f16, sixteen at a time (round to nearest even, as
+                // `f16_round`).
+                for ch in scratch.p.chunks_mut(16) {
+                    let m: __mmask16 = if ch.len() == 16 {
+                        0xFFFF
+                    } else {
+                        (1u16 << ch.len()) - 1
+                    };
+                    let x = _mm512_maskz_loadu_ps(m, ch.as_ptr());
+                    let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                    _mm512_mask_storeu_ps(ch.as_mut_ptr(), m, _mm512_cvtph_ps(h));
                 }
                 // Weighted values: slot `s` takes positions `s, s + n, s + 2n, ...` (`n`
                 // 16 for prompt rows, 64 for decode rows). With 64, slots `l`, `l + 16`,

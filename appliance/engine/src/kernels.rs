@@ -873,11 +873,14 @@ fn lanes_step() -> usize {
     }
 }
 
-/// `out[m, rows] = x · Wᵀ` over a matrix stored in groups of `R` rows: about eight
-/// tasks per thread, each a run of groups; within a task, the activation rows `step` at
-/// a time (each weight block read once for all of them). Every (row, sequence) dot
-/// product keeps its own accumulators and order, so the result does not depend on the
-/// grouping.
+/// `out[m, rows] = x · Wᵀ` over a matrix stored in groups of `R` rows: one task per
+/// thread, each one contiguous run of groups (a thread that is free takes the next
+/// task, so a late thread costs no more than its share); within a task, the activation
+/// rows `step` at a time (each weight block read once for all of them). One long run
+/// per thread streams from memory much better than many short ones: with eight tasks
+/// per thread, decode on two threads was 25-35% slower (docs/BENCHMARKS.md). Every
+/// (row, sequence) dot product keeps its own accumulators and order, so the result
+/// does not depend on the grouping.
 #[allow(clippy::too_many_arguments)]
 fn grouped<G: Sync, X: Sync, const R: usize>(
     groups: &[G],
@@ -893,7 +896,7 @@ fn grouped<G: Sync, X: Sync, const R: usize>(
     debug_assert_eq!(out.len(), m * rows);
     debug_assert!((1..=4).contains(&step));
     let n_groups = rows.div_ceil(R);
-    let tasks = (pool.threads() * 8).min(n_groups).max(1);
+    let tasks = pool.threads().min(n_groups).max(1);
     let per = n_groups.div_ceil(tasks);
     let x_rows: Vec<&[X]> = (0..m).map(|i| &xq[i * kb..(i + 1) * kb]).collect();
     // Task `t` owns rows `t·per·R..` of every activation row's output: `m` slices each.

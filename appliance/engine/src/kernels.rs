@@ -461,12 +461,14 @@ const Q4K_BYTES: usize = 144;
 const QKK: usize = 256;
 
 /// ggml's Q8_K block of activations (256 values, `d` kept as f32) with the sums of
-/// each 16.
+/// each 16. `batch`: the row belongs to a prompt of at least [`Q6K_BATCH_ROWS`] rows,
+/// whose Q6_K products llama.cpp sums in another order (see [`Q6KMatrix`]).
 #[derive(Debug, Clone, Copy)]
 struct BlockQ8K {
     d: f32,
     bsums: [i32; 16],
     qs: [i8; 256],
+    batch: bool,
 }
 
 impl Default for BlockQ8K {
@@ -475,6 +477,7 @@ impl Default for BlockQ8K {
             d: 0.0,
             bsums: [0; 16],
             qs: [0; 256],
+            batch: false,
         }
     }
 }
@@ -516,14 +519,37 @@ multiversion! {
 /// `q − 32` from the 16-value sums, pairing them with lanes by position, not by the
 /// values the lane holds), scaled by one FMA with `d_x·d_w` per super-block, the lanes
 /// reduced as `hsum_float_8`.
+///
+/// That is llama.cpp's order for batches of fewer than [`Q6K_BATCH_ROWS`] rows (decode).
+/// For larger ones (a prompt) it sums otherwise, measured against its `ggml_mul_mat`
+/// through ctypes (every output equal): per super-block the whole exact integer
+/// `Σ sc·(q − 32)·x`, converted and multiplied by `d_w`, then `acc = fma(d_x, ·, acc)`,
+/// one chain per row from zero. Rows flagged as such (see [`Q6KMatrix::matmul_rows`])
+/// take that order.
 pub type Q6KMatrix = Grouped<Q6Kx16>;
 
+/// The number of rows from which llama.cpp's CPU backend multiplies Q6_K weights in its
+/// batch order (7 rows: per-row `vec_dot`; 8: the batch order).
+pub const Q6K_BATCH_ROWS: usize = 8;
+
 impl Q6KMatrix {
-    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`, every row in the
+    /// `vec_dot` order.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
+        self.matmul_rows(x, m, out, pool, &[]);
+    }
+
+    /// As [`Q6KMatrix::matmul_into`], activation row `i` in the batch order where
+    /// `batch[i]` (rows past `batch`'s end: `vec_dot` order).
+    pub fn matmul_rows(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool, batch: &[bool]) {
         let kb = self.cols / QKK;
         let mut xq = vec![BlockQ8K::default(); m * kb];
         quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_k);
+        for (row, &b) in xq.chunks_mut(kb).zip(batch) {
+            for blk in row {
+                blk.batch = b;
+            }
+        }
         grouped(
             &self.groups,
             &xq,
@@ -631,6 +657,7 @@ fn dot_q6k_scalar(
     x: &[BlockQ8K],
 ) -> f32 {
     let mut acc = [0f32; 8];
+    let mut chain = 0f32;
     for (b, xb) in x.iter().enumerate() {
         let mut lanes = [0i32; 8];
         for e in 0..QKK {
@@ -639,10 +666,19 @@ fn dot_q6k_scalar(
         for (l, lane) in lanes.iter_mut().enumerate() {
             *lane -= 32 * (sc(b, 2 * l) * xb.bsums[2 * l] + sc(b, 2 * l + 1) * xb.bsums[2 * l + 1]);
         }
+        if xb.batch {
+            // The whole super-block's exact integer, times `d_w`, then one FMA with `d_x`.
+            let t = d(b) * lanes.iter().sum::<i32>() as f32;
+            chain = xb.d.mul_add(t, chain);
+            continue;
+        }
         let dd = xb.d * d(b);
         for (a, l) in acc.iter_mut().zip(lanes) {
             *a = dd.mul_add(l as f32, *a);
         }
+    }
+    if x.first().is_some_and(|xb| xb.batch) {
+        return chain;
     }
     let r = [
         acc[0] + acc[4],
@@ -1508,11 +1544,26 @@ mod lanes {
                     );
                     isum[l] = _mm512_sub_epi32(isum[l], _mm512_slli_epi32::<5>(pair));
                 }
+                if xb.batch {
+                    // Prompt order: the super-block's whole integer, times `d_w`, then
+                    // one FMA with `d_x` into one chain (kept in `acc[0]`).
+                    let mut all = isum[0];
+                    for v in &isum[1..] {
+                        all = _mm512_add_epi32(all, *v);
+                    }
+                    let t = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(all));
+                    acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(xb.d), t, acc[0]);
+                    continue;
+                }
                 for l in 0..8 {
                     acc[l] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum[l]), acc[l]);
                 }
             }
-            _mm512_storeu_ps(out.as_mut_ptr(), hsum8_zmm(&acc));
+            if x.first().is_some_and(|xb| xb.batch) {
+                _mm512_storeu_ps(out.as_mut_ptr(), acc[0]);
+            } else {
+                _mm512_storeu_ps(out.as_mut_ptr(), hsum8_zmm(&acc));
+            }
         }
     }
 
@@ -1580,11 +1631,24 @@ mod lanes {
                         );
                         isum[l] = _mm256_sub_epi32(isum[l], _mm256_slli_epi32::<5>(pair));
                     }
+                    if xb.batch {
+                        let mut all = isum[0];
+                        for v in &isum[1..] {
+                            all = _mm256_add_epi32(all, *v);
+                        }
+                        let t = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(all));
+                        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(xb.d), t, acc[0]);
+                        continue;
+                    }
                     for l in 0..8 {
                         acc[l] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[l]), acc[l]);
                     }
                 }
-                _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), hsum8_ymm(&acc));
+                if x.first().is_some_and(|xb| xb.batch) {
+                    _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), acc[0]);
+                } else {
+                    _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), hsum8_ymm(&acc));
+                }
             }
         }
     }
@@ -1988,6 +2052,22 @@ mod simd {
 mod tests {
     use super::*;
 
+    /// Runs `f` with the kernels forced to each level in turn: the best this machine
+    /// has, then AVX2, then the portable code.
+    fn at_each_level(mut f: impl FnMut(&str)) {
+        for (no512, no2, level) in [
+            (false, false, kernel_level()),
+            (true, false, "avx2"),
+            (true, true, "portable"),
+        ] {
+            NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
+            NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+            f(level);
+            NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
+            NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Set by tests to run the AVX2/portable kernels on an AVX-512 machine too; every
     /// kernel gives the same bits, so tests running meanwhile are unaffected.
     pub(super) static NO_AVX512: std::sync::atomic::AtomicBool =
@@ -2090,19 +2170,11 @@ mod tests {
                     assert!((got - exact).abs() < 0.05, "row {r}: {got} vs {exact}");
                 }
             }
-            for (no512, no2, level) in [
-                (false, false, kernel_level()),
-                (true, false, "avx2"),
-                (true, true, "portable"),
-            ] {
-                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+            at_each_level(|level| {
                 let mut got = vec![0f32; m * rows];
                 mat.matmul_into(&x, m, &mut got, &pool);
-                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
                 assert_eq!(bits(&got), bits(&want), "{level}, {m} rows");
-            }
+            });
         }
     }
 
@@ -2167,19 +2239,44 @@ mod tests {
                     );
                 }
             }
-            for (no512, no2, level) in [
-                (false, false, kernel_level()),
-                (true, false, "avx2"),
-                (true, true, "portable"),
-            ] {
-                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+            at_each_level(|level| {
                 let mut got = vec![0f32; m * rows];
                 mat.matmul_into(&x, m, &mut got, &pool);
-                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
                 assert_eq!(bits(&got), bits(&want), "{level}, {m} rows");
+            });
+            // Rows 0 and 2 in llama.cpp's batch order: per super-block the exact
+            // integer, times d_w, one FMA with d_x, from zero.
+            let flags: Vec<bool> = (0..m).map(|i| i % 2 == 0).collect();
+            let mut want_rows = want.clone();
+            for i in (0..m).filter(|&i| flags[i]) {
+                let mut xq = vec![BlockQ8K::default(); kb];
+                quantize_row_q8_k(&x[i * cols..(i + 1) * cols], &mut xq);
+                for r in 0..rows {
+                    let d =
+                        |b: usize| f16::from_le_bytes([blk(r, b)[208], blk(r, b)[209]]).to_f32();
+                    let mut acc = 0f32;
+                    for (b, xb) in xq.iter().enumerate() {
+                        let isum: i32 = (0..QKK)
+                            .map(|e| {
+                                let sc = blk(r, b)[192 + e / 16] as i8 as i32;
+                                sc * (value(r, b, e) - 32) * xb.qs[e] as i32
+                            })
+                            .sum();
+                        acc = xb.d.mul_add(d(b) * isum as f32, acc);
+                    }
+                    assert_ne!(acc.to_bits(), 0);
+                    want_rows[i * rows + r] = acc;
+                }
             }
+            at_each_level(|level| {
+                let mut got = vec![0f32; m * rows];
+                mat.matmul_rows(&x, m, &mut got, &pool, &flags);
+                assert_eq!(
+                    bits(&got),
+                    bits(&want_rows),
+                    "{level}, {m} rows, batch order"
+                );
+            });
         }
     }
 
@@ -2392,19 +2489,11 @@ mod tests {
                     want[i * rows + r] = acc;
                 }
             }
-            for (no512, no2, level) in [
-                (false, false, kernel_level()),
-                (true, false, "avx2"),
-                (true, true, "portable"),
-            ] {
-                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+            at_each_level(|level| {
                 let mut got = vec![0f32; m * rows];
                 mat.matmul_into(&x, m, &mut got, &pool);
-                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
                 assert_eq!(bits(&got), bits(&want), "{level}, {m} rows");
-            }
+            });
             // Close to the dequantized weights times the exact activations.
             for r in 0..rows {
                 let blk = |b: usize| &bytes[(r * kb + b) * Q40_BYTES..][..Q40_BYTES];

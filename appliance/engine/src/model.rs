@@ -58,19 +58,23 @@ impl Linear {
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ` on the CPU, spread over `pool`.
+    /// `batch[i]`: activation row `i` is part of a prompt long enough that llama.cpp
+    /// multiplies it in its batch order (only Q6_K weights have one; see
+    /// [`crate::kernels::Q6KMatrix`]).
     fn forward_host(
         &self,
         x: &[f32],
         m: usize,
         out: &mut [f32],
         pool: &Pool,
+        batch: &[bool],
     ) -> candle_core::Result<()> {
         match &self.kind {
             LinearKind::Q41(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q80(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q40(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q50(w) => w.matmul_into(x, m, out, pool),
-            LinearKind::Q6K(w) => w.matmul_into(x, m, out, pool),
+            LinearKind::Q6K(w) => w.matmul_rows(x, m, out, pool, batch),
             LinearKind::Q4K(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Candle(w) => {
                 let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
@@ -836,6 +840,15 @@ impl Model {
         }
         let neox = cfg.architecture == Architecture::Qwen2;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        // Rows of prompts of at least `Q6K_BATCH_ROWS` tokens: llama.cpp's batch order for
+        // Q6_K weights (what it does for such a prompt on its own).
+        let batch: Vec<bool> = items
+            .iter()
+            .zip(spans)
+            .flat_map(|(it, &(_, l, _))| {
+                std::iter::repeat_n(it.prompt_rows && l >= crate::kernels::Q6K_BATCH_ROWS, l)
+            })
+            .collect();
         let mut h = vec![0f32; total * e];
         let mut q = vec![0f32; total * qd];
         let mut k = vec![0f32; total * kvd];
@@ -849,9 +862,9 @@ impl Model {
             for (li, (layer, hl)) in self.layers.iter().zip(&host.layers).enumerate() {
                 rms_norm_rows(&x, &hl.attn_norm, e, cfg.rms_eps, &mut h);
                 tr(&format!("attn_norm-{li}"), &h, e);
-                layer.wq.forward_host(&h, total, &mut q, pool)?;
-                layer.wk.forward_host(&h, total, &mut k, pool)?;
-                layer.wv.forward_host(&h, total, &mut v, pool)?;
+                layer.wq.forward_host(&h, total, &mut q, pool, &batch)?;
+                layer.wk.forward_host(&h, total, &mut k, pool, &batch)?;
+                layer.wv.forward_host(&h, total, &mut v, pool, &batch)?;
                 add_bias(&mut q, &hl.bq);
                 add_bias(&mut k, &hl.bk);
                 add_bias(&mut v, &hl.bv);
@@ -929,20 +942,24 @@ impl Model {
                     }
                 }
                 tr(&format!("kqv_out-{li}"), &att, qd);
-                layer.wo.forward_host(&att, total, &mut o, pool)?;
+                layer.wo.forward_host(&att, total, &mut o, pool, &batch)?;
                 tr(&format!("attn_out-{li}"), &o, e);
                 for (a, b) in x.iter_mut().zip(&o) {
                     *a += b;
                 }
                 rms_norm_rows(&x, &hl.ffn_norm, e, cfg.rms_eps, &mut h);
                 tr(&format!("ffn_norm-{li}"), &h, e);
-                layer.w_gate.forward_host(&h, total, &mut gate, pool)?;
-                layer.w_up.forward_host(&h, total, &mut up, pool)?;
+                layer
+                    .w_gate
+                    .forward_host(&h, total, &mut gate, pool, &batch)?;
+                layer.w_up.forward_host(&h, total, &mut up, pool, &batch)?;
                 tr(&format!("ffn_gate-{li}"), &gate, ff);
                 tr(&format!("ffn_up-{li}"), &up, ff);
                 crate::kernels::swiglu_in_place(&mut gate, &up);
                 tr(&format!("ffn_swiglu-{li}"), &gate, ff);
-                layer.w_down.forward_host(&gate, total, &mut o, pool)?;
+                layer
+                    .w_down
+                    .forward_host(&gate, total, &mut o, pool, &batch)?;
                 tr(&format!("ffn_out-{li}"), &o, e);
                 for (a, b) in x.iter_mut().zip(&o) {
                     *a += b;
@@ -990,7 +1007,9 @@ impl Model {
         tr("result_norm", &last, e);
         let vocab = self.output.rows;
         let mut logits = vec![0f32; n_rows * vocab];
-        self.output.forward_host(&last, n_rows, &mut logits, pool)?;
+        // Logit rows are one per sequence, as in llama.cpp's output matmul: never a batch.
+        self.output
+            .forward_host(&last, n_rows, &mut logits, pool, &[])?;
         let mut chunks = logits.chunks_exact(vocab);
         for (slot, it) in result.iter_mut().zip(items.iter()) {
             if it.want_logits {

@@ -461,8 +461,9 @@ const Q4K_BYTES: usize = 144;
 const QKK: usize = 256;
 
 /// ggml's Q8_K block of activations (256 values, `d` kept as f32) with the sums of
-/// each 16. `batch`: the row belongs to a prompt of at least [`Q6K_BATCH_ROWS`] rows,
-/// whose Q6_K products llama.cpp sums in another order (see [`Q6KMatrix`]).
+/// each 16. `batch`: the row is one that llama.cpp multiplies in its batch order: for
+/// Q6_K weights a row of a prompt of at least [`Q6K_BATCH_ROWS`] rows ([`Q6KMatrix`]),
+/// for Q4_K one that its GEMM takes ([`Q4KMatrix`]).
 #[derive(Debug, Clone, Copy)]
 struct BlockQ8K {
     d: f32,
@@ -532,36 +533,34 @@ pub type Q6KMatrix = Grouped<Q6Kx16>;
 /// batch order (7 rows: per-row `vec_dot`; 8: the batch order).
 pub const Q6K_BATCH_ROWS: usize = 8;
 
-impl Q6KMatrix {
-    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`, every row in the
-    /// `vec_dot` order.
-    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
-        self.matmul_rows(x, m, out, pool, &[]);
-    }
+/// Where an activation row sits, for the weight types whose llama.cpp arithmetic
+/// depends on the batch (Q6_K, Q4_K): `Some((i, l))` for row `i` of a prompt of `l`
+/// rows (as llama.cpp runs that prompt alone), `None` for a decode or logits row.
+pub type RowPlace = Option<(usize, usize)>;
 
-    /// As [`Q6KMatrix::matmul_into`], activation row `i` in the batch order where
-    /// `batch[i]` (rows past `batch`'s end: `vec_dot` order).
-    pub fn matmul_rows(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool, batch: &[bool]) {
-        let kb = self.cols / QKK;
-        let mut xq = vec![BlockQ8K::default(); m * kb];
-        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_k);
-        for (row, &b) in xq.chunks_mut(kb).zip(batch) {
-            for blk in row {
-                blk.batch = b;
-            }
+/// `out[m, rows] = x[m, cols] · Wᵀ` for a K-quant matrix (activations quantized to
+/// Q8_K), each row's `batch` flag set from its place by `batch(i, l)`.
+#[allow(clippy::too_many_arguments)]
+fn k_matmul<G: Sync>(
+    w: &Grouped<G>,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    pool: &Pool,
+    places: &[RowPlace],
+    batch: impl Fn(usize, usize) -> bool,
+    kernel: &Group<'_, G, BlockQ8K, 16>,
+) {
+    let kb = w.cols / QKK;
+    let mut xq = vec![BlockQ8K::default(); m * kb];
+    quantize_rows(x, w.cols, &mut xq, kb, pool, quantize_row_q8_k);
+    for (row, place) in xq.chunks_mut(kb).zip(places) {
+        let b = place.is_some_and(|(i, l)| batch(i, l));
+        for blk in row {
+            blk.batch = b;
         }
-        grouped(
-            &self.groups,
-            &xq,
-            kb,
-            self.rows,
-            m,
-            out,
-            pool,
-            1,
-            &dot_q6k_group,
-        );
     }
+    grouped(&w.groups, &xq, kb, w.rows, m, out, pool, 1, kernel);
 }
 
 /// A Q4_K weight matrix (in Q4_K_M files, the other half of the FFN down
@@ -569,26 +568,59 @@ impl Q6KMatrix {
 /// eight-row tiles (`ggml_gemv/gemm_q4_K_8x8_q8_K`): activations quantized to Q8_K; per
 /// row and super-block the exact integers `Σ_s sc_s·Σ q·x` and `Σ_s m_s·Σx`; the row's
 /// result `acc − acc_min`, each the FMA chain over super-blocks of its integer times
-/// `d_w·d_x` (resp. `dmin_w·d_x`).
+/// `d_w·d_x` (resp. `dmin_w·d_x`). That is the GEMV, which llama.cpp runs for decode
+/// rows and for the last `l % 4` rows of an `l`-row batch; its GEMM (the first
+/// `4·⌊l/4⌋` rows, four at a time) has the same chains but one FMA per pair of
+/// sub-blocks (64 values) instead of per super-block (`tests/oracle/q4k_order.py`,
+/// every output equal).
 pub type Q4KMatrix = Grouped<Q4Kx16>;
 
-impl Q4KMatrix {
-    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
+/// The K-quant group types whose llama.cpp order depends on a row's place.
+trait KQuant: Sync + Sized + 'static {
+    /// Whether row `i` of an `l`-row prompt takes llama.cpp's batch order.
+    fn batch(i: usize, l: usize) -> bool;
+    /// Sixteen weight rows × one activation row (see [`Levels::run`]).
+    fn kernel(w: &[Self], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]);
+}
+
+impl KQuant for Q6Kx16 {
+    fn batch(_: usize, l: usize) -> bool {
+        l >= Q6K_BATCH_ROWS
+    }
+    fn kernel(w: &[Self], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
+        dot_q6k_group(w, x, out)
+    }
+}
+
+impl KQuant for Q4Kx16 {
+    /// llama.cpp's GEMM takes the first `4·⌊l/4⌋` rows.
+    fn batch(i: usize, l: usize) -> bool {
+        i < l - l % 4
+    }
+    fn kernel(w: &[Self], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
+        dot_q4k_group(w, x, out)
+    }
+}
+
+#[allow(private_bounds)]
+impl<G: KQuant> Grouped<G> {
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`, every row in the
+    /// decode order.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
-        let kb = self.cols / QKK;
-        let mut xq = vec![BlockQ8K::default(); m * kb];
-        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_k);
-        grouped(
-            &self.groups,
-            &xq,
-            kb,
-            self.rows,
-            m,
-            out,
-            pool,
-            1,
-            &dot_q4k_group,
-        );
+        self.matmul_rows(x, m, out, pool, &[]);
+    }
+
+    /// As [`Grouped::matmul_into`], each row in the order llama.cpp gives it at its
+    /// place (rows past `places`' end: decode order).
+    pub fn matmul_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        pool: &Pool,
+        places: &[RowPlace],
+    ) {
+        k_matmul(self, x, m, out, pool, places, G::batch, &G::kernel);
     }
 }
 
@@ -616,6 +648,9 @@ fn dot_q4k_scalar(
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for (b, xb) in x.iter().enumerate() {
         let (mut isum, mut imin) = (0i32, 0i32);
+        let (dw, dmin) = d(b);
+        // gemv: one FMA per super-block; gemm (batch rows): one per pair of sub-blocks.
+        let every = if xb.batch { 2 } else { 8 };
         for s in 0..8 {
             let (sc, m) = sm(b, s);
             let dot: i32 = (32 * s..32 * s + 32)
@@ -623,10 +658,12 @@ fn dot_q4k_scalar(
                 .sum();
             isum += sc * dot;
             imin += m * (xb.bsums[2 * s] + xb.bsums[2 * s + 1]);
+            if (s + 1) % every == 0 {
+                acc = (isum as f32).mul_add(dw * xb.d, acc);
+                acc_min = (imin as f32).mul_add(dmin * xb.d, acc_min);
+                (isum, imin) = (0, 0);
+            }
         }
-        let (dw, dmin) = d(b);
-        acc = (isum as f32).mul_add(dw * xb.d, acc);
-        acc_min = (imin as f32).mul_add(dmin * xb.d, acc_min);
     }
     acc - acc_min
 }
@@ -1689,9 +1726,18 @@ mod lanes {
                     isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(t, sc));
                     let bs = _mm512_set1_epi32(xb.bsums[2 * s] + xb.bsums[2 * s + 1]);
                     imin = _mm512_add_epi32(imin, _mm512_mullo_epi32(mn, bs));
+                    // gemv: one FMA per super-block; gemm (batch rows): per sub-block pair.
+                    if (s + 1) % if xb.batch { 2 } else { 8 } == 0 {
+                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, da), acc);
+                        acc_min = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(imin),
+                            _mm512_mul_ps(dm, da),
+                            acc_min,
+                        );
+                        isum = _mm512_setzero_si512();
+                        imin = _mm512_setzero_si512();
+                    }
                 }
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, da), acc);
-                acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dm, da), acc_min);
             }
             _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(acc, acc_min));
         }
@@ -1744,10 +1790,21 @@ mod lanes {
                         isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(t, sc));
                         let bs = _mm256_set1_epi32(xb.bsums[2 * s] + xb.bsums[2 * s + 1]);
                         imin = _mm256_add_epi32(imin, _mm256_mullo_epi32(mn, bs));
+                        if (s + 1) % if xb.batch { 2 } else { 8 } == 0 {
+                            acc = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(isum),
+                                _mm256_mul_ps(dw, da),
+                                acc,
+                            );
+                            acc_min = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(imin),
+                                _mm256_mul_ps(dm, da),
+                                acc_min,
+                            );
+                            isum = _mm256_setzero_si256();
+                            imin = _mm256_setzero_si256();
+                        }
                     }
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, da), acc);
-                    acc_min =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dm, da), acc_min);
                 }
                 _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), _mm256_sub_ps(acc, acc_min));
             }
@@ -2247,6 +2304,10 @@ mod tests {
             // Rows 0 and 2 in llama.cpp's batch order: per super-block the exact
             // integer, times d_w, one FMA with d_x, from zero.
             let flags: Vec<bool> = (0..m).map(|i| i % 2 == 0).collect();
+            let places: Vec<RowPlace> = flags
+                .iter()
+                .map(|&f| f.then_some((0, Q6K_BATCH_ROWS)))
+                .collect();
             let mut want_rows = want.clone();
             for i in (0..m).filter(|&i| flags[i]) {
                 let mut xq = vec![BlockQ8K::default(); kb];
@@ -2270,7 +2331,7 @@ mod tests {
             }
             at_each_level(|level| {
                 let mut got = vec![0f32; m * rows];
-                mat.matmul_rows(&x, m, &mut got, &pool, &flags);
+                mat.matmul_rows(&x, m, &mut got, &pool, &places);
                 assert_eq!(
                     bits(&got),
                     bits(&want_rows),
@@ -2342,6 +2403,27 @@ mod tests {
                     assert_eq!(bits(&got), bits(&plain), "{level}, {m} rows");
                 }
             }
+            // The rows as llama.cpp's GEMM takes them (rows of a 4-row prompt): the same
+            // bits at every level, the same value within rounding, other bits than GEMV.
+            let places: Vec<RowPlace> = (0..m).map(|i| Some((i, 4))).collect();
+            let mut gemm: Vec<Vec<u32>> = vec![];
+            at_each_level(|_| {
+                let mut got = vec![0f32; m * rows];
+                mat.matmul_rows(&x, m, &mut got, &pool, &places);
+                for (g, p) in got.iter().zip(&plain) {
+                    assert!((g - p).abs() <= 1e-5 * p.abs().max(1.0), "{g} vs {p}");
+                }
+                gemm.push(bits(&got));
+            });
+            assert!(
+                gemm.windows(2).all(|w| w[0] == w[1]),
+                "{m} rows, GEMM order"
+            );
+            assert_ne!(
+                gemm[0],
+                bits(&plain),
+                "{m} rows: GEMM and GEMV orders differ somewhere"
+            );
             for i in 0..m {
                 let mut xq = vec![BlockQ8K::default(); kb];
                 quantize_row_q8_k(&x[i * cols..(i + 1) * cols], &mut xq);

@@ -58,24 +58,23 @@ impl Linear {
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ` on the CPU, spread over `pool`.
-    /// `batch[i]`: activation row `i` is part of a prompt long enough that llama.cpp
-    /// multiplies it in its batch order (only Q6_K weights have one; see
-    /// [`crate::kernels::Q6KMatrix`]).
+    /// `places[i]`: where activation row `i` sits in its prompt, for the weight types
+    /// whose llama.cpp order depends on it ([`crate::kernels::RowPlace`]).
     fn forward_host(
         &self,
         x: &[f32],
         m: usize,
         out: &mut [f32],
         pool: &Pool,
-        batch: &[bool],
+        places: &[crate::kernels::RowPlace],
     ) -> candle_core::Result<()> {
         match &self.kind {
             LinearKind::Q41(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q80(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q40(w) => w.matmul_into(x, m, out, pool),
             LinearKind::Q50(w) => w.matmul_into(x, m, out, pool),
-            LinearKind::Q6K(w) => w.matmul_rows(x, m, out, pool, batch),
-            LinearKind::Q4K(w) => w.matmul_into(x, m, out, pool),
+            LinearKind::Q6K(w) => w.matmul_rows(x, m, out, pool, places),
+            LinearKind::Q4K(w) => w.matmul_rows(x, m, out, pool, places),
             LinearKind::Candle(w) => {
                 let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
                 let y = w
@@ -840,14 +839,12 @@ impl Model {
         }
         let neox = cfg.architecture == Architecture::Qwen2;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        // Rows of prompts of at least `Q6K_BATCH_ROWS` tokens: llama.cpp's batch order for
-        // Q6_K weights (what it does for such a prompt on its own).
-        let batch: Vec<bool> = items
+        // Each row's place in its prompt (decode rows: none): llama.cpp's order for
+        // Q6_K and Q4_K weights depends on it (what it does for that prompt alone).
+        let places: Vec<crate::kernels::RowPlace> = items
             .iter()
             .zip(spans)
-            .flat_map(|(it, &(_, l, _))| {
-                std::iter::repeat_n(it.prompt_rows && l >= crate::kernels::Q6K_BATCH_ROWS, l)
-            })
+            .flat_map(|(it, &(_, l, _))| (0..l).map(move |i| it.prompt_rows.then_some((i, l))))
             .collect();
         let mut h = vec![0f32; total * e];
         let mut q = vec![0f32; total * qd];
@@ -862,9 +859,9 @@ impl Model {
             for (li, (layer, hl)) in self.layers.iter().zip(&host.layers).enumerate() {
                 rms_norm_rows(&x, &hl.attn_norm, e, cfg.rms_eps, &mut h);
                 tr(&format!("attn_norm-{li}"), &h, e);
-                layer.wq.forward_host(&h, total, &mut q, pool, &batch)?;
-                layer.wk.forward_host(&h, total, &mut k, pool, &batch)?;
-                layer.wv.forward_host(&h, total, &mut v, pool, &batch)?;
+                layer.wq.forward_host(&h, total, &mut q, pool, &places)?;
+                layer.wk.forward_host(&h, total, &mut k, pool, &places)?;
+                layer.wv.forward_host(&h, total, &mut v, pool, &places)?;
                 add_bias(&mut q, &hl.bq);
                 add_bias(&mut k, &hl.bk);
                 add_bias(&mut v, &hl.bv);
@@ -942,7 +939,7 @@ impl Model {
                     }
                 }
                 tr(&format!("kqv_out-{li}"), &att, qd);
-                layer.wo.forward_host(&att, total, &mut o, pool, &batch)?;
+                layer.wo.forward_host(&att, total, &mut o, pool, &places)?;
                 tr(&format!("attn_out-{li}"), &o, e);
                 for (a, b) in x.iter_mut().zip(&o) {
                     *a += b;
@@ -951,15 +948,15 @@ impl Model {
                 tr(&format!("ffn_norm-{li}"), &h, e);
                 layer
                     .w_gate
-                    .forward_host(&h, total, &mut gate, pool, &batch)?;
-                layer.w_up.forward_host(&h, total, &mut up, pool, &batch)?;
+                    .forward_host(&h, total, &mut gate, pool, &places)?;
+                layer.w_up.forward_host(&h, total, &mut up, pool, &places)?;
                 tr(&format!("ffn_gate-{li}"), &gate, ff);
                 tr(&format!("ffn_up-{li}"), &up, ff);
                 crate::kernels::swiglu_in_place(&mut gate, &up);
                 tr(&format!("ffn_swiglu-{li}"), &gate, ff);
                 layer
                     .w_down
-                    .forward_host(&gate, total, &mut o, pool, &batch)?;
+                    .forward_host(&gate, total, &mut o, pool, &places)?;
                 tr(&format!("ffn_out-{li}"), &o, e);
                 for (a, b) in x.iter_mut().zip(&o) {
                     *a += b;

@@ -183,12 +183,23 @@ impl GgufFile {
             .sum()
     }
 
-    /// The file's quantization, e.g. "Q4_1": the mixed recipe named by
-    /// `general.file_type` where it is one (a "Q4_K_M" file is mostly Q5_0, Q4_K and
-    /// Q6_K when its rows are not multiples of 256), else the dominant type of its 2-D
-    /// weights.
+    /// The file's quantization, e.g. "Q4_1": what `general.file_type` names where the
+    /// file says (llama.cpp's `LLAMA_FTYPE_*`: a "Q4_K_M" file is mostly Q5_0, Q4_K and
+    /// Q6_K when its rows are not multiples of 256, and a "Q6_K" one mostly Q8_0 when
+    /// only one matrix in seven has rows of a multiple of 256), else the dominant type of
+    /// its 2-D weights.
     pub fn quantization(&self) -> String {
-        let mixed = match meta_u64(self.metadata(), "general.file_type") {
+        let named = match meta_u64(self.metadata(), "general.file_type") {
+            Some(0) => Some("F32"),
+            Some(1) => Some("F16"),
+            Some(2) => Some("Q4_0"),
+            Some(3) => Some("Q4_1"),
+            Some(7) => Some("Q8_0"),
+            Some(8) => Some("Q5_0"),
+            Some(9) => Some("Q5_1"),
+            Some(10) => Some("Q2_K"),
+            Some(18) => Some("Q6_K"),
+            Some(32) => Some("BF16"),
             Some(11) => Some("Q3_K_S"),
             Some(12) => Some("Q3_K_M"),
             Some(13) => Some("Q3_K_L"),
@@ -198,7 +209,7 @@ impl GgufFile {
             Some(17) => Some("Q5_K_M"),
             _ => None,
         };
-        if let Some(name) = mixed {
+        if let Some(name) = named {
             return name.to_string();
         }
         let mut counts: HashMap<&'static str, usize> = HashMap::new();

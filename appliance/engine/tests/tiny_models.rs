@@ -44,6 +44,8 @@ struct Spec {
     spm: bool,
     context: u32,
     seed: u64,
+    /// `general.file_type`, when the file names its type (llama.cpp's `LLAMA_FTYPE_*`).
+    file_type: Option<u32>,
 }
 
 impl Default for Spec {
@@ -55,6 +57,7 @@ impl Default for Spec {
             spm: false,
             context: 256,
             seed: 1,
+            file_type: None,
         }
     }
 }
@@ -201,6 +204,9 @@ fn write_model(path: &Path, spec: &Spec) {
             Value::Array(types.iter().map(|t| Value::I32(*t)).collect()),
         ),
     ];
+    if let Some(t) = spec.file_type {
+        md.push(("general.file_type".into(), Value::U32(t)));
+    }
     if spec.spm {
         md.push(("tokenizer.ggml.model".into(), s("llama")));
         md.push((
@@ -303,6 +309,20 @@ fn every_supported_quantization_loads_and_tracks_f32() {
         );
         let file = GgufFile::open(&p).unwrap();
         assert_eq!(file.quantization(), name);
+        if dtype == GgmlDType::Q8_0 {
+            // A file that names its type is that type, whatever most matrices are (a
+            // "Q6_K" file of a model whose rows are not multiples of 256 is mostly Q8_0).
+            let named = tmp("named-q6k.gguf");
+            write_model(
+                &named,
+                &Spec {
+                    dtype,
+                    file_type: Some(18),
+                    ..Default::default()
+                },
+            );
+            assert_eq!(GgufFile::open(&named).unwrap().quantization(), "Q6_K");
+        }
         let l = first_logits(&p, &prompt);
         let c = correlation(&l, &ref_logits);
         assert!(c > min_corr, "{dtype:?}: correlation with f32 logits {c}");

@@ -514,13 +514,15 @@ fn kill_9_under_load_loses_no_answered_request() {
             answered
         }));
     }
-    // Streams in flight when the daemon dies become interrupted records.
+    // Streams in flight when the daemon dies become interrupted records. The stream
+    // starts just before the kill (its first line read), so that it cannot have ended
+    // however fast the engine is.
+    std::thread::sleep(stop_at.saturating_duration_since(Instant::now()));
     let (_stream, mut lines) = s.stream(
         &key,
         r#"{"model":"smollm2","stream":true,"max_tokens":400,"messages":[{"role":"user","content":"Write a long story."}]}"#,
     );
     assert!(lines.next().is_some());
-    std::thread::sleep(stop_at - Instant::now());
     let dir = s.dir.clone();
     let mut s = s;
     s.guard.0.kill().unwrap();

@@ -559,11 +559,17 @@ impl Console {
                 ),
             );
         }
-        if method == Method::POST && path == "/models/upload" {
-            return self.upload(parts, body, peer).await;
-        }
-        if method == Method::POST && path == "/system/restore" {
-            return self.restore(parts, body, peer).await;
+        // Uploads answer early when refused (session, role, token, size): whatever of
+        // the body is left is read and dropped first, so the client sees the answer.
+        if method == Method::POST && (path == "/models/upload" || path == "/system/restore") {
+            let mut body = body;
+            let resp = if path == "/models/upload" {
+                self.upload(parts, &mut body, peer).await
+            } else {
+                self.restore(parts, &mut body, peer).await
+            };
+            upload::drain(&mut body).await;
+            return resp;
         }
         let form = if method == Method::POST {
             let form_type = parts

@@ -117,7 +117,7 @@ impl Console {
     pub(crate) async fn restore(
         self: &Arc<Self>,
         parts: http::request::Parts,
-        mut body: Incoming,
+        body: &mut Incoming,
         peer: SocketAddr,
     ) -> Resp {
         const RESOURCE: &str = "/system/restore";
@@ -159,7 +159,7 @@ impl Console {
                 "Give the backup's passphrase.",
             );
         }
-        let bytes = match receive_bytes(&mut body, len).await {
+        let bytes = match receive_bytes(body, len).await {
             Ok(b) => b,
             Err(e) => {
                 return answer(
@@ -216,7 +216,7 @@ impl Console {
     pub(crate) async fn upload(
         self: &Arc<Self>,
         parts: http::request::Parts,
-        mut body: Incoming,
+        body: &mut Incoming,
         peer: SocketAddr,
     ) -> Resp {
         let user = match self
@@ -320,7 +320,7 @@ impl Console {
             ".{}-{file}.partial",
             appliance_gateway::keys::random_hex::<8>()
         ));
-        let result = receive(&mut body, &partial, len, &progress).await;
+        let result = receive(body, &partial, len, &progress).await;
         let path = match result {
             Ok(()) => {
                 let path = partial.with_file_name(
@@ -437,6 +437,19 @@ async fn next_chunk(body: &mut Incoming) -> Result<Option<Bytes>, String> {
         };
         if let Ok(data) = frame.into_data() {
             return Ok(Some(data));
+        }
+    }
+}
+
+/// Reads and drops what is left of a body that was refused, up to 16 MiB (a stall of
+/// [`STALL`] or a broken connection ends it): a connection closed with unread bytes
+/// resets, and the client would get "broken pipe" instead of its answer.
+pub(crate) async fn drain(body: &mut Incoming) {
+    let mut seen = 0usize;
+    while let Ok(Some(data)) = next_chunk(body).await {
+        seen += data.len();
+        if seen > 16 << 20 {
+            break;
         }
     }
 }

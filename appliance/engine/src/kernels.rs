@@ -3186,8 +3186,15 @@ mod att512 {
     pub(super) unsafe fn softmax(row: &mut [f32]) {
         // SAFETY: as documented; masked loads read only the chunk's own values.
         unsafe {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let vmax = _mm512_set1_ps(max);
+            // The maximum sixteen at a time (`max` is exact; a NaN is passed over as
+            // `f32::max` does, since `_mm512_max_ps` returns its second operand then).
+            let mut vm = _mm512_set1_ps(f32::NEG_INFINITY);
+            for chunk in row.chunks(16) {
+                let n = chunk.len();
+                let m: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+                vm = _mm512_max_ps(_mm512_mask_loadu_ps(vm, m, chunk.as_ptr()), vm);
+            }
+            let vmax = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
             let mut sum = 0f64;
             for chunk in row.chunks_mut(16) {
                 let n = chunk.len();
@@ -3245,6 +3252,64 @@ mod att512 {
         }
     }
 
+    /// Slot `l` of the weighted values for `NJ` sixteen-dimension chunks from `o`: the
+    /// positions `l + 16q + 16Qk` summed per quarter `q < Q` (`Q` 4: decode rows' 64
+    /// slots, whose quarters are then summed as `reduce_slots` pairs them, `(q0 + q2) +
+    /// (q1 + q3)`; `Q` 1: prompt rows' 16 slots), stored to `dst`.
+    ///
+    /// # Safety
+    /// As for [`attention_head`]; `v` holds every position below `p.len()` at `o` +
+    /// `16 * NJ` values, `dst` at least `16 * NJ` floats.
+    #[inline(always)]
+    unsafe fn slot_sums<const Q: usize, const NJ: usize>(
+        p: &[f32],
+        v: &[u16],
+        kv_stride: usize,
+        o: usize,
+        l: usize,
+        dst: &mut [f32],
+    ) {
+        // SAFETY: as documented; every load is of a bounds-checked slice.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NJ]; Q];
+            for (q, acc_q) in acc.iter_mut().enumerate() {
+                for c in (l + 16 * q..p.len()).step_by(16 * Q) {
+                    let at = c * kv_stride + o;
+                    let vr = &v[at..at + 16 * NJ];
+                    let pc = _mm512_set1_ps(p[c]);
+                    for (j, a) in acc_q.iter_mut().enumerate() {
+                        let x = _mm512_cvtph_ps(_mm256_loadu_si256(
+                            vr[16 * j..].as_ptr() as *const __m256i
+                        ));
+                        *a = _mm512_fmadd_ps(pc, x, *a);
+                    }
+                }
+            }
+            let dst = &mut dst[..16 * NJ];
+            for j in 0..NJ {
+                let sum = if Q == 1 {
+                    acc[0][j]
+                } else {
+                    _mm512_add_ps(
+                        _mm512_add_ps(acc[0][j], acc[2][j]),
+                        _mm512_add_ps(acc[1][j], acc[3][j]),
+                    )
+                };
+                _mm512_storeu_ps(dst[16 * j..].as_mut_ptr(), sum);
+            }
+        }
+    }
+
+    /// Asks for the cache lines of `n` f16 values at `p` (a hint: no fault, no effect on
+    /// any value).
+    #[inline(always)]
+    fn prefetch_row(p: *const u16, n: usize) {
+        for b in (0..n * 2).step_by(64) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(b)) };
+        }
+    }
+
     /// # Safety
     /// The CPU must have AVX-512F, AVX2, FMA and F16C; `hd` a multiple of 16, at most
     /// 256; the slices as for [`super::attention_head`].
@@ -3289,6 +3354,13 @@ mod att512 {
                         }
                         let o = c * kv_stride + kv_offset;
                         let kc = &k[o..o + hd];
+                        // The weighted sum below visits positions out of order (by
+                        // slot), which the hardware prefetcher does not follow: ask for
+                        // this position's values now, and for the keys a chunk ahead.
+                        prefetch_row(v.as_ptr().wrapping_add(o), hd);
+                        if c + 16 < visible {
+                            prefetch_row(k.as_ptr().wrapping_add(o + 16 * kv_stride), hd);
+                        }
                         let mut acc = [_mm512_setzero_ps(); 4];
                         for j in 0..chunks {
                             let a = if chain { 0 } else { j % 4 };
@@ -3328,37 +3400,23 @@ mod att512 {
                 // `l + 32`, `l + 48` are summed in registers as `reduce_slots` pairs them,
                 // `(s_l + s_{l+32}) + (s_{l+16} + s_{l+48})`, four dimensions' chunks at a
                 // time, so only sixteen slots are stored; then the sixteen-lane tree.
-                let quads = if chain { 1 } else { 4 };
                 scratch.slots.clear();
                 scratch.slots.resize(16 * hd, 0.0);
+                let (p, slots) = (&scratch.p[..], &mut scratch.slots[..]);
                 for l in 0..16 {
                     for j0 in (0..chunks).step_by(4) {
-                        let nj = (chunks - j0).min(4);
-                        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-                        for (q, acc_q) in acc.iter_mut().enumerate().take(quads) {
-                            for c in (l + 16 * q..visible).step_by(16 * quads) {
-                                let o = c * kv_stride + kv_offset + 16 * j0;
-                                let vr = &v[o..o + 16 * nj];
-                                let pc = _mm512_set1_ps(scratch.p[c]);
-                                for (j, a) in acc_q.iter_mut().enumerate().take(nj) {
-                                    let x = _mm512_cvtph_ps(_mm256_loadu_si256(
-                                        vr[16 * j..].as_ptr() as *const __m256i,
-                                    ));
-                                    *a = _mm512_fmadd_ps(pc, x, *a);
-                                }
-                            }
-                        }
-                        let dst = &mut scratch.slots[l * hd + 16 * j0..(l + 1) * hd];
-                        for j in 0..nj {
-                            let sum = if chain {
-                                acc[0][j]
-                            } else {
-                                _mm512_add_ps(
-                                    _mm512_add_ps(acc[0][j], acc[2][j]),
-                                    _mm512_add_ps(acc[1][j], acc[3][j]),
-                                )
-                            };
-                            _mm512_storeu_ps(dst[16 * j..].as_mut_ptr(), sum);
+                        let dst = &mut slots[l * hd + 16 * j0..(l + 1) * hd];
+                        let o = kv_offset + 16 * j0;
+                        // Fixed counts, so that the sixteen accumulators stay in registers.
+                        match (chain, chunks - j0) {
+                            (false, 4..) => slot_sums::<4, 4>(p, v, kv_stride, o, l, dst),
+                            (false, 3) => slot_sums::<4, 3>(p, v, kv_stride, o, l, dst),
+                            (false, 2) => slot_sums::<4, 2>(p, v, kv_stride, o, l, dst),
+                            (false, _) => slot_sums::<4, 1>(p, v, kv_stride, o, l, dst),
+                            (true, 4..) => slot_sums::<1, 4>(p, v, kv_stride, o, l, dst),
+                            (true, 3) => slot_sums::<1, 3>(p, v, kv_stride, o, l, dst),
+                            (true, 2) => slot_sums::<1, 2>(p, v, kv_stride, o, l, dst),
+                            (true, _) => slot_sums::<1, 1>(p, v, kv_stride, o, l, dst),
                         }
                     }
                 }

@@ -385,22 +385,90 @@ impl Q41Matrix {
 
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
-        let kb = self.cols / QK;
-        debug_assert_eq!(x.len(), m * self.cols);
-        let mut xq = vec![BlockQ81::default(); m * kb];
-        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_1);
-        grouped(
-            &self.groups,
-            &xq,
-            kb,
-            self.rows,
-            m,
-            out,
-            pool,
-            lanes_step(),
-            &dot_q41_group,
-        );
+        matmul_many(&mut [(self, out)], x, m, pool);
     }
+}
+
+/// A weight group type whose matmul quantizes the activations one way for every row
+/// (Q4_0, Q4_1, Q5_0, Q8_0): the activations' block type, the quantizer, the kernel
+/// and how many activation rows one kernel call takes.
+trait Plain: Sized + Sync {
+    type X: Default + Clone + Send + Sync;
+    fn quantize(x: &[f32], out: &mut [Self::X]);
+    fn step() -> usize;
+    fn kernel(w: &[Self], x: &[&[Self::X]], out: &mut [[f32; 4]; 16]);
+}
+
+/// `impl Plain` for a group type: activation block, quantizer, rows per call, kernel.
+macro_rules! plain {
+    ($g:ty, $x:ty, $quantize:expr, $step:expr, $kernel:expr) => {
+        impl Plain for $g {
+            type X = $x;
+            fn quantize(x: &[f32], out: &mut [$x]) {
+                $quantize(x, out)
+            }
+            fn step() -> usize {
+                $step
+            }
+            fn kernel(w: &[Self], x: &[&[$x]], out: &mut [[f32; 4]; 16]) {
+                $kernel(w, x, out)
+            }
+        }
+    };
+}
+plain!(
+    Q41x16,
+    BlockQ81,
+    quantize_row_q8_1,
+    lanes_step(),
+    dot_q41_group
+);
+plain!(
+    Q80x16,
+    BlockQ80,
+    quantize_row_q8_0,
+    lanes_step(),
+    dot_q80_group
+);
+plain!(
+    Q50x16,
+    BlockQ80,
+    quantize_row_q8_0,
+    lanes_step(),
+    dot_q50_group
+);
+plain!(Q40x16, BlockQ80S, quantize_row_q8_0s, 4, dot_q40_group);
+
+/// `out_k[m, rows_k] = x[m, cols] · W_kᵀ` for matrices of one type that read the same
+/// input (a layer's Q, K and V projections; its gate and up): the input is quantized
+/// once and all of their groups are spread over `pool` in one run (one split, one
+/// wait), instead of one quantization and one run per matrix. Each dot product is the
+/// one the matrix computes alone: same bits.
+///
+/// # Panics
+/// When the matrices' column counts differ or an output is not `[m, rows]`.
+#[allow(private_bounds)]
+pub fn matmul_many<G: Plain + GroupLayout>(
+    mats: &mut [(&Grouped<G>, &mut [f32])],
+    x: &[f32],
+    m: usize,
+    pool: &Pool,
+) {
+    let Some(cols) = mats.first().map(|(w, _)| w.cols) else {
+        return;
+    };
+    assert!(mats
+        .iter()
+        .all(|(w, o)| w.cols == cols && o.len() == m * w.rows));
+    debug_assert_eq!(x.len(), m * cols);
+    let kb = cols / QK;
+    let mut xq = vec![G::X::default(); m * kb];
+    quantize_rows(x, cols, &mut xq, kb, pool, G::quantize);
+    let parts = mats
+        .iter_mut()
+        .map(|(w, o)| (&w.groups[..], w.rows, &mut **o))
+        .collect();
+    grouped_many(parts, &xq, kb, m, pool, G::step(), &G::kernel);
 }
 
 /// ggml's Q8_0 block of activations: 32 values `d·q`, scale kept as f32; `o[j]` is
@@ -422,21 +490,7 @@ pub type Q80Matrix = Grouped<Q80x16>;
 impl Q80Matrix {
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
-        let kb = self.cols / QK;
-        debug_assert_eq!(x.len(), m * self.cols);
-        let mut xq = vec![BlockQ80::default(); m * kb];
-        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_0);
-        grouped(
-            &self.groups,
-            &xq,
-            kb,
-            self.rows,
-            m,
-            out,
-            pool,
-            lanes_step(),
-            &dot_q80_group,
-        );
+        matmul_many(&mut [(self, out)], x, m, pool);
     }
 
     /// Row `r` dequantized (`d·q`, as ggml's `dequantize_row_q8_0`): an embedding lookup.
@@ -758,20 +812,7 @@ pub type Q50Matrix = Grouped<Q50x16>;
 impl Q50Matrix {
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
-        let kb = self.cols / QK;
-        let mut xq = vec![BlockQ80::default(); m * kb];
-        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_0);
-        grouped(
-            &self.groups,
-            &xq,
-            kb,
-            self.rows,
-            m,
-            out,
-            pool,
-            lanes_step(),
-            &dot_q50_group,
-        );
+        matmul_many(&mut [(self, out)], x, m, pool);
     }
 }
 
@@ -816,20 +857,7 @@ multiversion! {
 impl Q40Matrix {
     /// `out[m, rows] = x[m, cols] · Wᵀ`, the rows spread over `pool`.
     pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], pool: &Pool) {
-        let kb = self.cols / QK;
-        let mut xq = vec![BlockQ80S::default(); m * kb];
-        quantize_rows(x, self.cols, &mut xq, kb, pool, quantize_row_q8_0s);
-        grouped(
-            &self.groups,
-            &xq,
-            kb,
-            self.rows,
-            m,
-            out,
-            pool,
-            4,
-            &dot_q40_group,
-        );
+        matmul_many(&mut [(self, out)], x, m, pool);
     }
 }
 
@@ -967,39 +995,90 @@ fn grouped<G: Sync, X: Sync, const R: usize>(
     kernel: &Group<'_, G, X, R>,
 ) {
     debug_assert_eq!(out.len(), m * rows);
+    grouped_many(vec![(groups, rows, out)], xq, kb, m, pool, step, kernel);
+}
+
+/// One task's share of one matrix in [`grouped_many`]: its groups from `first`,
+/// `n_rows` output rows, and those rows' slice of each activation row's output.
+struct Piece<'a, G> {
+    w: &'a [G],
+    first: usize,
+    n_rows: usize,
+    dst: Vec<&'a mut [f32]>,
+}
+
+/// [`grouped`] over several matrices `(groups, rows, out[m, rows])` that take the same
+/// activations: their groups one after another, cut into one contiguous run per thread
+/// (a run may span the end of one matrix and the start of the next).
+fn grouped_many<G: Sync, X: Sync, const R: usize>(
+    mats: Vec<(&[G], usize, &mut [f32])>,
+    xq: &[X],
+    kb: usize,
+    m: usize,
+    pool: &Pool,
+    step: usize,
+    kernel: &Group<'_, G, X, R>,
+) {
     debug_assert!((1..=4).contains(&step));
-    let n_groups = rows.div_ceil(R);
-    let tasks = pool.threads().min(n_groups).max(1);
-    let per = n_groups.div_ceil(tasks);
-    let x_rows: Vec<&[X]> = (0..m).map(|i| &xq[i * kb..(i + 1) * kb]).collect();
-    // Task `t` owns rows `t·per·R..` of every activation row's output: `m` slices each.
-    let span = per * R;
-    let n_tasks = rows.div_ceil(span);
-    let mut split: Vec<Vec<&mut [f32]>> = (0..n_tasks).map(|_| Vec::with_capacity(m)).collect();
-    for out_i in out.chunks_mut(rows) {
-        for (t, piece) in out_i.chunks_mut(span).enumerate() {
-            split[t].push(piece);
-        }
+    let total: usize = mats.iter().map(|(_, rows, _)| rows.div_ceil(R)).sum();
+    if total == 0 || m == 0 {
+        return;
     }
-    let parts: Vec<Mutex<Vec<&mut [f32]>>> = split.into_iter().map(Mutex::new).collect();
+    let tasks = pool.threads().min(total).max(1);
+    let per = total.div_ceil(tasks);
+    let x_rows: Vec<&[X]> = (0..m).map(|i| &xq[i * kb..(i + 1) * kb]).collect();
+    let n_tasks = total.div_ceil(per);
+    let mut split: Vec<Vec<Piece<'_, G>>> = (0..n_tasks).map(|_| Vec::new()).collect();
+    // `base`: the global index of this matrix's first group.
+    let mut base = 0;
+    for (w, rows, out) in mats {
+        let count = rows.div_ceil(R);
+        if count == 0 {
+            continue;
+        }
+        debug_assert_eq!(out.len(), m * rows);
+        let (t0, t1) = (base / per, (base + count - 1) / per);
+        for (t, pieces) in split.iter_mut().enumerate().take(t1 + 1).skip(t0) {
+            let a = (t * per).max(base) - base;
+            let b = ((t + 1) * per).min(base + count) - base;
+            pieces.push(Piece {
+                w,
+                first: a,
+                n_rows: (b * R).min(rows) - a * R,
+                dst: Vec::with_capacity(m),
+            });
+        }
+        for out_i in out.chunks_mut(rows) {
+            let mut rest = out_i;
+            for pieces in &mut split[t0..=t1] {
+                let piece = pieces.last_mut().expect("a piece per overlapping task");
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(piece.n_rows);
+                piece.dst.push(head);
+                rest = tail;
+            }
+        }
+        base += count;
+    }
+    let parts: Vec<Mutex<Vec<Piece<'_, G>>>> = split.into_iter().map(Mutex::new).collect();
     pool.run(parts.len(), &|t, _| {
-        let mut dst = parts[t].lock().unwrap_or_else(|e| e.into_inner());
-        let first = t * per;
-        let n_rows = dst[0].len();
+        let mut pieces = parts[t].lock().unwrap_or_else(|e| e.into_inner());
         let mut acc = [[0f32; 4]; R];
-        for (gi, g) in (first..first + n_rows.div_ceil(R)).enumerate() {
-            let w = &groups[g * kb..(g + 1) * kb];
-            let live = (n_rows - gi * R).min(R);
-            let mut i = 0;
-            while i < m {
-                let n = (m - i).min(step);
-                kernel(w, &x_rows[i..i + n], &mut acc);
-                for (r, a) in acc.iter().enumerate().take(live) {
-                    for k in 0..n {
-                        dst[i + k][gi * R + r] = a[k];
+        for p in pieces.iter_mut() {
+            for gi in 0..p.n_rows.div_ceil(R) {
+                let g = p.first + gi;
+                let w = &p.w[g * kb..(g + 1) * kb];
+                let live = (p.n_rows - gi * R).min(R);
+                let mut i = 0;
+                while i < m {
+                    let n = (m - i).min(step);
+                    kernel(w, &x_rows[i..i + n], &mut acc);
+                    for (r, a) in acc.iter().enumerate().take(live) {
+                        for (k, &v) in a.iter().enumerate().take(n) {
+                            p.dst[i + k][gi * R + r] = v;
+                        }
                     }
+                    i += n;
                 }
-                i += n;
             }
         }
     });
@@ -2463,6 +2542,69 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn matrices_taken_together_give_each_ones_own_bits() {
+        // Row counts that are and are not multiples of sixteen, so that the threads'
+        // runs start and end inside a matrix and across the end of one.
+        let (cols, shapes) = (96, [40usize, 16, 7, 33]);
+        let mut rng = crate::sampling::Rng::new(77);
+        let q41: Vec<Q41Matrix> = shapes
+            .iter()
+            .map(|&rows| {
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+                Q41Matrix::from_ggml_bytes(&q41_bytes(&w), rows, cols).unwrap()
+            })
+            .collect();
+        let q40: Vec<Q40Matrix> = shapes
+            .iter()
+            .map(|&rows| {
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32() - 0.5).collect();
+                Q40Matrix::from_ggml_bytes(&q40_bytes(&w), rows, cols).unwrap()
+            })
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        fn check<G: Plain + GroupLayout>(
+            mats: &[Grouped<G>],
+            x: &[f32],
+            m: usize,
+            pool: &Pool,
+            bits: &dyn Fn(&[f32]) -> Vec<u32>,
+        ) {
+            let alone: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|w| {
+                    let mut o = vec![0f32; m * w.rows];
+                    matmul_many(&mut [(w, &mut o[..])], x, m, &Pool::new(1));
+                    o
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+            let mut pairs: Vec<(&Grouped<G>, &mut [f32])> = mats
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(w, o)| (w, &mut o[..]))
+                .collect();
+            matmul_many(&mut pairs, x, m, pool);
+            for (k, (got, want)) in outs.iter().zip(&alone).enumerate() {
+                assert_eq!(
+                    bits(got),
+                    bits(want),
+                    "matrix {k}, m={m}, {} threads",
+                    pool.threads()
+                );
+            }
+        }
+        for threads in 1..=3 {
+            let pool = Pool::new(threads);
+            for m in [1, 2, 3, 4, 5, 8, 9] {
+                let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+                check(&q41, &x, m, &pool, &bits);
+                check(&q40, &x, m, &pool, &bits);
+                check(&q41[1..2], &x, m, &pool, &bits);
+            }
+        }
     }
 
     #[test]

@@ -89,6 +89,50 @@ impl Linear {
     }
 }
 
+/// Matrices that read the same input (`x[m, cols]`), each into its `outs[k]`: when
+/// they are all of one engine kind with a plain quantizer (Q4_0, Q4_1, Q5_0, Q8_0), in
+/// one pass ([`crate::kernels::matmul_many`]: one quantization, one parallel run);
+/// otherwise one by one. The same bits either way.
+fn forward_host_many(
+    mats: &[&Linear],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [f32]],
+    pool: &Pool,
+    places: &[crate::kernels::RowPlace],
+) -> candle_core::Result<()> {
+    macro_rules! together {
+        ($kind:ident) => {
+            together!($kind, |w| w)
+        };
+        ($kind:ident, $get:expr) => {
+            let ws: Option<Vec<_>> = mats
+                .iter()
+                .map(|l| match &l.kind {
+                    LinearKind::$kind(w) => Some($get(w)),
+                    _ => None,
+                })
+                .collect();
+            if let Some(ws) = ws {
+                let mut pairs: Vec<_> = ws
+                    .into_iter()
+                    .zip(outs.iter_mut().map(|o| &mut **o))
+                    .collect();
+                crate::kernels::matmul_many(&mut pairs, x, m, pool);
+                return Ok(());
+            }
+        };
+    }
+    together!(Q41);
+    together!(Q40);
+    together!(Q50);
+    together!(Q80, Arc::as_ref);
+    for (l, out) in mats.iter().zip(outs.iter_mut()) {
+        l.forward_host(x, m, out, pool, places)?;
+    }
+    Ok(())
+}
+
 /// A callback receiving intermediate activations by llama.cpp's names.
 type Trace<'a> = dyn FnMut(&str, &Tensor) + 'a;
 
@@ -859,9 +903,14 @@ impl Model {
             for (li, (layer, hl)) in self.layers.iter().zip(&host.layers).enumerate() {
                 rms_norm_rows(&x, &hl.attn_norm, e, cfg.rms_eps, &mut h);
                 tr(&format!("attn_norm-{li}"), &h, e);
-                layer.wq.forward_host(&h, total, &mut q, pool, &places)?;
-                layer.wk.forward_host(&h, total, &mut k, pool, &places)?;
-                layer.wv.forward_host(&h, total, &mut v, pool, &places)?;
+                forward_host_many(
+                    &[&layer.wq, &layer.wk, &layer.wv],
+                    &h,
+                    total,
+                    &mut [&mut q[..], &mut k[..], &mut v[..]],
+                    pool,
+                    &places,
+                )?;
                 add_bias(&mut q, &hl.bq);
                 add_bias(&mut k, &hl.bk);
                 add_bias(&mut v, &hl.bv);
@@ -946,10 +995,14 @@ impl Model {
                 }
                 rms_norm_rows(&x, &hl.ffn_norm, e, cfg.rms_eps, &mut h);
                 tr(&format!("ffn_norm-{li}"), &h, e);
-                layer
-                    .w_gate
-                    .forward_host(&h, total, &mut gate, pool, &places)?;
-                layer.w_up.forward_host(&h, total, &mut up, pool, &places)?;
+                forward_host_many(
+                    &[&layer.w_gate, &layer.w_up],
+                    &h,
+                    total,
+                    &mut [&mut gate[..], &mut up[..]],
+                    pool,
+                    &places,
+                )?;
                 tr(&format!("ffn_gate-{li}"), &gate, ff);
                 tr(&format!("ffn_up-{li}"), &up, ff);
                 crate::kernels::swiglu_in_place(&mut gate, &up);

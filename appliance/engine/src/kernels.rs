@@ -3442,6 +3442,9 @@ mod att512 {
         }
     }
 
+    /// How many positions ahead the score loop asks for keys.
+    const KEYS_AHEAD: usize = 16;
+
     /// Asks for the cache lines of `n` f16 values at `p` (a hint: no fault, no effect on
     /// any value).
     #[inline(always)]
@@ -3472,7 +3475,56 @@ mod att512 {
         out: &mut [f32],
         scratch: &mut AttentionScratch,
     ) {
-        let chunks = hd / 16;
+        // The common head sizes (64, 128) and both orders with their counts fixed, so
+        // the score loop is unrolled; any other size with them read at run time.
+        // SAFETY: as documented, passed on.
+        unsafe {
+            macro_rules! go {
+                ($ch:literal, $chain:literal) => {
+                    head::<$ch, $chain>(
+                        q, q_stride, k, v, kv_stride, kv_offset, l, start, hd, scale, chain, out,
+                        scratch,
+                    )
+                };
+            }
+            match (hd, chain) {
+                (64, false) => go!(4, false),
+                (64, true) => go!(4, true),
+                (128, false) => go!(8, false),
+                (128, true) => go!(8, true),
+                _ => go!(0, false),
+            }
+        }
+    }
+
+    /// [`attention_head`] for `CH` chunks of sixteen per head in the order `CHAIN` (`CH`
+    /// 0: `hd` and `chain` as passed).
+    ///
+    /// # Safety
+    /// As for [`attention_head`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn head<const CH: usize, const CHAIN: bool>(
+        q: &[f32],
+        q_stride: usize,
+        k: &[u16],
+        v: &[u16],
+        kv_stride: usize,
+        kv_offset: usize,
+        l: usize,
+        start: usize,
+        hd: usize,
+        scale: f32,
+        chain: bool,
+        out: &mut [f32],
+        scratch: &mut AttentionScratch,
+    ) {
+        let (chunks, chain) = if CH > 0 {
+            (CH, CHAIN)
+        } else {
+            (hd / 16, chain)
+        };
+        let hd = 16 * chunks;
         // SAFETY: features as documented; every load reads 16 floats of a row slice
         // bounds-checked by the slicing below.
         unsafe {
@@ -3498,10 +3550,10 @@ mod att512 {
                         let kc = &k[o..o + hd];
                         // The weighted sum below visits positions out of order (by
                         // slot), which the hardware prefetcher does not follow: ask for
-                        // this position's values now, and for the keys a chunk ahead.
+                        // this position's values now, and for the keys `KEYS_AHEAD` positions on.
                         prefetch_row(v.as_ptr().wrapping_add(o), hd);
-                        if c + 16 < visible {
-                            prefetch_row(k.as_ptr().wrapping_add(o + 16 * kv_stride), hd);
+                        if c + KEYS_AHEAD < visible {
+                            prefetch_row(k.as_ptr().wrapping_add(o + KEYS_AHEAD * kv_stride), hd);
                         }
                         let mut acc = [_mm512_setzero_ps(); 4];
                         for j in 0..chunks {

@@ -950,32 +950,42 @@ impl Model {
                     }
                     let q = &q;
                     let prompt_rows: Vec<bool> = items.iter().map(|it| it.prompt_rows).collect();
-                    pool.run(parts.len(), &|task, thread| {
-                        let (i, hh) = (task / n_head, task % n_head);
+                    // With enough of them, one task per (sequence, KV head): the query
+                    // heads that share a KV head run one after another on one thread, so
+                    // its keys and values come from memory once, then from that core's
+                    // cache. Few sequences: one task per query head (balance first).
+                    let per_kv = items.len() * n_kv >= 4 * pool.threads();
+                    let (units, width) = if per_kv { (n_kv, group) } else { (n_head, 1) };
+                    pool.run(items.len() * units, &|task, thread| {
+                        let (i, u) = (task / units, task % units);
                         let (s, l, start) = spans[i];
                         let (ck, cv) = caches[i];
                         if ck.len() < (start + l) * kvd {
                             return;
                         }
-                        let mut out = parts[task].lock().unwrap_or_else(|e| e.into_inner());
                         let mut scratch = host.scratch[thread]
                             .lock()
                             .unwrap_or_else(|e| e.into_inner());
-                        crate::kernels::attention_head(
-                            &q[s * qd + hh * hd..],
-                            qd,
-                            ck,
-                            cv,
-                            kvd,
-                            (hh / group) * hd,
-                            l,
-                            start,
-                            hd,
-                            scale,
-                            prompt_rows[i],
-                            &mut out,
-                            &mut scratch,
-                        );
+                        for hh in u * width..(u + 1) * width {
+                            let mut out = parts[i * n_head + hh]
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner());
+                            crate::kernels::attention_head(
+                                &q[s * qd + hh * hd..],
+                                qd,
+                                ck,
+                                cv,
+                                kvd,
+                                (hh / group) * hd,
+                                l,
+                                start,
+                                hd,
+                                scale,
+                                prompt_rows[i],
+                                &mut out,
+                                &mut scratch,
+                            );
+                        }
                     });
                 }
                 for &(s, l, _) in spans {

@@ -1072,9 +1072,11 @@ fn grouped_many<G: Sync, X: Sync, const R: usize>(
                 while i < m {
                     let n = (m - i).min(step);
                     kernel(w, &x_rows[i..i + n], &mut acc);
-                    for (r, a) in acc.iter().enumerate().take(live) {
-                        for (k, &v) in a.iter().enumerate().take(n) {
-                            p.dst[i + k][gi * R + r] = v;
+                    // Activation row by activation row: one bounds check per row, the
+                    // group's outputs written contiguously.
+                    for (k, d) in p.dst[i..i + n].iter_mut().enumerate() {
+                        for (o, a) in d[gi * R..gi * R + live].iter_mut().zip(&acc) {
+                            *o = a[k];
                         }
                     }
                     i += n;

@@ -3331,7 +3331,9 @@ mod att512 {
         // SAFETY: as documented; masked loads read only the chunk's own values.
         unsafe {
             // The maximum sixteen at a time (`max` is exact; a NaN is passed over as
-            // `f32::max` does, since `_mm512_max_ps` returns its second operand then).
+            // `f32::max` does, since `_mm512_max_ps` returns its second operand then;
+            // which zero wins between +0 and -0 may differ, which changes nothing:
+            // `x - (±0)` is `x` for `x ≠ 0`, and exp of either zero is exactly 1).
             let mut vm = _mm512_set1_ps(f32::NEG_INFINITY);
             for chunk in row.chunks(16) {
                 let n = chunk.len();

@@ -511,6 +511,39 @@ impl Model {
                 w_down: mm(p("ffn_down.weight"))?,
             });
         }
+        // Every matrix in the shape the file's settings imply: a file that says otherwise
+        // is refused here, the tensor named, instead of failing inside a step.
+        let (e, ff) = (cfg.n_embd, cfg.n_ff);
+        let (qd, kvd) = (cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim);
+        let shapes = layers.iter().enumerate().flat_map(|(i, l)| {
+            [
+                ("attn_q", &l.wq, qd, e),
+                ("attn_k", &l.wk, kvd, e),
+                ("attn_v", &l.wv, kvd, e),
+                ("attn_output", &l.wo, e, qd),
+                ("ffn_gate", &l.w_gate, ff, e),
+                ("ffn_up", &l.w_up, ff, e),
+                ("ffn_down", &l.w_down, e, ff),
+            ]
+            .map(|(n, w, r, c)| (format!("blk.{i}.{n}.weight"), w, r, c))
+        });
+        for (name, w, rows, cols) in shapes.chain([(
+            "the output head (output.weight or token_embd.weight)".to_string(),
+            &output,
+            output.rows,
+            e,
+        )]) {
+            if (w.rows, w.cols) != (rows, cols) {
+                return Err(EngineError::BadGguf {
+                    path: path.clone(),
+                    reason: format!(
+                        "{name} is {} x {}, the file's settings (embedding {e}, \
+                         feed-forward {ff}, {} heads of {}, {} KV heads) need {rows} x {cols}",
+                        w.rows, w.cols, cfg.n_head, cfg.head_dim, cfg.n_head_kv
+                    ),
+                });
+            }
+        }
         let context = max_context
             .map(|m| m.min(cfg.context_length))
             .unwrap_or(cfg.context_length)

@@ -46,6 +46,8 @@ struct Spec {
     seed: u64,
     /// `general.file_type`, when the file names its type (llama.cpp's `LLAMA_FTYPE_*`).
     file_type: Option<u32>,
+    /// `feed_forward_length` to write when it is not the tensors' (a broken file).
+    ff_in_metadata: Option<usize>,
 }
 
 impl Default for Spec {
@@ -58,6 +60,7 @@ impl Default for Spec {
             context: 256,
             seed: 1,
             file_type: None,
+            ff_in_metadata: None,
         }
     }
 }
@@ -181,7 +184,10 @@ fn write_model(path: &Path, spec: &Spec) {
         (format!("{a}.block_count"), Value::U32(LAYERS as u32)),
         (format!("{a}.context_length"), Value::U32(spec.context)),
         (format!("{a}.embedding_length"), Value::U32(EMBD as u32)),
-        (format!("{a}.feed_forward_length"), Value::U32(FF as u32)),
+        (
+            format!("{a}.feed_forward_length"),
+            Value::U32(spec.ff_in_metadata.unwrap_or(FF) as u32),
+        ),
         (
             format!("{a}.attention.head_count"),
             Value::U32(HEADS as u32),
@@ -401,6 +407,26 @@ fn unsupported_architecture_and_tensor_type_are_named() {
         e.contains("blk.1.ffn_up.weight") && e.contains("IQ2_XXS"),
         "{e}"
     );
+
+    // Settings that disagree with a matrix's shape: refused at load, the tensor named.
+    for dtype in [GgmlDType::F32, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let p = tmp("bad-ff.gguf");
+        write_model(
+            &p,
+            &Spec {
+                dtype,
+                ff_in_metadata: Some(FF + 32),
+                ..Default::default()
+            },
+        );
+        let e = Engine::load(&p, EngineConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blk.0.ffn_gate.weight") && e.contains(&format!("{FF} x {EMBD}")),
+            "{dtype:?}: {e}"
+        );
+    }
 
     let p = tmp("garbage.gguf");
     std::fs::write(&p, b"GGUF but not really").unwrap();

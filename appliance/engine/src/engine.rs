@@ -557,11 +557,15 @@ impl Scheduler {
             }
             let Some(mut logits) = logits else { continue };
             let recent = s.recent();
-            let raw_max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = raw_max + logits.iter().map(|l| (l - raw_max).exp()).sum::<f32>().ln();
-            let raw = logits.clone();
+            // The chosen token's log-probability under the model's own distribution
+            // (before biases and penalties): the row kept aside only when the sampler is
+            // about to change it.
+            let lse = crate::kernels::log_sum_exp(&logits);
+            let raw = s.sampler.changes_logits().then(|| logits.clone());
             let t = s.sampler.sample(&mut logits, &recent);
             let logprob = raw
+                .as_deref()
+                .unwrap_or(&logits)
                 .get(t as usize)
                 .map(|l| l - lse)
                 .unwrap_or(f32::NEG_INFINITY);

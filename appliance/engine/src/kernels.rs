@@ -2547,6 +2547,37 @@ mod tests {
     }
 
     #[test]
+    fn log_sum_exp_is_accurate_at_every_kernel_level() {
+        let mut rng = crate::sampling::Rng::new(9);
+        at_each_level(|level| {
+            for n in [1usize, 15, 16, 17, 1000, 49152] {
+                let x: Vec<f32> = (0..n).map(|_| (rng.next_f32() - 0.5) * 60.0).collect();
+                let max = x
+                    .iter()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, |m, v| m.max(v as f64));
+                let exact = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                let got = log_sum_exp(&x) as f64;
+                assert!(
+                    ((got - exact) / exact.abs().max(1.0)).abs() < 1e-5,
+                    "{level}, {n} values: {got} vs {exact}"
+                );
+            }
+            assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY, "{level}");
+            assert_eq!(
+                log_sum_exp(&[f32::NEG_INFINITY; 20]),
+                f32::NEG_INFINITY,
+                "{level}"
+            );
+            assert_eq!(
+                log_sum_exp(&[1.0, f32::INFINITY, 2.0]),
+                f32::INFINITY,
+                "{level}"
+            );
+        });
+    }
+
+    #[test]
     fn matrices_taken_together_give_each_ones_own_bits() {
         // Row counts that are and are not multiples of sixteen, so that the threads'
         // runs start and end inside a matrix and across the end of one.
@@ -2888,6 +2919,43 @@ pub fn ggml_expf(x: f32) -> f32 {
         .mul_add(u, P3.mul_add(b, P2))
         .mul_add(u, P1.mul_add(b, 1.0));
     scale_by_pow2(j, n as i32)
+}
+
+/// `ln Σ exp(x_i)` of a row of logits, for a token's log-probability: the maximum and
+/// the exponentials sixteen at a time. A figure the engine reports, not part of
+/// llama.cpp's arithmetic, so the summation order is the engine's own (f32 lanes, then
+/// their sum): relative error about 1e-6. `-inf` for an empty row.
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: `avx512()` saw every feature the function enables.
+        #[allow(unsafe_code)]
+        return unsafe { att512::log_sum_exp(x) };
+    }
+    log_sum_exp_lanes(x)
+}
+
+multiversion! {
+    /// [`log_sum_exp`] in plain code (sixteen lanes, ggml's `expf`).
+    fn log_sum_exp_lanes(x: &[f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; 16];
+        for c in x.chunks(16) {
+            for (a, &v) in m.iter_mut().zip(c) {
+                *a = a.max(v);
+            }
+        }
+        let max = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return max;
+        }
+        let mut lanes = [0f32; 16];
+        for c in x.chunks(16) {
+            for (a, &v) in lanes.iter_mut().zip(c) {
+                *a += ggml_expf(v - max);
+            }
+        }
+        max + lanes.iter().sum::<f32>().ln()
+    }
 }
 
 /// `j · 2^n` with a single rounding, as a hardware scale instruction does (the f64
@@ -3319,6 +3387,43 @@ mod att512 {
                 let silu = _mm512_div_ps(x, _mm512_add_ps(one, exp16(neg)));
                 _mm512_mask_storeu_ps(g.as_mut_ptr(), m, _mm512_mul_ps(silu, uv));
             }
+        }
+    }
+
+    /// [`super::log_sum_exp`] with [`exp16`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and FMA.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn log_sum_exp(x: &[f32]) -> f32 {
+        // SAFETY: features as documented; masked loads read only the chunk's own values.
+        unsafe {
+            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut vm = ninf;
+            for c in x.chunks(16) {
+                let m: __mmask16 = if c.len() == 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << c.len()) - 1
+                };
+                vm = _mm512_max_ps(_mm512_mask_loadu_ps(vm, m, c.as_ptr()), vm);
+            }
+            let max = _mm512_reduce_max_ps(vm);
+            if !max.is_finite() {
+                return max;
+            }
+            let vmax = _mm512_set1_ps(max);
+            let mut sum = _mm512_setzero_ps();
+            for c in x.chunks(16) {
+                let m: __mmask16 = if c.len() == 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << c.len()) - 1
+                };
+                let v = _mm512_mask_loadu_ps(ninf, m, c.as_ptr());
+                sum = _mm512_add_ps(sum, exp16(_mm512_sub_ps(v, vmax)));
+            }
+            max + _mm512_reduce_add_ps(sum).ln()
         }
     }
 

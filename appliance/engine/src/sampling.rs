@@ -171,6 +171,15 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether [`Sampler::sample`] changes the logits it is given (biases, penalties).
+    pub fn changes_logits(&self) -> bool {
+        let p = &self.params;
+        !p.logit_bias.is_empty()
+            || p.repetition_penalty != 1.0
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+    }
+
     /// Records a generated token (for the frequency/presence penalties).
     pub fn accept(&mut self, t: TokenId) {
         *self.counts.entry(t).or_default() += 1;

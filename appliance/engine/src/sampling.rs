@@ -270,22 +270,78 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit (the first one on ties, as llama.cpp's greedy sampler).
-pub fn argmax(logits: &[f32]) -> TokenId {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best_v = v;
-            best = i;
+multiversion! {
+    /// The index of the largest logit, the first one on a tie as llama.cpp's greedy
+    /// sampler takes it (NaN is never chosen; a
+    /// row of nothing but `-inf` or NaN gives 0): the maximum sixteen lanes at a time,
+    /// then the first position holding it.
+    pub fn argmax(logits: &[f32]) -> TokenId {
+        let mut m = [f32::NEG_INFINITY; 16];
+        for c in logits.chunks(16) {
+            for (a, &v) in m.iter_mut().zip(c) {
+                *a = if v > *a { v } else { *a };
+            }
         }
+        let max = m
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+        if max == f32::NEG_INFINITY {
+            return 0;
+        }
+        for (k, c) in logits.chunks(16).enumerate() {
+            // `==` also matches the other zero, as `>` treated it as equal.
+            if c.iter().fold(false, |hit, &v| hit | (v == max)) {
+                let i = c.iter().position(|&v| v == max).unwrap_or(0);
+                return (k * 16 + i) as TokenId;
+            }
+        }
+        0
     }
-    best as TokenId
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The definition [`argmax`] keeps: the first index whose value beats all before it.
+    fn argmax_plain(logits: &[f32]) -> TokenId {
+        let mut best = 0usize;
+        let mut best_v = f32::NEG_INFINITY;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > best_v {
+                best_v = v;
+                best = i;
+            }
+        }
+        best as TokenId
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest() {
+        let mut rng = Rng::new(3);
+        for n in [0usize, 1, 5, 16, 17, 100, 49152] {
+            let mut x: Vec<f32> = (0..n).map(|_| rng.next_f32() * 20.0 - 10.0).collect();
+            assert_eq!(argmax(&x), argmax_plain(&x), "{n} values");
+            if n > 3 {
+                // Ties, NaN, infinities and both zeros.
+                x[n / 2] = 50.0;
+                x[n - 1] = 50.0;
+                assert_eq!(argmax(&x), argmax_plain(&x));
+                x[1] = f32::NAN;
+                assert_eq!(argmax(&x), argmax_plain(&x));
+                x[n - 2] = f32::INFINITY;
+                assert_eq!(argmax(&x), argmax_plain(&x));
+                let zeros: Vec<f32> = (0..n)
+                    .map(|i| if i % 3 == 0 { -0.0 } else { 0.0 })
+                    .collect();
+                assert_eq!(argmax(&zeros), argmax_plain(&zeros));
+            }
+        }
+        for row in [vec![f32::NEG_INFINITY; 20], vec![f32::NAN; 20]] {
+            assert_eq!(argmax(&row), 0);
+            assert_eq!(argmax_plain(&row), 0);
+        }
+    }
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.0, 0.5, 2.9]

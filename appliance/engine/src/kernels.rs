@@ -3650,16 +3650,20 @@ mod att512 {
                 scratch.p.clear();
                 scratch.p.resize(visible.next_multiple_of(16), 0.0);
                 for c0 in (0..visible).step_by(16) {
-                    let t: [__m512; 16] = std::array::from_fn(|i| {
+                    // A plain loop rather than `array::from_fn`: its closure was not
+                    // inlined (a call per key).
+                    let mut t = [_mm512_setzero_ps(); 16];
+                    for (i, ti) in t.iter_mut().enumerate() {
                         let c = c0 + i;
                         if c >= visible {
-                            return _mm512_setzero_ps();
+                            break;
                         }
                         let o = c * kv_stride + kv_offset;
                         let kc = &k[o..o + hd];
                         // The weighted sum below visits positions out of order (by
                         // slot), which the hardware prefetcher does not follow: ask for
-                        // this position's values now, and for the keys `KEYS_AHEAD` positions on.
+                        // this position's values now, and for the keys `KEYS_AHEAD`
+                        // positions on.
                         prefetch_row(v.as_ptr().wrapping_add(o), hd);
                         if c + KEYS_AHEAD < visible {
                             prefetch_row(k.as_ptr().wrapping_add(o + KEYS_AHEAD * kv_stride), hd);
@@ -3672,15 +3676,15 @@ mod att512 {
                             ));
                             acc[a] = _mm512_fmadd_ps(qv[j], kj, acc[a]);
                         }
-                        if chain {
+                        *ti = if chain {
                             acc[0]
                         } else {
                             _mm512_add_ps(
                                 _mm512_add_ps(acc[0], acc[2]),
                                 _mm512_add_ps(acc[1], acc[3]),
                             )
-                        }
-                    });
+                        };
+                    }
                     let dots = _mm512_mul_ps(reduce16x16(&t), _mm512_set1_ps(scale));
                     _mm512_storeu_ps(scratch.p[c0..].as_mut_ptr(), dots);
                 }

@@ -316,21 +316,27 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// Rounds every value through f16 (see [`half_round`]).
-    fn half_round_in_place(x: &mut [f32]) {
-        for v in x.iter_mut() {
-            *v = half::f16::from_f32(*v).to_f32();
-        }
+/// Rounds every value through f16 (see [`half_round`]), eight at a time where the CPU
+/// converts in hardware (`half`'s slice conversions: the same roundings as one by one).
+fn half_round_in_place(x: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let mut h = [half::f16::ZERO; 256];
+    for c in x.chunks_mut(256) {
+        let h = &mut h[..c.len()];
+        h.convert_from_f32_slice(c);
+        h.convert_to_f32_slice(c);
     }
 }
 
-multiversion! {
-    /// Appends `x` rounded to f16 (round half to even, as [`half_round_in_place`]) as
-    /// bits to `out`.
-    fn to_f16_bits(x: &[f32], out: &mut Vec<u16>) {
-        out.extend(x.iter().map(|&v| half::f16::from_f32(v).to_bits()));
-    }
+/// Appends `x` rounded to f16 (round half to even, as [`half_round_in_place`]) as bits
+/// to `out`.
+fn to_f16_bits(x: &[f32], out: &mut Vec<u16>) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    let start = out.len();
+    out.resize(start + x.len(), 0);
+    out[start..]
+        .reinterpret_cast_mut::<half::f16>()
+        .convert_from_f32_slice(x);
 }
 
 fn add_bias(x: &mut [f32], bias: &Option<Vec<f32>>) {
@@ -1118,5 +1124,46 @@ impl Model {
         let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
         let lse = max + sum.ln();
         logits.iter().map(|l| l - lse).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_slices_round_as_one_value_at_a_time() {
+        let mut rng = crate::sampling::Rng::new(21);
+        let mut x: Vec<f32> = (0..1000)
+            .map(|i| (rng.next_f32() - 0.5) * [1e-7, 1e-3, 1.0, 3e4, 1e5][i % 5])
+            .collect();
+        // Ties, both zeros, infinities, NaN, subnormal halves, overflow.
+        x.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            6.0e-8,
+            65520.0,
+            -70000.0,
+        ]);
+        let one_by_one: Vec<u16> = x
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        let mut bits = vec![7u16; 3];
+        to_f16_bits(&x, &mut bits);
+        assert_eq!(&bits[..3], &[7, 7, 7], "appends");
+        assert_eq!(&bits[3..], &one_by_one[..]);
+        let mut r = x.clone();
+        half_round_in_place(&mut r);
+        let want: Vec<u32> = one_by_one
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32().to_bits())
+            .collect();
+        assert_eq!(r.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
     }
 }

@@ -3195,10 +3195,23 @@ multiversion! {
             // SAFETY: `avx512()` saw every feature the function enables.
             #[allow(unsafe_code)]
             unsafe {
-                att512::attention_head(
-                    q, q_stride, k, v, kv_stride, kv_offset, l, start, hd, scale, prompt_rows,
-                    out, scratch,
-                );
+                // The common head sizes (64, 128) and both orders with their counts fixed,
+                // so the score loop is unrolled; any other size with them read at run time.
+                macro_rules! go {
+                    ($ch:literal, $chain:literal) => {
+                        att512::attention_head::<$ch, $chain>(
+                            q, q_stride, k, v, kv_stride, kv_offset, l, start, hd, scale,
+                            prompt_rows, out, scratch,
+                        )
+                    };
+                }
+                match (hd, prompt_rows) {
+                    (64, false) => go!(4, false),
+                    (64, true) => go!(4, true),
+                    (128, false) => go!(8, false),
+                    (128, true) => go!(8, true),
+                    _ => go!(0, false),
+                }
             }
             return;
         }
@@ -3509,7 +3522,7 @@ mod att512 {
     /// (q1 + q3)`; `Q` 1: prompt rows' 16 slots), stored to `dst`.
     ///
     /// # Safety
-    /// As for [`attention_head`]; `v` holds every position below `p.len()` at `o` +
+    /// As for [`super::attention_head`]; `v` holds every position below `p.len()` at `o` +
     /// `16 * NJ` values, `dst` at least `16 * NJ` floats.
     #[inline(always)]
     unsafe fn slot_sums<const Q: usize, const NJ: usize>(
@@ -3564,56 +3577,15 @@ mod att512 {
         }
     }
 
+    /// [`super::attention_head`] for `CH` chunks of sixteen per head in the order `CHAIN`
+    /// (`CH` 0: `hd` and `chain` as passed).
+    ///
     /// # Safety
     /// The CPU must have AVX-512F, AVX2, FMA and F16C; `hd` a multiple of 16, at most
     /// 256; the slices as for [`super::attention_head`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) unsafe fn attention_head(
-        q: &[f32],
-        q_stride: usize,
-        k: &[u16],
-        v: &[u16],
-        kv_stride: usize,
-        kv_offset: usize,
-        l: usize,
-        start: usize,
-        hd: usize,
-        scale: f32,
-        chain: bool,
-        out: &mut [f32],
-        scratch: &mut AttentionScratch,
-    ) {
-        // The common head sizes (64, 128) and both orders with their counts fixed, so
-        // the score loop is unrolled; any other size with them read at run time.
-        // SAFETY: as documented, passed on.
-        unsafe {
-            macro_rules! go {
-                ($ch:literal, $chain:literal) => {
-                    head::<$ch, $chain>(
-                        q, q_stride, k, v, kv_stride, kv_offset, l, start, hd, scale, chain, out,
-                        scratch,
-                    )
-                };
-            }
-            match (hd, chain) {
-                (64, false) => go!(4, false),
-                (64, true) => go!(4, true),
-                (128, false) => go!(8, false),
-                (128, true) => go!(8, true),
-                _ => go!(0, false),
-            }
-        }
-    }
-
-    /// [`attention_head`] for `CH` chunks of sixteen per head in the order `CHAIN` (`CH`
-    /// 0: `hd` and `chain` as passed).
-    ///
-    /// # Safety
-    /// As for [`attention_head`].
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn head<const CH: usize, const CHAIN: bool>(
+    pub(super) unsafe fn attention_head<const CH: usize, const CHAIN: bool>(
         q: &[f32],
         q_stride: usize,
         k: &[u16],

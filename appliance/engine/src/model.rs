@@ -1117,14 +1117,6 @@ impl Model {
         }
         Ok(result)
     }
-
-    /// The log-softmax over a logits row (for agreement checks).
-    pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-        let lse = max + sum.ln();
-        logits.iter().map(|l| l - lse).collect()
-    }
 }
 
 #[cfg(test)]

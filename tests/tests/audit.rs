@@ -344,7 +344,9 @@ db.execute('DELETE FROM audit_checkpoints WHERE size > 5')",
     assert!(ok, "{report}");
 }
 
-const FAST_AUDIT: &str = "[audit]\nlock_timeout_ms = 300\ncheckpoint_interval_secs = 1\n";
+/// Small journal files: the log takes ~40 records while its store cannot be written.
+const FAST_AUDIT: &str =
+    "[audit]\nlock_timeout_ms = 300\ncheckpoint_interval_secs = 1\njournal_kib = 16\n";
 
 #[test]
 fn a_lock_held_by_another_process_refuses_requests_until_it_is_released() {
@@ -372,7 +374,23 @@ fn a_lock_held_by_another_process_refuses_requests_until_it_is_released() {
     )
     .unwrap();
     assert_eq!(line.trim(), "locked");
-    let mut refused = vec![];
+    // The journal takes records while the store is locked (each answered request is in
+    // it); once it is full, nothing is answered without a record.
+    let mut answered = vec![];
+    let mut full = false;
+    for _ in 0..300 {
+        let (code, id) = request(&s, &["-H", &bearer(&key), &models]);
+        match code {
+            200 => answered.push(id),
+            503 => {
+                full = true;
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(full, "a full journal never refused a request");
+    assert!(!answered.is_empty(), "the journal took no record");
     for body in [
         None,
         Some(r#"{"model":"smollm2","max_tokens":2,"messages":[{"role":"user","content":"Hi"}]}"#),
@@ -383,7 +401,6 @@ fn a_lock_held_by_another_process_refuses_requests_until_it_is_released() {
         };
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["error"]["code"], "audit_unavailable", "{out}");
-        refused.push(out);
     }
     let (code, id_refused) = request(&s, &["-H", &bearer(&key), &models]);
     assert_eq!(code, 503);
@@ -400,7 +417,12 @@ fn a_lock_held_by_another_process_refuses_requests_until_it_is_released() {
     };
     let dir = stop(s);
     let all = audit_records(&dir);
-    assert!(all.iter().any(|r| r["request_id"] == id_ok.as_str()));
+    for id in answered.iter().chain([&id_ok]) {
+        assert!(
+            all.iter().any(|r| r["request_id"] == id.as_str()),
+            "answered {id} has no record"
+        );
+    }
     assert!(all.iter().all(|r| r["request_id"] != id_refused.as_str()));
     let (ok, report) = verify(&dir, &[]);
     assert!(ok, "{report}");
@@ -439,8 +461,8 @@ fn a_full_disk_refuses_requests_and_service_resumes_when_space_returns() {
     while f.write_all(&chunk).is_ok() {}
     let _ = f.sync_all();
     drop(f);
-    // Records still fit in pages SQLite already has; within a few hundred the disk is
-    // out of room, and from then on nothing is answered without a record.
+    // Records still go to the journal (its files are written in place); once they are
+    // full and SQLite has no room, nothing is answered without a record.
     let mut answered = vec![];
     let mut refused = 0;
     for _ in 0..600 {

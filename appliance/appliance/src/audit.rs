@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use appliance_audit::journal::{replay, Journal, JournalBackend};
 use appliance_audit::merkle::{Frontier, Hash};
 use appliance_audit::note::{Checkpoint, Signer, VerifierKey};
 use appliance_audit::record::{format_time, parse_time};
@@ -272,13 +273,44 @@ pub fn hex32(hex: &[u8]) -> Result<Hash> {
     Ok(hash)
 }
 
+/// The `[audit]` settings of `DIR/appliance.toml` (the defaults when there is none or
+/// it does not parse: the daemon reports that), for commands that open the log
+/// themselves while no daemon runs.
+fn settings(data: &Path) -> AuditSection {
+    std::fs::read_to_string(data.join("appliance.toml"))
+        .ok()
+        .and_then(|t| crate::config::parse(&t).ok())
+        .map(|c| c.audit)
+        .unwrap_or_default()
+}
+
 /// Opens the log and starts its writer.
 pub async fn start(
     data: &Path,
     cfg: &AuditSection,
 ) -> Result<(Auditor, tokio::task::JoinHandle<()>)> {
     let (node, signer) = identity(data)?;
-    let db = AuditDb::open(&db_path(data), Duration::from_millis(cfg.lock_timeout_ms)).await?;
+    let wait = Duration::from_millis(cfg.lock_timeout_ms);
+    let db = AuditDb::open(&db_path(data), wait).await?;
+    // What the journal holds that the store may not (a crash, a power cut) goes into the
+    // store before anything else; then the journal starts empty.
+    let (mut journal, held) = Journal::open_sized(&dir(data), cfg.journal_kib.max(4) << 10)
+        .with_context(|| format!("opening the audit journal in {}", dir(data).display()))?;
+    let store_last = db.last().await?.map_or(0, |l| l.0);
+    let mut store = StoreBackend(db);
+    let added = replay(&mut store, held, store_last).await.map_err(|e| {
+        anyhow::anyhow!(
+            "applying the audit journal to {}: {e}",
+            db_path(data).display()
+        )
+    })?;
+    if added > 0 {
+        log::warn!("audit: {added} record(s) from the journal were not yet in the store; added");
+    }
+    journal
+        .reset()
+        .with_context(|| format!("emptying the audit journal in {}", dir(data).display()))?;
+    let db = store.0;
     let resume = resume(&db, &signer.verifier()).await?;
     if !resume.intents.is_empty() {
         log::warn!(
@@ -291,7 +323,8 @@ pub async fn start(
         node,
         checkpoint_every: Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
     };
-    Ok(Auditor::start(StoreBackend(db), resume, signer, wcfg))
+    let backend = JournalBackend::start(journal, StoreBackend(db), wait);
+    Ok(Auditor::start(backend, resume, signer, wcfg))
 }
 
 /// The local operator, for records of command-line actions.
@@ -318,7 +351,7 @@ pub async fn record_cli(data: &Path, mut record: Record) -> Result<()> {
         }
         match crate::serve::try_lock(data)? {
             Some(lock) => {
-                let (auditor, task) = start(data, &AuditSection::default()).await?;
+                let (auditor, task) = start(data, &settings(data)).await?;
                 let result = auditor.record(record).await;
                 auditor.stop(None).await;
                 let _ = task.await;
@@ -476,7 +509,7 @@ pub(crate) async fn checkpoint(dir: &Path) -> Result<String> {
     let Some(lock) = crate::serve::try_lock(dir)? else {
         bail!("a daemon holds {} but does not answer", dir.display());
     };
-    let (auditor, task) = start(dir, &AuditSection::default()).await?;
+    let (auditor, task) = start(dir, &settings(dir)).await?;
     let note = auditor.checkpoint().await;
     auditor.stop(None).await;
     let _ = task.await;

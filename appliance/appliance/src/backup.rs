@@ -314,6 +314,16 @@ pub fn apply(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<PathBuf> {
             }
         }
     }
+    // The journal belongs to the log being replaced (a crash may have left records in
+    // it): aside too, or the next start would apply it to the restored log.
+    for name in appliance_audit::journal::FILE_NAMES {
+        let journal = crate::audit::dir(dir).join(name);
+        if journal.exists() {
+            let keep = aside.join("audit").join(name);
+            std::fs::create_dir_all(aside.join("audit"))?;
+            std::fs::rename(&journal, &keep)?;
+        }
+    }
     for (name, b) in files.iter().filter(|(n, _)| *n != "manifest.json") {
         let target = dir.join(name);
         if let Some(p) = target.parent() {

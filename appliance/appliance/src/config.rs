@@ -41,6 +41,9 @@ pub struct AuditSection {
     /// How long a write waits for a lock held by another process before the request
     /// is refused (milliseconds).
     pub lock_timeout_ms: u64,
+    /// Size of each of the two journal files (KiB): how much the log can take while its
+    /// store (`audit.db`) cannot be written before requests are refused.
+    pub journal_kib: u64,
 }
 
 impl Default for AuditSection {
@@ -49,6 +52,7 @@ impl Default for AuditSection {
             checkpoint_interval_secs: 10,
             retention_days: 0,
             lock_timeout_ms: 2000,
+            journal_kib: 4096,
         }
     }
 }

@@ -4,12 +4,16 @@
 //! - [`merkle`]: RFC 6962 / RFC 9162 §2.1 tree hashes, inclusion and consistency proofs;
 //! - [`note`]: signed checkpoints (C2SP tlog-checkpoint in a signed-note, Ed25519);
 //! - [`writer`]: the one writer task, durable group commit, intents, checkpoints, pruning;
+//! - [`journal`]: where a commit becomes durable (a preallocated file, one `fdatasync`),
+//!   and the indexer that moves committed batches into the store behind it;
 //! - [`verify`]: offline verification of the stored log and of export files.
 //!
-//! No SQL and no HTTP here: the store implements [`writer::LogBackend`], the gateway and
+//! No SQL and no HTTP here: the store implements [`writer::LogBackend`] (behind the
+//! [`journal::JournalBackend`]), the gateway and
 //! the command line record through [`writer::Auditor`].
 
 pub mod content;
+pub mod journal;
 pub mod merkle;
 pub mod note;
 pub mod record;

@@ -44,7 +44,7 @@ pub struct StoredCheckpoint {
 }
 
 /// What one transaction writes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Batch {
     /// Intents to store: (id, canonical text of the partial record).
     pub intents: Vec<(u64, String)>,
@@ -61,6 +61,16 @@ pub trait LogBackend: Send + 'static {
     /// Drops the text of records older than `before_ms` (their leaf hashes stay);
     /// returns how many.
     fn prune(&mut self, before_ms: i64) -> impl Future<Output = Result<u64, String>> + Send;
+    /// Waits until everything committed is where readers of the store look (a journal
+    /// in front of the store: until the store has caught up).
+    fn settle(&mut self) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+    /// At stop, after the last commit: leaves everything in the store (a journal in
+    /// front of it: settles, then empties the journal).
+    fn close(&mut self) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// What the writer resumes from, read by the caller at start.
@@ -100,6 +110,9 @@ enum Msg {
     },
     Checkpoint {
         reply: oneshot::Sender<Result<String, AuditError>>,
+    },
+    Settle {
+        reply: oneshot::Sender<Result<(), AuditError>>,
     },
     Prune {
         before_ms: i64,
@@ -288,6 +301,17 @@ impl Auditor {
         rx.await.unwrap_or(Err(AuditError::Stopped))
     }
 
+    /// Waits until every record committed so far can be read from the store (the
+    /// console's search, exports, backups read it; it trails the journal by
+    /// milliseconds).
+    pub async fn settle(&self) -> Result<(), AuditError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Settle { reply })
+            .map_err(|_| AuditError::Stopped)?;
+        rx.await.unwrap_or(Err(AuditError::Stopped))
+    }
+
     /// Prunes the text of records older than `before_ms`, then records that it did.
     pub async fn prune(&self, before_ms: i64) -> Result<u64, AuditError> {
         let (reply, rx) = oneshot::channel();
@@ -357,6 +381,7 @@ impl<B: LogBackend> Writer<B> {
             let mut appends = vec![];
             let mut intents = vec![];
             let mut checkpoints = vec![];
+            let mut settles = vec![];
             for m in msgs {
                 match m {
                     Msg::Append {
@@ -366,6 +391,7 @@ impl<B: LogBackend> Writer<B> {
                     } => appends.push((record, intent, reply)),
                     Msg::Intent { record, reply } => intents.push((record, reply)),
                     Msg::Checkpoint { reply } => checkpoints.push(reply),
+                    Msg::Settle { reply } => settles.push(reply),
                     Msg::Prune { before_ms, reply } => prunes.push((before_ms, reply)),
                     Msg::Stop { last, reply } => {
                         appends.extend(last.map(|r| (r, None, None)));
@@ -378,15 +404,34 @@ impl<B: LogBackend> Writer<B> {
             if sign && !self.failing {
                 last_checkpoint_at = tokio::time::Instant::now();
             }
+            if !settles.is_empty() || stop.is_some() {
+                let settled = self.settle().await;
+                for reply in settles {
+                    let _ = reply.send(settled.clone());
+                }
+            }
             for (before_ms, reply) in prunes {
                 let result = self.prune(before_ms).await;
                 let _ = reply.send(result);
             }
             if let Some(reply) = stop {
+                if let Err(e) = self.backend.close().await {
+                    log::error!(
+                        "closing the audit log: {e} (its journal is applied at the next start)"
+                    );
+                }
                 let _ = reply.send(());
                 return;
             }
         }
+    }
+
+    async fn settle(&mut self) -> Result<(), AuditError> {
+        let settled = self.backend.settle().await;
+        if let Err(e) = &settled {
+            log::error!("the audit store is behind its journal: {e}");
+        }
+        settled.map_err(AuditError::Unavailable)
     }
 
     async fn prune(&mut self, before_ms: i64) -> Result<u64, AuditError> {
@@ -466,7 +511,7 @@ impl<B: LogBackend> Writer<B> {
             replies.push(Reply::Checkpoint(r));
         }
         if batch.records.is_empty() && batch.intents.is_empty() && batch.checkpoint.is_none() {
-            return self.answer(replies, intent_replies, Ok(None));
+            return self.answer(replies, intent_replies, Ok(None), Ok(()));
         }
         time = time.max(self.last_time_ms);
         match self.backend.commit(&batch).await {
@@ -481,7 +526,13 @@ impl<B: LogBackend> Writer<B> {
                     self.last_checkpoint_size = c.size;
                 }
                 let note = batch.checkpoint.map(|c| c.note);
-                self.answer(replies, intent_replies, Ok(note));
+                // Whoever asked for a checkpoint reads the store next (a backup).
+                let asked = replies.iter().any(|r| matches!(r, Reply::Checkpoint(_)));
+                let settled = match asked && note.is_some() {
+                    true => self.settle().await,
+                    false => Ok(()),
+                };
+                self.answer(replies, intent_replies, Ok(note), settled);
             }
             Err(e) => {
                 if !self.failing {
@@ -494,7 +545,12 @@ impl<B: LogBackend> Writer<B> {
                         self.retry.push_back((record, intent));
                     }
                 }
-                self.answer(replies, intent_replies, Err(AuditError::Unavailable(e)));
+                self.answer(
+                    replies,
+                    intent_replies,
+                    Err(AuditError::Unavailable(e)),
+                    Ok(()),
+                );
             }
         }
     }
@@ -504,6 +560,7 @@ impl<B: LogBackend> Writer<B> {
         replies: Vec<Reply>,
         intent_replies: Vec<(oneshot::Sender<Result<u64, AuditError>>, u64)>,
         outcome: Result<Option<String>, AuditError>,
+        settled: Result<(), AuditError>,
     ) {
         for r in replies {
             match r {
@@ -512,10 +569,11 @@ impl<B: LogBackend> Writer<B> {
                 }
                 Reply::Seq(None, _) => {}
                 Reply::Checkpoint(tx) => {
-                    let _ = tx.send(match &outcome {
-                        Ok(Some(note)) => Ok(note.clone()),
-                        Ok(None) => Err(AuditError::Unavailable("nothing to sign".into())),
-                        Err(e) => Err(e.clone()),
+                    let _ = tx.send(match (&outcome, &settled) {
+                        (Ok(Some(_)), Err(e)) => Err(e.clone()),
+                        (Ok(Some(note)), _) => Ok(note.clone()),
+                        (Ok(None), _) => Err(AuditError::Unavailable("nothing to sign".into())),
+                        (Err(e), _) => Err(e.clone()),
                     });
                 }
             }
@@ -527,7 +585,7 @@ impl<B: LogBackend> Writer<B> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A log in memory, for unit tests of code that records.
@@ -559,7 +617,12 @@ mod tests {
                 for id in &batch.resolved {
                     g.intents.remove(id);
                 }
-                g.checkpoints.extend(batch.checkpoint.iter().cloned());
+                // As the store: a checkpoint already there is kept once.
+                if let Some(c) = &batch.checkpoint {
+                    if !g.checkpoints.contains(c) {
+                        g.checkpoints.push(c.clone());
+                    }
+                }
                 Ok(())
             })();
             std::future::ready(result)

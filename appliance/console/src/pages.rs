@@ -1610,6 +1610,8 @@ async fn audit(c: &Console, r: &Req, v: &Viewer<'_>, flash: Flash) -> Resp {
         limit: 100,
     };
     f.limit = 100;
+    // The store trails the journal by milliseconds: show everything committed.
+    let _ = c.auditor.settle().await;
     let found = c.audit_db.search(&f).await;
     let _ = c
         .record(
@@ -1716,6 +1718,7 @@ async fn audit(c: &Console, r: &Req, v: &Viewer<'_>, flash: Flash) -> Resp {
 
 async fn audit_record(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
     let seq: u64 = r.q("seq").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let _ = c.auditor.settle().await;
     let rows = c.audit_db.rows(seq, 1).await.unwrap_or_default();
     let _ = c
         .record(

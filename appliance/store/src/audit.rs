@@ -90,13 +90,16 @@ pub struct AuditDb {
 /// to the connection's thread, however many rows. The rows travel as JSON arrays
 /// (`?1` records `[seq, time_ms, leaf hex, body]`, `?2` intents `[id, body]`, `?3` the
 /// intent ids to delete); `?4`-`?6` are the checkpoint, NULL when there is none. The
-/// text never changes, so its prepared statements stay cached.
+/// text never changes, so its prepared statements stay cached. An intent or checkpoint
+/// already stored is kept (the journal's batches are applied again after a crash; their
+/// records the store has are left out before).
 const COMMIT: &str = "BEGIN IMMEDIATE;
 INSERT INTO audit_records (seq, time_ms, leaf, body)
     SELECT value->>0, value->>1, unhex(value->>2), value->>3 FROM json_each(?1);
-INSERT INTO audit_intents (id, body) SELECT value->>0, value->>1 FROM json_each(?2);
+INSERT OR IGNORE INTO audit_intents (id, body) SELECT value->>0, value->>1 FROM json_each(?2);
 DELETE FROM audit_intents WHERE id IN (SELECT value FROM json_each(?3));
-INSERT INTO audit_checkpoints (size, time_ms, note) SELECT ?4, ?5, ?6 WHERE ?4 IS NOT NULL;
+INSERT OR IGNORE INTO audit_checkpoints (size, time_ms, note)
+    SELECT ?4, ?5, ?6 WHERE ?4 IS NOT NULL;
 COMMIT;";
 
 /// `[[seq, time_ms, "leaf hex", "body"], ...]`.

@@ -146,6 +146,11 @@ impl LogBackend for StoreBackend {
     async fn prune(&mut self, before_ms: i64) -> Result<u64, String> {
         self.0.prune(before_ms).await.map_err(|e| e.to_string())
     }
+
+    async fn close(&mut self) -> Result<(), String> {
+        self.0.close().await;
+        Ok(())
+    }
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {

@@ -404,6 +404,8 @@ enum ToIndex {
 pub struct JournalBackend {
     journal: Arc<Mutex<Journal>>,
     to_index: mpsc::UnboundedSender<ToIndex>,
+    /// The indexer task (awaited at close: the store is closed when it ends).
+    indexer: Option<tokio::task::JoinHandle<()>>,
     indexed: watch::Receiver<u64>,
     /// Number of the last batch written, and of the last one in each file.
     written: u64,
@@ -418,10 +420,11 @@ impl JournalBackend {
     pub fn start<B: LogBackend>(journal: Journal, store: B, wait: Duration) -> JournalBackend {
         let (to_index, rx) = mpsc::unbounded_channel();
         let (done, indexed) = watch::channel(0);
-        tokio::spawn(index(store, rx, done));
+        let indexer = tokio::spawn(index(store, rx, done));
         JournalBackend {
             journal: Arc::new(Mutex::new(journal)),
             to_index,
+            indexer: Some(indexer),
             indexed,
             written: 0,
             last_in: [0, 0],
@@ -498,7 +501,14 @@ impl LogBackend for JournalBackend {
                 .map_err(|e| format!("emptying the audit journal: {e}"))
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())??;
+        // The indexer ends (closing the store) once nothing can reach it.
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.to_index, closed));
+        if let Some(task) = self.indexer.take() {
+            let _ = task.await;
+        }
+        Ok(())
     }
 }
 
@@ -522,7 +532,10 @@ async fn index<B: LogBackend>(
             Some(m) => m,
             None => match rx.recv().await {
                 Some(m) => m,
-                None => return,
+                None => {
+                    let _ = store.close().await;
+                    return;
+                }
             },
         };
         // Under load, let batches pile up a little: one transaction per few

@@ -1,5 +1,6 @@
 //! The audit log end to end: one record per request whatever its outcome, tampering in
 //! the SQLite file found and named, fail-closed under a held lock and a full disk,
+//! records only in the journal kept through kill -9,
 //! nothing answered lost to kill -9, and no prompt or completion text persisted.
 
 use std::io::Write;
@@ -356,24 +357,7 @@ fn a_lock_held_by_another_process_refuses_requests_until_it_is_released() {
     let (code, _) = request(&s, &["-H", &bearer(&key), &models]);
     assert_eq!(code, 200);
     // Another process takes the database's write lock and holds it.
-    let db = s.dir.join("audit/audit.db");
-    let mut holder = Command::new("python3")
-        .arg("-c")
-        .arg(format!(
-            "import sqlite3, sys\ndb = sqlite3.connect({:?}, isolation_level=None)\ndb.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\nsys.stdin.read()\ndb.execute('ROLLBACK')\n",
-            db.display().to_string()
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut holder = hold_lock(&s.dir.join("audit/audit.db"));
     // The journal takes records while the store is locked (each answered request is in
     // it); once it is full, nothing is answered without a record.
     let mut answered = vec![];
@@ -499,6 +483,74 @@ fn a_full_disk_refuses_requests_and_service_resumes_when_space_returns() {
     }
     let (ok, report) = verify(&dir, &[]);
     assert!(ok, "{report}");
+}
+
+/// Another process holds `audit.db`'s write lock until its stdin closes.
+fn hold_lock(db: &Path) -> std::process::Child {
+    let mut holder = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sqlite3, sys\ndb = sqlite3.connect({:?}, isolation_level=None)\ndb.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\nsys.stdin.read()\ndb.execute('ROLLBACK')\n",
+            db.display().to_string()
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    holder
+}
+
+#[test]
+fn records_only_in_the_journal_survive_kill_9_and_verify_names_them() {
+    let s = Server::start("audit-journal", &[]);
+    let key = s.key();
+    let models = s.url("/v1/models");
+    assert_eq!(request(&s, &["-H", &bearer(&key), &models]).0, 200);
+    // With audit.db locked, answered requests are recorded in the journal only.
+    let mut holder = hold_lock(&s.dir.join("audit/audit.db"));
+    let mut answered = vec![];
+    for _ in 0..5 {
+        let (code, id) = request(&s, &["-H", &bearer(&key), &models]);
+        assert_eq!(code, 200);
+        answered.push(id);
+    }
+    let dir = s.dir.clone();
+    let mut s = s;
+    s.guard.0.kill().unwrap();
+    s.guard.0.wait().unwrap();
+    drop(s);
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    // Offline, verify checks audit.db and says what only the journal has.
+    let (ok, report) = verify(&dir, &[]);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains("in the journal but not yet in audit.db"),
+        "{report}"
+    );
+    // The next start applies the journal: every answered request is in the log.
+    let s = Server::start_in(dir, &[], None, None);
+    let dir = stop(s);
+    let (ok, report) = verify(&dir, &[]);
+    assert!(ok, "{report}");
+    assert!(!report.contains("in the journal"), "{report}");
+    let all = audit_records(&dir);
+    for id in &answered {
+        assert_eq!(
+            all.iter()
+                .filter(|r| r["request_id"] == id.as_str())
+                .count(),
+            1,
+            "answered {id}: not exactly one record"
+        );
+    }
 }
 
 #[test]

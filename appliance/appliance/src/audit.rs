@@ -586,6 +586,18 @@ pub async fn verify_report(
         secs,
         s.records as f64 / secs.max(1e-9)
     );
+    // After a crash the journal may hold records audit.db does not have yet.
+    let pending: Vec<u64> = Journal::read(&self::dir(dir))
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|b| b.records.iter().map(|r| r.seq))
+        .filter(|&seq| seq > s.records)
+        .collect();
+    if let (Some(first), Some(last)) = (pending.iter().min(), pending.iter().max()) {
+        text.push_str(&format!(
+            "\nnote: records {first}..{last} are in the journal but not yet in audit.db (the daemon stopped without applying them, or is running); it applies them when it next starts"
+        ));
+    }
     if s.records > s.signed_size {
         text.push_str(&format!(
             "\nnote: records {}..{} are after the newest checkpoint (size {}) and not yet signed; `appliance audit checkpoint` signs them",

@@ -207,6 +207,20 @@ fn read_frames(file: &File) -> io::Result<(Option<u64>, Vec<Batch>)> {
     Ok((generation, out))
 }
 
+/// The frames of `files`, older generation first, and the generation after theirs.
+fn held(files: &[File]) -> io::Result<(u64, Vec<Batch>)> {
+    let mut held = vec![];
+    for f in files {
+        let (generation, batches) = read_frames(f)?;
+        if let Some(g) = generation {
+            held.push((g, batches));
+        }
+    }
+    held.sort_by_key(|(g, _)| *g);
+    let next = held.last().map_or(0, |(g, _)| *g) + 1;
+    Ok((next, held.into_iter().flat_map(|(_, b)| b).collect()))
+}
+
 /// The two files and where the next frame goes.
 #[derive(Debug)]
 pub struct Journal {
@@ -258,15 +272,7 @@ impl Journal {
         if made {
             File::open(dir)?.sync_all()?;
         }
-        let mut held = vec![];
-        for f in &files {
-            let (generation, batches) = read_frames(f)?;
-            if let Some(g) = generation {
-                held.push((g, batches));
-            }
-        }
-        held.sort_by_key(|(g, _)| *g);
-        let generation = held.last().map_or(0, |(g, _)| *g) + 1;
+        let (generation, held) = held(&files)?;
         let journal = Journal {
             paths,
             files,
@@ -275,7 +281,22 @@ impl Journal {
             generation,
             file_bytes,
         };
-        Ok((journal, held.into_iter().flat_map(|(_, b)| b).collect()))
+        Ok((journal, held))
+    }
+
+    /// The batches the journal in `dir` holds, older generation first, read without
+    /// changing anything (none when there is no journal): for a verification that
+    /// wants to say what `audit.db` does not have yet.
+    pub fn read(dir: &Path) -> io::Result<Vec<Batch>> {
+        let mut files = vec![];
+        for name in FILE_NAMES {
+            match File::open(dir.join(name)) {
+                Ok(f) => files.push(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(held(&files)?.1)
     }
 
     /// Empties both files (their first header zeroed, durably): everything they held is
@@ -665,6 +686,8 @@ mod tests {
         let (mut j, held) = Journal::open_sized(&dir, 1 << 16).unwrap();
         assert_eq!(held.len(), 2);
         assert!(same(&held[1], &batches[1]));
+        assert_eq!(Journal::read(&dir).unwrap().len(), 2, "read sees the same");
+        assert!(Journal::read(&dir.join("none")).unwrap().is_empty());
         // After a reset, a new generation over the old frames: only the new one counts.
         j.reset().unwrap();
         let (_, held) = Journal::open_sized(&dir, 1 << 16).unwrap();

@@ -8,22 +8,26 @@
 //! must read everything first calls [`crate::Auditor::settle`].
 //!
 //! Two files, `journal.0` and `journal.1`, each [`FILE_BYTES`] of zeros at creation (so
-//! an overwrite changes no file metadata and the `fdatasync` writes data only). Frames are
-//! written one after another from offset 0; when the next one does not fit, the writer
-//! moves to the other file (waiting, if ever needed, until everything in it is in the
-//! store) and starts a new *generation* there. A frame: a 32-byte header (length, magic,
-//! generation, the first 16 bytes of the SHA-256 of the rest of the header and the
-//! payload) and the batch. A file is read from its start while frames are whole, valid
-//! and of the first frame's generation, so a torn last frame or the remains of an older
-//! generation end it.
+//! an overwrite changes no file metadata and the `fdatasync` writes data only). A file in
+//! use starts with a 32-byte header (magic, generation, a random 16-byte nonce), then
+//! frames one after another; when the next frame does not fit, the writer moves to the
+//! other file (waiting, if ever needed, until everything in it is in the store) and
+//! starts a new generation there with a new nonce. A frame: a 32-byte header (length,
+//! magic, generation, the first 16 bytes of the SHA-256 of the previous frame's digest,
+//! or the file's nonce for the first, and of the rest of the header and the payload) and
+//! the batch. A file is read from its header while frames are whole and chain from it,
+//! so a torn last frame ends it, and so do the remains of any earlier use of the file
+//! (they chain from another nonce).
 //!
 //! At start, before anything is appended, [`Journal::open`] returns the batches of both
 //! files, older generation first; applying them to the store is idempotent (records the
-//! store has are skipped, intents and checkpoints it has are kept), and then
-//! [`Journal::reset`] makes both files empty.
+//! store has are skipped, intents and checkpoints it has are kept, every resolution is
+//! applied), and then [`Journal::reset`] empties both files, the older first, so that at
+//! every moment what they hold is a contiguous tail of the log.
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -40,14 +44,16 @@ pub const FILE_BYTES: u64 = 4 << 20;
 /// The two files, in the log's directory.
 pub const FILE_NAMES: [&str; 2] = ["journal.0", "journal.1"];
 const HEADER: usize = 32;
-const MAGIC: u32 = 0x414a_4c31; // "AJL1"
+const MAGIC: u32 = 0x414a_4c31; // "AJL1", a frame
+const FILE_MAGIC: u32 = 0x414a_4831; // "AJH1", a file in use
 /// The indexer's transactions are at least this far apart.
 const INDEX_EVERY: Duration = Duration::from_millis(10);
 /// Most records the indexer moves in one transaction.
 const INDEX_BATCH: usize = 16_384;
 
-fn digest(len: u32, generation: u64, payload: &[u8]) -> [u8; 16] {
+fn digest(prev: &[u8; 16], len: u32, generation: u64, payload: &[u8]) -> [u8; 16] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(prev);
     ctx.update(&len.to_le_bytes());
     ctx.update(&MAGIC.to_le_bytes());
     ctx.update(&generation.to_le_bytes());
@@ -57,8 +63,8 @@ fn digest(len: u32, generation: u64, payload: &[u8]) -> [u8; 16] {
     out
 }
 
-/// The frame of `batch` in generation `generation`.
-pub fn encode(batch: &Batch, generation: u64) -> Vec<u8> {
+/// The frame of `batch`, its header left for [`Journal::append`] to fill.
+pub fn encode(batch: &Batch) -> Vec<u8> {
     let size = HEADER
         + 16
         + batch
@@ -104,13 +110,36 @@ pub fn encode(batch: &Batch, generation: u64) -> Vec<u8> {
         }
         None => out.push(0),
     }
-    let len = (out.len() - HEADER) as u32;
-    let d = digest(len, generation, &out[HEADER..]);
-    out[0..4].copy_from_slice(&len.to_le_bytes());
-    out[4..8].copy_from_slice(&MAGIC.to_le_bytes());
-    out[8..16].copy_from_slice(&generation.to_le_bytes());
-    out[16..32].copy_from_slice(&d);
     out
+}
+
+/// Fills the header of `frame` (from [`encode`]); returns its digest.
+fn seal(frame: &mut [u8], generation: u64, prev: &[u8; 16]) -> [u8; 16] {
+    let len = (frame.len() - HEADER) as u32;
+    let d = digest(prev, len, generation, &frame[HEADER..]);
+    frame[0..4].copy_from_slice(&len.to_le_bytes());
+    frame[4..8].copy_from_slice(&MAGIC.to_le_bytes());
+    frame[8..16].copy_from_slice(&generation.to_le_bytes());
+    frame[16..32].copy_from_slice(&d);
+    d
+}
+
+/// A file's header: in use by `generation`, its frames chained from `nonce`.
+fn file_header(generation: u64, nonce: &[u8; 16]) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[0..4].copy_from_slice(&FILE_MAGIC.to_le_bytes());
+    h[8..16].copy_from_slice(&generation.to_le_bytes());
+    h[16..32].copy_from_slice(nonce);
+    h
+}
+
+fn nonce() -> io::Result<[u8; 16]> {
+    use ring::rand::SecureRandom;
+    let mut n = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut n)
+        .map_err(|_| io::Error::other("no randomness for the journal's nonce"))?;
+    Ok(n)
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -176,19 +205,28 @@ fn decode(payload: &[u8]) -> Option<Batch> {
     c.0.is_empty().then_some(batch)
 }
 
-/// The frames of one file: its generation (None when empty) and batches, in order.
+/// The frames of one file: its generation (None when not in use) and batches, in order.
 fn read_frames(file: &File) -> io::Result<(Option<u64>, Vec<Batch>)> {
-    let mut offset = 0u64;
-    let mut generation = None;
-    let mut out = vec![];
     let end = file.metadata()?.len();
     let mut header = [0u8; HEADER];
+    if end < HEADER as u64 {
+        return Ok((None, vec![]));
+    }
+    file.read_exact_at(&mut header, 0)?;
+    let word =
+        |h: &[u8; HEADER], at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let long = |h: &[u8; HEADER]| u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+    if word(&header, 0) != FILE_MAGIC {
+        return Ok((None, vec![]));
+    }
+    let generation = long(&header);
+    let mut prev: [u8; 16] = header[16..32].try_into().unwrap_or_default();
+    let mut offset = HEADER as u64;
+    let mut out = vec![];
     while offset + HEADER as u64 <= end {
         file.read_exact_at(&mut header, offset)?;
-        let len = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
-        let magic = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default());
-        let frame_gen = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-        if len == 0 || magic != MAGIC || generation.is_some_and(|g| g != frame_gen) {
+        let len = word(&header, 0);
+        if len == 0 || word(&header, 4) != MAGIC || long(&header) != generation {
             break;
         }
         if offset + (HEADER + len as usize) as u64 > end {
@@ -196,29 +234,36 @@ fn read_frames(file: &File) -> io::Result<(Option<u64>, Vec<Batch>)> {
         }
         let mut payload = vec![0u8; len as usize];
         file.read_exact_at(&mut payload, offset + HEADER as u64)?;
-        if digest(len, frame_gen, &payload)[..] != header[16..32] {
+        let d = digest(&prev, len, generation, &payload);
+        if d[..] != header[16..32] {
             break;
         }
         let Some(batch) = decode(&payload) else { break };
-        generation = Some(frame_gen);
+        prev = d;
         out.push(batch);
         offset += (HEADER + len as usize) as u64;
     }
-    Ok((generation, out))
+    Ok((Some(generation), out))
 }
 
-/// The frames of `files`, older generation first, and the generation after theirs.
-fn held(files: &[File]) -> io::Result<(u64, Vec<Batch>)> {
+/// The frames of `files`, older generation first; the generation after theirs; the
+/// index of the file with the newest one.
+fn held(files: &[File]) -> io::Result<(u64, usize, Vec<Batch>)> {
     let mut held = vec![];
-    for f in files {
+    for (i, f) in files.iter().enumerate() {
         let (generation, batches) = read_frames(f)?;
         if let Some(g) = generation {
-            held.push((g, batches));
+            held.push((g, i, batches));
         }
     }
-    held.sort_by_key(|(g, _)| *g);
-    let next = held.last().map_or(0, |(g, _)| *g) + 1;
-    Ok((next, held.into_iter().flat_map(|(_, b)| b).collect()))
+    held.sort_by_key(|(g, _, _)| *g);
+    let next = held.last().map_or(0, |(g, _, _)| *g) + 1;
+    let newest = held.last().map_or(0, |(_, i, _)| *i);
+    Ok((
+        next,
+        newest,
+        held.into_iter().flat_map(|(_, _, b)| b).collect(),
+    ))
 }
 
 /// The two files and where the next frame goes.
@@ -226,9 +271,14 @@ fn held(files: &[File]) -> io::Result<(u64, Vec<Batch>)> {
 pub struct Journal {
     paths: [PathBuf; 2],
     files: [File; 2],
+    /// The file written (after open: the one holding the newest generation).
     active: usize,
+    /// Where the next frame goes; 0: the file's header first.
     offset: u64,
     generation: u64,
+    /// The active file's nonce, and the digest the next frame chains from.
+    nonce: [u8; 16],
+    prev: [u8; 16],
     file_bytes: u64,
 }
 
@@ -272,13 +322,16 @@ impl Journal {
         if made {
             File::open(dir)?.sync_all()?;
         }
-        let (generation, held) = held(&files)?;
+        let (generation, newest, held) = held(&files)?;
+        let nonce = nonce()?;
         let journal = Journal {
             paths,
             files,
-            active: 0,
+            active: newest,
             offset: 0,
             generation,
+            nonce,
+            prev: nonce,
             file_bytes,
         };
         Ok((journal, held))
@@ -296,19 +349,27 @@ impl Journal {
                 Err(e) => return Err(e),
             }
         }
-        Ok(held(&files)?.1)
+        Ok(held(&files)?.2)
     }
 
-    /// Empties both files (their first header zeroed, durably): everything they held is
-    /// in the store. The next frame starts a new generation at the start of the first.
+    /// Empties both files (their headers zeroed, durably; the older first, so a crash
+    /// in between leaves the newer, a tail of the log): everything they held is in the
+    /// store. The next frame starts a new generation at the start of the first file.
     pub fn reset(&mut self) -> io::Result<()> {
-        for f in &self.files {
+        for i in [self.active ^ 1, self.active] {
+            let f = &self.files[i];
             f.write_all_at(&[0u8; HEADER], 0)?;
             f.sync_data()?;
         }
         self.active = 0;
+        self.start_generation()
+    }
+
+    fn start_generation(&mut self) -> io::Result<()> {
         self.offset = 0;
         self.generation += 1;
+        self.nonce = nonce()?;
+        self.prev = self.nonce;
         Ok(())
     }
 
@@ -318,20 +379,30 @@ impl Journal {
     }
 
     /// Moves to the other file, a new generation.
-    fn switch(&mut self) {
+    fn switch(&mut self) -> io::Result<()> {
         self.active ^= 1;
-        self.offset = 0;
-        self.generation += 1;
+        self.start_generation()
     }
 
-    /// Writes a frame (made with this journal's generation) at the end and waits until
-    /// it is on disk. On failure nothing counts as written (the next frame goes to the
-    /// same place).
-    fn append(&mut self, frame: &[u8]) -> io::Result<()> {
+    /// Writes a frame from [`encode`] at the end (after the file's header, for the first
+    /// of a generation) and waits until it is on disk. On failure nothing counts as
+    /// written (the next frame goes to the same place, chained the same way).
+    fn append(&mut self, mut frame: Vec<u8>) -> io::Result<()> {
+        let d = seal(&mut frame, self.generation, &self.prev);
         let f = &self.files[self.active];
-        f.write_all_at(frame, self.offset)?;
+        let end = if self.offset == 0 {
+            let mut first = Vec::with_capacity(HEADER + frame.len());
+            first.extend_from_slice(&file_header(self.generation, &self.nonce));
+            first.extend_from_slice(&frame);
+            f.write_all_at(&first, 0)?;
+            first.len() as u64
+        } else {
+            f.write_all_at(&frame, self.offset)?;
+            self.offset + frame.len() as u64
+        };
         f.sync_data()?;
-        self.offset += frame.len() as u64;
+        self.offset = end;
+        self.prev = d;
         Ok(())
     }
 
@@ -348,7 +419,12 @@ pub async fn replay<B: LogBackend>(
     store_last_seq: u64,
 ) -> Result<usize, String> {
     let mut added = 0;
-    let mut merged = Merged::default();
+    // Every resolution is applied: an intent the store already has may be resolved in
+    // a batch merged with the one that brought it.
+    let mut merged = Merged {
+        replaying: true,
+        ..Merged::default()
+    };
     let mut expect = store_last_seq + 1;
     for mut b in batches {
         b.records.retain(|r| r.seq > store_last_seq);
@@ -380,6 +456,8 @@ struct Merged {
     batch: Batch,
     intents: BTreeMap<u64, String>,
     records: usize,
+    /// Batches the store may already have: keep every resolution.
+    replaying: bool,
 }
 
 impl Merged {
@@ -390,8 +468,9 @@ impl Merged {
         self.batch.records.extend(b.records);
         self.intents.extend(b.intents);
         for id in b.resolved {
-            // Resolved within the merge: it never reaches the store.
-            if self.intents.remove(&id).is_none() {
+            // Resolved within the merge: it never reaches the store (the indexer sees
+            // each batch once; an intent it stored before is not in this map).
+            if self.intents.remove(&id).is_none() || self.replaying {
                 self.batch.resolved.push(id);
             }
         }
@@ -453,39 +532,54 @@ impl JournalBackend {
         }
     }
 
-    /// Waits until the store holds batch `n`.
-    async fn indexed(&mut self, n: u64) -> Result<(), String> {
-        let wait = self.wait;
-        match tokio::time::timeout(wait, self.indexed.wait_for(|&i| i >= n)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err("the audit store's indexer stopped".into()),
-            Err(_) => Err(format!(
-                "the audit store (behind the journal) has not caught up within {} ms",
-                wait.as_millis()
-            )),
+    /// Waits (up to the backend's wait) until the store holds batch `n`; borrows
+    /// nothing, so the writer need not wait itself.
+    fn indexed(&self, n: u64) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        let (mut indexed, wait) = (self.indexed.clone(), self.wait);
+        async move {
+            match tokio::time::timeout(wait, indexed.wait_for(|&i| i >= n)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(_)) => Err("the audit store's indexer stopped".into()),
+                Err(_) => Err(format!(
+                    "the audit store (behind the journal) has not caught up within {} ms",
+                    wait.as_millis()
+                )),
+            }
+        }
+    }
+
+    /// Stops the indexer: it ends (closing the store) once nothing can reach it, or at
+    /// once when `abort` (it may be retrying a store that cannot be written).
+    async fn stop_indexer(&mut self, abort: bool) {
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.to_index, closed));
+        if let Some(task) = self.indexer.take() {
+            if abort {
+                task.abort();
+            }
+            let _ = task.await;
         }
     }
 }
 
 impl LogBackend for JournalBackend {
     async fn commit(&mut self, batch: &Batch) -> Result<(), String> {
-        let (mut frame, fits, other) = {
+        let frame = encode(batch);
+        let (fits, other) = {
             let j = self.journal.lock().map_err(poisoned)?;
-            let frame = encode(batch, j.generation);
-            let fits = j.fits(frame.len());
-            (frame, fits, j.active ^ 1)
+            (j.fits(frame.len()), j.active ^ 1)
         };
         if !fits {
             // The other file is reused only once everything in it is in the store.
             self.indexed(self.last_in[other]).await?;
             let mut j = self.journal.lock().map_err(poisoned)?;
-            j.switch();
-            frame = encode(batch, j.generation);
+            j.switch()
+                .map_err(|e| format!("starting the audit journal's next file: {e}"))?;
         }
         let journal = self.journal.clone();
         let active = tokio::task::spawn_blocking(move || {
             let mut j = journal.lock().map_err(poisoned)?;
-            j.append(&frame)
+            j.append(frame)
                 .map_err(|e| format!("{}: {e}", j.path(j.active).display()))?;
             Ok::<_, String>(j.active)
         })
@@ -501,35 +595,42 @@ impl LogBackend for JournalBackend {
     }
 
     async fn prune(&mut self, before_ms: i64) -> Result<u64, String> {
+        let stopped = || "the audit store's indexer stopped".to_string();
         let (reply, rx) = oneshot::channel();
         self.to_index
             .send(ToIndex::Prune(before_ms, reply))
-            .map_err(|_| "the audit store's indexer stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the audit store's indexer stopped".to_string())?
+            .map_err(|_| stopped())?;
+        // Behind the batches before it: bounded like any wait for the store.
+        match tokio::time::timeout(self.wait, rx).await {
+            Ok(r) => r.map_err(|_| stopped())?,
+            Err(_) => Err(format!(
+                "the audit store (behind the journal) has not caught up within {} ms; not pruned",
+                self.wait.as_millis()
+            )),
+        }
     }
 
-    async fn settle(&mut self) -> Result<(), String> {
-        self.indexed(self.written).await
+    fn settle(&mut self) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        self.indexed(self.written)
     }
 
     async fn close(&mut self) -> Result<(), String> {
-        self.settle().await?;
+        if let Err(e) = self.settle().await {
+            // The journal keeps what the store lacks, for the next start.
+            self.stop_indexer(true).await;
+            return Err(e);
+        }
         let journal = self.journal.clone();
-        tokio::task::spawn_blocking(move || {
+        let reset = tokio::task::spawn_blocking(move || {
             let mut j = journal.lock().map_err(poisoned)?;
             j.reset()
                 .map_err(|e| format!("emptying the audit journal: {e}"))
         })
         .await
-        .map_err(|e| e.to_string())??;
-        // The indexer ends (closing the store) once nothing can reach it.
-        let (closed, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.to_index, closed));
-        if let Some(task) = self.indexer.take() {
-            let _ = task.await;
-        }
-        Ok(())
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        self.stop_indexer(false).await;
+        reset
     }
 }
 
@@ -571,7 +672,10 @@ async fn index<B: LogBackend>(
         let (mut last, b) = match first {
             ToIndex::Batch(n, b) => (n, b),
             ToIndex::Prune(before_ms, reply) => {
-                let _ = reply.send(store.prune(before_ms).await);
+                // Its caller may have given up waiting (the store was failing).
+                if !reply.is_closed() {
+                    let _ = reply.send(store.prune(before_ms).await);
+                }
                 continue;
             }
         };
@@ -669,7 +773,7 @@ mod tests {
         let batches: Vec<Batch> = (1..=3).map(|i| batch(i, i * 10, 3)).collect();
         let mut ends = vec![];
         for b in &batches {
-            j.append(&encode(b, j.generation)).unwrap();
+            j.append(encode(b)).unwrap();
             ends.push(j.offset);
         }
         drop(j);
@@ -698,17 +802,73 @@ mod tests {
             intents: vec![(9, "{}".into())],
             ..Batch::default()
         };
-        j.append(&encode(&small, j.generation)).unwrap();
+        j.append(encode(&small)).unwrap();
         drop(j);
         let (_, held) = Journal::open_sized(&dir, 1 << 16).unwrap();
         assert_eq!(held.len(), 1);
         assert!(same(&held[0], &small));
+        // An earlier use's frames right where the new ones end (same sizes, and the same
+        // generation number: it restarts after a reset) chain from another nonce.
+        let fresh = |dir: &Path| {
+            // Emptied, closed, opened and emptied again: the generation numbers restart.
+            let (mut j, _) = Journal::open_sized(dir, 1 << 16).unwrap();
+            j.reset().unwrap();
+            drop(j);
+            let (mut j, held) = Journal::open_sized(dir, 1 << 16).unwrap();
+            assert!(held.is_empty());
+            j.reset().unwrap();
+            j
+        };
+        let mut j = fresh(&dir);
+        let generation = j.generation;
+        j.append(encode(&batches[0])).unwrap();
+        j.append(encode(&batches[1])).unwrap();
+        drop(j);
+        let mut j = fresh(&dir);
+        assert_eq!(j.generation, generation, "the generation number repeats");
+        j.append(encode(&batches[0])).unwrap();
+        drop(j);
+        let (_, held) = Journal::open_sized(&dir, 1 << 16).unwrap();
+        assert_eq!(held.len(), 1, "only this use's frame");
         // Nothing else parses as a batch.
         assert!(decode(&[1, 0, 0, 0]).is_none());
-        let mut payload = encode(&batches[0], 1)[HEADER..].to_vec();
+        let mut payload = encode(&batches[0])[HEADER..].to_vec();
         payload.push(0);
         assert!(decode(&payload).is_none());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn replay_applies_every_resolution_even_of_intents_it_brings_again() {
+        // The store has intent 1 (from batch 1) but not batch 2, which resolves it.
+        let store = MemoryLog::default();
+        let (b1, b2) = (batch(1, 1, 2), batch(2, 3, 2));
+        store
+            .inner
+            .lock()
+            .unwrap()
+            .records
+            .extend(b1.records.clone());
+        store
+            .inner
+            .lock()
+            .unwrap()
+            .intents
+            .extend(b1.intents.clone());
+        let mut s = store.clone();
+        assert_eq!(
+            replay(&mut s, vec![b1.clone(), b2.clone()], 2)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_same_log(&store, &applied(&[b1, b2]));
+        let intents = store.inner.lock().unwrap().intents.clone();
+        assert_eq!(
+            intents.keys().collect::<Vec<_>>(),
+            vec![&2],
+            "intent 1 resolved"
+        );
     }
 
     #[test]

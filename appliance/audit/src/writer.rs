@@ -61,9 +61,10 @@ pub trait LogBackend: Send + 'static {
     /// Drops the text of records older than `before_ms` (their leaf hashes stay);
     /// returns how many.
     fn prune(&mut self, before_ms: i64) -> impl Future<Output = Result<u64, String>> + Send;
-    /// Waits until everything committed is where readers of the store look (a journal
-    /// in front of the store: until the store has caught up).
-    fn settle(&mut self) -> impl Future<Output = Result<(), String>> + Send {
+    /// A future that ends when everything committed so far is where readers of the
+    /// store look (a journal in front of the store: when the store has caught up). It
+    /// borrows nothing: the writer goes on while someone waits for it.
+    fn settle(&mut self) -> impl Future<Output = Result<(), String>> + Send + 'static {
         async { Ok(()) }
     }
     /// At stop, after the last commit: leaves everything in the store (a journal in
@@ -404,11 +405,14 @@ impl<B: LogBackend> Writer<B> {
             if sign && !self.failing {
                 last_checkpoint_at = tokio::time::Instant::now();
             }
-            if !settles.is_empty() || stop.is_some() {
-                let settled = self.settle().await;
-                for reply in settles {
-                    let _ = reply.send(settled.clone());
-                }
+            if !settles.is_empty() {
+                let settled = self.backend.settle();
+                tokio::spawn(async move {
+                    let settled = settled.await.map_err(AuditError::Unavailable);
+                    for reply in settles {
+                        let _ = reply.send(settled.clone());
+                    }
+                });
             }
             for (before_ms, reply) in prunes {
                 let result = self.prune(before_ms).await;
@@ -424,14 +428,6 @@ impl<B: LogBackend> Writer<B> {
                 return;
             }
         }
-    }
-
-    async fn settle(&mut self) -> Result<(), AuditError> {
-        let settled = self.backend.settle().await;
-        if let Err(e) = &settled {
-            log::error!("the audit store is behind its journal: {e}");
-        }
-        settled.map_err(AuditError::Unavailable)
     }
 
     async fn prune(&mut self, before_ms: i64) -> Result<u64, AuditError> {
@@ -511,7 +507,7 @@ impl<B: LogBackend> Writer<B> {
             replies.push(Reply::Checkpoint(r));
         }
         if batch.records.is_empty() && batch.intents.is_empty() && batch.checkpoint.is_none() {
-            return self.answer(replies, intent_replies, Ok(None), Ok(()));
+            return answer(replies, intent_replies, Ok(None), Ok(()));
         }
         time = time.max(self.last_time_ms);
         match self.backend.commit(&batch).await {
@@ -526,13 +522,23 @@ impl<B: LogBackend> Writer<B> {
                     self.last_checkpoint_size = c.size;
                 }
                 let note = batch.checkpoint.map(|c| c.note);
-                // Whoever asked for a checkpoint reads the store next (a backup).
-                let asked = replies.iter().any(|r| matches!(r, Reply::Checkpoint(_)));
-                let settled = match asked && note.is_some() {
-                    true => self.settle().await,
-                    false => Ok(()),
-                };
-                self.answer(replies, intent_replies, Ok(note), settled);
+                // Whoever asked for a checkpoint reads the store next (a backup): they
+                // get it once the store has it; the writer goes on meanwhile.
+                let (asked, replies): (Vec<_>, Vec<_>) = replies
+                    .into_iter()
+                    .partition(|r| matches!(r, Reply::Checkpoint(_)));
+                if !asked.is_empty() {
+                    let settled = self.backend.settle();
+                    let note = note.clone();
+                    tokio::spawn(async move {
+                        let settled = match note.is_some() {
+                            true => settled.await.map_err(AuditError::Unavailable),
+                            false => Ok(()),
+                        };
+                        answer(asked, vec![], Ok(note), settled);
+                    });
+                }
+                answer(replies, intent_replies, Ok(note), Ok(()));
             }
             Err(e) => {
                 if !self.failing {
@@ -545,7 +551,7 @@ impl<B: LogBackend> Writer<B> {
                         self.retry.push_back((record, intent));
                     }
                 }
-                self.answer(
+                answer(
                     replies,
                     intent_replies,
                     Err(AuditError::Unavailable(e)),
@@ -554,33 +560,33 @@ impl<B: LogBackend> Writer<B> {
             }
         }
     }
+}
 
-    fn answer(
-        &self,
-        replies: Vec<Reply>,
-        intent_replies: Vec<(oneshot::Sender<Result<u64, AuditError>>, u64)>,
-        outcome: Result<Option<String>, AuditError>,
-        settled: Result<(), AuditError>,
-    ) {
-        for r in replies {
-            match r {
-                Reply::Seq(Some(tx), seq) => {
-                    let _ = tx.send(outcome.as_ref().map(|_| seq).map_err(Clone::clone));
-                }
-                Reply::Seq(None, _) => {}
-                Reply::Checkpoint(tx) => {
-                    let _ = tx.send(match (&outcome, &settled) {
-                        (Ok(Some(_)), Err(e)) => Err(e.clone()),
-                        (Ok(Some(note)), _) => Ok(note.clone()),
-                        (Ok(None), _) => Err(AuditError::Unavailable("nothing to sign".into())),
-                        (Err(e), _) => Err(e.clone()),
-                    });
-                }
+/// Answers the callers of a commit (`settled`: whether a checkpoint is in the store).
+fn answer(
+    replies: Vec<Reply>,
+    intent_replies: Vec<(oneshot::Sender<Result<u64, AuditError>>, u64)>,
+    outcome: Result<Option<String>, AuditError>,
+    settled: Result<(), AuditError>,
+) {
+    for r in replies {
+        match r {
+            Reply::Seq(Some(tx), seq) => {
+                let _ = tx.send(outcome.as_ref().map(|_| seq).map_err(Clone::clone));
+            }
+            Reply::Seq(None, _) => {}
+            Reply::Checkpoint(tx) => {
+                let _ = tx.send(match (&outcome, &settled) {
+                    (Ok(Some(_)), Err(e)) => Err(e.clone()),
+                    (Ok(Some(note)), _) => Ok(note.clone()),
+                    (Ok(None), _) => Err(AuditError::Unavailable("nothing to sign".into())),
+                    (Err(e), _) => Err(e.clone()),
+                });
             }
         }
-        for (tx, id) in intent_replies {
-            let _ = tx.send(outcome.as_ref().map(|_| id).map_err(Clone::clone));
-        }
+    }
+    for (tx, id) in intent_replies {
+        let _ = tx.send(outcome.as_ref().map(|_| id).map_err(Clone::clone));
     }
 }
 

@@ -280,6 +280,11 @@ pub struct Journal {
     nonce: [u8; 16],
     prev: [u8; 16],
     file_bytes: u64,
+    /// The file with the newest frames on disk (what `reset` empties last).
+    newest: usize,
+    /// The last append failed: its frame may be on disk, so the next one must go to
+    /// the same place (overwriting it), whatever its size.
+    unsure: bool,
 }
 
 impl Journal {
@@ -333,6 +338,8 @@ impl Journal {
             nonce,
             prev: nonce,
             file_bytes,
+            newest,
+            unsure: false,
         };
         Ok((journal, held))
     }
@@ -356,38 +363,49 @@ impl Journal {
     /// in between leaves the newer, a tail of the log): everything they held is in the
     /// store. The next frame starts a new generation at the start of the first file.
     pub fn reset(&mut self) -> io::Result<()> {
-        for i in [self.active ^ 1, self.active] {
+        let nonce = nonce()?;
+        for i in [self.newest ^ 1, self.newest] {
             let f = &self.files[i];
             f.write_all_at(&[0u8; HEADER], 0)?;
             f.sync_data()?;
         }
-        self.active = 0;
-        self.start_generation()
-    }
-
-    fn start_generation(&mut self) -> io::Result<()> {
-        self.offset = 0;
-        self.generation += 1;
-        self.nonce = nonce()?;
-        self.prev = self.nonce;
+        self.unsure = false;
+        self.start_generation(0, nonce);
         Ok(())
     }
 
-    /// Whether `len` more bytes fit in the active file (an empty file takes anything).
+    fn start_generation(&mut self, file: usize, nonce: [u8; 16]) {
+        self.active = file;
+        self.offset = 0;
+        self.generation += 1;
+        self.nonce = nonce;
+        self.prev = nonce;
+    }
+
+    /// Whether `len` more bytes fit in the active file (an empty file takes anything;
+    /// after a failed append, the frame goes where that one went, whatever its size).
     fn fits(&self, len: usize) -> bool {
-        self.offset == 0 || self.offset + len as u64 <= self.file_bytes
+        self.offset == 0 || self.unsure || self.offset + len as u64 <= self.file_bytes
     }
 
     /// Moves to the other file, a new generation.
     fn switch(&mut self) -> io::Result<()> {
-        self.active ^= 1;
-        self.start_generation()
+        let nonce = nonce()?;
+        self.start_generation(self.active ^ 1, nonce);
+        Ok(())
     }
 
     /// Writes a frame from [`encode`] at the end (after the file's header, for the first
     /// of a generation) and waits until it is on disk. On failure nothing counts as
-    /// written (the next frame goes to the same place, chained the same way).
-    fn append(&mut self, mut frame: Vec<u8>) -> io::Result<()> {
+    /// written, though the frame may be on disk: the next one goes to the same place,
+    /// chained the same way, and replaces it ([`Journal::fits`]).
+    fn append(&mut self, frame: Vec<u8>) -> io::Result<()> {
+        let result = self.write(frame);
+        self.unsure = result.is_err();
+        result
+    }
+
+    fn write(&mut self, mut frame: Vec<u8>) -> io::Result<()> {
         let d = seal(&mut frame, self.generation, &self.prev);
         let f = &self.files[self.active];
         let end = if self.offset == 0 {
@@ -400,6 +418,8 @@ impl Journal {
             f.write_all_at(&frame, self.offset)?;
             self.offset + frame.len() as u64
         };
+        // From here this file may hold the newest frames (even if the flush fails).
+        self.newest = self.active;
         f.sync_data()?;
         self.offset = end;
         self.prev = d;
@@ -504,8 +524,10 @@ enum ToIndex {
 pub struct JournalBackend {
     journal: Arc<Mutex<Journal>>,
     to_index: mpsc::UnboundedSender<ToIndex>,
-    /// The indexer task (awaited at close: the store is closed when it ends).
+    /// The indexer task (awaited at close: the store is closed when it ends), and
+    /// what tells it to stop without catching up.
     indexer: Option<tokio::task::JoinHandle<()>>,
+    stop: watch::Sender<bool>,
     indexed: watch::Receiver<u64>,
     /// Number of the last batch written, and of the last one in each file.
     written: u64,
@@ -520,11 +542,13 @@ impl JournalBackend {
     pub fn start<B: LogBackend>(journal: Journal, store: B, wait: Duration) -> JournalBackend {
         let (to_index, rx) = mpsc::unbounded_channel();
         let (done, indexed) = watch::channel(0);
-        let indexer = tokio::spawn(index(store, rx, done));
+        let (stop, stopping) = watch::channel(false);
+        let indexer = tokio::spawn(index(store, rx, done, stopping));
         JournalBackend {
             journal: Arc::new(Mutex::new(journal)),
             to_index,
             indexer: Some(indexer),
+            stop,
             indexed,
             written: 0,
             last_in: [0, 0],
@@ -548,15 +572,16 @@ impl JournalBackend {
         }
     }
 
-    /// Stops the indexer: it ends (closing the store) once nothing can reach it, or at
-    /// once when `abort` (it may be retrying a store that cannot be written).
-    async fn stop_indexer(&mut self, abort: bool) {
+    /// Stops the indexer: it ends (closing the store) once nothing can reach it, or,
+    /// when `now`, as soon as it is between transactions (it may be retrying a store
+    /// that cannot be written: the journal keeps what the store lacks).
+    async fn stop_indexer(&mut self, now: bool) {
+        if now {
+            let _ = self.stop.send(true);
+        }
         let (closed, _) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.to_index, closed));
         if let Some(task) = self.indexer.take() {
-            if abort {
-                task.abort();
-            }
             let _ = task.await;
         }
     }
@@ -596,18 +621,17 @@ impl LogBackend for JournalBackend {
 
     async fn prune(&mut self, before_ms: i64) -> Result<u64, String> {
         let stopped = || "the audit store's indexer stopped".to_string();
+        // The store must first catch up (bounded, as every wait for it): then nothing
+        // is ahead of the prune, whose own time SQLite bounds (a long UPDATE on a big
+        // log must not be reported as not done while it runs).
+        self.indexed(self.written)
+            .await
+            .map_err(|e| format!("{e}; not pruned"))?;
         let (reply, rx) = oneshot::channel();
         self.to_index
             .send(ToIndex::Prune(before_ms, reply))
             .map_err(|_| stopped())?;
-        // Behind the batches before it: bounded like any wait for the store.
-        match tokio::time::timeout(self.wait, rx).await {
-            Ok(r) => r.map_err(|_| stopped())?,
-            Err(_) => Err(format!(
-                "the audit store (behind the journal) has not caught up within {} ms; not pruned",
-                self.wait.as_millis()
-            )),
-        }
+        rx.await.map_err(|_| stopped())?
     }
 
     fn settle(&mut self) -> impl Future<Output = Result<(), String>> + Send + 'static {
@@ -644,6 +668,7 @@ async fn index<B: LogBackend>(
     mut store: B,
     mut rx: mpsc::UnboundedReceiver<ToIndex>,
     done: watch::Sender<u64>,
+    mut stopping: watch::Receiver<bool>,
 ) {
     let mut merged = Merged::default();
     let mut failing = false;
@@ -714,7 +739,16 @@ async fn index<B: LogBackend>(
                         );
                         failing = true;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // Told to stop (or the backend is gone): the journal keeps the
+                    // batches for the next start.
+                    let stop = tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => false,
+                        _ = stopping.changed() => true,
+                    };
+                    if stop {
+                        let _ = store.close().await;
+                        return;
+                    }
                 }
             }
         }
@@ -872,6 +906,31 @@ mod tests {
     }
 
     #[test]
+    fn after_a_failed_append_the_next_frame_replaces_it_whatever_its_size() {
+        let dir = scratch("unsure");
+        let (mut j, _) = Journal::open_sized(&dir, 2048).unwrap();
+        j.reset().unwrap();
+        j.append(encode(&batch(1, 1, 2))).unwrap();
+        // A frame that reached the file though its append failed (the flush did).
+        let (offset, prev) = (j.offset, j.prev);
+        let mut lost = encode(&batch(2, 3, 2));
+        seal(&mut lost, j.generation, &prev);
+        j.files[0].write_all_at(&lost, offset).unwrap();
+        j.unsure = true;
+        // The retry is larger than what is left of the file: it still goes there.
+        let retry = batch(2, 3, 20);
+        assert!(offset + encode(&retry).len() as u64 > 2048);
+        assert!(j.fits(encode(&retry).len()));
+        j.append(encode(&retry)).unwrap();
+        assert!(!j.unsure);
+        drop(j);
+        let (_, held) = Journal::open_sized(&dir, 2048).unwrap();
+        assert_eq!(held.len(), 2);
+        assert!(same(&held[1], &retry), "the retry replaced the frame");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn merging_drops_intents_resolved_within_and_stops_at_a_checkpoint() {
         let mut m = Merged::default();
         assert!(!m.take(batch(1, 1, 2)));
@@ -994,6 +1053,9 @@ mod tests {
         }
         let e = refused.expect("a commit is refused");
         assert!(e.contains("has not caught up"), "{e}");
+        // A prune waits for the store no longer than a commit does.
+        let e = backend.prune(0).await.unwrap_err();
+        assert!(e.contains("not pruned"), "{e}");
         // Once the store works again (the indexer retries every 200 ms), it catches up
         // and commits go through, file switches and all.
         store.inner.lock().unwrap().fail = None;

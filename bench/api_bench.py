@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import statistics
@@ -94,6 +95,8 @@ class Daemon:
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
+        # Its data directory: an audit log of every benchmark request (hundreds of MB).
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 async def one_stream(client, url, headers, body, times):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,6 +208,7 @@ def main():
             os.killpg(lite.pid, signal.SIGTERM)
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
     out = json.dumps(report, indent=1)
     print(out)
     if a.json:

@@ -74,6 +74,31 @@ impl Drop for Guard {
 
 /// A fresh scratch directory under the system temp dir.
 pub fn scratch(name: &str) -> PathBuf {
+    // Scratch directories of earlier runs whose process is gone (kept while it runs,
+    // for a look after a failure): each holds a data directory with its audit journal.
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("appliance-e2e-")
+                .and_then(|rest| rest.rsplit('-').next())
+                .and_then(|p| p.split('.').next()?.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let path = e.path();
+                let _ = match path.is_dir() {
+                    true => std::fs::remove_dir_all(&path),
+                    false => std::fs::remove_file(&path),
+                };
+            }
+        }
+    });
     let d = std::env::temp_dir().join(format!("appliance-e2e-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");

@@ -318,6 +318,21 @@ fn a_bad_config_file_is_reported_with_its_line() {
 }
 
 #[test]
+fn an_audit_journal_size_out_of_range_is_refused() {
+    let dir = scratch("badjournal");
+    std::fs::write(dir.join("appliance.toml"), "[audit]\njournal_kib = 2\n").unwrap();
+    let out = appliance()
+        .args(["serve", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[audit] journal_kib = 2: must be 16 to 1048576"), "{err}");
+    assert!(!dir.join("audit/journal.0").exists(), "nothing made");
+}
+
+#[test]
 fn keys_cli_contract() {
     let dir = scratch("keyscli");
     let run = |args: &[&str]| {

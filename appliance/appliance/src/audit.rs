@@ -299,7 +299,13 @@ pub async fn start(
     let db = AuditDb::open(&db_path(data), wait).await?;
     // What the journal holds that the store may not (a crash, a power cut) goes into the
     // store before anything else; then the journal starts empty.
-    let (mut journal, held) = Journal::open_sized(&dir(data), cfg.journal_kib.max(4) << 10)
+    if !(16..=1 << 20).contains(&cfg.journal_kib) {
+        bail!(
+            "[audit] journal_kib = {}: must be 16 to 1048576 (KiB for each of the two journal files)",
+            cfg.journal_kib
+        );
+    }
+    let (mut journal, held) = Journal::open_sized(&dir(data), cfg.journal_kib << 10)
         .with_context(|| format!("opening the audit journal in {}", dir(data).display()))?;
     let store_last = db.last().await?.map_or(0, |l| l.0);
     let mut store = StoreBackend(db);

@@ -38,11 +38,12 @@ pub struct AuditSection {
     /// Records older than this many days lose their text (their hashes stay); 0 keeps
     /// everything. Checked hourly; each pruning is itself recorded.
     pub retention_days: u32,
-    /// How long a write waits for a lock held by another process before the request
-    /// is refused (milliseconds).
+    /// How long a commit waits for `audit.db` to catch up with the journal (when it
+    /// must reuse a journal file), and SQLite for a lock held by another process,
+    /// before the request is refused (milliseconds).
     pub lock_timeout_ms: u64,
-    /// Size of each of the two journal files (KiB): how much the log can take while its
-    /// store (`audit.db`) cannot be written before requests are refused.
+    /// Size of each of the two journal files (KiB, 16 to 1048576): how much the log can
+    /// take while its store (`audit.db`) cannot be written before requests are refused.
     pub journal_kib: u64,
 }
 

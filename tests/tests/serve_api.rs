@@ -4,7 +4,7 @@
 //! behaviour (worker crash, drain, config errors) is tested in Rust.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -298,37 +298,35 @@ fn plain_http_only_redirects_and_old_tls_is_refused() {
     assert!(ok && out.contains("ok"), "{out}");
 }
 
-#[test]
-fn a_bad_config_file_is_reported_with_its_line() {
-    let dir = scratch("badconfig");
-    std::fs::write(
-        dir.join("appliance.toml"),
-        "[api]\nlisten = \"0.0.0.0:8443\"\n\n[limits]\nmax_body = 5\n",
-    )
-    .unwrap();
+/// `appliance serve` on a fresh data directory with `config`: it must exit 1; its
+/// stderr and the directory.
+fn serve_refuses(name: &str, config: &str) -> (String, PathBuf) {
+    let dir = scratch(name);
+    std::fs::write(dir.join("appliance.toml"), config).unwrap();
     let out = appliance()
         .args(["serve", "--data-dir"])
         .arg(&dir)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    (String::from_utf8_lossy(&out.stderr).into_owned(), dir)
+}
+
+#[test]
+fn a_bad_config_file_is_reported_with_its_line() {
+    let (err, _) = serve_refuses(
+        "badconfig",
+        "[api]\nlisten = \"0.0.0.0:8443\"\n\n[limits]\nmax_body = 5\n",
+    );
     assert!(err.contains("appliance.toml: line 5, column 1"), "{err}");
     assert!(err.contains("max_body"), "{err}");
 }
 
 #[test]
 fn an_audit_journal_size_out_of_range_is_refused() {
-    let dir = scratch("badjournal");
-    std::fs::write(dir.join("appliance.toml"), "[audit]\njournal_kib = 2\n").unwrap();
-    let out = appliance()
-        .args(["serve", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("[audit] journal_kib = 2: must be 16 to 1048576"), "{err}");
+    let (err, dir) = serve_refuses("badjournal", "[audit]\njournal_kib = 2\n");
+    let want = "[audit] journal_kib = 2: must be 16 to 1048576";
+    assert!(err.contains(want), "{err}");
     assert!(!dir.join("audit/journal.0").exists(), "nothing made");
 }
 

@@ -2,13 +2,14 @@
 //!
 //! One writer task owns the log: callers send it records and wait; it takes everything
 //! waiting (up to [`MAX_BATCH`]), assigns sequence numbers and times, hashes the leaves,
-//! commits the batch in one transaction (one fsync), and only then answers each caller.
-//! A failed commit answers every waiting caller with an error and changes nothing: the
-//! in-memory tree advances only with the database.
+//! commits the batch as one unit (in the appliance, one journal frame and one
+//! `fdatasync`: [`crate::journal`]), and only then answers each caller. A failed commit
+//! answers every waiting caller with an error and changes nothing: the in-memory tree
+//! advances only with the log.
 //!
 //! Requests that reach a worker are recorded in two steps, still one record each: an
 //! *intent* (the request's actor, action and resource) is committed before the worker is
-//! called, and the record is committed (and the intent deleted, in the same transaction)
+//! called, and the record is committed (resolving the intent, in the same commit)
 //! before the answer ends. An intent left behind by a crash becomes an `interrupted`
 //! record at the next start, so a request that got any byte of an answer is in the log.
 

@@ -305,7 +305,10 @@ pub async fn start(
             cfg.journal_kib
         );
     }
-    let (mut journal, held) = Journal::open_sized(&dir(data), cfg.journal_kib << 10)
+    // Opening may zero-fill up to two GiB and flushes: off the async threads.
+    let (jdir, bytes) = (dir(data), cfg.journal_kib << 10);
+    let (journal, held) = tokio::task::spawn_blocking(move || Journal::open_sized(&jdir, bytes))
+        .await?
         .with_context(|| format!("opening the audit journal in {}", dir(data).display()))?;
     let store_last = db.last().await?.map_or(0, |l| l.0);
     let mut store = StoreBackend(db);
@@ -318,9 +321,12 @@ pub async fn start(
     if added > 0 {
         log::warn!("audit: {added} record(s) from the journal were not yet in the store; added");
     }
-    journal
-        .reset()
-        .with_context(|| format!("emptying the audit journal in {}", dir(data).display()))?;
+    let journal = tokio::task::spawn_blocking(move || {
+        let mut journal = journal;
+        journal.reset().map(|()| journal)
+    })
+    .await?
+    .with_context(|| format!("emptying the audit journal in {}", dir(data).display()))?;
     let db = store.0;
     let resume = resume(&db, &signer.verifier()).await?;
     if !resume.intents.is_empty() {

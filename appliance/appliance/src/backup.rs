@@ -324,6 +324,20 @@ pub fn apply(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<PathBuf> {
             std::fs::rename(&journal, &keep)?;
         }
     }
+    // The moves are made durable before anything is written in their place: after a
+    // power cut, the replaced log's journal must not reappear beside the restored log.
+    let mut touched = std::collections::BTreeSet::new();
+    for name in files.keys().filter(|n| *n != "manifest.json") {
+        for base in [dir, aside.as_path()] {
+            if let Some(p) = base.join(name).parent() {
+                touched.insert(p.to_path_buf());
+            }
+        }
+    }
+    touched.insert(crate::audit::dir(dir));
+    touched.insert(aside.join("audit"));
+    touched.insert(dir.to_path_buf());
+    sync_dirs(&touched)?;
     for (name, b) in files.iter().filter(|(n, _)| *n != "manifest.json") {
         let target = dir.join(name);
         if let Some(p) = target.parent() {
@@ -331,7 +345,18 @@ pub fn apply(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<PathBuf> {
         }
         write_private(&target, b)?;
     }
+    sync_dirs(&touched)?;
     Ok(aside)
+}
+
+/// Flushes each existing folder of `dirs` (the names its entries were given or lost).
+fn sync_dirs(dirs: &std::collections::BTreeSet<PathBuf>) -> Result<()> {
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        std::fs::File::open(d)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("flushing {}", d.display()))?;
+    }
+    Ok(())
 }
 
 /// Where a restore staged from the console waits for the daemon's next start.
@@ -399,6 +424,9 @@ pub fn apply_staged(dir: &Path) -> Result<Option<String>> {
     files.insert("manifest.json".into(), manifest_bytes);
     let aside = apply(dir, &files)?;
     std::fs::remove_dir_all(&staged).with_context(|| format!("removing {}", staged.display()))?;
+    if let Some(parent) = staged.parent() {
+        sync_dirs(&[parent.to_path_buf()].into())?;
+    }
     Ok(Some(format!(
         "restored the backup of {} staged from the console; the replaced files are in {}",
         appliance_audit::record::format_time(manifest["created_ms"].as_i64().unwrap_or(0)),

@@ -408,16 +408,21 @@ impl Journal {
     fn write(&mut self, mut frame: Vec<u8>) -> io::Result<()> {
         let d = seal(&mut frame, self.generation, &self.prev);
         let f = &self.files[self.active];
-        let end = if self.offset == 0 {
-            let mut first = Vec::with_capacity(HEADER + frame.len());
-            first.extend_from_slice(&file_header(self.generation, &self.nonce));
-            first.extend_from_slice(&frame);
-            f.write_all_at(&first, 0)?;
-            first.len() as u64
+        let at = if self.offset == 0 {
+            // The header (new generation, new nonce) is made durable on its own before
+            // any frame: written together, a torn write could leave the old header in
+            // place with a run of the old generation's frames after it that still
+            // chain, a stretch of the log already replaced (and applied) coming back.
+            // The header fits in one sector, so it is either old or new.
+            f.write_all_at(&file_header(self.generation, &self.nonce), 0)?;
+            self.newest = self.active;
+            f.sync_data()?;
+            HEADER as u64
         } else {
-            f.write_all_at(&frame, self.offset)?;
-            self.offset + frame.len() as u64
+            self.offset
         };
+        f.write_all_at(&frame, at)?;
+        let end = at + frame.len() as u64;
         // From here this file may hold the newest frames (even if the flush fails).
         self.newest = self.active;
         f.sync_data()?;

@@ -434,7 +434,7 @@ plain!(
     Q50x16,
     BlockQ80,
     quantize_row_q8_0,
-    lanes_step(),
+    pair_step(),
     dot_q50_group
 );
 plain!(Q40x16, BlockQ80S, quantize_row_q8_0s, 4, dot_q40_group);
@@ -685,6 +685,8 @@ fn dot_q4k_group(w: &[Q4Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Rows(lanes::q4k_zmm),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q4k_ymm,
+        #[cfg(target_arch = "x86_64")]
+        ymm_pair: None,
         plain: q4k_group_portable,
     }
     .run(w, x, out)
@@ -788,6 +790,8 @@ fn dot_q6k_group(w: &[Q6Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Rows(lanes::q6k_zmm),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q6k_ymm,
+        #[cfg(target_arch = "x86_64")]
+        ymm_pair: None,
         plain: q6k_group_portable,
     }
     .run(w, x, out)
@@ -966,6 +970,15 @@ pub fn kernel_level() -> &'static str {
 
 /// Activation rows per pass of the Q4_1 and Q8_0 kernels (eight accumulators per
 /// sequence): two in 512-bit registers (32 of them), one in 256-bit ones (16).
+/// Activation rows per kernel call for types with an AVX2 pair kernel too.
+fn pair_step() -> usize {
+    if avx512() || has_avx2_fma() {
+        2
+    } else {
+        1
+    }
+}
+
 fn lanes_step() -> usize {
     if avx512() {
         2
@@ -1130,6 +1143,10 @@ struct Levels<G: 'static, X: 'static> {
     /// AVX2 and FMA/F16C.
     #[cfg(target_arch = "x86_64")]
     ymm: RowKernel<G, X>,
+    /// AVX2 for two activation rows at once (each weight word decoded once for both),
+    /// where the type has one.
+    #[cfg(target_arch = "x86_64")]
+    ymm_pair: Option<PairKernel<G, X>>,
     /// Plain code (safe; the reference the others are tested against).
     plain: fn(&[G], &[X], &mut [f32; 16]),
 }
@@ -1160,7 +1177,10 @@ impl<G, X> Levels<G, X> {
                     return;
                 }
                 if has_avx2_fma() {
-                    by_row(x, out, |xi, one| (self.ymm)(w, xi, one));
+                    match self.ymm_pair {
+                        Some(k) if x.len() == 2 => k(w, [x[0], x[1]], out),
+                        _ => by_row(x, out, |xi, one| (self.ymm)(w, xi, one)),
+                    }
                     return;
                 }
             }
@@ -1189,6 +1209,8 @@ fn dot_q41_group(w: &[Q41x16], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Pairs([lanes::q41_zmm::<1>, lanes::q41_zmm::<2>]),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q41_ymm,
+        #[cfg(target_arch = "x86_64")]
+        ymm_pair: None,
         plain: |w, x, out| {
             for (r, o) in out.iter_mut().enumerate() {
                 *o = dot_q41_q81_scalar(w.iter().map(|g| g.row(r)), x);
@@ -1230,6 +1252,8 @@ fn dot_q80_group(w: &[Q80x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Pairs([lanes::q80_zmm::<1>, lanes::q80_zmm::<2>]),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q80_ymm,
+        #[cfg(target_arch = "x86_64")]
+        ymm_pair: None,
         plain: i8_group_plain,
     }
     .run(w, x, out)
@@ -1242,6 +1266,8 @@ fn dot_q50_group(w: &[Q50x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Pairs([lanes::q50_zmm::<1>, lanes::q50_zmm::<2>]),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q50_ymm,
+        #[cfg(target_arch = "x86_64")]
+        ymm_pair: Some(lanes::q50_ymm_pair::<2>),
         plain: i8_group_plain,
     }
     .run(w, x, out)
@@ -1558,23 +1584,46 @@ mod lanes {
     /// As for [`q41_ymm`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q50_ymm(w: &[Q50x16], x: &[BlockQ80], out: &mut [f32; 16]) {
-        // SAFETY: as for `q41_ymm`.
+        let mut both = [[0f32; 4]; 16];
+        // SAFETY: as documented (the same features).
+        unsafe { q50_ymm_pair::<1>(w, [x, x], &mut both) };
+        for (o, b) in out.iter_mut().zip(both) {
+            *o = b[0];
+        }
+    }
+
+    /// [`q50_ymm`] for `N` (one or two) Q8_0 rows at once (`x[..N]`, their results in
+    /// `out[..][..N]`): each weight word's bytes (nibble and fifth bit) are put together
+    /// once for both rows; each row keeps its own accumulators and order, so the bits
+    /// are the same row by row.
+    ///
+    /// # Safety
+    /// As for [`q50_ymm`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q50_ymm_pair<const N: usize>(
+        w: &[Q50x16],
+        x: [&[BlockQ80]; 2],
+        out: &mut [[f32; 4]; 16],
+    ) {
+        // SAFETY: as for `q50_ymm`.
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
             let bit4 = _mm256_set1_epi8(0x10);
             let ones = _mm256_set1_epi16(1);
-            // Byte i of a 32-bit mask's widening tests bit i % 8 of mask byte i / 8.
             let spread = _mm256_setr_epi8(
                 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
                 3, 3, 3, 3,
             );
             let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
             for h in 0..2 {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (g, xb) in w.iter().zip(x) {
+                let mut acc = [[_mm256_setzero_ps(); 8]; N];
+                for (b, g) in w.iter().enumerate() {
                     let dw =
                         _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i));
-                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                    let mut dd = [_mm256_setzero_ps(); N];
+                    for i in 0..N {
+                        dd[i] = _mm256_mul_ps(dw, _mm256_set1_ps(x[i][b].d));
+                    }
                     for k in 0..4 {
                         let raw = _mm256_loadu_si256(g.qs[k][8 * h..].as_ptr() as *const __m256i);
                         let nib = [
@@ -1587,14 +1636,24 @@ mod lanes {
                             let sel = _mm256_and_si256(_mm256_shuffle_epi8(m, spread), bits);
                             let set = _mm256_cmpeq_epi8(sel, bits);
                             let u = _mm256_or_si256(*n, _mm256_and_si256(set, bit4));
-                            let xw = _mm256_set1_epi32(word(&xb.qs, j));
-                            let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones);
-                            let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o[j] >> 3));
-                            acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
+                            for i in 0..N {
+                                let xb = &x[i][b];
+                                let xw = _mm256_set1_epi32(word(&xb.qs, j));
+                                let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones);
+                                let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o[j] >> 3));
+                                acc[i][j] =
+                                    _mm256_fmadd_ps(dd[i], _mm256_cvtepi32_ps(isum), acc[i][j]);
+                            }
                         }
                     }
                 }
-                _mm256_storeu_ps(out[8 * h..].as_mut_ptr(), hsum8_ymm(&acc));
+                for i in 0..N {
+                    let mut v = [0f32; 8];
+                    _mm256_storeu_ps(v.as_mut_ptr(), hsum8_ymm(&acc[i]));
+                    for r in 0..8 {
+                        out[8 * h + r][i] = v[r];
+                    }
+                }
             }
         }
     }

@@ -329,8 +329,13 @@ pub fn apply(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<PathBuf> {
     let mut touched = std::collections::BTreeSet::new();
     for name in files.keys().filter(|n| *n != "manifest.json") {
         for base in [dir, aside.as_path()] {
-            if let Some(p) = base.join(name).parent() {
+            // Every folder from the file's up to `base` (any of them may be new).
+            let target = base.join(name);
+            for p in target.ancestors().skip(1) {
                 touched.insert(p.to_path_buf());
+                if p == base {
+                    break;
+                }
             }
         }
     }

@@ -968,9 +968,8 @@ pub fn kernel_level() -> &'static str {
     }
 }
 
-/// Activation rows per pass of the Q4_1 and Q8_0 kernels (eight accumulators per
-/// sequence): two in 512-bit registers (32 of them), one in 256-bit ones (16).
-/// Activation rows per kernel call for types with an AVX2 pair kernel too.
+/// Activation rows per kernel call of the Q5_0 kernels: two with AVX-512 or AVX2 (each
+/// weight word's nibble and fifth bit put together once for both), one in plain code.
 fn pair_step() -> usize {
     if avx512() || has_avx2_fma() {
         2
@@ -979,6 +978,9 @@ fn pair_step() -> usize {
     }
 }
 
+/// Activation rows per pass of the Q4_1 and Q8_0 kernels (eight accumulators per
+/// sequence): two in 512-bit registers (32 of them), one in 256-bit ones (16; two
+/// rows' accumulators spill, and were slower: docs/BENCHMARKS.md).
 fn lanes_step() -> usize {
     if avx512() {
         2

@@ -341,7 +341,6 @@ pub fn apply(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<PathBuf> {
     }
     touched.insert(crate::audit::dir(dir));
     touched.insert(aside.join("audit"));
-    touched.insert(dir.to_path_buf());
     sync_dirs(&touched)?;
     for (name, b) in files.iter().filter(|(n, _)| *n != "manifest.json") {
         let target = dir.join(name);

@@ -408,6 +408,8 @@ impl Journal {
     fn write(&mut self, mut frame: Vec<u8>) -> io::Result<()> {
         let d = seal(&mut frame, self.generation, &self.prev);
         let f = &self.files[self.active];
+        // From here this file may hold the newest frames (even if a write or flush fails).
+        self.newest = self.active;
         let at = if self.offset == 0 {
             // The header (new generation, new nonce) is made durable on its own before
             // any frame: written together, a torn write could leave the old header in
@@ -415,7 +417,6 @@ impl Journal {
             // chain, a stretch of the log already replaced (and applied) coming back.
             // The header fits in one sector, so it is either old or new.
             f.write_all_at(&file_header(self.generation, &self.nonce), 0)?;
-            self.newest = self.active;
             f.sync_data()?;
             HEADER as u64
         } else {
@@ -423,8 +424,6 @@ impl Journal {
         };
         f.write_all_at(&frame, at)?;
         let end = at + frame.len() as u64;
-        // From here this file may hold the newest frames (even if the flush fails).
-        self.newest = self.active;
         f.sync_data()?;
         self.offset = end;
         self.prev = d;

@@ -310,6 +310,13 @@ pub async fn start(
     let (journal, held) = tokio::task::spawn_blocking(move || Journal::open_sized(&jdir, bytes))
         .await?
         .with_context(|| format!("opening the audit journal in {}", dir(data).display()))?;
+    log::info!(
+        "audit journal: {}",
+        match journal.direct() {
+            true => "direct synchronous writes",
+            false => "buffered writes and fdatasync (the file system refuses direct writes)",
+        }
+    );
     let store_last = db.last().await?.map_or(0, |l| l.0);
     let mut store = StoreBackend(db);
     let added = replay(&mut store, held, store_last).await.map_err(|e| {

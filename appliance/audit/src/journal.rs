@@ -1,14 +1,19 @@
 //! The journal in front of the log's store: what makes a commit durable.
 //!
-//! A commit is one frame written into a preallocated file and one `fdatasync` (about a
-//! tenth of a millisecond): the writer answers its callers then. An indexer task moves
+//! A commit is one frame written into a preallocated file, durably (a tenth to a quarter
+//! of a millisecond): the writer answers its callers then. An indexer task moves
 //! committed batches into the store (SQLite) behind it, as many batches per transaction
 //! as have piled up; an intent resolved within what it moves never reaches the store.
 //! The store is always a prefix of the log, at most a few milliseconds behind; whoever
 //! must read everything first calls [`crate::Auditor::settle`].
 //!
 //! Two files, `journal.0` and `journal.1`, each [`FILE_BYTES`] of zeros at creation (so
-//! an overwrite changes no file metadata and the `fdatasync` writes data only). A file in
+//! an overwrite changes no file metadata and the flush writes data only). Where the file
+//! system allows, frames are written with `O_DIRECT | O_DSYNC`: one write of the whole
+//! 4 KiB blocks a frame touches (the last block's earlier bytes rewritten as they were,
+//! the rest zeros), durable when it returns, with no page cache to write back (about a
+//! third less time than a buffered write and an `fdatasync` here); elsewhere a buffered
+//! write and an `fdatasync`. A file in
 //! use starts with a 32-byte header (magic, generation, a random 16-byte nonce), then
 //! frames one after another; when the next frame does not fit, the writer moves to the
 //! other file (waiting, if ever needed, until everything in it is in the store) and
@@ -44,6 +49,8 @@ pub const FILE_BYTES: u64 = 4 << 20;
 /// The two files, in the log's directory.
 pub const FILE_NAMES: [&str; 2] = ["journal.0", "journal.1"];
 const HEADER: usize = 32;
+/// The unit of a direct write (a multiple of every device's logical block size).
+const BLOCK: usize = 4096;
 const MAGIC: u32 = 0x414a_4c31; // "AJL1", a frame
 const FILE_MAGIC: u32 = 0x414a_4831; // "AJH1", a file in use
 /// The indexer's transactions are at least this far apart.
@@ -285,6 +292,38 @@ pub struct Journal {
     /// The last append failed: its frame may be on disk, so the next one must go to
     /// the same place (overwriting it), whatever its size.
     unsure: bool,
+    /// The files opened for direct, synchronous writes (None: buffered writes, then
+    /// `fdatasync`).
+    direct: Option<[File; 2]>,
+    /// With `direct`: the active file's bytes from the start of the block holding
+    /// `offset` up to it (what a direct write into that block must write again).
+    tail: Vec<u8>,
+    /// With `direct`: the block-aligned buffer a write is assembled in.
+    scratch: Vec<u8>,
+}
+
+/// Opens `path` for writes of whole blocks that are durable when they return, if its file
+/// system allows: a block of it is read and written back as it was to find out.
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = nix::fcntl::OFlag::O_DIRECT | nix::fcntl::OFlag::O_DSYNC;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags.bits())
+        .open(path)
+        .ok()?;
+    let mut buf = vec![0u8; 2 * BLOCK];
+    let block = aligned(&mut buf, BLOCK);
+    let n = f.read_at(block, 0).ok()?;
+    (n == BLOCK && f.write_at(block, 0).ok()? == BLOCK).then_some(f)
+}
+
+/// The first `len` bytes of `buf` from a `BLOCK`-aligned address (`buf` has at least
+/// `len + BLOCK` bytes).
+fn aligned(buf: &mut [u8], len: usize) -> &mut [u8] {
+    let at = buf.as_ptr().align_offset(BLOCK).min(BLOCK);
+    &mut buf[at..at + len]
 }
 
 impl Journal {
@@ -328,6 +367,10 @@ impl Journal {
             File::open(dir)?.sync_all()?;
         }
         let (generation, newest, held) = held(&files)?;
+        let direct = match (open_direct(&paths[0]), open_direct(&paths[1])) {
+            (Some(a), Some(b)) => Some([a, b]),
+            _ => None,
+        };
         let nonce = nonce()?;
         let journal = Journal {
             paths,
@@ -340,6 +383,9 @@ impl Journal {
             file_bytes,
             newest,
             unsure: false,
+            direct,
+            tail: vec![],
+            scratch: vec![],
         };
         Ok((journal, held))
     }
@@ -407,7 +453,6 @@ impl Journal {
 
     fn write(&mut self, mut frame: Vec<u8>) -> io::Result<()> {
         let d = seal(&mut frame, self.generation, &self.prev);
-        let f = &self.files[self.active];
         // From here this file may hold the newest frames (even if a write or flush fails).
         self.newest = self.active;
         let at = if self.offset == 0 {
@@ -416,22 +461,68 @@ impl Journal {
             // place with a run of the old generation's frames after it that still
             // chain, a stretch of the log already replaced (and applied) coming back.
             // The header fits in one sector, so it is either old or new.
-            f.write_all_at(&file_header(self.generation, &self.nonce), 0)?;
-            f.sync_data()?;
+            self.tail.clear();
+            self.durably_write(&file_header(self.generation, &self.nonce), 0)?;
             HEADER as u64
         } else {
             self.offset
         };
-        f.write_all_at(&frame, at)?;
-        let end = at + frame.len() as u64;
-        f.sync_data()?;
-        self.offset = end;
+        self.durably_write(&frame, at)?;
+        self.offset = at + frame.len() as u64;
         self.prev = d;
+        Ok(())
+    }
+
+    /// Writes `bytes` at `at` in the active file and waits until they are on disk. A
+    /// direct write covers the whole blocks `bytes` touch: from the block holding `at`
+    /// (its bytes before `at`, from `tail`, written again as they are: a torn write
+    /// leaves each sector old or new, and its old bytes are the same) to the end of the
+    /// block holding their end (zeros after them, over nothing that is read: the remains
+    /// of earlier frames that do not chain).
+    fn durably_write(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
+        let Some(direct) = &self.direct else {
+            let f = &self.files[self.active];
+            f.write_all_at(bytes, at)?;
+            return f.sync_data();
+        };
+        let start = at - self.tail.len() as u64;
+        debug_assert_eq!(start % BLOCK as u64, 0, "the tail starts a block");
+        let used = self.tail.len() + bytes.len();
+        let len = used.div_ceil(BLOCK) * BLOCK;
+        self.scratch.clear();
+        self.scratch.resize(len + BLOCK, 0);
+        let out = aligned(&mut self.scratch, len);
+        out[..self.tail.len()].copy_from_slice(&self.tail);
+        out[self.tail.len()..used].copy_from_slice(bytes);
+        let f = &direct[self.active];
+        let mut done = 0;
+        while done < len {
+            match f.write_at(&out[done..], start + done as u64) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                // A short direct write ends on a block boundary; anything else cannot be
+                // continued.
+                Ok(n) if n % BLOCK == 0 || done + n == len => done += n,
+                Ok(_) => return Err(io::Error::other("a direct write ended inside a block")),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.tail.clear();
+        if !used.is_multiple_of(BLOCK) {
+            self.tail
+                .extend_from_slice(&out[used / BLOCK * BLOCK..used]);
+        }
         Ok(())
     }
 
     pub fn path(&self, i: usize) -> &Path {
         &self.paths[i]
+    }
+
+    /// Whether frames are written directly (durable when the write returns) rather than
+    /// buffered and flushed.
+    pub fn direct(&self) -> bool {
+        self.direct.is_some()
     }
 }
 
@@ -874,6 +965,39 @@ mod tests {
         payload.push(0);
         assert!(decode(&payload).is_none());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn frames_of_every_size_read_back_whether_written_directly_or_buffered() {
+        // One intent of `n` bytes: a frame of 57 + n bytes.
+        let sized = |id: u64, n: usize| Batch {
+            intents: vec![(id, "i".repeat(n))],
+            ..Batch::default()
+        };
+        for direct in [true, false] {
+            let dir = scratch(&format!("sizes-{direct}"));
+            let (mut j, _) = Journal::open_sized(&dir, 1 << 20).unwrap();
+            if !direct {
+                j.direct = None;
+            }
+            j.reset().unwrap();
+            // The first frame ends the first block exactly (after the file's header),
+            // the next starts one; then frames across one and several blocks.
+            let mut batches = vec![sized(1, BLOCK - HEADER - 57), sized(2, 10)];
+            batches.extend((3..40).map(|i| sized(i, (i as usize * 997) % (3 * BLOCK))));
+            for b in &batches {
+                j.append(encode(b)).unwrap();
+                assert!(j.offset <= 1 << 20);
+                if j.direct() {
+                    assert_eq!(j.tail.len() as u64, j.offset % BLOCK as u64);
+                }
+            }
+            drop(j);
+            let (_, held) = Journal::open_sized(&dir, 1 << 20).unwrap();
+            assert_eq!(held.len(), batches.len(), "direct: {direct}");
+            assert!(held.iter().zip(&batches).all(|(a, b)| same(a, b)));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     #[tokio::test]

@@ -696,15 +696,14 @@ impl LogBackend for JournalBackend {
             j.switch()
                 .map_err(|e| format!("starting the audit journal's next file: {e}"))?;
         }
-        let journal = self.journal.clone();
-        let active = tokio::task::spawn_blocking(move || {
-            let mut j = journal.lock().map_err(poisoned)?;
+        // The writer runs on a thread of its own (`Auditor::start`): waiting for the
+        // disk here blocks nothing else.
+        let active = {
+            let mut j = self.journal.lock().map_err(poisoned)?;
             j.append(frame)
                 .map_err(|e| format!("{}: {e}", j.path(j.active).display()))?;
-            Ok::<_, String>(j.active)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+            j.active
+        };
         self.written += 1;
         self.last_in[active] = self.written;
         // The indexer only stops when this backend is dropped.

@@ -1,9 +1,10 @@
 //! Durable appends with group commit.
 //!
-//! One writer task owns the log: callers send it records and wait; it takes everything
+//! One writer task, on a thread of its own, owns the log: callers send it records and
+//! wait; it takes everything
 //! waiting (up to [`MAX_BATCH`]), assigns sequence numbers and times, hashes the leaves,
-//! commits the batch as one unit (in the appliance, one journal frame and one
-//! `fdatasync`: [`crate::journal`]), and only then answers each caller. A failed commit
+//! commits the batch as one unit (in the appliance, one durable write of a journal frame:
+//! [`crate::journal`]), and only then answers each caller. A failed commit
 //! answers every waiting caller with an error and changes nothing: the in-memory tree
 //! advances only with the log.
 //!
@@ -205,7 +206,7 @@ fn now_ms() -> i64 {
 }
 
 impl Auditor {
-    /// Starts the writer task on the current tokio runtime.
+    /// Starts the writer on a thread of its own; the handle ends when it has stopped.
     pub fn start<B: LogBackend>(
         backend: B,
         resume: Resume,
@@ -246,7 +247,27 @@ impl Auditor {
                 reply: None,
             });
         }
-        let handle = tokio::spawn(writer.run(rx));
+        // The writer has a thread of its own: a commit is a wait for the disk, which
+        // then blocks only it, and its turn never waits behind the gateway's tasks.
+        let (ended, end) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(writer.run(rx)),
+                    Err(e) => log::error!("audit: no runtime for the writer's thread: {e}"),
+                }
+                drop(ended);
+            });
+        if let Err(e) = thread {
+            log::error!("audit: cannot start the writer's thread: {e}");
+        }
+        let handle = tokio::spawn(async move {
+            let _ = end.await;
+        });
         (auditor, handle)
     }
 

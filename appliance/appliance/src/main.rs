@@ -136,6 +136,7 @@ fn main() {
             Ok(())
         })(),
     };
+    log::logger().flush();
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

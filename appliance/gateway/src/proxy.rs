@@ -7,6 +7,7 @@
 //! placeholders restored in the answer (streamed pieces included) before the client
 //! sees it. One intent before anything leaves, one record at the end.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,41 +39,76 @@ pub(crate) struct Plan {
 }
 
 /// The JSON sent upstream: the destination's model, the (redacted) texts, and the
-/// client's sampling parameters.
-fn upstream_body(g: &Generation, model: &str, texts: &[String]) -> Bytes {
-    let mut b = serde_json::json!({ "model": model, "stream": g.stream });
-    match &g.prompt {
-        WirePrompt::Chat(ms) => {
-            b["messages"] = ms
-                .iter()
-                .zip(texts)
-                .map(|(m, t)| serde_json::json!({"role": m.role, "content": t}))
-                .collect();
-        }
-        _ => b["prompt"] = texts.first().cloned().unwrap_or_default().into(),
-    }
-    if g.stream {
-        b["stream_options"] = serde_json::json!({"include_usage": true});
-    }
+/// client's sampling parameters. Serialized straight from borrowed fields.
+fn upstream_body(g: &Generation, model: &str, texts: &[Cow<'_, str>]) -> Bytes {
     let p = &g.params;
-    if let Some(n) = p.max_tokens {
-        b["max_tokens"] = n.into();
+    let (messages, prompt) = match &g.prompt {
+        WirePrompt::Chat(ms) => (Some(Messages(ms, texts)), None),
+        _ => (None, Some(texts.first().map_or("", |t| t.as_ref()))),
+    };
+    let body = UpstreamBody {
+        model,
+        stream: g.stream,
+        messages,
+        prompt,
+        stream_options: g.stream.then_some(StreamOptions {
+            include_usage: true,
+        }),
+        max_tokens: p.max_tokens,
+        temperature: f64::from(p.temperature),
+        top_p: f64::from(p.top_p),
+        presence_penalty: (p.presence_penalty != 0.0).then(|| f64::from(p.presence_penalty)),
+        frequency_penalty: (p.frequency_penalty != 0.0).then(|| f64::from(p.frequency_penalty)),
+        seed: p.seed,
+        stop: &p.stop,
+    };
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+#[derive(serde::Serialize)]
+struct UpstreamBody<'a> {
+    model: &'a str,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<Messages<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<usize>,
+    temperature: f64,
+    top_p: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+#[derive(serde::Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// Chat messages with their (redacted) texts: `[{"role": .., "content": ..}, ..]`.
+struct Messages<'a>(&'a [appliance_api::worker::WireMessage], &'a [Cow<'a, str>]);
+
+impl serde::Serialize for Messages<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Message<'b> {
+            role: &'b str,
+            content: &'b str,
+        }
+        s.collect_seq(self.0.iter().zip(self.1).map(|(m, t)| Message {
+            role: &m.role,
+            content: t,
+        }))
     }
-    b["temperature"] = f64::from(p.temperature).into();
-    b["top_p"] = f64::from(p.top_p).into();
-    if p.presence_penalty != 0.0 {
-        b["presence_penalty"] = f64::from(p.presence_penalty).into();
-    }
-    if p.frequency_penalty != 0.0 {
-        b["frequency_penalty"] = f64::from(p.frequency_penalty).into();
-    }
-    if let Some(s) = p.seed {
-        b["seed"] = s.into();
-    }
-    if !p.stop.is_empty() {
-        b["stop"] = p.stop.clone().into();
-    }
-    Bytes::from(b.to_string())
 }
 
 fn usage_of(v: &serde_json::Value) -> Option<(usize, usize)> {
@@ -153,11 +189,11 @@ pub(crate) async fn run_upstream(
         .await
         .map_err(|_| ApiError::AuditUnavailable)?;
     let parts = crate::openai::parts_of(&g.prompt);
-    let (texts, redaction) = if plan.redact {
+    let (texts, redaction): (Vec<Cow<str>>, _) = if plan.redact {
         let (out, r) = appliance_policy::redact::redact(&parts, &plan.found);
-        (out, Some(r))
+        (out.into_iter().map(Cow::Owned).collect(), Some(r))
     } else {
-        (parts.iter().map(|p| p.to_string()).collect(), None)
+        (parts.iter().map(|p| Cow::Borrowed(*p)).collect(), None)
     };
     let path = match g.kind {
         Kind::Chat => "/chat/completions",
@@ -495,5 +531,74 @@ impl Relay {
             Err(()) => ApiError::AuditUnavailable,
         };
         let _ = self.push(tx, sse(&e.body())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use appliance_api::worker::{WireMessage, WireParams};
+
+    fn generation(prompt: WirePrompt, stream: bool, params: WireParams) -> Generation {
+        Generation {
+            kind: Kind::Chat,
+            model: "gpt-4o".into(),
+            prompt,
+            params,
+            stream,
+            include_usage: false,
+            soft_cap: None,
+        }
+    }
+
+    #[test]
+    fn the_upstream_body_carries_the_given_texts_and_only_the_set_parameters() {
+        let msg = |role: &str, content: &str| WireMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let prompt = WirePrompt::Chat(vec![msg("system", "Be brief."), msg("user", "secret")]);
+        let params = WireParams {
+            temperature: 0.5,
+            max_tokens: Some(7),
+            seed: Some(3),
+            stop: vec!["\n".into()],
+            presence_penalty: 0.25,
+            ..WireParams::default()
+        };
+        let g = generation(prompt, true, params);
+        let texts = [
+            Cow::Borrowed("Be brief."),
+            Cow::Owned("«EMAIL_1» \"q\"".into()),
+        ];
+        let body: serde_json::Value =
+            serde_json::from_slice(&upstream_body(&g, "up-model", &texts)).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "model": "up-model",
+                "stream": true,
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "«EMAIL_1» \"q\""},
+                ],
+                "stream_options": {"include_usage": true},
+                "max_tokens": 7,
+                "temperature": 0.5,
+                "top_p": 1.0,
+                "presence_penalty": 0.25,
+                "seed": 3,
+                "stop": ["\n"],
+            })
+        );
+        // A text prompt, whole, defaults: no optional field at all.
+        let g = generation(WirePrompt::Text("x".into()), false, WireParams::default());
+        let body: serde_json::Value =
+            serde_json::from_slice(&upstream_body(&g, "m", &[Cow::Borrowed("hello")])).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"model": "m", "stream": false, "prompt": "hello",
+                "temperature": 0.0, "top_p": 1.0})
+        );
     }
 }

@@ -93,6 +93,12 @@ pub fn init() {
     });
     if log::set_logger(logger).is_ok() {
         log::set_max_level(filter);
+        // A panic's message comes after the lines made before it.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            log::logger().flush();
+            hook(info)
+        }));
         let _ = std::thread::Builder::new()
             .name("log-flush".into())
             .spawn(|| loop {

@@ -337,6 +337,8 @@ impl Journal {
     /// [`Journal::open`] with files of `file_bytes` each (what the log takes while its
     /// store cannot be written, before commits are refused).
     pub fn open_sized(dir: &Path, file_bytes: u64) -> io::Result<(Journal, Vec<Batch>)> {
+        // Whole blocks: a direct write that ends the file does not grow it.
+        let file_bytes = file_bytes.div_ceil(BLOCK as u64) * BLOCK as u64;
         let paths = FILE_NAMES.map(|n| dir.join(n));
         let mut made = false;
         let mut open = |p: &Path| -> io::Result<File> {
@@ -456,13 +458,7 @@ impl Journal {
         // From here this file may hold the newest frames (even if a write or flush fails).
         self.newest = self.active;
         let at = if self.offset == 0 {
-            // The header (new generation, new nonce) is made durable on its own before
-            // any frame: written together, a torn write could leave the old header in
-            // place with a run of the old generation's frames after it that still
-            // chain, a stretch of the log already replaced (and applied) coming back.
-            // The header fits in one sector, so it is either old or new.
-            self.tail.clear();
-            self.durably_write(&file_header(self.generation, &self.nonce), 0)?;
+            self.start_file()?;
             HEADER as u64
         } else {
             self.offset
@@ -473,12 +469,29 @@ impl Journal {
         Ok(())
     }
 
-    /// Writes `bytes` at `at` in the active file and waits until they are on disk. A
-    /// direct write covers the whole blocks `bytes` touch: from the block holding `at`
+    /// Writes the active file's header for a new generation, durably, before any of its
+    /// frames: written together, a torn write could leave the old header in place with
+    /// a run of the old generation's frames after it that still chain, a stretch of the
+    /// log already replaced (and applied) coming back. The header fits in one sector, so
+    /// it is either old or new; it is written buffered, so the rest of its block stays
+    /// as it was (the earlier frames there are what `open` reads if the header is old).
+    fn start_file(&mut self) -> io::Result<()> {
+        let header = file_header(self.generation, &self.nonce);
+        let f = &self.files[self.active];
+        f.write_all_at(&header, 0)?;
+        f.sync_data()?;
+        self.tail.clear();
+        self.tail.extend_from_slice(&header);
+        Ok(())
+    }
+
+    /// Writes frame `bytes` at `at` in the active file and waits until they are on disk.
+    /// A direct write covers the whole blocks `bytes` touch: from the block holding `at`
     /// (its bytes before `at`, from `tail`, written again as they are: a torn write
     /// leaves each sector old or new, and its old bytes are the same) to the end of the
-    /// block holding their end (zeros after them, over nothing that is read: the remains
-    /// of earlier frames that do not chain).
+    /// block holding their end (zeros after them, over nothing that is read: the file's
+    /// header is this generation's, so what follows the frame is the remains of earlier
+    /// frames that do not chain).
     fn durably_write(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
         let Some(direct) = &self.direct else {
             let f = &self.files[self.active];
@@ -978,6 +991,11 @@ mod tests {
             let (mut j, _) = Journal::open_sized(&dir, 1 << 20).unwrap();
             if !direct {
                 j.direct = None;
+            } else if !j.direct() {
+                eprintln!(
+                    "{}: direct writes refused here, both passes buffered",
+                    dir.display()
+                );
             }
             j.reset().unwrap();
             // The first frame ends the first block exactly (after the file's header),
@@ -997,6 +1015,33 @@ mod tests {
             assert!(held.iter().zip(&batches).all(|(a, b)| same(a, b)));
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+
+    #[test]
+    fn a_new_header_leaves_the_rest_of_its_block_as_it_was() {
+        // Should the header's write not reach the disk, the file's old frames must
+        // still be there behind the old header, all of them.
+        let dir = scratch("header");
+        let (mut j, _) = Journal::open_sized(&dir, 1 << 16).unwrap();
+        j.reset().unwrap();
+        for i in 1..=4 {
+            j.append(encode(&batch(i, i * 10, 3))).unwrap();
+        }
+        let block = |j: &Journal| {
+            let mut b = vec![0u8; BLOCK];
+            j.files[0].read_exact_at(&mut b, 0).unwrap();
+            b
+        };
+        let before = block(&j);
+        j.switch().unwrap();
+        j.append(encode(&batch(5, 50, 3))).unwrap();
+        j.switch().unwrap();
+        assert_eq!(j.active, 0);
+        j.start_file().unwrap();
+        let after = block(&j);
+        assert_ne!(after[..HEADER], before[..HEADER], "a new header");
+        assert_eq!(after[HEADER..], before[HEADER..], "the rest as it was");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1035,7 +1080,7 @@ mod tests {
     #[test]
     fn after_a_failed_append_the_next_frame_replaces_it_whatever_its_size() {
         let dir = scratch("unsure");
-        let (mut j, _) = Journal::open_sized(&dir, 2048).unwrap();
+        let (mut j, _) = Journal::open_sized(&dir, 4096).unwrap();
         j.reset().unwrap();
         j.append(encode(&batch(1, 1, 2))).unwrap();
         // A frame that reached the file though its append failed (the flush did).
@@ -1045,13 +1090,13 @@ mod tests {
         j.files[0].write_all_at(&lost, offset).unwrap();
         j.unsure = true;
         // The retry is larger than what is left of the file: it still goes there.
-        let retry = batch(2, 3, 20);
-        assert!(offset + encode(&retry).len() as u64 > 2048);
+        let retry = batch(2, 3, 40);
+        assert!(offset + encode(&retry).len() as u64 > 4096);
         assert!(j.fits(encode(&retry).len()));
         j.append(encode(&retry)).unwrap();
         assert!(!j.unsure);
         drop(j);
-        let (_, held) = Journal::open_sized(&dir, 2048).unwrap();
+        let (_, held) = Journal::open_sized(&dir, 4096).unwrap();
         assert_eq!(held.len(), 2);
         assert!(same(&held[1], &retry), "the retry replaced the frame");
         let _ = std::fs::remove_dir_all(&dir);

@@ -233,6 +233,7 @@ impl Auditor {
             retry: VecDeque::new(),
             cfg,
             failing: false,
+            main: tokio::runtime::Handle::current(),
         };
         // Intents of a previous run become records first.
         for (id, text) in resume.intents {
@@ -260,13 +261,16 @@ impl Auditor {
                     Ok(rt) => rt.block_on(writer.run(rx)),
                     Err(e) => log::error!("audit: no runtime for the writer's thread: {e}"),
                 }
-                drop(ended);
+                let _ = ended.send(());
             });
         if let Err(e) = thread {
             log::error!("audit: cannot start the writer's thread: {e}");
         }
+        // Ends when the writer has; a panic there is one here too, as for a task.
         let handle = tokio::spawn(async move {
-            let _ = end.await;
+            if end.await.is_err() {
+                panic!("the audit writer's thread panicked");
+            }
         });
         (auditor, handle)
     }
@@ -365,6 +369,9 @@ struct Writer<B> {
     retry: VecDeque<(Record, Option<u64>)>,
     cfg: WriterConfig,
     failing: bool,
+    /// The runtime that started the writer: what waits for the store runs there, and
+    /// outlives the writer's own thread.
+    main: tokio::runtime::Handle,
 }
 
 enum Reply {
@@ -429,7 +436,7 @@ impl<B: LogBackend> Writer<B> {
             }
             if !settles.is_empty() {
                 let settled = self.backend.settle();
-                tokio::spawn(async move {
+                self.main.spawn(async move {
                     let settled = settled.await.map_err(AuditError::Unavailable);
                     for reply in settles {
                         let _ = reply.send(settled.clone());
@@ -552,7 +559,7 @@ impl<B: LogBackend> Writer<B> {
                 if !asked.is_empty() {
                     let settled = self.backend.settle();
                     let note = note.clone();
-                    tokio::spawn(async move {
+                    self.main.spawn(async move {
                         let settled = match note.is_some() {
                             true => settled.await.map_err(AuditError::Unavailable),
                             false => Ok(()),

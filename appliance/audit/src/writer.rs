@@ -1,12 +1,11 @@
 //! Durable appends with group commit.
 //!
 //! One writer task, on a thread of its own, owns the log: callers send it records and
-//! wait; it takes everything
-//! waiting (up to [`MAX_BATCH`]), assigns sequence numbers and times, hashes the leaves,
-//! commits the batch as one unit (in the appliance, one durable write of a journal frame:
-//! [`crate::journal`]), and only then answers each caller. A failed commit
-//! answers every waiting caller with an error and changes nothing: the in-memory tree
-//! advances only with the log.
+//! wait; it takes everything waiting (up to [`MAX_BATCH`]), assigns sequence numbers and
+//! times, hashes the leaves, commits the batch as one unit (in the appliance, one durable
+//! write of a journal frame: [`crate::journal`]), and only then answers each caller. A
+//! failed commit answers every waiting caller with an error and changes nothing: the
+//! in-memory tree advances only with the log.
 //!
 //! Requests that reach a worker are recorded in two steps, still one record each: an
 //! *intent* (the request's actor, action and resource) is committed before the worker is

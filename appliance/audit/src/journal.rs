@@ -10,10 +10,10 @@
 //! Two files, `journal.0` and `journal.1`, each [`FILE_BYTES`] of zeros at creation (so
 //! an overwrite changes no file metadata and the flush writes data only). Where the file
 //! system allows, frames are written with `O_DIRECT | O_DSYNC`: one write of the whole
-//! 4 KiB blocks a frame touches (the last block's earlier bytes rewritten as they were,
-//! the rest zeros), durable when it returns, with no page cache to write back (about a
-//! third less time than a buffered write and an `fdatasync` here); elsewhere a buffered
-//! write and an `fdatasync`. A file in
+//! 4 KiB blocks a frame touches (the first block's earlier bytes rewritten as they were,
+//! the last block's rest zeros), durable when it returns, with no page cache to write
+//! back (about a third less time than a buffered write and an `fdatasync` here);
+//! elsewhere a buffered write and an `fdatasync`. A file in
 //! use starts with a 32-byte header (magic, generation, a random 16-byte nonce), then
 //! frames one after another; when the next frame does not fit, the writer moves to the
 //! other file (waiting, if ever needed, until everything in it is in the store) and

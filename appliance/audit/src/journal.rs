@@ -502,11 +502,14 @@ impl Journal {
         debug_assert_eq!(start % BLOCK as u64, 0, "the tail starts a block");
         let used = self.tail.len() + bytes.len();
         let len = used.div_ceil(BLOCK) * BLOCK;
-        self.scratch.clear();
-        self.scratch.resize(len + BLOCK, 0);
+        if self.scratch.len() < len + BLOCK {
+            self.scratch.resize(len + BLOCK, 0);
+        }
         let out = aligned(&mut self.scratch, len);
         out[..self.tail.len()].copy_from_slice(&self.tail);
         out[self.tail.len()..used].copy_from_slice(bytes);
+        // Zeros after the frame (the buffer is reused: only this part is not written).
+        out[used..].fill(0);
         let f = &direct[self.active];
         let mut done = 0;
         while done < len {

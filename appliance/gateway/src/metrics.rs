@@ -30,16 +30,56 @@ impl Histogram {
     }
 }
 
+/// Maps keyed by name, nested so that counting a request looks each name up borrowed:
+/// a key is copied only the first time it is seen.
+type ByName<V> = BTreeMap<String, V>;
+
 #[derive(Debug, Default)]
 struct Inner {
-    /// (route, status, tenant, key) → count
-    requests: BTreeMap<(String, u16, String, String), u64>,
+    /// route → status → tenant → key → count
+    requests: ByName<BTreeMap<u16, ByName<ByName<u64>>>>,
     /// route → latency
-    latency: BTreeMap<String, Histogram>,
+    latency: ByName<Histogram>,
     /// model → time to first token
-    ttft: BTreeMap<String, Histogram>,
-    /// (tenant, key, model, kind) → tokens
-    tokens: BTreeMap<(String, String, String, &'static str), u64>,
+    ttft: ByName<Histogram>,
+    /// tenant → key → model → (completion, prompt) tokens
+    tokens: ByName<ByName<ByName<[u64; 2]>>>,
+}
+
+/// `m[k]`, inserted (with a copy of `k`) when absent.
+fn at<'m, V: Default>(m: &'m mut ByName<V>, k: &str) -> &'m mut V {
+    if !m.contains_key(k) {
+        m.insert(k.to_string(), V::default());
+    }
+    m.get_mut(k).expect("present: inserted above")
+}
+
+impl Inner {
+    /// (route, status, tenant, key, count), in that order.
+    fn requests(&self) -> impl Iterator<Item = (&str, u16, &str, &str, u64)> {
+        self.requests.iter().flat_map(|(route, by_status)| {
+            by_status.iter().flat_map(move |(status, by_tenant)| {
+                by_tenant.iter().flat_map(move |(tenant, by_key)| {
+                    by_key.iter().map(move |(key, n)| {
+                        (route.as_str(), *status, tenant.as_str(), key.as_str(), *n)
+                    })
+                })
+            })
+        })
+    }
+
+    /// (tenant, key, model, kind, tokens), in that order (kind "completion" before "prompt").
+    fn tokens(&self) -> impl Iterator<Item = (&str, &str, &str, &'static str, u64)> {
+        self.tokens.iter().flat_map(|(tenant, by_key)| {
+            by_key.iter().flat_map(move |(key, by_model)| {
+                by_model.iter().flat_map(move |(model, [c, p])| {
+                    [("completion", *c), ("prompt", *p)].map(move |(kind, n)| {
+                        (tenant.as_str(), key.as_str(), model.as_str(), kind, n)
+                    })
+                })
+            })
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -121,7 +161,7 @@ impl Metrics {
             latency_counts: vec![0; LATENCY_BUCKETS.len()],
             ..Default::default()
         };
-        for ((_, status, tenant, key), n) in &m.requests {
+        for (_, status, tenant, key, n) in m.requests() {
             s.requests += n;
             match status {
                 500.. => s.server_errors += n,
@@ -129,10 +169,10 @@ impl Metrics {
                 _ => {}
             }
             if tenant != "-" {
-                *s.tenants.entry(tenant.clone()).or_default() += n;
+                *s.tenants.entry(tenant.to_string()).or_default() += n;
             }
             if key != "-" {
-                s.keys.entry(key.clone()).or_default().0 += n;
+                s.keys.entry(key.to_string()).or_default().0 += n;
             }
         }
         for route in ["/v1/chat/completions", "/v1/completions"] {
@@ -143,9 +183,9 @@ impl Metrics {
                 s.latency_count += h.count;
             }
         }
-        for ((_, key, _, kind), n) in &m.tokens {
-            s.keys.entry(key.clone()).or_default().1 += n;
-            match *kind {
+        for (_, key, _, kind, n) in m.tokens() {
+            s.keys.entry(key.to_string()).or_default().1 += n;
+            match kind {
                 "prompt" => s.prompt_tokens += n,
                 _ => s.completion_tokens += n,
             }
@@ -159,35 +199,20 @@ impl Metrics {
 
     pub fn request(&self, route: &str, status: u16, tenant: &str, key: &str, elapsed: Duration) {
         let mut m = self.lock();
-        *m.requests
-            .entry((
-                route.to_string(),
-                status,
-                tenant.to_string(),
-                key.to_string(),
-            ))
-            .or_default() += 1;
-        m.latency
-            .entry(route.to_string())
-            .or_default()
-            .observe(elapsed.as_secs_f64());
+        let by_status = at(&mut m.requests, route);
+        *at(at(by_status.entry(status).or_default(), tenant), key) += 1;
+        at(&mut m.latency, route).observe(elapsed.as_secs_f64());
     }
 
     pub fn first_token(&self, model: &str, elapsed: Duration) {
-        self.lock()
-            .ttft
-            .entry(model.to_string())
-            .or_default()
-            .observe(elapsed.as_secs_f64());
+        at(&mut self.lock().ttft, model).observe(elapsed.as_secs_f64());
     }
 
     pub fn tokens(&self, tenant: &str, key: &str, model: &str, prompt: usize, completion: usize) {
         let mut m = self.lock();
-        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
-            *m.tokens
-                .entry((tenant.to_string(), key.to_string(), model.to_string(), kind))
-                .or_default() += n as u64;
-        }
+        let [c, p] = at(at(at(&mut m.tokens, tenant), key), model);
+        *c += completion as u64;
+        *p += prompt as u64;
     }
 
     pub fn render(&self, s: &Snapshot) -> String {
@@ -195,7 +220,7 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP appliance_http_requests_total API requests answered, by route, status, tenant and key id.\n");
         out.push_str("# TYPE appliance_http_requests_total counter\n");
-        for ((route, status, tenant, key), n) in &m.requests {
+        for (route, status, tenant, key, n) in m.requests() {
             let _ = writeln!(
                 out,
                 "appliance_http_requests_total{{route=\"{}\",status=\"{status}\",tenant=\"{}\",key=\"{}\"}} {n}",
@@ -222,7 +247,7 @@ impl Metrics {
         );
         out.push_str("# HELP appliance_tokens_total Tokens processed, by tenant, key, model and kind (prompt or completion).\n");
         out.push_str("# TYPE appliance_tokens_total counter\n");
-        for ((tenant, key, model, kind), n) in &m.tokens {
+        for (tenant, key, model, kind, n) in m.tokens() {
             let _ = writeln!(
                 out,
                 "appliance_tokens_total{{tenant=\"{}\",key=\"{}\",model=\"{}\",kind=\"{kind}\"}} {n}",

@@ -111,57 +111,261 @@ impl serde::Serialize for Messages<'_> {
     }
 }
 
-fn usage_of(v: &serde_json::Value) -> Option<(usize, usize)> {
-    let u = v.get("usage").filter(|u| u.is_object())?;
-    Some((
-        u["prompt_tokens"].as_u64().unwrap_or(0) as usize,
-        u["completion_tokens"].as_u64().unwrap_or(0) as usize,
-    ))
+/// What the gateway takes from an upstream's whole answer or one streamed event: the
+/// text (`choices[0].message.content` of a whole chat answer, `choices[0].delta.content`
+/// of a chat event, `choices[0].text` of a text completion), the finish reason, the
+/// usage, and whether it is an error object.
+///
+/// Read in one pass without building a JSON tree; a member of another type than the
+/// one expected counts as absent, and of a repeated name the last counts, as when
+/// indexing a `serde_json::Value`.
+#[derive(Debug, Default, PartialEq)]
+struct Reading {
+    text: Option<String>,
+    finish: Option<&'static str>,
+    usage: Option<(usize, usize)>,
+    error: bool,
 }
 
-fn finish_of(v: &serde_json::Value) -> Option<&'static str> {
-    match v["choices"][0]["finish_reason"].as_str()? {
-        "length" => Some("length"),
-        _ => Some("stop"),
-    }
-}
+/// The lenient readers behind [`Reading`]: each takes any JSON value, keeps what it
+/// expects and skips the rest.
+mod lenient {
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
 
-/// The text of a whole answer (`choices[0].message.content` or `choices[0].text`).
-fn text_of(v: &serde_json::Value, kind: Kind, name: &str) -> Result<String, UpstreamError> {
-    let t = match kind {
-        Kind::Chat => v["choices"][0]["message"]["content"].as_str(),
-        Kind::Text => v["choices"][0]["text"].as_str(),
-    };
-    t.map(str::to_string).ok_or_else(|| {
-        UpstreamError::Bad(format!(
-            "{name}: the answer has no {}",
-            match kind {
-                Kind::Chat => "choices[0].message.content",
-                Kind::Text => "choices[0].text",
+    /// A visitor's answer `$none` for each JSON type listed (which it does not expect;
+    /// arrays and objects are skipped through).
+    macro_rules! otherwise {
+        ($none:expr; $($t:ident)*) => {
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
             }
-        ))
-    })
-}
-
-/// The piece of text a streamed event carries (empty for role-only or usage events).
-fn piece_of(v: &serde_json::Value, kind: Kind) -> &str {
-    match kind {
-        Kind::Chat => v["choices"][0]["delta"]["content"].as_str(),
-        Kind::Text => v["choices"][0]["text"].as_str(),
+            $(otherwise!(@$t $none);)*
+        };
+        (@bool $none:expr) => {
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok($none)
+            }
+        };
+        (@i64 $none:expr) => {
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok($none)
+            }
+        };
+        (@u64 $none:expr) => {
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok($none)
+            }
+        };
+        (@f64 $none:expr) => {
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok($none)
+            }
+        };
+        (@str $none:expr) => {
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok($none)
+            }
+        };
+        (@unit $none:expr) => {
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok($none)
+            }
+        };
+        (@seq $none:expr) => {
+            fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<Self::Value, S::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok($none)
+            }
+        };
+        (@map $none:expr) => {
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok($none)
+            }
+        };
     }
-    .unwrap_or("")
+
+    /// A string.
+    #[derive(Default)]
+    pub struct Str(pub Option<String>);
+    impl<'de> Deserialize<'de> for Str {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Str;
+                otherwise!(Str(None); bool i64 u64 f64 unit seq map);
+                fn visit_str<E>(self, v: &str) -> Result<Str, E> {
+                    Ok(Str(Some(v.to_string())))
+                }
+                fn visit_string<E>(self, v: String) -> Result<Str, E> {
+                    Ok(Str(Some(v)))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A non-negative integer.
+    #[derive(Default)]
+    pub struct Count(pub Option<u64>);
+    impl<'de> Deserialize<'de> for Count {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Count;
+                otherwise!(Count(None); bool i64 f64 str unit seq map);
+                fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+                    Ok(Count(Some(v)))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// Anything but `null`.
+    #[derive(Default)]
+    pub struct Present(pub bool);
+    impl<'de> Deserialize<'de> for Present {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Present;
+                otherwise!(Present(true); bool i64 u64 f64 str seq map);
+                fn visit_unit<E>(self) -> Result<Present, E> {
+                    Ok(Present(false))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// An object with the members named (each of a lenient type, default when absent);
+    /// `object`: whether the value was an object at all.
+    macro_rules! object {
+        ($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ty = $key:literal),* $(,)? }) => {
+            $(#[$doc])*
+            #[derive(Default)]
+            pub struct $name {
+                #[allow(dead_code, reason = "read of the usage only")]
+                pub object: bool,
+                $(pub $field: $ty),*
+            }
+            impl<'de> Deserialize<'de> for $name {
+                fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                    struct V;
+                    impl<'de> Visitor<'de> for V {
+                        type Value = $name;
+                        otherwise!($name::default(); bool i64 u64 f64 str unit seq);
+                        fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<$name, M::Error> {
+                            let mut r = $name { object: true, ..$name::default() };
+                            while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                                match k.as_ref() {
+                                    $($key => r.$field = m.next_value()?,)*
+                                    _ => {
+                                        m.next_value::<IgnoredAny>()?;
+                                    }
+                                }
+                            }
+                            Ok(r)
+                        }
+                    }
+                    d.deserialize_any(V)
+                }
+            }
+        };
+    }
+
+    object!(
+        /// An answer or event.
+        Top { choices: First<Choice> = "choices", usage: Usage = "usage", error: Present = "error" }
+    );
+    object!(
+        /// One of its choices.
+        Choice { message: Message = "message", delta: Message = "delta", text: Str = "text", finish_reason: Str = "finish_reason" }
+    );
+    object!(
+        /// A choice's message or delta.
+        Message { content: Str = "content" }
+    );
+    object!(
+        /// The token counts.
+        Usage { prompt_tokens: Count = "prompt_tokens", completion_tokens: Count = "completion_tokens" }
+    );
+
+    /// An array's first element.
+    pub struct First<T>(pub Option<T>);
+    impl<T> Default for First<T> {
+        fn default() -> Self {
+            First(None)
+        }
+    }
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+                type Value = First<T>;
+                otherwise!(First(None); bool i64 u64 f64 str unit map);
+                fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<First<T>, S::Error> {
+                    let first = s.next_element::<T>()?;
+                    while s.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(First(first))
+                }
+            }
+            d.deserialize_any(V(std::marker::PhantomData))
+        }
+    }
+}
+impl Reading {
+    /// Reads `json` (an error if it is not JSON). `event`: a streamed event, whose chat
+    /// text is in `delta`, not `message`.
+    fn of(json: &str, kind: Kind, event: bool) -> Result<Reading, serde_json::Error> {
+        let top: lenient::Top = serde_json::from_str(json)?;
+        let choice = top.choices.0.unwrap_or_default();
+        let text = match kind {
+            Kind::Text => choice.text,
+            Kind::Chat if event => choice.delta.content,
+            Kind::Chat => choice.message.content,
+        };
+        let n = |c: lenient::Count| c.0.unwrap_or(0) as usize;
+        Ok(Reading {
+            text: text.0,
+            finish: choice.finish_reason.0.map(|f| match f.as_str() {
+                "length" => "length",
+                _ => "stop",
+            }),
+            usage: top
+                .usage
+                .object
+                .then(|| (n(top.usage.prompt_tokens), n(top.usage.completion_tokens))),
+            error: top.error.0,
+        })
+    }
+
+    /// The text of a whole answer: an answer without one is a failed attempt.
+    fn whole_text(&mut self, kind: Kind, name: &str) -> Result<String, UpstreamError> {
+        self.text.take().ok_or_else(|| {
+            UpstreamError::Bad(format!(
+                "{name}: the answer has no {}",
+                match kind {
+                    Kind::Chat => "choices[0].message.content",
+                    Kind::Text => "choices[0].text",
+                }
+            ))
+        })
+    }
 }
 
-/// An event that is an error object, or not JSON: the stream is broken.
-fn parse_event(data: &str, name: &str) -> Result<serde_json::Value, UpstreamError> {
-    let v: serde_json::Value = serde_json::from_str(data)
+/// A streamed event; one that is an error object, or not JSON, means the stream broke.
+fn parse_event(data: &str, kind: Kind, name: &str) -> Result<Reading, UpstreamError> {
+    let r = Reading::of(data, kind, true)
         .map_err(|_| UpstreamError::Bad(format!("{name}: an event that is not JSON")))?;
-    if v.get("error").is_some_and(|e| !e.is_null()) {
+    if r.error {
         return Err(UpstreamError::Unavailable(format!(
             "{name}: an error event in the stream"
         )));
     }
-    Ok(v)
+    Ok(r)
 }
 
 /// Sends the request to the plan's upstreams; see the module's documentation.
@@ -224,14 +428,21 @@ pub(crate) async fn run_upstream(
         let attempt = async {
             let answer = gw.upstreams.post(dest, credential, path, body).await?;
             if g.stream {
-                Opened::stream(answer).await
+                Opened::stream(answer, g.kind).await
             } else {
-                Ok(Opened::Whole(answer.json().await?))
+                let bytes = answer.bytes().await?;
+                let not_json = |e: &dyn std::fmt::Display| {
+                    UpstreamError::Bad(format!("{}: not JSON: {e}", dest.name))
+                };
+                let json = std::str::from_utf8(&bytes).map_err(|e| not_json(&e))?;
+                Reading::of(json, g.kind, false)
+                    .map(Opened::Whole)
+                    .map_err(|e| not_json(&e))
             }
         };
         match attempt.await {
-            Ok(Opened::Whole(v)) => {
-                let text = match text_of(&v, g.kind, &dest.name) {
+            Ok(Opened::Whole(mut v)) => {
+                let text = match v.whole_text(g.kind, &dest.name) {
                     Ok(t) => t,
                     Err(e) => {
                         gw.upstreams.failure(dest);
@@ -245,8 +456,8 @@ pub(crate) async fn run_upstream(
                     Some(r) => r.restore(&text),
                     None => text,
                 };
-                let usage = usage_of(&v).unwrap_or((0, 0));
-                let finish = finish_of(&v).unwrap_or("stop");
+                let usage = v.usage.unwrap_or((0, 0));
+                let finish = v.finish.unwrap_or("stop");
                 if gw
                     .record_outcome(ctx, ticket, 200, None, Some(usage))
                     .await
@@ -314,17 +525,17 @@ pub(crate) async fn run_upstream(
 
 /// An upstream answer that has begun: whole, or a stream whose first event has come.
 enum Opened {
-    Whole(serde_json::Value),
-    Stream(Answer, serde_json::Value),
+    Whole(Reading),
+    Stream(Answer, Reading),
 }
 
 impl Opened {
     /// Waits for the stream's first event: until then the request may still go
     /// elsewhere.
-    async fn stream(mut answer: Answer) -> Result<Opened, UpstreamError> {
+    async fn stream(mut answer: Answer, kind: Kind) -> Result<Opened, UpstreamError> {
         match answer.event().await? {
             Some(data) => {
-                let v = parse_event(&data, "upstream")?;
+                let v = parse_event(&data, kind, "upstream")?;
                 Ok(Opened::Stream(answer, v))
             }
             None => Err(UpstreamError::Unavailable(
@@ -425,7 +636,7 @@ impl Relay {
         mut self,
         tx: mpsc::Sender<Bytes>,
         mut answer: Answer,
-        first: serde_json::Value,
+        first: Reading,
         redaction: Option<Redaction>,
     ) {
         let mut restore = redaction.as_ref().map(Redaction::stream);
@@ -447,7 +658,7 @@ impl Relay {
                         _ = tx.closed() => return,
                     };
                     match got.and_then(|e| match e {
-                        Some(data) => parse_event(&data, &self.dest.name).map(Some),
+                        Some(data) => parse_event(&data, self.kind, &self.dest.name).map(Some),
                         None => Ok(None),
                     }) {
                         Ok(Some(v)) => v,
@@ -462,20 +673,20 @@ impl Relay {
                     }
                 }
             };
-            if let Some(u) = usage_of(&v) {
+            if let Some(u) = v.usage {
                 self.usage = Some(u);
             }
-            if let Some(f) = finish_of(&v) {
+            if let Some(f) = v.finish {
                 finish = Some(f);
             }
-            let piece = piece_of(&v, self.kind);
+            let piece = v.text.unwrap_or_default();
             if piece.is_empty() {
                 continue;
             }
             self.pieces += 1;
             let text = match &mut restore {
-                Some(r) => r.push(piece),
-                None => piece.to_string(),
+                Some(r) => r.push(&piece),
+                None => piece,
             };
             if !text.is_empty() && !self.push(&tx, self.frame(Some(text), false, None)).await {
                 return;
@@ -538,6 +749,66 @@ impl Relay {
 mod tests {
     use super::*;
     use appliance_api::worker::{WireMessage, WireParams};
+
+    /// What [`Reading::of`] stands for: the same parts read by indexing a JSON value.
+    fn by_value(json: &str, kind: Kind, event: bool) -> Option<Reading> {
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        let c = &v["choices"][0];
+        let text = match (kind, event) {
+            (Kind::Text, _) => c["text"].as_str(),
+            (Kind::Chat, false) => c["message"]["content"].as_str(),
+            (Kind::Chat, true) => c["delta"]["content"].as_str(),
+        };
+        let u = v.get("usage").filter(|u| u.is_object());
+        Some(Reading {
+            text: text.map(str::to_string),
+            finish: c["finish_reason"]
+                .as_str()
+                .map(|f| if f == "length" { "length" } else { "stop" }),
+            usage: u.map(|u| {
+                let n = |k: &str| u[k].as_u64().unwrap_or(0) as usize;
+                (n("prompt_tokens"), n("completion_tokens"))
+            }),
+            error: v.get("error").is_some_and(|e| !e.is_null()),
+        })
+    }
+
+    #[test]
+    fn answers_read_as_indexing_their_json_would() {
+        let cases = [
+            r#"{"choices":[{"message":{"role":"assistant","content":"Hi \"there\"\n\u00e9"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#,
+            r#"{"choices":[{"text":"plain","finish_reason":"length"},{"text":"second"}],"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[{"delta":{"content":"piece"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"delta":{"role":"assistant"}}],"usage":null}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":-1,"completion_tokens":2.5}}"#,
+            r#"{"choices":{"0":{"text":"not an array"}},"usage":"many"}"#,
+            r#"{"choices":[{"message":{"content":7},"text":["x"],"finish_reason":5}]}"#,
+            r#"{"choices":[{"message":{"content":"first"}}],"choices":[{"message":{"content":"last"}}]}"#,
+            r#"{"usage":{"prompt_tokens":4,"prompt_tokens":9},"choices":[{"text":"a","text":null}]}"#,
+            r#"{"error":{"message":"overloaded"}}"#,
+            r#"{"error":null,"choices":[{"text":"ok"}]}"#,
+            r#"{"ch\u006fices":[{"text":"escaped name"}]}"#,
+            r#"[{"choices":[]}]"#,
+            r#""a string""#,
+            "42",
+            "null",
+        ];
+        for json in cases {
+            for kind in [Kind::Chat, Kind::Text] {
+                for event in [false, true] {
+                    let got = Reading::of(json, kind, event).ok();
+                    assert_eq!(
+                        got,
+                        by_value(json, kind, event),
+                        "{json} {kind:?} event={event}"
+                    );
+                }
+            }
+        }
+        for broken in ["", "{", r#"{"choices":[}"#, "{\"a\":1} trailing", "nul"] {
+            assert!(Reading::of(broken, Kind::Chat, false).is_err(), "{broken}");
+        }
+    }
 
     fn generation(prompt: WirePrompt, stream: bool, params: WireParams) -> Generation {
         Generation {

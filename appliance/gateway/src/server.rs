@@ -196,11 +196,9 @@ pub struct Gateway {
     pub(crate) keys: Arc<KeyTable>,
     models: std::sync::RwLock<Vec<Arc<ModelRoute>>>,
     pub(crate) metrics: Metrics,
-    /// (hour, tenant, key, model) → (requests, prompt tokens, completion tokens) not yet
-    /// in the store.
-    #[allow(clippy::type_complexity)]
-    usage:
-        std::sync::Mutex<std::collections::HashMap<(i64, String, String, String), (i64, i64, i64)>>,
+    /// Usage not yet in the store, by key id (looked up borrowed: a request copies no
+    /// name once its key, hour and model have a row).
+    usage: std::sync::Mutex<std::collections::HashMap<String, Vec<UsageRow>>>,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     pub(crate) hard_stop: watch::Sender<bool>,
@@ -286,6 +284,29 @@ pub(crate) struct ReqCtx {
 pub(crate) enum Reply {
     Done(Response<Body>),
     Settled(Response<Body>),
+}
+
+/// `format!("req_{prefix}{n:010x}")` without the formatting machinery (once a request).
+fn request_id(prefix: &str, n: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (16 - n.leading_zeros().min(60) as usize / 4).max(10);
+    let mut id = String::with_capacity(4 + prefix.len() + digits);
+    id.push_str("req_");
+    id.push_str(prefix);
+    for i in (0..digits).rev() {
+        id.push(HEX[(n >> (4 * i) & 0xf) as usize] as char);
+    }
+    id
+}
+
+/// One key's usage in one hour with one model, not yet in the store.
+struct UsageRow {
+    hour: i64,
+    tenant: String,
+    model: String,
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
 }
 
 /// Response bodies: complete bytes or a stream of SSE frames from a channel.
@@ -454,17 +475,17 @@ impl Gateway {
         let taken = std::mem::take(&mut *self.usage.lock().unwrap_or_else(|e| e.into_inner()));
         taken
             .into_iter()
-            .map(
-                |((hour, tenant, key_id, model), (requests, p, c))| appliance_store::Usage {
-                    hour,
-                    tenant,
-                    key_id,
-                    model,
-                    requests,
-                    prompt_tokens: p,
-                    completion_tokens: c,
-                },
-            )
+            .flat_map(|(key_id, rows)| {
+                rows.into_iter().map(move |r| appliance_store::Usage {
+                    hour: r.hour,
+                    tenant: r.tenant,
+                    key_id: key_id.clone(),
+                    model: r.model,
+                    requests: r.requests,
+                    prompt_tokens: r.prompt_tokens,
+                    completion_tokens: r.completion_tokens,
+                })
+            })
             .collect()
     }
 
@@ -557,7 +578,7 @@ impl Gateway {
 
     fn next_request_id(&self) -> String {
         let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
-        format!("req_{}{n:010x}", self.request_prefix)
+        request_id(&self.request_prefix, n)
     }
 
     /// Workers and hardware, for the CLI (`appliance status`) and the console.
@@ -636,28 +657,42 @@ impl Gateway {
         if let (Some(t), Some(k)) = (&ctx.tenant, &ctx.key) {
             let (p, c) = usage.unwrap_or((0, 0));
             let hour = unix_now().div_euclid(3600);
+            let model = ctx.model.as_deref().unwrap_or("-");
             let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
-            let e = u
-                .entry((
-                    hour,
-                    t.clone(),
-                    k.clone(),
-                    ctx.model.clone().unwrap_or_else(|| "-".into()),
-                ))
-                .or_default();
-            e.0 += 1;
-            e.1 += p as i64;
-            e.2 += c as i64;
+            if !u.contains_key(k.as_str()) {
+                u.insert(k.clone(), Vec::new());
+            }
+            let rows = u.get_mut(k.as_str()).expect("present: inserted above");
+            let i = match rows
+                .iter()
+                .position(|r| r.hour == hour && r.tenant == *t && r.model == model)
+            {
+                Some(i) => i,
+                None => {
+                    rows.push(UsageRow {
+                        hour,
+                        tenant: t.clone(),
+                        model: model.to_string(),
+                        requests: 0,
+                        prompt_tokens: 0,
+                        completion_tokens: 0,
+                    });
+                    rows.len() - 1
+                }
+            };
+            let r = &mut rows[i];
+            r.requests += 1;
+            r.prompt_tokens += p as i64;
+            r.completion_tokens += c as i64;
         }
         let (p, c) = usage.unwrap_or((0, 0));
         let key = ctx.key.as_deref().unwrap_or("-");
         let model = ctx.model.as_deref().unwrap_or("-");
         let ms = elapsed.as_secs_f64() * 1e3;
-        let client = ctx.peer.ip().to_string();
         // Key-values become journal fields (REQUEST_ID, TENANT, ...) under systemd.
         log::info!(
             target: "access",
-            request_id = ctx.id.as_str(), client = client.as_str(), route = ctx.route,
+            request_id = ctx.id.as_str(), client:% = ctx.peer.ip(), route = ctx.route,
             status = status, tenant = tenant, key_id = key, model = model,
             prompt_tokens = p, completion_tokens = c, ms = ms;
             "{} {} {} {} status={status} tenant={tenant} key={key} model={model} prompt_tokens={p} completion_tokens={c} ms={ms:.1}",
@@ -1216,6 +1251,26 @@ pub async fn serve_redirect(
                 });
             }
             _ = &mut shutdown => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_id;
+
+    #[test]
+    fn request_ids_are_the_prefix_and_at_least_ten_hex_digits() {
+        for n in [
+            0,
+            1,
+            0xabc,
+            0xff_ffff_ffff,
+            0x100_0000_0000,
+            1 << 60,
+            u64::MAX,
+        ] {
+            assert_eq!(request_id("1a2b3c4d", n), format!("req_1a2b3c4d{n:010x}"));
         }
     }
 }

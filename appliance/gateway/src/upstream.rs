@@ -163,16 +163,16 @@ impl Upstreams {
             let e = self.endpoint(d);
             e.ewma_us.load(Ordering::Relaxed) * (u64::from(e.in_flight.load(Ordering::Relaxed)) + 1)
         };
-        let costs: HashMap<String, u64> = chain
-            .iter()
-            .map(|(d, _)| (d.name.clone(), cost(d)))
-            .collect();
-        let price = |d: &Destination| d.price_in_per_1k + d.price_out_per_1k;
-        chain.sort_by(|(a, ta), (b, tb)| {
-            ta.cmp(tb)
-                .then(costs[&a.name].cmp(&costs[&b.name]))
-                .then(price(a).total_cmp(&price(b)))
-        });
+        if chain.len() < 2 {
+            return;
+        }
+        // The total order of `f64::total_cmp`, as an integer key.
+        let price = |d: &Destination| {
+            let b = (d.price_in_per_1k + d.price_out_per_1k).to_bits() as i64;
+            b ^ (((b >> 63) as u64) >> 1) as i64
+        };
+        // Stable: equal destinations keep the rule's order.
+        chain.sort_by_cached_key(|(d, tier)| (*tier, cost(d), price(d)));
     }
 
     /// Sends `body` (JSON) to `dest`'s `path` and waits for the status line (within the
@@ -410,8 +410,8 @@ impl Answer {
         }
     }
 
-    /// The whole answer as JSON.
-    pub async fn json(self) -> Result<serde_json::Value, UpstreamError> {
+    /// The whole answer's bytes.
+    pub async fn bytes(self) -> Result<Bytes, UpstreamError> {
         let Answer {
             name,
             limit,
@@ -441,8 +441,7 @@ impl Answer {
         if let Some(s) = sender {
             pool(&lease.e, s);
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| UpstreamError::Bad(format!("{name}: not JSON: {e}")))
+        Ok(bytes)
     }
 
     /// The next server-sent event's data (`None` after `[DONE]` or at the end of the

@@ -113,20 +113,45 @@ fn records_json(records: &[NewAuditRow<'_>]) -> String {
         }
         let _ = write!(out, "[{},{},\"", r.seq, r.time_ms);
         for b in r.leaf {
-            let _ = write!(out, "{b:02x}");
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
         }
         out.push_str("\",");
-        out.push_str(&json_str(r.body));
+        push_json_str(&mut out, r.body);
         out.push(']');
     }
     out.push(']');
     out
 }
 
-/// `s` as a JSON string.
-fn json_str(s: &str) -> String {
-    // Serializing a `&str` cannot fail; no intermediate `Value` copy of the text.
-    serde_json::to_string(s).unwrap_or_default()
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends `s` as a JSON string (quotes, backslashes and control characters escaped).
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        plain = i + 1;
+        if esc.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        } else {
+            out.push_str(esc);
+        }
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
 }
 
 /// `[[id, "body"], ...]`.
@@ -139,7 +164,7 @@ fn intents_json(intents: &[(u64, &str)]) -> String {
             out.push(',');
         }
         let _ = write!(out, "[{id},");
-        out.push_str(&json_str(body));
+        push_json_str(&mut out, body);
         out.push(']');
     }
     out.push(']');
@@ -414,6 +439,23 @@ impl AuditDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_read_back_as_the_text() {
+        let all_controls: String = (0u8..0x20).map(char::from).collect();
+        for text in [
+            "",
+            "plain",
+            "a \"quoted\" \\ path\n\r\t",
+            "\u{7f}é漢字🙂",
+            &all_controls,
+        ] {
+            let mut out = String::from("x");
+            push_json_str(&mut out, text);
+            let back: String = serde_json::from_str(&out[1..]).expect("valid JSON");
+            assert_eq!(back, text);
+        }
+    }
 
     /// An empty audit database in a directory of its own.
     async fn fresh(name: &str) -> (std::path::PathBuf, AuditDb) {

@@ -33,10 +33,12 @@ use crate::server::{
 
 /// Parses a JSON body, naming the offending field on a type error.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
+    // The plain parse first (tracking the path costs as much again); the tracking one
+    // only for the error message of a body that fails.
+    if let Ok(v) = serde_json::from_slice(body) {
+        return Ok(v);
+    }
+    let fail = |inner: serde_json::Error, path: String| {
         if inner.is_syntax() || inner.is_eof() {
             ApiError::invalid(format!("The request body is not valid JSON: {inner}"), None)
         } else if path == "." || path.is_empty() {
@@ -44,7 +46,16 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         } else {
             ApiError::invalid(format!("Invalid value for '{path}': {inner}"), Some(&path))
         }
-    })
+    };
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, T>(&mut *de) {
+        // Then what follows the value is why the plain parse refused it.
+        Ok(v) => de.end().map(|()| v).map_err(|e| fail(e, String::new())),
+        Err(e) => {
+            let path = e.path().to_string();
+            Err(fail(e.into_inner(), path))
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1457,6 +1468,18 @@ mod tests {
         }
         let e = chat("{not json").unwrap_err();
         assert!(e.body().error.message.contains("not valid JSON"));
+        // Anything after the request's object makes the body invalid JSON too.
+        let e =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]} {}"#).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(
+            e.body()
+                .error
+                .message
+                .contains("not valid JSON: trailing characters"),
+            "{}",
+            e.body().error.message
+        );
         // Unknown fields are ignored.
         assert!(chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"a":"b"},"store":false}"#).is_ok());
     }

@@ -18,9 +18,10 @@ wrk drives each with the same chat request (a 3 KB office text, no sensitive dat
 is allowed upstream) at concurrency 1, 8, 32 and 64 (keep-alive connections) and reports
 requests/s and p50/p99; the added latency is each proxy's percentile minus nginx's at the
 same concurrency. Targets, proxies and nginx alternate per concurrency level so they see
-the same machine noise.
+the same machine noise; with `--rounds N` each level runs N interleaved rounds and each
+target's median round counts (the ratio of each round is kept too).
 
-Usage: bench/proxy_bench.py --bin target/release/appliance --litellm VENV/bin/litellm
+Usage: bench/proxy_bench.py --bin target/release/appliance --litellm VENV/bin/litellm [--rounds 3]
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def main():
     ap.add_argument("--litellm", help="the litellm command of a venv with litellm[proxy]")
     ap.add_argument("--conns", default="1,8,32,64")
     ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each target at each level, interleaved; the median counts")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="appliance-proxy-bench-"))
@@ -191,10 +194,18 @@ def main():
     report = {"conns": {}}
     try:
         for c in [int(x) for x in a.conns.split(",")]:
-            row = {}
-            for name, (url, lua) in targets.items():
-                row[name] = wrk(url, None, a.seconds, conns=c, script=lua)
-                print(f"c={c} {name}: {row[name]}", file=sys.stderr)
+            runs = {name: [] for name in targets}
+            for _ in range(a.rounds):
+                for name, (url, lua) in targets.items():
+                    r = wrk(url, None, a.seconds, conns=c, script=lua)
+                    runs[name].append(r)
+                    print(f"c={c} {name}: {r}", file=sys.stderr)
+            # Each target's median round (by requests/s) stands for it.
+            row = {name: dict(sorted(rs, key=lambda r: r["rps"])[len(rs) // 2]) for name, rs in runs.items()}
+            for name, rs in runs.items():
+                row[name]["rounds_rps"] = [r["rps"] for r in rs]
+            if "litellm" in runs:
+                row["ratio_rps_rounds"] = [x["rps"] / y["rps"] for x, y in zip(runs["appliance"], runs["litellm"])]
             for name in targets:
                 if name != "nginx":
                     row[name]["added_p50_ms"] = row[name]["p50_ms"] - row["nginx"]["p50_ms"]

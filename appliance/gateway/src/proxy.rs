@@ -130,7 +130,7 @@ struct Reading {
 /// The lenient readers behind [`Reading`]: each takes any JSON value, keeps what it
 /// expects and skips the rest.
 mod lenient {
-    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
     use std::fmt;
 
     /// A visitor's answer `$none` for each JSON type listed (which it does not expect;
@@ -174,16 +174,31 @@ mod lenient {
         };
         (@seq $none:expr) => {
             fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<Self::Value, S::Error> {
-                while s.next_element::<IgnoredAny>()?.is_some() {}
+                while s.next_element::<Skip>()?.is_some() {}
                 Ok($none)
             }
         };
         (@map $none:expr) => {
             fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
-                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                while m.next_entry::<Skip, Skip>()?.is_some() {}
                 Ok($none)
             }
         };
+    }
+
+    /// A value read for nothing but its validity: parsed as fully as a
+    /// `serde_json::Value` would be (numbers in range, escapes whole, nesting within
+    /// the limit), unlike `IgnoredAny`, which only skips its syntax.
+    pub struct Skip;
+    impl<'de> Deserialize<'de> for Skip {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Skip;
+                otherwise!(Skip; bool i64 u64 f64 str unit seq map);
+            }
+            d.deserialize_any(V)
+        }
     }
 
     /// A string.
@@ -263,7 +278,7 @@ mod lenient {
                                 match k.as_ref() {
                                     $($key => r.$field = m.next_value()?,)*
                                     _ => {
-                                        m.next_value::<IgnoredAny>()?;
+                                        m.next_value::<Skip>()?;
                                     }
                                 }
                             }
@@ -308,7 +323,7 @@ mod lenient {
                 otherwise!(First(None); bool i64 u64 f64 str unit map);
                 fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<First<T>, S::Error> {
                     let first = s.next_element::<T>()?;
-                    while s.next_element::<IgnoredAny>()?.is_some() {}
+                    while s.next_element::<Skip>()?.is_some() {}
                     Ok(First(first))
                 }
             }
@@ -788,6 +803,11 @@ mod tests {
             r#"{"error":{"message":"overloaded"}}"#,
             r#"{"error":null,"choices":[{"text":"ok"}]}"#,
             r#"{"ch\u006fices":[{"text":"escaped name"}]}"#,
+            // Refused by a `Value` where they are skipped here, as they are there.
+            r#"{"choices":[{"text":"a"}],"x":1e400}"#,
+            r#"{"id":"\ud800","choices":[{"text":"a"}]}"#,
+            r#"{"choices":[{"text":"a"},"\udc00"]}"#,
+            r#"{"choices":[{"text":"a","logprobs":{"x":[1e999]}}]}"#,
             r#"[{"choices":[]}]"#,
             r#""a string""#,
             "42",
@@ -805,8 +825,21 @@ mod tests {
                 }
             }
         }
-        for broken in ["", "{", r#"{"choices":[}"#, "{\"a\":1} trailing", "nul"] {
+        let deep = format!(
+            r#"{{"choices":[{{"text":"a"}}],"x":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        for broken in [
+            "",
+            "{",
+            r#"{"choices":[}"#,
+            "{\"a\":1} trailing",
+            "nul",
+            &deep,
+        ] {
             assert!(Reading::of(broken, Kind::Chat, false).is_err(), "{broken}");
+            assert!(by_value(broken, Kind::Chat, false).is_none(), "{broken}");
         }
     }
 

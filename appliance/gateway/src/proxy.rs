@@ -39,76 +39,145 @@ pub(crate) struct Plan {
 }
 
 /// The JSON sent upstream: the destination's model, the (redacted) texts, and the
-/// client's sampling parameters. Serialized straight from borrowed fields.
+/// client's sampling parameters, written straight from borrowed fields (the bytes
+/// `serde_json` writes for the same object; the texts, most of the body, escaped eight
+/// bytes at a time).
 fn upstream_body(g: &Generation, model: &str, texts: &[Cow<'_, str>]) -> Bytes {
     let p = &g.params;
-    let (messages, prompt) = match &g.prompt {
-        WirePrompt::Chat(ms) => (Some(Messages(ms, texts)), None),
-        _ => (None, Some(texts.first().map_or("", |t| t.as_ref()))),
-    };
-    let body = UpstreamBody {
-        model,
-        stream: g.stream,
-        messages,
-        prompt,
-        stream_options: g.stream.then_some(StreamOptions {
-            include_usage: true,
-        }),
-        max_tokens: p.max_tokens,
-        temperature: f64::from(p.temperature),
-        top_p: f64::from(p.top_p),
-        presence_penalty: (p.presence_penalty != 0.0).then(|| f64::from(p.presence_penalty)),
-        frequency_penalty: (p.frequency_penalty != 0.0).then(|| f64::from(p.frequency_penalty)),
-        seed: p.seed,
-        stop: &p.stop,
-    };
-    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
-}
-
-#[derive(serde::Serialize)]
-struct UpstreamBody<'a> {
-    model: &'a str,
-    stream: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    messages: Option<Messages<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_options: Option<StreamOptions>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_tokens: Option<usize>,
-    temperature: f64,
-    top_p: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    presence_penalty: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    frequency_penalty: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u64>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    stop: &'a [String],
-}
-
-#[derive(serde::Serialize)]
-struct StreamOptions {
-    include_usage: bool,
-}
-
-/// Chat messages with their (redacted) texts: `[{"role": .., "content": ..}, ..]`.
-struct Messages<'a>(&'a [appliance_api::worker::WireMessage], &'a [Cow<'a, str>]);
-
-impl serde::Serialize for Messages<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(serde::Serialize)]
-        struct Message<'b> {
-            role: &'b str,
-            content: &'b str,
+    let size: usize = texts.iter().map(|t| t.len() + 40).sum();
+    let mut out = Vec::with_capacity(size + 256);
+    out.extend_from_slice(b"{\"model\":");
+    push_json_string(&mut out, model);
+    out.extend_from_slice(if g.stream {
+        b",\"stream\":true"
+    } else {
+        b",\"stream\":false"
+    });
+    match &g.prompt {
+        WirePrompt::Chat(ms) => {
+            out.extend_from_slice(b",\"messages\":[");
+            for (i, (m, t)) in ms.iter().zip(texts).enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"role\":");
+                push_json_string(&mut out, &m.role);
+                out.extend_from_slice(b",\"content\":");
+                push_json_string(&mut out, t);
+                out.push(b'}');
+            }
+            out.push(b']');
         }
-        s.collect_seq(self.0.iter().zip(self.1).map(|(m, t)| Message {
-            role: &m.role,
-            content: t,
-        }))
+        _ => {
+            out.extend_from_slice(b",\"prompt\":");
+            push_json_string(&mut out, texts.first().map_or("", |t| t.as_ref()));
+        }
     }
+    if g.stream {
+        out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+    }
+    // Numbers and the stop list as serde_json writes them (writing to a Vec cannot fail).
+    let field = |out: &mut Vec<u8>, name: &str, v: &dyn erased::Value| {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        v.write(out);
+    };
+    if let Some(n) = p.max_tokens {
+        field(&mut out, "max_tokens", &n);
+    }
+    field(&mut out, "temperature", &f64::from(p.temperature));
+    field(&mut out, "top_p", &f64::from(p.top_p));
+    if p.presence_penalty != 0.0 {
+        field(&mut out, "presence_penalty", &f64::from(p.presence_penalty));
+    }
+    if p.frequency_penalty != 0.0 {
+        field(
+            &mut out,
+            "frequency_penalty",
+            &f64::from(p.frequency_penalty),
+        );
+    }
+    if let Some(n) = p.seed {
+        field(&mut out, "seed", &n);
+    }
+    if !p.stop.is_empty() {
+        field(&mut out, "stop", &p.stop);
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+/// Values written with `serde_json`, behind one `dyn` type.
+mod erased {
+    pub trait Value {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+    impl<T: serde::Serialize> Value for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            // Numbers and string lists: serializing into a Vec cannot fail.
+            let _ = serde_json::to_writer(out, self);
+        }
+    }
+}
+
+/// Appends `s` as a JSON string, byte for byte as `serde_json` writes it (`\"`, `\\`,
+/// `\b \t \n \f \r`, `\u00xx` for the other control characters, nothing else
+/// escaped); runs of eight bytes that need no escape are copied at once.
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // The high bit of each byte of `w` that is a control character, `"` or `\` (and
+    // possibly of bytes above the lowest such one: only the lowest is used).
+    fn special(w: u64) -> u64 {
+        let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+        (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
+            | zero(w ^ (ONES * b'"' as u64))
+            | zero(w ^ (ONES * b'\\' as u64))
+    }
+    let b = s.as_bytes();
+    out.push(b'"');
+    let mut start = 0;
+    let mut i = 0;
+    while i < b.len() {
+        if i + 8 <= b.len() {
+            let w = u64::from_le_bytes(b[i..i + 8].try_into().expect("eight bytes"));
+            let m = special(w);
+            if m == 0 {
+                i += 8;
+                continue;
+            }
+            i += (m.trailing_zeros() / 8) as usize;
+        }
+        let c = b[i];
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            0x0c => b"\\f",
+            b'\r' => b"\\r",
+            0..0x20 => b"",
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        out.extend_from_slice(&b[start..i]);
+        if esc.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(c >> 4)]);
+            out.push(HEX[usize::from(c & 0xf)]);
+        } else {
+            out.extend_from_slice(esc);
+        }
+        i += 1;
+        start = i;
+    }
+    out.extend_from_slice(&b[start..]);
+    out.push(b'"');
 }
 
 /// What the gateway takes from an upstream's whole answer or one streamed event: the
@@ -852,6 +921,138 @@ mod tests {
             stream,
             include_usage: false,
             soft_cap: None,
+        }
+    }
+
+    #[test]
+    fn json_strings_are_written_as_serde_json_writes_them() {
+        let mut texts: Vec<String> = vec![
+            String::new(),
+            "plain ascii text of some length, more than eight bytes".into(),
+            "«EMAIL_1» \"q\" \\ path\n\r\t\u{8}\u{c}\u{7f} é 漢字 🙂".into(),
+            (0u8..0x80).map(char::from).collect(),
+        ];
+        // Every special byte at every offset of a 17-byte run (chunk edges included).
+        for c in ['"', '\\', '\n', '\u{1}', '\u{1f}', ' ', 'é'] {
+            for at in 0..17 {
+                let mut t: Vec<char> = "abcdefghijklmnopq".chars().collect();
+                t[at] = c;
+                texts.push(t.into_iter().collect());
+            }
+        }
+        for t in &texts {
+            let mut out = Vec::new();
+            push_json_string(&mut out, t);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(t).unwrap()
+            );
+        }
+    }
+
+    /// The body as `serde_json` writes the same object, field for field.
+    #[derive(serde::Serialize)]
+    struct Reference<'a> {
+        model: &'a str,
+        stream: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        messages: Option<Vec<Msg<'a>>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prompt: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stream_options: Option<serde_json::Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_tokens: Option<usize>,
+        temperature: f64,
+        top_p: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        presence_penalty: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        frequency_penalty: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seed: Option<u64>,
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        stop: &'a [String],
+    }
+
+    #[derive(serde::Serialize)]
+    struct Msg<'a> {
+        role: &'a str,
+        content: &'a str,
+    }
+
+    #[test]
+    fn the_upstream_body_is_the_bytes_serde_json_writes() {
+        let msg = |role: &str, content: &str| WireMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let texts = [Cow::Borrowed("Be \"brief\".\n"), Cow::Borrowed("«x» \u{1}")];
+        for (stream, chat, params) in [
+            (
+                true,
+                true,
+                WireParams {
+                    temperature: 0.7,
+                    top_p: 0.9,
+                    max_tokens: Some(64),
+                    seed: Some(1),
+                    stop: vec!["\n".into(), "END".into()],
+                    presence_penalty: -0.5,
+                    frequency_penalty: 1.25,
+                    ..WireParams::default()
+                },
+            ),
+            (false, false, WireParams::default()),
+            (
+                false,
+                true,
+                WireParams {
+                    temperature: 1.0e-7,
+                    ..WireParams::default()
+                },
+            ),
+        ] {
+            let prompt = if chat {
+                WirePrompt::Chat(vec![msg("system", "s"), msg("user", "u")])
+            } else {
+                WirePrompt::Text("t".into())
+            };
+            let g = generation(prompt, stream, params.clone());
+            let p = &params;
+            let want = serde_json::to_vec(&Reference {
+                model: "up \"model\"",
+                stream,
+                messages: chat.then(|| {
+                    vec![
+                        Msg {
+                            role: "system",
+                            content: &texts[0],
+                        },
+                        Msg {
+                            role: "user",
+                            content: &texts[1],
+                        },
+                    ]
+                }),
+                prompt: (!chat).then_some(texts[0].as_ref()),
+                stream_options: stream.then(|| serde_json::json!({"include_usage": true})),
+                max_tokens: p.max_tokens,
+                temperature: f64::from(p.temperature),
+                top_p: f64::from(p.top_p),
+                presence_penalty: (p.presence_penalty != 0.0)
+                    .then(|| f64::from(p.presence_penalty)),
+                frequency_penalty: (p.frequency_penalty != 0.0)
+                    .then(|| f64::from(p.frequency_penalty)),
+                seed: p.seed,
+                stop: &p.stop,
+            })
+            .unwrap();
+            let got = upstream_body(&g, "up \"model\"", if chat { &texts } else { &texts[..1] });
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want)
+            );
         }
     }
 

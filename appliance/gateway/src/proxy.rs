@@ -27,6 +27,7 @@ use crate::openai::{
 };
 use crate::server::{error_response, sse_response, unix_now, Gateway, InFlight, Reply, ReqCtx};
 use crate::upstream::{Answer, UpstreamError};
+use appliance_store::json::push_string_bytes;
 
 /// Where a request that may leave the appliance goes.
 pub(crate) struct Plan {
@@ -47,7 +48,7 @@ fn upstream_body(g: &Generation, model: &str, texts: &[Cow<'_, str>]) -> Bytes {
     let size: usize = texts.iter().map(|t| t.len() + 40).sum();
     let mut out = Vec::with_capacity(size + 256);
     out.extend_from_slice(b"{\"model\":");
-    push_json_string(&mut out, model);
+    push_string_bytes(&mut out, model);
     out.extend_from_slice(if g.stream {
         b",\"stream\":true"
     } else {
@@ -61,16 +62,16 @@ fn upstream_body(g: &Generation, model: &str, texts: &[Cow<'_, str>]) -> Bytes {
                     out.push(b',');
                 }
                 out.extend_from_slice(b"{\"role\":");
-                push_json_string(&mut out, &m.role);
+                push_string_bytes(&mut out, &m.role);
                 out.extend_from_slice(b",\"content\":");
-                push_json_string(&mut out, t);
+                push_string_bytes(&mut out, t);
                 out.push(b'}');
             }
             out.push(b']');
         }
         _ => {
             out.extend_from_slice(b",\"prompt\":");
-            push_json_string(&mut out, texts.first().map_or("", |t| t.as_ref()));
+            push_string_bytes(&mut out, texts.first().map_or("", |t| t.as_ref()));
         }
     }
     if g.stream {
@@ -119,65 +120,6 @@ mod erased {
             let _ = serde_json::to_writer(out, self);
         }
     }
-}
-
-/// Appends `s` as a JSON string, byte for byte as `serde_json` writes it (`\"`, `\\`,
-/// `\b \t \n \f \r`, `\u00xx` for the other control characters, nothing else
-/// escaped); runs of eight bytes that need no escape are copied at once.
-fn push_json_string(out: &mut Vec<u8>, s: &str) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    // The high bit of each byte of `w` that is a control character, `"` or `\` (and
-    // possibly of bytes above the lowest such one: only the lowest is used).
-    fn special(w: u64) -> u64 {
-        let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-        (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
-            | zero(w ^ (ONES * b'"' as u64))
-            | zero(w ^ (ONES * b'\\' as u64))
-    }
-    let b = s.as_bytes();
-    out.push(b'"');
-    let mut start = 0;
-    let mut i = 0;
-    while i < b.len() {
-        if i + 8 <= b.len() {
-            let w = u64::from_le_bytes(b[i..i + 8].try_into().expect("eight bytes"));
-            let m = special(w);
-            if m == 0 {
-                i += 8;
-                continue;
-            }
-            i += (m.trailing_zeros() / 8) as usize;
-        }
-        let c = b[i];
-        let esc: &[u8] = match c {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            0x0c => b"\\f",
-            b'\r' => b"\\r",
-            0..0x20 => b"",
-            _ => {
-                i += 1;
-                continue;
-            }
-        };
-        out.extend_from_slice(&b[start..i]);
-        if esc.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(c >> 4)]);
-            out.push(HEX[usize::from(c & 0xf)]);
-        } else {
-            out.extend_from_slice(esc);
-        }
-        i += 1;
-        start = i;
-    }
-    out.extend_from_slice(&b[start..]);
-    out.push(b'"');
 }
 
 /// What the gateway takes from an upstream's whole answer or one streamed event: the
@@ -921,32 +863,6 @@ mod tests {
             stream,
             include_usage: false,
             soft_cap: None,
-        }
-    }
-
-    #[test]
-    fn json_strings_are_written_as_serde_json_writes_them() {
-        let mut texts: Vec<String> = vec![
-            String::new(),
-            "plain ascii text of some length, more than eight bytes".into(),
-            "«EMAIL_1» \"q\" \\ path\n\r\t\u{8}\u{c}\u{7f} é 漢字 🙂".into(),
-            (0u8..0x80).map(char::from).collect(),
-        ];
-        // Every special byte at every offset of a 17-byte run (chunk edges included).
-        for c in ['"', '\\', '\n', '\u{1}', '\u{1f}', ' ', 'é'] {
-            for at in 0..17 {
-                let mut t: Vec<char> = "abcdefghijklmnopq".chars().collect();
-                t[at] = c;
-                texts.push(t.into_iter().collect());
-            }
-        }
-        for t in &texts {
-            let mut out = Vec::new();
-            push_json_string(&mut out, t);
-            assert_eq!(
-                String::from_utf8(out).unwrap(),
-                serde_json::to_string(t).unwrap()
-            );
         }
     }
 

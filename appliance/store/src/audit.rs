@@ -117,7 +117,7 @@ fn records_json(records: &[NewAuditRow<'_>]) -> String {
             out.push(HEX[usize::from(b & 0xf)] as char);
         }
         out.push_str("\",");
-        push_json_str(&mut out, r.body);
+        crate::json::push_string(&mut out, r.body);
         out.push(']');
     }
     out.push(']');
@@ -125,34 +125,6 @@ fn records_json(records: &[NewAuditRow<'_>]) -> String {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// Appends `s` as a JSON string (quotes, backslashes and control characters escaped).
-fn push_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    let mut plain = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let esc = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..0x20 => "",
-            _ => continue,
-        };
-        out.push_str(&s[plain..i]);
-        plain = i + 1;
-        if esc.is_empty() {
-            out.push_str("\\u00");
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 0xf)] as char);
-        } else {
-            out.push_str(esc);
-        }
-    }
-    out.push_str(&s[plain..]);
-    out.push('"');
-}
 
 /// `[[id, "body"], ...]`.
 fn intents_json(intents: &[(u64, &str)]) -> String {
@@ -164,7 +136,7 @@ fn intents_json(intents: &[(u64, &str)]) -> String {
             out.push(',');
         }
         let _ = write!(out, "[{id},");
-        push_json_str(&mut out, body);
+        crate::json::push_string(&mut out, body);
         out.push(']');
     }
     out.push(']');
@@ -439,23 +411,6 @@ impl AuditDb {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_strings_read_back_as_the_text() {
-        let all_controls: String = (0u8..0x20).map(char::from).collect();
-        for text in [
-            "",
-            "plain",
-            "a \"quoted\" \\ path\n\r\t",
-            "\u{7f}é漢字🙂",
-            &all_controls,
-        ] {
-            let mut out = String::from("x");
-            push_json_str(&mut out, text);
-            let back: String = serde_json::from_str(&out[1..]).expect("valid JSON");
-            assert_eq!(back, text);
-        }
-    }
 
     /// An empty audit database in a directory of its own.
     async fn fresh(name: &str) -> (std::path::PathBuf, AuditDb) {

@@ -16,6 +16,7 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 pub mod audit;
+pub mod json;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -77,13 +77,14 @@ fn upstream_body(g: &Generation, model: &str, texts: &[Cow<'_, str>]) -> Bytes {
     if g.stream {
         out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
     }
-    // Numbers and the stop list as serde_json writes them (writing to a Vec cannot fail).
-    let field = |out: &mut Vec<u8>, name: &str, v: &dyn erased::Value| {
+    // Numbers and the stop list as serde_json writes them.
+    fn field<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, name: &str, v: &T) {
         out.extend_from_slice(b",\"");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\":");
-        v.write(out);
-    };
+        // Serializing numbers and strings into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, v);
+    }
     if let Some(n) = p.max_tokens {
         field(&mut out, "max_tokens", &n);
     }
@@ -107,19 +108,6 @@ fn upstream_body(g: &Generation, model: &str, texts: &[Cow<'_, str>]) -> Bytes {
     }
     out.push(b'}');
     Bytes::from(out)
-}
-
-/// Values written with `serde_json`, behind one `dyn` type.
-mod erased {
-    pub trait Value {
-        fn write(&self, out: &mut Vec<u8>);
-    }
-    impl<T: serde::Serialize> Value for T {
-        fn write(&self, out: &mut Vec<u8>) {
-            // Numbers and string lists: serializing into a Vec cannot fail.
-            let _ = serde_json::to_writer(out, self);
-        }
-    }
 }
 
 /// What the gateway takes from an upstream's whole answer or one streamed event: the

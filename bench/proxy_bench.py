@@ -165,6 +165,10 @@ def main():
                     help="runs of each target at each level, interleaved; the median counts")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args()
+    missing = [tool for tool in ("nginx", "wrk", "curl") if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"proxy_bench.py: {', '.join(missing)} not found on PATH "
+                 "(Debian: apt-get install nginx-light wrk curl)")
     work = Path(tempfile.mkdtemp(prefix="appliance-proxy-bench-"))
     (work / "nginx-body").mkdir()
     up = free_port()

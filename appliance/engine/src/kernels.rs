@@ -915,21 +915,76 @@ multiversion! {
 /// four activation rows; `out[row][i]`.
 type Group<'a, G, X, const R: usize> = dyn Fn(&[G], &[&[X]], &mut [[f32; 4]; R]) + Sync + 'a;
 
-/// Whether the AVX-512 (BW, VNNI) kernels run: looked up once.
+/// The environment variable that caps the kernel level (`avx2` or `portable`; unset,
+/// `auto` or `avx512`: the best this CPU has). A cap only ever lowers the level: a CPU
+/// never runs kernels it lacks. For measuring or ruling out a kernel level on one box.
+pub const KERNELS_ENV: &str = "APPLIANCE_KERNELS";
+
+/// The levels the kernels come in, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// The level that runs: the best detected (`has512`, `has2`) within what `asked` caps it
+/// to; an unknown value asks for nothing (and is reported once by [`level`]).
+fn choose(asked: Option<&str>, has512: bool, has2: bool) -> (Level, bool) {
+    let detected = if has512 {
+        Level::Avx512
+    } else if has2 {
+        Level::Avx2
+    } else {
+        Level::Portable
+    };
+    let cap = match asked.map(str::trim) {
+        None | Some("") | Some("auto") | Some("avx512") => Some(Level::Avx512),
+        Some("avx2") => Some(Level::Avx2),
+        Some("portable") => Some(Level::Portable),
+        Some(_) => None,
+    };
+    (detected.max(cap.unwrap_or(Level::Avx512)), cap.is_some())
+}
+
+/// This machine's level, looked up once (the CPU's features, capped by [`KERNELS_ENV`]).
+fn level() -> Level {
+    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let (has512, has2) = (
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("fma"),
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c"),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let (has512, has2) = (false, false);
+        let asked = std::env::var(KERNELS_ENV).ok();
+        let (level, known) = choose(asked.as_deref(), has512, has2);
+        if !known {
+            log::warn!(
+                "{KERNELS_ENV}={:?} is not one of auto, avx512, avx2, portable: ignored",
+                asked.unwrap_or_default()
+            );
+        }
+        level
+    })
+}
+
+/// Whether the AVX-512 (BW, VNNI) kernels run.
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
     #[cfg(test)]
     if tests::NO_AVX512.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
     }
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("f16c")
-            && is_x86_feature_detected!("fma")
-    })
+    level() == Level::Avx512
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -937,7 +992,8 @@ fn avx512() -> bool {
     false
 }
 
-/// Whether the CPU has AVX2, FMA and F16C (looked up once; see `multiversion!`).
+/// Whether the AVX2, FMA and F16C kernels may run (see `multiversion!`): true on an
+/// AVX-512 machine too.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -946,12 +1002,7 @@ pub(crate) fn has_avx2_fma() -> bool {
         if tests::NO_AVX2.load(std::sync::atomic::Ordering::Relaxed) {
             return false;
         }
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
+        level() <= Level::Avx2
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -2739,6 +2790,22 @@ mod tests {
             let (p, q) = (quantize_block::<true>(b), quantize_block_portable(b));
             assert_eq!((p.0.to_bits(), p.1, p.2), (q.0.to_bits(), q.1, q.2));
         }
+    }
+
+    #[test]
+    fn the_kernel_level_is_capped_by_the_environment_never_raised() {
+        use super::{choose, Level::*};
+        // Unset or auto: the best the CPU has.
+        assert_eq!(choose(None, true, true), (Avx512, true));
+        assert_eq!(choose(Some("auto"), false, true), (Avx2, true));
+        // A cap lowers the level...
+        assert_eq!(choose(Some("avx2"), true, true), (Avx2, true));
+        assert_eq!(choose(Some(" portable "), true, true), (Portable, true));
+        // ...and never raises it past what the CPU has.
+        assert_eq!(choose(Some("avx512"), false, true), (Avx2, true));
+        assert_eq!(choose(Some("avx2"), false, false), (Portable, true));
+        // An unknown value is reported and asks for nothing.
+        assert_eq!(choose(Some("sse9"), true, true), (Avx512, false));
     }
 
     #[test]

@@ -951,18 +951,16 @@ fn choose(asked: Option<&str>, has512: bool, has2: bool) -> (Level, bool) {
 fn level() -> Level {
     static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
+        // The AVX-512 kernels enable AVX2, FMA and F16C too.
         #[cfg(target_arch = "x86_64")]
-        let (has512, has2) = (
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("f16c")
-                && is_x86_feature_detected!("fma"),
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c"),
-        );
+        let has2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        #[cfg(target_arch = "x86_64")]
+        let has512 = has2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni");
         #[cfg(not(target_arch = "x86_64"))]
         let (has512, has2) = (false, false);
         let asked = std::env::var(KERNELS_ENV).ok();

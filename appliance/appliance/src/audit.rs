@@ -118,6 +118,29 @@ pub struct StoreBackend(pub AuditDb);
 
 impl LogBackend for StoreBackend {
     async fn commit(&mut self, batch: &Batch) -> Result<(), String> {
+        self.write(batch, true).await
+    }
+
+    async fn commit_deferred(&mut self, batch: &Batch) -> Result<(), String> {
+        self.write(batch, false).await
+    }
+
+    async fn sync(&mut self) -> Result<(), String> {
+        self.0.sync().await.map_err(|e| e.to_string())
+    }
+
+    async fn prune(&mut self, before_ms: i64) -> Result<u64, String> {
+        self.0.prune(before_ms).await.map_err(|e| e.to_string())
+    }
+
+    async fn close(&mut self) -> Result<(), String> {
+        self.0.close().await;
+        Ok(())
+    }
+}
+
+impl StoreBackend {
+    async fn write(&mut self, batch: &Batch, durable: bool) -> Result<(), String> {
         let records: Vec<NewAuditRow> = batch
             .records
             .iter()
@@ -138,18 +161,9 @@ impl LogBackend for StoreBackend {
             .as_ref()
             .map(|c| (c.size, c.time_ms, c.note.as_str()));
         self.0
-            .commit(&records, &intents, &batch.resolved, checkpoint)
+            .commit(&records, &intents, &batch.resolved, checkpoint, durable)
             .await
             .map_err(|e| e.to_string())
-    }
-
-    async fn prune(&mut self, before_ms: i64) -> Result<u64, String> {
-        self.0.prune(before_ms).await.map_err(|e| e.to_string())
-    }
-
-    async fn close(&mut self) -> Result<(), String> {
-        self.0.close().await;
-        Ok(())
     }
 }
 
@@ -755,6 +769,7 @@ async fn bench(dir: PathBuf, writers: usize, seconds: u64, records: u64) -> Resu
             &[],
             &[],
             None,
+            true,
         )
         .await?;
         lat.push(t.elapsed());

@@ -7,6 +7,18 @@
 //! The store is always a prefix of the log, at most a few milliseconds behind; whoever
 //! must read everything first calls [`crate::Auditor::settle`].
 //!
+//! The indexer's transactions are visible at once but not flushed
+//! ([`LogBackend::commit_deferred`]): the journal holds their batches durably, so the
+//! store need only be durable before the journal lets go of them. The indexer keeps two
+//! marks, *indexed* (in the store, visible) and *durable* (in the store, flushed), and
+//! makes its next transaction durable, or flushes the store ([`LogBackend::sync`]),
+//! whenever someone asks for a durable mark it has not reached: the writer before it
+//! reuses a file (the file's batches must be durable in the store; the request for them
+//! goes out when the writer leaves the file, so by the time it returns they long are),
+//! and [`JournalBackend`]'s close before it empties the journal. A store flush per file
+//! rather than per transaction keeps the store's fsyncs from queueing on the disk
+//! behind, and in front of, the journal's writes on the request path.
+//!
 //! Two files, `journal.0` and `journal.1`, each [`FILE_BYTES`] of zeros at creation (so
 //! an overwrite changes no file metadata and the flush writes data only). Where the file
 //! system allows, frames are written with `O_DIRECT | O_DSYNC`: one write of the whole
@@ -542,7 +554,7 @@ impl Journal {
     }
 }
 
-/// Applies the batches [`Journal::open`] returned to `store`: records up to
+/// Applies the batches [`Journal::open`] returned to `store`, durably: records up to
 /// `store_last_seq` are already there and skipped. Returns how many records it added.
 pub async fn replay<B: LogBackend>(
     store: &mut B,
@@ -572,12 +584,16 @@ pub async fn replay<B: LogBackend>(
             continue;
         }
         added += merged.records;
-        store.commit(&merged.finish()).await?;
+        store.commit_deferred(&merged.finish()).await?;
     }
     added += merged.records;
     if !merged.is_empty() {
-        store.commit(&merged.finish()).await?;
+        store.commit_deferred(&merged.finish()).await?;
     }
+    // Everything the journal held must be durable in the store before the journal is
+    // emptied: what this added, and what the store showed but may not have flushed
+    // before a crash (the page cache survives a crashed process, not a power cut).
+    store.sync().await?;
     Ok(added)
 }
 
@@ -639,7 +655,11 @@ pub struct JournalBackend {
     /// what tells it to stop without catching up.
     indexer: Option<tokio::task::JoinHandle<()>>,
     stop: watch::Sender<bool>,
+    /// The indexer's marks: the last batch in the store, and the last one flushed there.
     indexed: watch::Receiver<u64>,
+    durable: watch::Receiver<u64>,
+    /// The durable mark someone needs (the indexer flushes until it reaches it).
+    want: watch::Sender<u64>,
     /// Number of the last batch written, and of the last one in each file.
     written: u64,
     last_in: [u64; 2],
@@ -653,14 +673,23 @@ impl JournalBackend {
     pub fn start<B: LogBackend>(journal: Journal, store: B, wait: Duration) -> JournalBackend {
         let (to_index, rx) = mpsc::unbounded_channel();
         let (done, indexed) = watch::channel(0);
+        let (flushed, durable) = watch::channel(0);
+        let (want, wanted) = watch::channel(0);
         let (stop, stopping) = watch::channel(false);
-        let indexer = tokio::spawn(index(store, rx, done, stopping));
+        let marks = Marks {
+            indexed: done,
+            durable: flushed,
+            want: wanted,
+        };
+        let indexer = tokio::spawn(index(store, rx, marks, stopping));
         JournalBackend {
             journal: Arc::new(Mutex::new(journal)),
             to_index,
             indexer: Some(indexer),
             stop,
             indexed,
+            durable,
+            want,
             written: 0,
             last_in: [0, 0],
             wait,
@@ -670,16 +699,34 @@ impl JournalBackend {
     /// Waits (up to the backend's wait) until the store holds batch `n`; borrows
     /// nothing, so the writer need not wait itself.
     fn indexed(&self, n: u64) -> impl Future<Output = Result<(), String>> + Send + 'static {
-        let (mut indexed, wait) = (self.indexed.clone(), self.wait);
-        async move {
-            match tokio::time::timeout(wait, indexed.wait_for(|&i| i >= n)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(_)) => Err("the audit store's indexer stopped".into()),
-                Err(_) => Err(format!(
-                    "the audit store (behind the journal) has not caught up within {} ms",
-                    wait.as_millis()
-                )),
+        Self::reach(self.indexed.clone(), n, self.wait)
+    }
+
+    /// Asks the indexer to make the store durable up to batch `n`, without waiting.
+    fn ask_durable(&self, n: u64) {
+        self.want.send_if_modified(|w| {
+            let raise = *w < n;
+            if raise {
+                *w = n;
             }
+            raise
+        });
+    }
+
+    /// Waits (up to the backend's wait) until batch `n` is durable in the store.
+    fn durable(&self, n: u64) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        self.ask_durable(n);
+        Self::reach(self.durable.clone(), n, self.wait)
+    }
+
+    async fn reach(mut mark: watch::Receiver<u64>, n: u64, wait: Duration) -> Result<(), String> {
+        match tokio::time::timeout(wait, mark.wait_for(|&i| i >= n)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err("the audit store's indexer stopped".into()),
+            Err(_) => Err(format!(
+                "the audit store (behind the journal) has not caught up within {} ms",
+                wait.as_millis()
+            )),
         }
     }
 
@@ -706,11 +753,16 @@ impl LogBackend for JournalBackend {
             (j.fits(frame.len()), j.active ^ 1)
         };
         if !fits {
-            // The other file is reused only once everything in it is in the store.
-            self.indexed(self.last_in[other]).await?;
+            // The other file is reused only once everything in it is durable in the
+            // store (asked for when the writer left it: long done, as a rule).
+            self.durable(self.last_in[other]).await?;
             let mut j = self.journal.lock().map_err(poisoned)?;
             j.switch()
                 .map_err(|e| format!("starting the audit journal's next file: {e}"))?;
+            drop(j);
+            // The file just left: its batches must be durable in the store before the
+            // writer comes back to it.
+            self.ask_durable(self.last_in[other ^ 1]);
         }
         // The writer runs on a thread of its own (`Auditor::start`): waiting for the
         // disk here blocks nothing else.
@@ -749,7 +801,8 @@ impl LogBackend for JournalBackend {
     }
 
     async fn close(&mut self) -> Result<(), String> {
-        if let Err(e) = self.settle().await {
+        // Emptying the journal lets go of everything: the store must hold it durably.
+        if let Err(e) = self.durable(self.written).await {
             // The journal keeps what the store lacks, for the next start.
             self.stop_indexer(true).await;
             return Err(e);
@@ -772,74 +825,136 @@ fn poisoned<T>(_: T) -> String {
     "the audit journal's lock is poisoned".to_string()
 }
 
+/// The indexer's side of its marks.
+struct Marks {
+    indexed: watch::Sender<u64>,
+    durable: watch::Sender<u64>,
+    want: watch::Receiver<u64>,
+}
+
+/// One write to the store: a batch (flushed or not), or a flush.
+async fn write<B: LogBackend>(
+    store: &mut B,
+    batch: Option<&Batch>,
+    durable: bool,
+) -> Result<(), String> {
+    match batch {
+        Some(b) if durable => store.commit(b).await,
+        Some(b) => store.commit_deferred(b).await,
+        None => store.sync().await,
+    }
+}
+
 /// The indexer: moves committed batches into the store, as many per transaction as are
-/// waiting; retries a failed transaction (the journal holds its batches meanwhile).
+/// waiting, and flushes the store when a durable mark is wanted; retries a failed write
+/// (the journal holds its batches meanwhile).
 async fn index<B: LogBackend>(
     mut store: B,
     mut rx: mpsc::UnboundedReceiver<ToIndex>,
-    done: watch::Sender<u64>,
+    mut marks: Marks,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut merged = Merged::default();
     let mut failing = false;
     let mut next: Option<ToIndex> = None;
     let mut last_commit: Option<tokio::time::Instant> = None;
+    let (mut indexed, mut durable) = (0u64, 0u64);
     loop {
+        let wanted = |marks: &mut Marks, durable: u64| *marks.want.borrow_and_update() > durable;
         let first = match next.take() {
-            Some(m) => m,
-            None => match rx.recv().await {
-                Some(m) => m,
-                None => {
+            Some(m) => Some(m),
+            None => match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
                     let _ = store.close().await;
                     return;
                 }
+                // Nothing to move: flush if that is wanted and not yet done, else wait
+                // for a batch or a wish.
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if wanted(&mut marks, durable) && indexed > durable {
+                        None
+                    } else {
+                        tokio::select! {
+                            m = rx.recv() => match m {
+                                Some(m) => Some(m),
+                                None => {
+                                    let _ = store.close().await;
+                                    return;
+                                }
+                            },
+                            Ok(()) = marks.want.changed() => continue,
+                        }
+                    }
+                }
             },
         };
-        // Under load, let batches pile up a little: one transaction per few
-        // milliseconds costs the store far less than one per commit, and most intents
-        // are resolved within it.
-        if let Some(at) = last_commit {
-            let due = at + INDEX_EVERY;
-            if tokio::time::Instant::now() < due {
-                tokio::time::sleep_until(due).await;
-            }
-        }
-        let (mut last, b) = match first {
-            ToIndex::Batch(n, b) => (n, b),
-            ToIndex::Prune(before_ms, reply) => {
-                // Its caller may have given up waiting (the store was failing).
+        let (last, batch) = match first {
+            None => (indexed, None),
+            Some(ToIndex::Prune(before_ms, reply)) => {
+                // Its caller may have given up waiting (the store was failing). What it
+                // reports done is flushed.
                 if !reply.is_closed() {
-                    let _ = reply.send(store.prune(before_ms).await);
+                    let mut r = store.prune(before_ms).await;
+                    if let Ok(n) = r {
+                        r = store.sync().await.map(|()| n);
+                        if r.is_ok() {
+                            durable = indexed;
+                            let _ = marks.durable.send(durable);
+                        }
+                    }
+                    let _ = reply.send(r);
                 }
                 continue;
             }
-        };
-        // Everything waiting, up to a checkpoint or INDEX_BATCH records; a prune waits
-        // for the batches before it.
-        let mut full = merged.take(b);
-        while !full {
-            match rx.try_recv() {
-                Ok(ToIndex::Batch(n, b)) => {
-                    last = n;
-                    full = merged.take(b);
+            Some(ToIndex::Batch(n, b)) => {
+                // Under load, let batches pile up a little: one transaction per few
+                // milliseconds costs the store far less than one per commit, and most
+                // intents are resolved within it. Not while a durable mark is awaited.
+                if let Some(at) = last_commit {
+                    let due = at + INDEX_EVERY;
+                    if tokio::time::Instant::now() < due && !wanted(&mut marks, durable) {
+                        tokio::time::sleep_until(due).await;
+                    }
                 }
-                Ok(prune) => {
-                    next = Some(prune);
-                    break;
+                // Everything waiting, up to a checkpoint or INDEX_BATCH records; a
+                // prune waits for the batches before it.
+                let mut last = n;
+                let mut full = merged.take(b);
+                while !full {
+                    match rx.try_recv() {
+                        Ok(ToIndex::Batch(n, b)) => {
+                            last = n;
+                            full = merged.take(b);
+                        }
+                        Ok(prune) => {
+                            next = Some(prune);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
-                Err(_) => break,
+                (last, Some(merged.finish()))
             }
-        }
-        let batch = merged.finish();
+        };
+        // Flushed with this write when a durable mark beyond what is flushed is wanted.
+        let flush = wanted(&mut marks, durable);
         loop {
-            match store.commit(&batch).await {
+            match write(&mut store, batch.as_ref(), flush).await {
                 Ok(()) => {
                     if failing {
                         log::info!("the audit store is writable again");
                         failing = false;
                     }
-                    let _ = done.send(last);
-                    last_commit = Some(tokio::time::Instant::now());
+                    indexed = last;
+                    let _ = marks.indexed.send(indexed);
+                    if flush {
+                        durable = last;
+                        let _ = marks.durable.send(durable);
+                    }
+                    if batch.is_some() {
+                        last_commit = Some(tokio::time::Instant::now());
+                    }
                     break;
                 }
                 Err(e) => {
@@ -1182,6 +1297,96 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("refusing to append"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A store whose deferred commits are visible but not flushed: `durable` is what a
+    /// power cut would leave of it (copied from `visible` by each flush).
+    #[derive(Clone, Default)]
+    struct Lagging {
+        visible: MemoryLog,
+        durable: MemoryLog,
+        flushes: Arc<Mutex<u32>>,
+    }
+
+    impl Lagging {
+        fn flush(&self) {
+            let v = self.visible.inner.lock().unwrap();
+            let mut d = self.durable.inner.lock().unwrap();
+            d.records = v.records.clone();
+            d.intents = v.intents.clone();
+            d.checkpoints = v.checkpoints.clone();
+            *self.flushes.lock().unwrap() += 1;
+        }
+    }
+
+    impl LogBackend for Lagging {
+        async fn commit(&mut self, batch: &Batch) -> Result<(), String> {
+            self.visible.commit(batch).await?;
+            self.flush();
+            Ok(())
+        }
+        async fn commit_deferred(&mut self, batch: &Batch) -> Result<(), String> {
+            self.visible.commit(batch).await
+        }
+        async fn sync(&mut self) -> Result<(), String> {
+            self.flush();
+            Ok(())
+        }
+        async fn prune(&mut self, before_ms: i64) -> Result<u64, String> {
+            self.visible.prune(before_ms).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_power_cut_loses_nothing_the_store_had_not_flushed() {
+        let dir = scratch("power");
+        let (mut j, _) = Journal::open_sized(&dir, 4096).unwrap();
+        j.reset().unwrap();
+        let store = Lagging::default();
+        let mut backend = JournalBackend::start(j, store.clone(), Duration::from_secs(10));
+        // A switch every few commits: each reuse of a file waits for its batches to be
+        // flushed in the store, not only visible there.
+        let batches = commit_all(&mut backend, 60).await;
+        backend.settle().await.unwrap();
+        assert_same_log(&store.visible, &applied(&batches));
+        let flushes = *store.flushes.lock().unwrap();
+        assert!(
+            (1..40).contains(&flushes),
+            "flushed per file, not per transaction: {flushes}"
+        );
+        // The power cut: the store is what it had flushed; the journal holds the rest.
+        drop(backend);
+        let (_, held) = Journal::open_sized(&dir, 4096).unwrap();
+        let mut after = Lagging {
+            visible: store.durable.clone(),
+            ..Lagging::default()
+        };
+        let last = store
+            .durable
+            .inner
+            .lock()
+            .unwrap()
+            .records
+            .last()
+            .map_or(0, |r| r.seq);
+        replay(&mut after, held, last).await.unwrap();
+        assert_same_log(&after.visible, &applied(&batches));
+        // Replay flushes what it applied before the journal may be emptied.
+        assert_same_log(&after.durable, &applied(&batches));
+
+        // A close flushes the store before it empties the journal.
+        let dir2 = scratch("power-close");
+        let (mut j, _) = Journal::open_sized(&dir2, 1 << 20).unwrap();
+        j.reset().unwrap();
+        let store = Lagging::default();
+        let mut backend = JournalBackend::start(j, store.clone(), Duration::from_secs(10));
+        let batches = commit_all(&mut backend, 30).await;
+        backend.close().await.unwrap();
+        let (_, held) = Journal::open_sized(&dir2, 1 << 20).unwrap();
+        assert!(held.is_empty(), "the journal is empty after a close");
+        assert_same_log(&store.durable, &applied(&batches));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,6 +59,20 @@ pub struct Batch {
 pub trait LogBackend: Send + 'static {
     /// Writes the whole batch durably, or nothing.
     fn commit(&mut self, batch: &Batch) -> impl Future<Output = Result<(), String>> + Send;
+    /// Writes the whole batch, or nothing, visible to readers when it returns but
+    /// perhaps durable only once [`LogBackend::sync`] (or a durable commit) has
+    /// returned after it. Behind a journal that holds the batch durably meanwhile, this
+    /// spares the store a flush per transaction.
+    fn commit_deferred(
+        &mut self,
+        batch: &Batch,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        self.commit(batch)
+    }
+    /// Makes every batch committed so far durable.
+    fn sync(&mut self) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
     /// Drops the text of records older than `before_ms` (their leaf hashes stay);
     /// returns how many.
     fn prune(&mut self, before_ms: i64) -> impl Future<Output = Result<u64, String>> + Send;

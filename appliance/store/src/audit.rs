@@ -1,6 +1,13 @@
-//! The audit log's SQL: its own SQLite file (`audit.db`), WAL with `synchronous=FULL`, so
-//! a committed batch survives power loss; writes wait at most the busy timeout for a lock
-//! held elsewhere, then fail (and the gateway refuses the request).
+//! The audit log's SQL: its own SQLite file (`audit.db`), in WAL mode. Its writes go
+//! through one connection at `synchronous=NORMAL`: a commit is visible at once but
+//! survives power loss only once a durable commit or [`AuditDb::sync`] (an fsync of the
+//! WAL, which covers every commit before it) has returned, or a checkpoint has moved it
+//! into the main file. The journal in front of the store is what makes each record
+//! durable before its request is answered; it asks for the store's flush only when it
+//! is about to overwrite what the store must then hold (rarely, off the request path),
+//! so the store's fsyncs do not compete with the journal's writes for the disk on every
+//! transaction. Writes wait at most the busy timeout for a lock held elsewhere, then
+//! fail (and the gateway refuses the request).
 //!
 //! Tables: `audit_records(seq, time_ms, leaf, body)` (body NULL once pruned: the leaf hash
 //! stays so the tree still verifies), `audit_intents(id, body)` (requests in progress),
@@ -36,6 +43,8 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
     note TEXT NOT NULL,
     PRIMARY KEY (size, time_ms)
 );
+CREATE TABLE IF NOT EXISTS audit_sync (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+INSERT OR IGNORE INTO audit_sync (id, n) VALUES (1, 0);
 ";
 
 /// A stored record row.
@@ -102,6 +111,12 @@ INSERT OR IGNORE INTO audit_checkpoints (size, time_ms, note)
     SELECT ?4, ?5, ?6 WHERE ?4 IS NOT NULL;
 COMMIT;";
 
+/// A flush with nothing else to write: one tiny write transaction at `synchronous=FULL`,
+/// whose commit fsyncs the WAL (and with it every commit before).
+const SYNC: &str = "PRAGMA synchronous = FULL;
+UPDATE audit_sync SET n = n + 1 WHERE id = 1;
+PRAGMA synchronous = NORMAL;";
+
 /// `[[seq, time_ms, "leaf hex", "body"], ...]`.
 fn records_json(records: &[NewAuditRow<'_>]) -> String {
     let mut out =
@@ -143,6 +158,23 @@ fn intents_json(intents: &[(u64, &str)]) -> String {
     out
 }
 
+/// The writer connection's `synchronous` mode; a connection that cannot be set back is
+/// dropped (a fresh one opens at NORMAL).
+async fn set_synchronous(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    full: bool,
+) -> Result<()> {
+    let pragma = match full {
+        true => "PRAGMA synchronous = FULL",
+        false => "PRAGMA synchronous = NORMAL",
+    };
+    if let Err(e) = sqlx::raw_sql(pragma).execute(&mut **conn).await {
+        conn.close_on_drop();
+        return Err(e.into());
+    }
+    Ok(())
+}
+
 impl AuditDb {
     /// Opens (creating if needed) the audit database. Writes wait up to `busy` for a lock.
     pub async fn open(path: &Path, busy: Duration) -> Result<AuditDb> {
@@ -165,7 +197,7 @@ impl AuditDb {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(busy);
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
@@ -188,13 +220,16 @@ impl AuditDb {
         Ok(AuditDb { pool, writer })
     }
 
-    /// Writes one batch in one transaction (one fsync of the WAL at commit).
+    /// Writes one batch in one transaction. `durable`: its commit fsyncs the WAL, so it
+    /// and every commit before it survive power loss when this returns; otherwise it is
+    /// visible at once and durable after the next durable commit or [`AuditDb::sync`].
     pub async fn commit(
         &self,
         records: &[NewAuditRow<'_>],
         intents: &[(u64, &str)],
         resolved: &[u64],
         checkpoint: Option<(u64, i64, &str)>,
+        durable: bool,
     ) -> Result<()> {
         // Plain BEGIN/COMMIT rather than sqlx's transaction: a COMMIT that fails with
         // SQLITE_FULL or SQLITE_BUSY leaves SQLite's transaction open, and the connection
@@ -208,6 +243,9 @@ impl AuditDb {
                 .join(",")
         );
         let mut conn = self.writer.acquire().await?;
+        if durable {
+            set_synchronous(&mut conn, true).await?;
+        }
         let result = sqlx::query(COMMIT)
             .bind(records_json(records))
             .bind(intents_json(intents))
@@ -219,6 +257,20 @@ impl AuditDb {
             .await;
         if let Err(e) = result {
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            conn.close_on_drop();
+            return Err(e.into());
+        }
+        if durable {
+            set_synchronous(&mut conn, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every commit so far durable (survives power loss) when it returns.
+    pub async fn sync(&self) -> Result<()> {
+        let mut conn = self.writer.acquire().await?;
+        if let Err(e) = sqlx::raw_sql(SYNC).execute(&mut *conn).await {
+            // Whatever state it is in (a synchronous mode left at FULL), not reused.
             conn.close_on_drop();
             return Err(e.into());
         }
@@ -423,6 +475,52 @@ mod tests {
         (dir, db)
     }
 
+    /// The writer connection's `PRAGMA synchronous` (1 NORMAL, 2 FULL).
+    async fn writer_synchronous(db: &AuditDb) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&db.writer)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn durable_commits_and_syncs_leave_the_writer_at_normal() {
+        let (dir, db) = fresh("audit-db-sync-").await;
+        assert_eq!(writer_synchronous(&db).await, 1);
+        let leaf = [3u8; 32];
+        let row = |seq| NewAuditRow {
+            seq,
+            time_ms: 0,
+            leaf: &leaf,
+            body: "{}",
+        };
+        db.commit(&[row(1)], &[], &[], None, true).await.unwrap();
+        assert_eq!(writer_synchronous(&db).await, 1);
+        db.commit(&[row(2)], &[], &[], None, false).await.unwrap();
+        for _ in 0..3 {
+            db.sync().await.unwrap();
+        }
+        assert_eq!(writer_synchronous(&db).await, 1);
+        let n: i64 = sqlx::query_scalar("SELECT n FROM audit_sync")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 3, "each sync is a write transaction of its own");
+        assert_eq!(db.last().await.unwrap(), Some((2, 0)));
+        // A reopened store keeps its counter row (the schema is applied again).
+        db.close().await;
+        let db = AuditDb::open(&dir.join("audit.db"), Duration::from_millis(200))
+            .await
+            .unwrap();
+        db.sync().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT n FROM audit_sync")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[tokio::test]
     async fn texts_and_leaves_come_back_byte_for_byte() {
         let (dir, db) = fresh("audit-db-bytes-").await;
@@ -434,7 +532,7 @@ mod tests {
             leaf: &leaf,
             body: odd,
         };
-        db.commit(&[row], &[(7, odd), (8, "")], &[], Some((1, 2, odd)))
+        db.commit(&[row], &[(7, odd), (8, "")], &[], Some((1, 2, odd)), true)
             .await
             .unwrap();
         let got = db.rows(1, 1).await.unwrap();
@@ -447,7 +545,7 @@ mod tests {
             vec![(7, odd.to_string()), (8, String::new())]
         );
         // Nothing at all is a valid batch too.
-        db.commit(&[], &[], &[7, 8, 9], None).await.unwrap();
+        db.commit(&[], &[], &[7, 8, 9], None, false).await.unwrap();
         assert!(db.intents().await.unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -469,6 +567,7 @@ mod tests {
             &[(1, "{\"a\":1}"), (2, "{}")],
             &[],
             Some((5000, 9, "note")),
+            false,
         )
         .await
         .unwrap();
@@ -484,7 +583,9 @@ mod tests {
             },
             rows[0],
         ];
-        assert!(db.commit(&dup, &[], &[1], None).await.is_err());
+        assert!(db.commit(&dup, &[], &[1], None, true).await.is_err());
+        // The failed durable commit's connection is gone; its replacement is at NORMAL.
+        assert_eq!(writer_synchronous(&db).await, 1);
         assert_eq!(db.last().await.unwrap(), Some((5000, 5000)));
         assert_eq!(db.intents().await.unwrap().len(), 2);
         db.commit(
@@ -497,6 +598,7 @@ mod tests {
             &[(3, "{}")],
             &[1, 3],
             None,
+            false,
         )
         .await
         .unwrap();

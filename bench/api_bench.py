@@ -147,6 +147,30 @@ def wrk(url, key, seconds, conns=64, script=None):
             "non_2xx": int(errors.group(1)) if errors else 0}
 
 
+def h2load(url, seconds, conns, body_file, headers):
+    """h2load (HTTP/1.1, keep-alive, one client thread) posting `body_file`; requests/s
+    and latency percentiles from its per-request log (each request timed on a monotonic
+    clock from its send to its last byte). `occupancy` is the summed latencies over
+    connections x seconds: about 1 for a closed-loop client whose timings add up."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "requests.tsv"
+        args = ["h2load", "--h1", "-t1", f"-c{conns}", "-D", str(seconds),
+                f"--log-file={log}", "-d", str(body_file)]
+        for h in headers:
+            args += ["-H", h]
+        subprocess.run(args + [url], capture_output=True, text=True, check=True)
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    lat = sorted(int(r[2]) / 1000 for r in rows)
+    if not lat:
+        raise SystemExit(f"h2load: no request completed against {url}")
+    pct = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))]
+    return {"rps": round(len(lat) / seconds, 1), "p50_ms": round(pct(0.5), 3),
+            "p99_ms": round(pct(0.99), 3), "p999_ms": round(pct(0.999), 3),
+            "max_ms": round(lat[-1], 1),
+            "occupancy": round(sum(lat) / 1000 / seconds / conns, 3),
+            "non_2xx": sum(1 for r in rows if not r[1].startswith("2"))}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)

@@ -69,7 +69,9 @@ pub trait LogBackend: Send + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send {
         self.commit(batch)
     }
-    /// Makes every batch committed so far durable.
+    /// Makes every batch committed so far durable. The default does nothing, which is
+    /// right only with the default `commit_deferred` (a durable commit): a backend that
+    /// overrides one overrides both.
     fn sync(&mut self) -> impl Future<Output = Result<(), String>> + Send {
         async { Ok(()) }
     }

@@ -1238,6 +1238,13 @@ mod tests {
         assert!(m.is_empty());
     }
 
+    /// A backend over fresh journal files of `bytes` each in `dir`, in front of `store`.
+    fn started<B: LogBackend>(dir: &Path, bytes: u64, store: B, wait: Duration) -> JournalBackend {
+        let (mut j, _) = Journal::open_sized(dir, bytes).unwrap();
+        j.reset().unwrap();
+        JournalBackend::start(j, store, wait)
+    }
+
     /// Commits batches 1..=n through a backend in front of `store`.
     async fn commit_all(backend: &mut JournalBackend, n: u64) -> Vec<Batch> {
         let mut out = vec![];
@@ -1274,10 +1281,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_store_catches_up_across_file_switches_and_replay_adds_nothing_twice() {
         let dir = scratch("switch");
-        let (mut j, _) = Journal::open_sized(&dir, 4096).unwrap();
-        j.reset().unwrap();
         let store = MemoryLog::default();
-        let mut backend = JournalBackend::start(j, store.clone(), Duration::from_secs(10));
+        let mut backend = started(&dir, 4096, store.clone(), Duration::from_secs(10));
         // ~600 bytes a frame into 4 KiB files: a switch every few commits.
         let batches = commit_all(&mut backend, 60).await;
         backend.settle().await.unwrap();
@@ -1340,10 +1345,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_power_cut_loses_nothing_the_store_had_not_flushed() {
         let dir = scratch("power");
-        let (mut j, _) = Journal::open_sized(&dir, 4096).unwrap();
-        j.reset().unwrap();
         let store = Lagging::default();
-        let mut backend = JournalBackend::start(j, store.clone(), Duration::from_secs(10));
+        let mut backend = started(&dir, 4096, store.clone(), Duration::from_secs(10));
         // A switch every few commits: each reuse of a file waits for its batches to be
         // flushed in the store, not only visible there.
         let batches = commit_all(&mut backend, 60).await;
@@ -1376,10 +1379,8 @@ mod tests {
 
         // A close flushes the store before it empties the journal.
         let dir2 = scratch("power-close");
-        let (mut j, _) = Journal::open_sized(&dir2, 1 << 20).unwrap();
-        j.reset().unwrap();
         let store = Lagging::default();
-        let mut backend = JournalBackend::start(j, store.clone(), Duration::from_secs(10));
+        let mut backend = started(&dir2, 1 << 20, store.clone(), Duration::from_secs(10));
         let batches = commit_all(&mut backend, 30).await;
         backend.close().await.unwrap();
         let (_, held) = Journal::open_sized(&dir2, 1 << 20).unwrap();
@@ -1392,11 +1393,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_that_cannot_be_written_loses_nothing_and_the_journal_fails_closed() {
         let dir = scratch("crash");
-        let (mut j, _) = Journal::open_sized(&dir, 1 << 20).unwrap();
-        j.reset().unwrap();
         let store = MemoryLog::default();
         store.inner.lock().unwrap().fail = Some("disk full".into());
-        let mut backend = JournalBackend::start(j, store.clone(), Duration::from_millis(300));
+        let mut backend = started(&dir, 1 << 20, store.clone(), Duration::from_millis(300));
         let batches = commit_all(&mut backend, 20).await;
         // Committed (durable in the journal) though the store has none of it.
         assert!(store.inner.lock().unwrap().records.is_empty());
@@ -1414,11 +1413,9 @@ mod tests {
         // With small files, the journal refuses a commit rather than overwrite what the
         // store does not have yet.
         let dir2 = scratch("closed");
-        let (mut j, _) = Journal::open_sized(&dir2, 2048).unwrap();
-        j.reset().unwrap();
         let store = MemoryLog::default();
         store.inner.lock().unwrap().fail = Some("disk full".into());
-        let mut backend = JournalBackend::start(j, store.clone(), Duration::from_millis(200));
+        let mut backend = started(&dir2, 2048, store.clone(), Duration::from_millis(200));
         let mut committed = vec![];
         let mut refused = None;
         for i in 1..=20 {

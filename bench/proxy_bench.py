@@ -27,6 +27,7 @@ the same machine noise; with `--rounds N` each level runs N interleaved rounds a
 target's median round counts (the ratio of each round is kept too).
 
 Usage: bench/proxy_bench.py --bin target/release/appliance --litellm VENV/bin/litellm [--rounds 3]
+       [--compare OTHER_BUILD/appliance]   (a second build, interleaved the same way)
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of each target at each level, interleaved; the median counts")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--compare", metavar="BIN",
+                    help="another appliance binary, run the same way beside --bin (target `compare`)")
     a = ap.parse_args()
     missing = [tool for tool in ("nginx", "h2load", "curl") if shutil.which(tool) is None]
     if missing:
@@ -187,6 +190,11 @@ def main():
     json_type = "Content-Type: application/json"
     targets = {"nginx": (f"http://127.0.0.1:{up}/v1/chat/completions", [json_type]),
                "appliance": (gw_url, [json_type, f"Authorization: Bearer {d.key}"])}
+    other = None
+    if a.compare:
+        other = Daemon(a.compare, [], 1, policy=policy(up))
+        targets["compare"] = (f"{other.url}/v1/chat/completions",
+                              [json_type, f"Authorization: Bearer {other.key}"])
     lite = None
     if a.litellm:
         lp = free_port()
@@ -219,9 +227,13 @@ def main():
                     row[name]["added_p99_ms"] = row[name]["p99_ms"] - row["nginx"]["p99_ms"]
             if "litellm" in row:
                 row["ratio_rps"] = row["appliance"]["rps"] / row["litellm"]["rps"]
+            if "compare" in runs:
+                row["vs_compare_rounds"] = [x["rps"] / y["rps"] for x, y in zip(runs["appliance"], runs["compare"])]
             report["conns"][c] = row
     finally:
         d.stop()
+        if other:
+            other.stop()
         if lite:
             os.killpg(lite.pid, signal.SIGTERM)
         nginx.send_signal(signal.SIGQUIT)

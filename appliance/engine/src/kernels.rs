@@ -3279,7 +3279,9 @@ mod exp_tests {
         for chain in [false, true] {
             let mut o = vec![0f32; hd];
             let mut slots = Vec::new();
-            weighted_values(&p, &v, hd, 0, hd, chain, &mut o, &mut slots);
+            weighted_rows(&p, hd, chain, &mut o, &mut slots, |c, pc, acc| {
+                add_row(acc, pc, &v[c * hd..(c + 1) * hd])
+            });
             for d in 0..hd {
                 let col: Vec<f32> = (0..t).map(|c| v[c * hd + d]).collect();
                 let want = if chain {
@@ -3497,29 +3499,25 @@ multiversion! {
             // back and used once (a third of the attention's time on AVX2). Same values
             // (widening is exact), same order, same bits.
             let qr = &q[..hd];
-            p.clear();
-            for c in 0..start + 1 {
-                let o = c * kv_stride + kv_offset;
+            let row = |c: usize| c * kv_stride + kv_offset..c * kv_stride + kv_offset + hd;
+            let dot = |c: usize| {
                 // SAFETY: `AVX2` is true only in a build that enables AVX2, FMA and F16C
                 // or in a `multiversion!` twin, which runs after the CPU was seen to have
                 // them; `qr` is a multiple of 16 long and the key row as long.
                 #[allow(unsafe_code)]
-                let dot = unsafe { simd::f16_dot(qr, &k[o..o + hd], prompt_rows) };
-                p.push(dot * scale);
-            }
-            softmax_row_chunked(p);
-            for pc in p.iter_mut() {
-                *pc = f16_round(*pc);
-            }
-            weighted_rows(p, hd, prompt_rows, &mut out[..hd], slots, |c, pc, acc| {
-                let o = c * kv_stride + kv_offset;
+                unsafe {
+                    simd::f16_dot(qr, &k[row(c)], prompt_rows)
+                }
+            };
+            let add = |c: usize, pc: f32, acc: &mut [f32]| {
                 // SAFETY: as above; `acc` is `hd` long, the value row too.
                 #[allow(unsafe_code)]
                 unsafe {
-                    simd::axpy(acc, pc, &v[o..o + hd])
+                    simd::axpy(acc, pc, &v[row(c)])
                 };
-            });
-            return;
+            };
+            let (chain, o) = (prompt_rows, &mut out[..hd]);
+            return attend_row(start + 1, scale, hd, chain, p, slots, o, dot, add);
         }
         // This head's keys and values as f32 rows of `hd` (exact: they are f16 values),
         // eight at a time in F16C registers where the CPU has them (one by one through
@@ -3532,68 +3530,70 @@ multiversion! {
             widen_f16::<AVX2>(&k[o..o + hd], &mut kf[row.clone()]);
             widen_f16::<AVX2>(&v[o..o + hd], &mut vf[row]);
         }
-        let (k, v, kv_stride, kv_offset) = (&kf[..], &vf[..], hd, 0);
+        let (k, v) = (&kf[..], &vf[..]);
         for r in 0..l {
             let qr = &q[r * q_stride..r * q_stride + hd];
-            // Positions past this row's own are masked (weight exactly 0): leaving them
-            // out of the softmax and the weighted sum changes no bit of either.
-            let visible = start + r + 1;
-            p.clear();
-            for c in 0..visible {
-                let o = c * kv_stride + kv_offset;
-                let kc = &k[o..o + hd];
-                let dot = if prompt_rows {
+            let dot = |c: usize| {
+                let kc = &k[c * hd..(c + 1) * hd];
+                if prompt_rows {
                     f16_dot_chain(qr, kc)
                 } else {
                     f16_dot(qr, kc)
-                };
-                p.push(dot * scale);
-            }
-            softmax_row_chunked(p);
-            for pc in p.iter_mut() {
-                *pc = f16_round(*pc);
-            }
-            weighted_values(
-                p,
-                v,
-                kv_stride,
-                kv_offset,
-                hd,
-                prompt_rows,
-                &mut out[r * hd..(r + 1) * hd],
-                slots,
-            );
+                }
+            };
+            let add = |c: usize, pc: f32, acc: &mut [f32]| add_row(acc, pc, &v[c * hd..]);
+            let o = &mut out[r * hd..(r + 1) * hd];
+            // Positions past this row's own are masked (weight exactly 0): leaving them
+            // out of the softmax and the weighted sum changes no bit of either.
+            attend_row(start + r + 1, scale, hd, prompt_rows, p, slots, o, dot, add);
         }
+    }
+}
+
+/// One query row over its first `visible` positions: the scores (`dot(c)` times
+/// `scale`), their softmax rounded through f16, and the weighted sum of the values
+/// (`add(c, p_c, acc)` multiply-adds position `c`'s value row into `acc`) into `o`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_row(
+    visible: usize,
+    scale: f32,
+    hd: usize,
+    chain: bool,
+    p: &mut Vec<f32>,
+    slots: &mut Vec<f32>,
+    o: &mut [f32],
+    dot: impl Fn(usize) -> f32,
+    add: impl FnMut(usize, f32, &mut [f32]),
+) {
+    p.clear();
+    // A plain loop: through an iterator adapter the closure (and the intrinsics in
+    // it) stopped being inlined into the kernel-level twin.
+    for c in 0..visible {
+        p.push(dot(c) * scale);
+    }
+    softmax_row_chunked(p);
+    for pc in p.iter_mut() {
+        *pc = f16_round(*pc);
+    }
+    weighted_rows(p, hd, chain, o, slots, add);
+}
+
+/// `acc[d] = pc·v[d] + acc[d]`, fused, for every `d` of `acc`.
+#[inline(always)]
+fn add_row(acc: &mut [f32], pc: f32, v: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a = pc.mul_add(x, *a);
     }
 }
 
 /// `o[d] = Σ_c p[c]·v[c][d]` for every `d` at once, with each `d`'s sum accumulated in
 /// exactly the order [`f16_dot_chain`] (prompt rows) or [`f16_dot`] (decode rows) would
 /// use over positions: the loop runs over positions outside and dimensions inside, so
-/// `v` is read row by row and the inner loop vectorises. `slots` holds `[slot][hd]`
-/// partial sums (16 slots for the chain order, 64 for the dot order).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn weighted_values(
-    p: &[f32],
-    v: &[f32],
-    stride: usize,
-    offset: usize,
-    hd: usize,
-    chain: bool,
-    o: &mut [f32],
-    slots: &mut Vec<f32>,
-) {
-    weighted_rows(p, hd, chain, o, slots, |c, pc, acc| {
-        let vr = &v[c * stride + offset..c * stride + offset + hd];
-        for (a, &x) in acc.iter_mut().zip(vr) {
-            *a = pc.mul_add(x, *a);
-        }
-    })
-}
-
-/// [`weighted_values`] with the multiply-adds of position `c` (`acc[d] = p_c·v[c][d] +
-/// acc[d]`, fused) left to `add(c, p_c, acc)`.
+/// `v` is read row by row and the inner loop vectorises. `add(c, p_c, acc)` does
+/// position `c`'s fused multiply-adds (`acc[d] = p_c·v[c][d] + acc[d]`, as [`add_row`]).
+/// `slots` holds `[slot][hd]` partial sums (16 slots for the chain order, 64 for the dot
+/// order).
 #[inline(always)]
 fn weighted_rows(
     p: &[f32],

@@ -20,6 +20,9 @@ use half::f16;
 
 use crate::pool::Pool;
 
+mod plain;
+
+#[cfg(test)]
 /// ggml's Q4_1 block: 32 weights `d·q + m`, `q` in 0..16; low nibbles hold values 0..16,
 /// high nibbles 16..32. Scales kept as f32 for the inner loop.
 #[derive(Debug, Clone, Copy)]
@@ -237,6 +240,7 @@ impl GroupLayout for Q80x16 {
     }
 }
 
+#[cfg(test)]
 impl Q41x16 {
     /// Row `r`'s block, scales as f32.
     fn row(&self, r: usize) -> BlockQ41 {
@@ -286,6 +290,7 @@ impl GroupLayout for Q50x16 {
     }
 }
 
+#[cfg(test)]
 impl Q50x16 {
     /// Row `r`'s block as signed values `q − 16` with its scale.
     fn row(&self, r: usize) -> BlockQ80 {
@@ -1262,37 +1267,43 @@ fn dot_q41_group(w: &[Q41x16], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 16]) {
         ymm: lanes::q41_ymm,
         #[cfg(target_arch = "x86_64")]
         ymm_pair: None,
-        plain: |w, x, out| {
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = dot_q41_q81_scalar(w.iter().map(|g| g.row(r)), x);
-            }
-        },
+        plain: plain::q41_group,
     }
     .run(w, x, out)
 }
 
 /// Groups whose rows read as signed-byte Q8_0 blocks (Q8_0 as stored, Q5_0 widened).
 trait I8Rows {
-    /// Row `r`'s block: `d` and 32 signed values.
-    fn row(&self, r: usize) -> BlockQ80;
+    /// Row `r`'s scale, f16 bits.
+    fn d_bits(&self, r: usize) -> u16;
+    /// Row `r`'s values `4j..4j + 4`.
+    fn quad(&self, r: usize, j: usize) -> [i8; 4];
 }
 
 impl I8Rows for Q80x16 {
-    fn row(&self, r: usize) -> BlockQ80 {
-        Q80x16::row(self, r)
+    #[inline(always)]
+    fn d_bits(&self, r: usize) -> u16 {
+        self.d[r]
+    }
+    #[inline(always)]
+    fn quad(&self, r: usize, j: usize) -> [i8; 4] {
+        self.qs[j][r].to_le_bytes().map(|b| b as i8)
     }
 }
 
 impl I8Rows for Q50x16 {
-    fn row(&self, r: usize) -> BlockQ80 {
-        Q50x16::row(self, r)
+    #[inline(always)]
+    fn d_bits(&self, r: usize) -> u16 {
+        self.d[r]
     }
-}
-
-/// The plain kernel of [`I8Rows`] groups: [`dot_q80_q80_scalar`] row by row.
-fn i8_group_plain<G: I8Rows>(w: &[G], x: &[BlockQ80], out: &mut [f32; 16]) {
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = dot_q80_q80_scalar(w.iter().map(|g| g.row(r)), x);
+    #[inline(always)]
+    fn quad(&self, r: usize, j: usize) -> [i8; 4] {
+        let bytes = self.qs[j % 4][r].to_le_bytes();
+        let high = self.hi[j] >> (4 * r);
+        std::array::from_fn(|b| {
+            let nib = if j < 4 { bytes[b] & 15 } else { bytes[b] >> 4 };
+            (nib | ((((high >> b) & 1) as u8) << 4)) as i8 - 16
+        })
     }
 }
 
@@ -1305,7 +1316,7 @@ fn dot_q80_group(w: &[Q80x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
         ymm: lanes::q80_ymm,
         #[cfg(target_arch = "x86_64")]
         ymm_pair: None,
-        plain: i8_group_plain,
+        plain: plain::i8_group,
     }
     .run(w, x, out)
 }
@@ -1319,7 +1330,7 @@ fn dot_q50_group(w: &[Q50x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
         ymm: lanes::q50_ymm,
         #[cfg(target_arch = "x86_64")]
         ymm_pair: Some(lanes::q50_ymm_pair::<2>),
-        plain: i8_group_plain,
+        plain: plain::i8_group,
     }
     .run(w, x, out)
 }
@@ -1360,29 +1371,7 @@ fn dot_q40_group(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]) {
             }
         }
     }
-    q40_group_portable(w, &xs[..x.len()], out);
-}
-
-/// [`dot_q40_group`] in plain code: the same exact integer sums, the same FMA chain.
-fn q40_group_portable(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]) {
-    for (r, o) in out.iter_mut().enumerate() {
-        for (i, xr) in x.iter().enumerate() {
-            let mut acc = 0f32;
-            for (g, xb) in w.iter().zip(xr.iter()) {
-                let mut isum = xb.s;
-                for k in 0..4 {
-                    let word = g.qs[k][r].to_le_bytes();
-                    for (j, byte) in word.iter().enumerate() {
-                        isum += (byte & 15) as i32 * xb.qs[4 * k + j] as i32
-                            + (byte >> 4) as i32 * xb.qs[16 + 4 * k + j] as i32;
-                    }
-                }
-                let dd = f16::from_bits(g.d[r]).to_f32() * xb.d;
-                acc = (isum as f32).mul_add(dd, acc);
-            }
-            o[i] = acc;
-        }
-    }
+    plain::q40_group(w, &xs[..x.len()], out);
 }
 
 /// Kernels with one weight row per 32-bit lane (sixteen rows in a 512-bit register,
@@ -2133,6 +2122,7 @@ mod lanes {
     }
 }
 
+#[cfg(test)]
 /// One Q8_0 row times one Q8_0 row in ggml's x86 order: eight float lanes, lane `l`
 /// accumulating (by FMA) the integer dot of values `4l..4l+4` of every block times
 /// `d_w·d_x`, reduced as [`dot_q41_q81_scalar`] reduces.
@@ -2147,14 +2137,7 @@ fn dot_q80_q80_scalar(w: impl Iterator<Item = BlockQ80>, x: &[BlockQ80]) -> f32 
             *a = dd.mul_add(s as f32, *a);
         }
     }
-    let r = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    let r = [r[0] + r[2], r[1] + r[3]];
-    r[0] + r[1]
+    reduce8(acc)
 }
 
 multiversion! {
@@ -2171,6 +2154,7 @@ multiversion! {
     }
 }
 
+#[cfg(test)]
 /// One Q4_1 row times one Q8_1 row, summed in ggml's x86 order: eight float lanes,
 /// lane `l` accumulating (by FMA) the integer dot of values `4l..4l+4` of every block
 /// times `d_w·d_x`; the min terms summed separately; the lanes reduced pairwise. The
@@ -2190,6 +2174,13 @@ fn dot_q41_q81_scalar(w: impl Iterator<Item = BlockQ41>, x: &[BlockQ81]) -> f32 
             *a = dd.mul_add(s as f32, *a);
         }
     }
+    reduce8(acc) + summs
+}
+
+/// Eight lanes reduced as ggml's `hsum_float_8`: `(l + l+4)`, then pairs two apart,
+/// then the last two.
+#[inline(always)]
+fn reduce8(acc: [f32; 8]) -> f32 {
     let r = [
         acc[0] + acc[4],
         acc[1] + acc[5],
@@ -2197,7 +2188,7 @@ fn dot_q41_q81_scalar(w: impl Iterator<Item = BlockQ41>, x: &[BlockQ81]) -> f32 
         acc[3] + acc[7],
     ];
     let r = [r[0] + r[2], r[1] + r[3]];
-    (r[0] + r[1]) + summs
+    r[0] + r[1]
 }
 
 /// AVX2/FMA helpers, inlined into code that has the features: an AVX2 build, or a
@@ -3423,7 +3414,7 @@ fn widen_f16<const AVX2: bool>(src: &[u16], dst: &mut [f32]) {
         return;
     }
     for (d, &b) in dst.iter_mut().zip(src) {
-        *d = f16::from_bits(b).to_f32();
+        *d = plain::widen_half(b);
     }
 }
 

@@ -268,6 +268,7 @@ impl Q80x16 {
         BlockQ80 {
             d: f16::from_bits(self.d[r]).to_f32(),
             o: [0; 8],
+            o5: [0; 8],
             qs,
         }
     }
@@ -305,6 +306,7 @@ impl Q50x16 {
         BlockQ80 {
             d: f16::from_bits(self.d[r]).to_f32(),
             o: [0; 8],
+            o5: [0; 8],
             qs,
         }
     }
@@ -439,7 +441,7 @@ plain!(
     Q50x16,
     BlockQ80,
     quantize_row_q8_0,
-    pair_step(),
+    q50_step(),
     dot_q50_group
 );
 plain!(Q40x16, BlockQ80S, quantize_row_q8_0s, 4, dot_q40_group);
@@ -477,11 +479,14 @@ pub fn matmul_many<G: Plain + GroupLayout>(
 }
 
 /// ggml's Q8_0 block of activations: 32 values `d·q`, scale kept as f32; `o[j]` is
-/// `−128·Σ` of values `4j..4j+4` (for kernels that offset signed weights to unsigned).
+/// `−128·Σ` of values `4j..4j+4` (for kernels that offset signed weights to unsigned),
+/// `o5[j]` `−16·Σ` of them (Q5_0's `q − 16`; kept apart so a kernel broadcasts it
+/// straight from memory).
 #[derive(Debug, Clone, Copy, Default)]
 struct BlockQ80 {
     d: f32,
     o: [i32; 8],
+    o5: [i32; 8],
     qs: [i8; 32],
 }
 
@@ -690,8 +695,6 @@ fn dot_q4k_group(w: &[Q4Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Rows(lanes::q4k_zmm),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q4k_ymm,
-        #[cfg(target_arch = "x86_64")]
-        ymm_pair: None,
         plain: q4k_group_portable,
     }
     .run(w, x, out)
@@ -795,8 +798,6 @@ fn dot_q6k_group(w: &[Q6Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Rows(lanes::q6k_zmm),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q6k_ymm,
-        #[cfg(target_arch = "x86_64")]
-        ymm_pair: None,
         plain: q6k_group_portable,
     }
     .run(w, x, out)
@@ -910,6 +911,9 @@ multiversion! {
                 o: std::array::from_fn(|j| {
                     -128 * qs[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum::<i32>()
                 }),
+                o5: std::array::from_fn(|j| {
+                    -16 * qs[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum::<i32>()
+                }),
                 qs,
             };
         }
@@ -1022,11 +1026,13 @@ pub fn kernel_level() -> &'static str {
     }
 }
 
-/// Activation rows per kernel call of the Q5_0 kernels: two with AVX-512 or AVX2 (each
-/// weight word's nibble and fifth bit put together once for both), one in plain code.
-fn pair_step() -> usize {
-    if avx512() || has_avx2_fma() {
+/// Activation rows per pass of the Q5_0 kernels: two in 512-bit registers, four with
+/// AVX2 (word by word, [`lanes::q50_ymm_words`]), one in plain code.
+fn q50_step() -> usize {
+    if avx512() {
         2
+    } else if has_avx2_fma() {
+        4
     } else {
         1
     }
@@ -1199,10 +1205,6 @@ struct Levels<G: 'static, X: 'static> {
     /// AVX2 and FMA/F16C.
     #[cfg(target_arch = "x86_64")]
     ymm: RowKernel<G, X>,
-    /// AVX2 for two activation rows at once (each weight word decoded once for both),
-    /// where the type has one.
-    #[cfg(target_arch = "x86_64")]
-    ymm_pair: Option<PairKernel<G, X>>,
     /// Plain code (safe; the reference the others are tested against).
     plain: fn(&[G], &[X], &mut [f32; 16]),
 }
@@ -1233,10 +1235,7 @@ impl<G, X> Levels<G, X> {
                     return;
                 }
                 if has_avx2_fma() {
-                    match self.ymm_pair {
-                        Some(k) if x.len() == 2 => k(w, [x[0], x[1]], out),
-                        _ => by_row(x, out, |xi, one| (self.ymm)(w, xi, one)),
-                    }
+                    by_row(x, out, |xi, one| (self.ymm)(w, xi, one));
                     return;
                 }
             }
@@ -1265,8 +1264,6 @@ fn dot_q41_group(w: &[Q41x16], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Pairs([lanes::q41_zmm::<1>, lanes::q41_zmm::<2>]),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q41_ymm,
-        #[cfg(target_arch = "x86_64")]
-        ymm_pair: None,
         plain: plain::q41_group,
     }
     .run(w, x, out)
@@ -1314,8 +1311,6 @@ fn dot_q80_group(w: &[Q80x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Pairs([lanes::q80_zmm::<1>, lanes::q80_zmm::<2>]),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q80_ymm,
-        #[cfg(target_arch = "x86_64")]
-        ymm_pair: None,
         plain: plain::i8_group,
     }
     .run(w, x, out)
@@ -1323,13 +1318,30 @@ fn dot_q80_group(w: &[Q80x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
 
 /// Q5_0 × Q8_0 (see [`Levels::run`]): the bits of [`dot_q80_q80_scalar`] on `q − 16`.
 fn dot_q50_group(w: &[Q50x16], x: &[&[BlockQ80]], out: &mut [[f32; 4]; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    if x.len() > 1 && !avx512() && has_avx2_fma() {
+        let xs = [
+            x[0],
+            x[x.len().min(2) - 1],
+            x[x.len().min(3) - 1],
+            x[x.len() - 1],
+        ];
+        // SAFETY: the CPU was seen to have every feature the kernel enables.
+        #[allow(unsafe_code)]
+        unsafe {
+            match x.len() {
+                2 => lanes::q50_ymm_words::<2>(w, xs, out),
+                3 => lanes::q50_ymm_words::<3>(w, xs, out),
+                _ => lanes::q50_ymm_words::<4>(w, xs, out),
+            }
+        }
+        return;
+    }
     Levels {
         #[cfg(target_arch = "x86_64")]
         zmm: Zmm::Pairs([lanes::q50_zmm::<1>, lanes::q50_zmm::<2>]),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q50_ymm,
-        #[cfg(target_arch = "x86_64")]
-        ymm_pair: Some(lanes::q50_ymm_pair::<2>),
         plain: plain::i8_group,
     }
     .run(w, x, out)
@@ -1598,7 +1610,7 @@ mod lanes {
                         for i in 0..N {
                             let xb = &x[i][b];
                             let isum = _mm512_dpbusd_epi32(
-                                _mm512_set1_epi32(xb.o[j] >> 3),
+                                _mm512_set1_epi32(xb.o5[j]),
                                 u,
                                 _mm512_set1_epi32(word(&xb.qs, j)),
                             );
@@ -1680,7 +1692,7 @@ mod lanes {
                                 let xb = &x[i][b];
                                 let xw = _mm256_set1_epi32(word(&xb.qs, j));
                                 let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones);
-                                let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o[j] >> 3));
+                                let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o5[j]));
                                 acc[i][j] =
                                     _mm256_fmadd_ps(dd[i], _mm256_cvtepi32_ps(isum), acc[i][j]);
                             }
@@ -1690,6 +1702,78 @@ mod lanes {
                 for i in 0..N {
                     let mut v = [0f32; 8];
                     _mm256_storeu_ps(v.as_mut_ptr(), hsum8_ymm(&acc[i]));
+                    for r in 0..8 {
+                        out[8 * h + r][i] = v[r];
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`q50_ymm_pair`] for two to four Q8_0 rows (`x[..N]`), word by word: each of a
+    /// block's four nibble words feeds two lanes (`k` and `4 + k`), and those two lanes
+    /// run over every block of the group before the next word's, so each row has two
+    /// accumulators live instead of eight (eight rows' worth would not fit AVX2's
+    /// sixteen registers) while a word's five-bit values are still put together once
+    /// for all the rows. Each lane's chain over the blocks, its products and the final
+    /// reduction are those of [`q50_ymm`]: the same bits, row by row.
+    ///
+    /// # Safety
+    /// As for [`q50_ymm`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q50_ymm_words<const N: usize>(
+        w: &[Q50x16],
+        x: [&[BlockQ80]; 4],
+        out: &mut [[f32; 4]; 16],
+    ) {
+        // SAFETY: as for `q50_ymm`.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let bit4 = _mm256_set1_epi8(0x10);
+            let ones = _mm256_set1_epi16(1);
+            let spread = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            );
+            let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            for h in 0..2 {
+                let mut lanes = [[_mm256_setzero_ps(); 8]; N];
+                for k in 0..4 {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+                    for (b, g) in w.iter().enumerate() {
+                        let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                            g.d[8 * h..].as_ptr() as *const __m128i
+                        ));
+                        let raw = _mm256_loadu_si256(g.qs[k][8 * h..].as_ptr() as *const __m256i);
+                        let nib = [
+                            _mm256_and_si256(raw, low),
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low),
+                        ];
+                        for (hh, n) in nib.iter().enumerate() {
+                            let j = 4 * hh + k;
+                            let m = _mm256_set1_epi32((g.hi[j] >> (32 * h)) as u32 as i32);
+                            let sel = _mm256_and_si256(_mm256_shuffle_epi8(m, spread), bits);
+                            let set = _mm256_cmpeq_epi8(sel, bits);
+                            let u = _mm256_or_si256(*n, _mm256_and_si256(set, bit4));
+                            for i in 0..N {
+                                let xb = &x[i][b];
+                                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                                let xw = _mm256_set1_epi32(word(&xb.qs, j));
+                                let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones);
+                                let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o5[j]));
+                                acc[i][hh] =
+                                    _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[i][hh]);
+                            }
+                        }
+                    }
+                    for i in 0..N {
+                        lanes[i][k] = acc[i][0];
+                        lanes[i][4 + k] = acc[i][1];
+                    }
+                }
+                for i in 0..N {
+                    let mut v = [0f32; 8];
+                    _mm256_storeu_ps(v.as_mut_ptr(), hsum8_ymm(&lanes[i]));
                     for r in 0..8 {
                         out[8 * h + r][i] = v[r];
                     }
@@ -2460,6 +2544,7 @@ mod tests {
                     let row = (0..kb).map(|b| BlockQ80 {
                         d: value(r, b * QK).0,
                         o: [0; 8],
+                        o5: [0; 8],
                         qs: std::array::from_fn(|j| value(r, b * QK + j).1),
                     });
                     want[i * rows + r] = dot_q80_q80_scalar(row, &xq);
@@ -3053,6 +3138,7 @@ mod q80_tests {
                             ])
                             .to_f32(),
                             o: [0; 8],
+                            o5: [0; 8],
                             qs,
                         }
                     })

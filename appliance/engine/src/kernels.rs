@@ -1629,94 +1629,149 @@ mod lanes {
         }
     }
 
-    /// [`q50_zmm`] for one Q8_0 row with AVX2 (the high-bit mask widened to bytes by
-    /// a byte shuffle and a bit test; pairs of five-bit values × activations fit i16).
+    /// The constants and steps the AVX2 Q5_0 kernels share.
+    #[derive(Clone, Copy)]
+    struct Q5Ymm {
+        low: __m256i,
+        bit4: __m256i,
+        ones: __m256i,
+        spread: __m256i,
+        bits: __m256i,
+    }
+
+    impl Q5Ymm {
+        /// # Safety
+        /// AVX2 must be available.
+        #[inline(always)]
+        unsafe fn new() -> Self {
+            // SAFETY: as documented.
+            unsafe {
+                Q5Ymm {
+                    low: _mm256_set1_epi8(0x0F),
+                    bit4: _mm256_set1_epi8(0x10),
+                    ones: _mm256_set1_epi16(1),
+                    spread: _mm256_setr_epi8(
+                        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                        3, 3, 3, 3, 3, 3, 3,
+                    ),
+                    bits: _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64),
+                }
+            }
+        }
+
+        /// Rows `8h..8h + 8`'s scales.
+        ///
+        /// # Safety
+        /// AVX and F16C must be available.
+        #[inline(always)]
+        unsafe fn scales(g: &Q50x16, h: usize) -> __m256 {
+            // SAFETY: as documented; 8 scales from `8h` (h < 2) are inside `d`.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i)) }
+        }
+
+        /// Nibble word `k` of rows `8h..8h + 8` as the unsigned five-bit values of the two
+        /// lanes it feeds, `k` (low nibbles) and `4 + k` (high), each with its fifth bit
+        /// (the high-bit mask widened to bytes by a byte shuffle and a bit test).
+        ///
+        /// # Safety
+        /// AVX2 must be available.
+        #[inline(always)]
+        unsafe fn values(&self, g: &Q50x16, h: usize, k: usize) -> [__m256i; 2] {
+            // SAFETY: as documented; 8 words from `8h` (h < 2) are inside the row.
+            unsafe {
+                let raw = _mm256_loadu_si256(g.qs[k][8 * h..].as_ptr() as *const __m256i);
+                let nib = [
+                    _mm256_and_si256(raw, self.low),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw), self.low),
+                ];
+                std::array::from_fn(|hh| {
+                    let m = _mm256_set1_epi32((g.hi[4 * hh + k] >> (32 * h)) as u32 as i32);
+                    let sel = _mm256_and_si256(_mm256_shuffle_epi8(m, self.spread), self.bits);
+                    let set = _mm256_cmpeq_epi8(sel, self.bits);
+                    _mm256_or_si256(nib[hh], _mm256_and_si256(set, self.bit4))
+                })
+            }
+        }
+
+        /// `acc + dw·d_x·Σ(q − 16)·x` over lane `j`'s four values (`u`: their `q`), the
+        /// integer sum exact (pairs of five-bit values × activations fit i16), one FMA.
+        ///
+        /// # Safety
+        /// AVX2 and FMA must be available.
+        #[inline(always)]
+        unsafe fn add(
+            &self,
+            acc: __m256,
+            dw: __m256,
+            u: __m256i,
+            xb: &BlockQ80,
+            j: usize,
+        ) -> __m256 {
+            // SAFETY: as documented.
+            unsafe {
+                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+                let xw = _mm256_set1_epi32(word(&xb.qs, j));
+                let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), self.ones);
+                let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o5[j]));
+                _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc)
+            }
+        }
+    }
+
+    /// Eight rows' eight lanes reduced (`hsum_float_8`), into `out[8h..8h + 8][i]`.
+    ///
+    /// # Safety
+    /// AVX must be available.
+    #[inline(always)]
+    unsafe fn put_eight(lanes: &[__m256; 8], out: &mut [[f32; 4]; 16], h: usize, i: usize) {
+        // SAFETY: as documented.
+        unsafe {
+            let mut v = [0f32; 8];
+            _mm256_storeu_ps(v.as_mut_ptr(), hsum8_ymm(lanes));
+            for r in 0..8 {
+                out[8 * h + r][i] = v[r];
+            }
+        }
+    }
+
+    /// [`q50_zmm`] for one Q8_0 row with AVX2: block by block, a block's eight lanes in
+    /// eight accumulators.
     ///
     /// # Safety
     /// As for [`q41_ymm`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q50_ymm(w: &[Q50x16], x: &[BlockQ80], out: &mut [f32; 16]) {
-        let mut both = [[0f32; 4]; 16];
         // SAFETY: as documented (the same features).
-        unsafe { q50_ymm_pair::<1>(w, [x, x], &mut both) };
-        for (o, b) in out.iter_mut().zip(both) {
-            *o = b[0];
-        }
-    }
-
-    /// [`q50_ymm`] for `N` (one or two) Q8_0 rows at once (`x[..N]`, their results in
-    /// `out[..][..N]`): each weight word's bytes (nibble and fifth bit) are put together
-    /// once for both rows; each row keeps its own accumulators and order, so the bits
-    /// are the same row by row.
-    ///
-    /// # Safety
-    /// As for [`q50_ymm`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q50_ymm_pair<const N: usize>(
-        w: &[Q50x16],
-        x: [&[BlockQ80]; 2],
-        out: &mut [[f32; 4]; 16],
-    ) {
-        // SAFETY: as for `q50_ymm`.
         unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            let bit4 = _mm256_set1_epi8(0x10);
-            let ones = _mm256_set1_epi16(1);
-            let spread = _mm256_setr_epi8(
-                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
-                3, 3, 3, 3,
-            );
-            let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let q5 = Q5Ymm::new();
+            let mut res = [[0f32; 4]; 16];
             for h in 0..2 {
-                let mut acc = [[_mm256_setzero_ps(); 8]; N];
-                for (b, g) in w.iter().enumerate() {
-                    let dw =
-                        _mm256_cvtph_ps(_mm_loadu_si128(g.d[8 * h..].as_ptr() as *const __m128i));
-                    let mut dd = [_mm256_setzero_ps(); N];
-                    for i in 0..N {
-                        dd[i] = _mm256_mul_ps(dw, _mm256_set1_ps(x[i][b].d));
-                    }
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (g, xb) in w.iter().zip(x) {
+                    let dw = Q5Ymm::scales(g, h);
                     for k in 0..4 {
-                        let raw = _mm256_loadu_si256(g.qs[k][8 * h..].as_ptr() as *const __m256i);
-                        let nib = [
-                            _mm256_and_si256(raw, low),
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low),
-                        ];
-                        for (hh, n) in nib.iter().enumerate() {
+                        let u = q5.values(g, h, k);
+                        for (hh, u) in u.into_iter().enumerate() {
                             let j = 4 * hh + k;
-                            let m = _mm256_set1_epi32((g.hi[j] >> (32 * h)) as u32 as i32);
-                            let sel = _mm256_and_si256(_mm256_shuffle_epi8(m, spread), bits);
-                            let set = _mm256_cmpeq_epi8(sel, bits);
-                            let u = _mm256_or_si256(*n, _mm256_and_si256(set, bit4));
-                            for i in 0..N {
-                                let xb = &x[i][b];
-                                let xw = _mm256_set1_epi32(word(&xb.qs, j));
-                                let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones);
-                                let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o5[j]));
-                                acc[i][j] =
-                                    _mm256_fmadd_ps(dd[i], _mm256_cvtepi32_ps(isum), acc[i][j]);
-                            }
+                            acc[j] = q5.add(acc[j], dw, u, xb, j);
                         }
                     }
                 }
-                for i in 0..N {
-                    let mut v = [0f32; 8];
-                    _mm256_storeu_ps(v.as_mut_ptr(), hsum8_ymm(&acc[i]));
-                    for r in 0..8 {
-                        out[8 * h + r][i] = v[r];
-                    }
-                }
+                put_eight(&acc, &mut res, h, 0);
+            }
+            for (o, r) in out.iter_mut().zip(res) {
+                *o = r[0];
             }
         }
     }
 
-    /// [`q50_ymm_pair`] for two to four Q8_0 rows (`x[..N]`), word by word: each of a
+    /// [`q50_ymm`] for two to four Q8_0 rows (`x[..N]`), word by word: each of a
     /// block's four nibble words feeds two lanes (`k` and `4 + k`), and those two lanes
     /// run over every block of the group before the next word's, so each row has two
-    /// accumulators live instead of eight (eight rows' worth would not fit AVX2's
-    /// sixteen registers) while a word's five-bit values are still put together once
-    /// for all the rows. Each lane's chain over the blocks, its products and the final
-    /// reduction are those of [`q50_ymm`]: the same bits, row by row.
+    /// accumulators live instead of eight (eight a row would not fit AVX2's sixteen
+    /// registers for more than two rows) while a word's five-bit values are still put
+    /// together once for all the rows. Each lane's chain over the blocks, its products
+    /// and the final reduction are those of [`q50_ymm`]: the same bits, row by row.
     ///
     /// # Safety
     /// As for [`q50_ymm`].
@@ -1728,41 +1783,17 @@ mod lanes {
     ) {
         // SAFETY: as for `q50_ymm`.
         unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            let bit4 = _mm256_set1_epi8(0x10);
-            let ones = _mm256_set1_epi16(1);
-            let spread = _mm256_setr_epi8(
-                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
-                3, 3, 3, 3,
-            );
-            let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let q5 = Q5Ymm::new();
             for h in 0..2 {
                 let mut lanes = [[_mm256_setzero_ps(); 8]; N];
                 for k in 0..4 {
                     let mut acc = [[_mm256_setzero_ps(); 2]; N];
                     for (b, g) in w.iter().enumerate() {
-                        let dw = _mm256_cvtph_ps(_mm_loadu_si128(
-                            g.d[8 * h..].as_ptr() as *const __m128i
-                        ));
-                        let raw = _mm256_loadu_si256(g.qs[k][8 * h..].as_ptr() as *const __m256i);
-                        let nib = [
-                            _mm256_and_si256(raw, low),
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low),
-                        ];
-                        for (hh, n) in nib.iter().enumerate() {
-                            let j = 4 * hh + k;
-                            let m = _mm256_set1_epi32((g.hi[j] >> (32 * h)) as u32 as i32);
-                            let sel = _mm256_and_si256(_mm256_shuffle_epi8(m, spread), bits);
-                            let set = _mm256_cmpeq_epi8(sel, bits);
-                            let u = _mm256_or_si256(*n, _mm256_and_si256(set, bit4));
+                        let dw = Q5Ymm::scales(g, h);
+                        let u = q5.values(g, h, k);
+                        for (hh, u) in u.into_iter().enumerate() {
                             for i in 0..N {
-                                let xb = &x[i][b];
-                                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
-                                let xw = _mm256_set1_epi32(word(&xb.qs, j));
-                                let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xw), ones);
-                                let isum = _mm256_add_epi32(pairs, _mm256_set1_epi32(xb.o5[j]));
-                                acc[i][hh] =
-                                    _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[i][hh]);
+                                acc[i][hh] = q5.add(acc[i][hh], dw, u, &x[i][b], 4 * hh + k);
                             }
                         }
                     }
@@ -1771,12 +1802,8 @@ mod lanes {
                         lanes[i][4 + k] = acc[i][1];
                     }
                 }
-                for i in 0..N {
-                    let mut v = [0f32; 8];
-                    _mm256_storeu_ps(v.as_mut_ptr(), hsum8_ymm(&lanes[i]));
-                    for r in 0..8 {
-                        out[8 * h + r][i] = v[r];
-                    }
+                for (i, l) in lanes.iter().enumerate() {
+                    put_eight(l, out, h, i);
                 }
             }
         }

@@ -157,6 +157,15 @@ def request_body(work: Path) -> Path:
     return path
 
 
+def check_route(d, name: str):
+    """One request through daemon `d` (built from `name`) first: the route works and the policy sends it upstream."""
+    check = subprocess.run(["curl", "-sS", "--cacert", f"{d.dir}/tls/cert.pem", "-H",
+                            f"Authorization: Bearer {d.key}", "-H", "Content-Type: application/json",
+                            "-d", json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}),
+                            f"{d.url}/v1/chat/completions"], capture_output=True, text=True).stdout
+    assert "A fixed answer" in check, f"{name}: {check}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -180,12 +189,7 @@ def main():
     d = Daemon(a.bin, [], 1, policy=policy(up))
     time.sleep(1)
     gw_url = f"{d.url}/v1/chat/completions"
-    # One request first: the route works and the policy sends it upstream.
-    check = subprocess.run(["curl", "-sS", "--cacert", f"{d.dir}/tls/cert.pem", "-H",
-                            f"Authorization: Bearer {d.key}", "-H", "Content-Type: application/json",
-                            "-d", json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}),
-                            gw_url], capture_output=True, text=True).stdout
-    assert "A fixed answer" in check, check
+    check_route(d, a.bin)
     body = request_body(work)
     json_type = "Content-Type: application/json"
     targets = {"nginx": (f"http://127.0.0.1:{up}/v1/chat/completions", [json_type]),
@@ -193,6 +197,8 @@ def main():
     other = None
     if a.compare:
         other = Daemon(a.compare, [], 1, policy=policy(up))
+        time.sleep(1)
+        check_route(other, a.compare)
         targets["compare"] = (f"{other.url}/v1/chat/completions",
                               [json_type, f"Authorization: Bearer {other.key}"])
     lite = None

@@ -1273,8 +1273,8 @@ fn dot_q41_group(w: &[Q41x16], x: &[&[BlockQ81]], out: &mut [[f32; 4]; 16]) {
 trait I8Rows {
     /// Row `r`'s scale, f16 bits.
     fn d_bits(&self, r: usize) -> u16;
-    /// Row `r`'s values `4j..4j + 4`.
-    fn quad(&self, r: usize, j: usize) -> [i8; 4];
+    /// Row `r`'s values `4j..4j + 4` times the activations', summed (exact).
+    fn lane_sum(&self, r: usize, j: usize, x: &BlockQ80) -> i32;
 }
 
 impl I8Rows for Q80x16 {
@@ -1283,8 +1283,11 @@ impl I8Rows for Q80x16 {
         self.d[r]
     }
     #[inline(always)]
-    fn quad(&self, r: usize, j: usize) -> [i8; 4] {
-        self.qs[j][r].to_le_bytes().map(|b| b as i8)
+    fn lane_sum(&self, r: usize, j: usize, x: &BlockQ80) -> i32 {
+        let q = self.qs[j][r].to_le_bytes();
+        (0..4)
+            .map(|b| q[b] as i8 as i32 * x.qs[4 * j + b] as i32)
+            .sum()
     }
 }
 
@@ -1293,14 +1296,20 @@ impl I8Rows for Q50x16 {
     fn d_bits(&self, r: usize) -> u16 {
         self.d[r]
     }
+    /// The unsigned five-bit values `q` times the activations in 16 bits (four
+    /// products of at most 31·128 fit), plus the block's `−16·Σx` for the `− 16`.
     #[inline(always)]
-    fn quad(&self, r: usize, j: usize) -> [i8; 4] {
-        let bytes = self.qs[j % 4][r].to_le_bytes();
-        let high = self.hi[j] >> (4 * r);
-        std::array::from_fn(|b| {
-            let nib = if j < 4 { bytes[b] & 15 } else { bytes[b] >> 4 };
-            (nib | ((((high >> b) & 1) as u8) << 4)) as i8 - 16
-        })
+    fn lane_sum(&self, r: usize, j: usize, x: &BlockQ80) -> i32 {
+        let word = self.qs[j % 4][r];
+        let nibs = if j < 4 { word } else { word >> 4 } & 0x0F0F_0F0F;
+        let h = (self.hi[j] >> (4 * r)) as u32;
+        let fifth = ((h & 1) | ((h & 2) << 7) | ((h & 4) << 14) | ((h & 8) << 21)) << 4;
+        let u = (nibs | fifth).to_le_bytes();
+        let mut s = 0i16;
+        for b in 0..4 {
+            s += u[b] as i16 * x.qs[4 * j + b] as i16;
+        }
+        s as i32 + x.o5[j]
     }
 }
 

@@ -128,11 +128,7 @@ pub(super) fn i8_group<G: I8Rows>(w: &[G], x: &[BlockQ80], out: &mut [f32; 16]) 
     for (g, xb) in w.iter().zip(x) {
         let dd = wide(std::array::from_fn(|r| widen_half(g.d_bits(r)) * xb.d));
         for (j, a) in acc.iter_mut().enumerate() {
-            let xs = &xb.qs[4 * j..4 * j + 4];
-            let s: [f64; 16] = std::array::from_fn(|r| {
-                let q = g.quad(r, j);
-                (0..4).map(|b| q[b] as i32 * xs[b] as i32).sum::<i32>() as f64
-            });
+            let s: [f64; 16] = std::array::from_fn(|r| g.lane_sum(r, j, xb) as f64);
             fused_lanes(&dd, &s, a);
         }
     }

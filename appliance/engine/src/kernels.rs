@@ -1306,8 +1306,8 @@ impl I8Rows for Q50x16 {
         let fifth = ((h & 1) | ((h & 2) << 7) | ((h & 4) << 14) | ((h & 8) << 21)) << 4;
         let u = (nibs | fifth).to_le_bytes();
         let mut s = 0i16;
-        for b in 0..4 {
-            s += u[b] as i16 * x.qs[4 * j + b] as i16;
+        for (&q, &xv) in u.iter().zip(&x.qs[4 * j..4 * j + 4]) {
+            s += q as i16 * xv as i16;
         }
         s as i32 + x.o5[j]
     }

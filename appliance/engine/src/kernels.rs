@@ -179,17 +179,6 @@ impl GroupLayout for Q6Kx16 {
     }
 }
 
-impl Q6Kx16 {
-    /// Row `r`'s value `e` as unsigned `q` (the weight is `q − 32`).
-    fn value(&self, r: usize, e: usize) -> i32 {
-        let (lw, ls, hw, hs) = q6k_place(e);
-        let byte = e % 4;
-        let lo = (self.ql[lw][r] >> (8 * byte + ls as usize)) & 0xF;
-        let hi = (self.qh[hw][r] >> (8 * byte + hs as usize)) & 0x3;
-        (lo | (hi << 4)) as i32
-    }
-}
-
 /// Sixteen rows' Q4_0 blocks at one block index (weights `d·(q − 8)`; in the file, low
 /// nibbles hold values 0..16 and high nibbles 16..32), laid out for kernels that keep
 /// one row per 32-bit lane: the sixteen f16 scales, then, for each of a block's four
@@ -749,8 +738,9 @@ fn q4k_group_portable(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
 }
 
 /// One Q6_K row (`w(b, e)` its value `e` of super-block `b` as unsigned `q`, `d(b)` and
-/// `sc(b, s)` its scales) times one Q8_K row, in ggml's x86 order: the portable kernel
-/// and the tests' reference.
+/// `sc(b, s)` its scales) times one Q8_K row, in ggml's x86 order: the tests' reference
+/// (the portable kernel is [`plain::q6k_group`]).
+#[cfg(test)]
 fn dot_q6k_scalar(
     w: impl Fn(usize, usize) -> i32,
     d: impl Fn(usize) -> f32,
@@ -798,20 +788,9 @@ fn dot_q6k_group(w: &[Q6Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Rows(lanes::q6k_zmm),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q6k_ymm,
-        plain: q6k_group_portable,
+        plain: plain::q6k_group,
     }
     .run(w, x, out)
-}
-
-fn q6k_group_portable(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = dot_q6k_scalar(
-            |b, e| w[b].value(r, e),
-            |b| f16::from_bits(w[b].d[r]).to_f32(),
-            |b, s| w[b].sc[s][r] as i32,
-            x,
-        );
-    }
 }
 
 /// A Q5_0 weight matrix (most layers of a Q4_K_M file whose rows are not a multiple of

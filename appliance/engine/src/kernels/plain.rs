@@ -4,7 +4,9 @@
 //! sixteen rows of a group side by side in vector registers (SSE2 is part of x86-64)
 //! and without a library call per multiply-add.
 
-use super::{reduce8, BlockQ80, BlockQ80S, BlockQ81, I8Rows, Q40x16, Q41x16};
+use super::{
+    q6k_place, reduce8, BlockQ80, BlockQ80S, BlockQ81, BlockQ8K, I8Rows, Q40x16, Q41x16, Q6Kx16,
+};
 
 /// An f16's bits as f32 (exact), in plain code: the exponent rebased by one multiply by
 /// 2^112 (which also turns f16 subnormals into f32 normals), infinities and NaNs (NaNs
@@ -160,6 +162,65 @@ pub(super) fn q40_group(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 1
         for (o, a) in out.iter_mut().zip(acc) {
             o[i] = a;
         }
+    }
+}
+
+/// Q6_K × Q8_K for a group's sixteen rows at once: the bits of
+/// [`super::dot_q6k_scalar`] on each row. Each sub-block's four-value runs are summed in
+/// 16 bits (four products of at most 63·128 fit) across the rows, then scaled by the
+/// row's sub-block scale into the lane's exact i32 sum.
+pub(super) fn q6k_group(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+    let mut acc = [[0f32; 16]; 8];
+    let mut chain = [0f32; 16];
+    let batch = x.first().is_some_and(|xb| xb.batch);
+    for (g, xb) in w.iter().zip(x) {
+        let mut lanes = [[0i32; 16]; 8];
+        for sub in 0..16 {
+            for run in 0..4 {
+                let e0 = 16 * sub + 4 * run;
+                let mut part = [0i16; 16];
+                for e in e0..e0 + 4 {
+                    let (lw, ls, hw, hs) = q6k_place(e);
+                    let shift = 8 * (e % 4) as u32;
+                    let xv = xb.qs[e] as i16;
+                    for (r, p) in part.iter_mut().enumerate() {
+                        let lo = (g.ql[lw][r] >> (shift + ls)) & 0xF;
+                        let hi = (g.qh[hw][r] >> (shift + hs)) & 0x3;
+                        *p += (lo | (hi << 4)) as i16 * xv;
+                    }
+                }
+                let lane = &mut lanes[(e0 % 32) / 4];
+                for r in 0..16 {
+                    lane[r] += g.sc[sub][r] as i32 * part[r] as i32;
+                }
+            }
+        }
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            for (r, v) in lane.iter_mut().enumerate() {
+                *v -= 32
+                    * (g.sc[2 * l][r] as i32 * xb.bsums[2 * l]
+                        + g.sc[2 * l + 1][r] as i32 * xb.bsums[2 * l + 1]);
+            }
+        }
+        if batch {
+            // The whole super-block's exact integer, times `d_w`, then one FMA with `d_x`.
+            let t: [f32; 16] = std::array::from_fn(|r| {
+                widen_half(g.d[r]) * lanes.iter().map(|l| l[r]).sum::<i32>() as f32
+            });
+            fused_lanes(&[xb.d as f64; 16], &wide(t), &mut chain);
+            continue;
+        }
+        let dd = wide(std::array::from_fn(|r| xb.d * widen_half(g.d[r])));
+        for (a, lane) in acc.iter_mut().zip(&lanes) {
+            fused_lanes(&dd, &wide(lane.map(|v| v as f32)), a);
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = if batch {
+            chain[r]
+        } else {
+            reduce8(std::array::from_fn(|l| acc[l][r]))
+        };
     }
 }
 

@@ -885,14 +885,13 @@ multiversion! {
     fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ80]) {
         for (b, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
             let (d, _, qs) = quantize_block::<AVX2>(b);
+            let o: [i32; 8] = std::array::from_fn(|j| {
+                -128 * qs[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum::<i32>()
+            });
             *blk = BlockQ80 {
                 d: f16::from_f32(d).to_f32(),
-                o: std::array::from_fn(|j| {
-                    -128 * qs[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum::<i32>()
-                }),
-                o5: std::array::from_fn(|j| {
-                    -16 * qs[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum::<i32>()
-                }),
+                o,
+                o5: o.map(|v| v / 8),
                 qs,
             };
         }
@@ -2257,7 +2256,7 @@ multiversion! {
 /// One Q4_1 row times one Q8_1 row, summed in ggml's x86 order: eight float lanes,
 /// lane `l` accumulating (by FMA) the integer dot of values `4l..4l+4` of every block
 /// times `d_w·d_x`; the min terms summed separately; the lanes reduced pairwise. The
-/// portable version of the SIMD group kernels; same arithmetic, same result.
+/// reference every level's group kernel is tested against; same arithmetic, same result.
 fn dot_q41_q81_scalar(w: impl Iterator<Item = BlockQ41>, x: &[BlockQ81]) -> f32 {
     let mut acc = [0f32; 8];
     let mut summs = 0f32;

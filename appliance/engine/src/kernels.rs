@@ -138,6 +138,7 @@ impl GroupLayout for Q4Kx16 {
 impl Q4Kx16 {
     /// Row `r`'s nibble for value `e`: sub-blocks `2j` and `2j + 1` share bytes
     /// `32j..32j+32`, low and high nibbles.
+    #[cfg(test)]
     fn value(&self, r: usize, e: usize) -> i32 {
         let (s, i) = (e / 32, e % 32);
         let word = self.qs[8 * (s / 2) + i / 4][r];
@@ -684,14 +685,16 @@ fn dot_q4k_group(w: &[Q4Kx16], x: &[&[BlockQ8K]], out: &mut [[f32; 4]; 16]) {
         zmm: Zmm::Rows(lanes::q4k_zmm),
         #[cfg(target_arch = "x86_64")]
         ymm: lanes::q4k_ymm,
-        plain: q4k_group_portable,
+        plain: plain::q4k_group,
     }
     .run(w, x, out)
 }
 
 /// One Q4_K row times one Q8_K row in llama.cpp's repacked order (see
 /// [`Q4KMatrix`]); `q(b, e)` the nibble of value `e` of super-block `b`, `d(b)` and
-/// `dmin(b)` its f16 scales as f32, `sm(b, s)` sub-block `s`'s scale and min.
+/// `dmin(b)` its f16 scales as f32, `sm(b, s)` sub-block `s`'s scale and min: the tests'
+/// reference (the portable kernel is [`plain::q4k_group`]).
+#[cfg(test)]
 fn dot_q4k_scalar(
     q: impl Fn(usize, usize) -> i32,
     d: impl Fn(usize) -> (f32, f32),
@@ -721,7 +724,9 @@ fn dot_q4k_scalar(
     acc - acc_min
 }
 
-fn q4k_group_portable(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+/// [`dot_q4k_scalar`] for each row of a group.
+#[cfg(test)]
+fn dot_q4k_rows(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
     for (r, o) in out.iter_mut().enumerate() {
         *o = dot_q4k_scalar(
             |b, e| w[b].value(r, e),
@@ -3312,7 +3317,8 @@ mod exp_tests {
             let mut rng = crate::sampling::Rng::new(11);
             for n in [16usize, 64, 128, 256] {
                 for _ in 0..200 {
-                    let x: Vec<f32> = (0..n).map(|_| rng.next_f32() - 0.5).collect();
+                    // Queries are f16 values (the contract of `f16_dot`).
+                    let x: Vec<f32> = (0..n).map(|_| f16_round(rng.next_f32() - 0.5)).collect();
                     let bits: Vec<u16> = (0..n)
                         .map(|_| f16::from_f32(rng.next_f32() * 4.0 - 2.0).to_bits())
                         .collect();
@@ -3332,8 +3338,21 @@ mod exp_tests {
                             fused,
                         )
                     };
-                    assert_eq!(dot.to_bits(), f16_dot_portable(&x, &y).to_bits(), "{n}");
-                    assert_eq!(chain.to_bits(), f16_dot_chain_portable(&x, &y).to_bits());
+                    // Plain code with `mul_add` and with the multiply-add formed without
+                    // the instruction.
+                    for (d, c) in [
+                        (
+                            f16_dot_portable::<true>(&x, &y),
+                            f16_dot_chain_portable::<true>(&x, &y),
+                        ),
+                        (
+                            f16_dot_portable::<false>(&x, &y),
+                            f16_dot_chain_portable::<false>(&x, &y),
+                        ),
+                    ] {
+                        assert_eq!(dot.to_bits(), d.to_bits(), "{n}");
+                        assert_eq!(chain.to_bits(), c.to_bits(), "{n}");
+                    }
                     for ((f, &c), &v) in fused.iter().zip(&acc).zip(&y) {
                         assert_eq!(f.to_bits(), a.mul_add(v, c).to_bits());
                     }
@@ -3343,19 +3362,49 @@ mod exp_tests {
     }
 
     #[test]
+    fn multiply_adds_of_f16_values_need_no_fusing() {
+        // Every finite f16 times a spread of others, plus an f32 running sum of any size:
+        // the unfused sum is `mul_add`'s value bit for bit.
+        let mut rng = crate::sampling::Rng::new(12);
+        let finite = |b: u16| f16::from_bits(b).is_finite();
+        for a in (0..=u16::MAX).filter(|&b| finite(b)) {
+            for _ in 0..24 {
+                let b = rng.next_u64() as u16;
+                if !finite(b) {
+                    continue;
+                }
+                let (a, b) = (f16::from_bits(a).to_f32(), f16::from_bits(b).to_f32());
+                let c = f32::from_bits(rng.next_u64() as u32);
+                let c = if c.is_finite() { c } else { 1.5 };
+                let want = a.mul_add(b, c);
+                let got = f16_mul_add::<false>(a, b, c);
+                assert!(got.to_bits() == want.to_bits(), "{a:e}·{b:e} + {c:e}");
+                let c = c * 2f32.powi(-100) * (a * b).abs().max(1e-30);
+                assert_eq!(
+                    f16_mul_add::<false>(a, b, c).to_bits(),
+                    a.mul_add(b, c).to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn vector_dots_and_weighted_sums_match_the_plain_ones() {
         let mut rng = crate::sampling::Rng::new(5);
-        for n in [16usize, 48, 64, 128, 200] {
+        for n in [16usize, 48, 64, 128, 200, 7, 37] {
             let x: Vec<f32> = (0..n).map(|_| f16_round(rng.next_f32() - 0.5)).collect();
             let y: Vec<f32> = (0..n).map(|_| f16_round(rng.next_f32() - 0.5)).collect();
+            let (dot, chain) = (f16_dot(&x, &y).to_bits(), f16_dot_chain(&x, &y).to_bits());
+            assert_eq!(dot, f16_dot_portable::<true>(&x, &y).to_bits(), "{n}");
+            assert_eq!(dot, f16_dot_portable::<false>(&x, &y).to_bits(), "{n}");
             assert_eq!(
-                f16_dot(&x, &y).to_bits(),
-                f16_dot_portable(&x, &y).to_bits(),
+                chain,
+                f16_dot_chain_portable::<true>(&x, &y).to_bits(),
                 "{n}"
             );
             assert_eq!(
-                f16_dot_chain(&x, &y).to_bits(),
-                f16_dot_chain_portable(&x, &y).to_bits(),
+                chain,
+                f16_dot_chain_portable::<false>(&x, &y).to_bits(),
                 "{n}"
             );
         }
@@ -3367,20 +3416,30 @@ mod exp_tests {
         let v: Vec<f32> = (0..t * hd)
             .map(|_| f16_round(rng.next_f32() - 0.5))
             .collect();
-        for chain in [false, true] {
+        for (chain, fma) in [(false, true), (true, true), (false, false), (true, false)] {
             let mut o = vec![0f32; hd];
             let mut slots = Vec::new();
             weighted_rows(&p, hd, chain, &mut o, &mut slots, |c, pc, acc| {
-                add_row(acc, pc, &v[c * hd..(c + 1) * hd])
+                let row = &v[c * hd..(c + 1) * hd];
+                if fma {
+                    add_row::<true>(acc, pc, row)
+                } else {
+                    add_row::<false>(&mut acc[..hd - 3], pc, row);
+                    add_row::<false>(&mut acc[hd - 3..], pc, &row[hd - 3..]);
+                }
             });
             for d in 0..hd {
                 let col: Vec<f32> = (0..t).map(|c| v[c * hd + d]).collect();
                 let want = if chain {
-                    f16_dot_chain_portable(&p, &col)
+                    f16_dot_chain_portable::<true>(&p, &col)
                 } else {
-                    f16_dot_portable(&p, &col)
+                    f16_dot_portable::<true>(&p, &col)
                 };
-                assert_eq!(o[d].to_bits(), want.to_bits(), "chain {chain} d {d}");
+                assert_eq!(
+                    o[d].to_bits(),
+                    want.to_bits(),
+                    "chain {chain} fma {fma} d {d}"
+                );
             }
         }
     }
@@ -3425,6 +3484,17 @@ fn reduce16(a: &[f32; 16]) -> f32 {
 /// compiler vectorises it; lanes keep their own order, so the result is the same.
 #[inline(always)]
 pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
+    f16_dot_at::<BUILD_FMA>(x, y)
+}
+
+/// Whether the build targets the FMA instruction (then `mul_add` is one instruction in
+/// any code).
+const BUILD_FMA: bool = cfg!(target_feature = "fma");
+
+/// [`f16_dot`] in code that runs where `mul_add` is one instruction (`FMA`: a
+/// `multiversion!` twin) or not.
+#[inline(always)]
+fn f16_dot_at<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -3435,12 +3505,26 @@ pub fn f16_dot(x: &[f32], y: &[f32]) -> f32 {
         #[allow(unsafe_code)]
         return unsafe { simd::f16_dot(x, y, false) };
     }
-    f16_dot_portable(x, y)
+    f16_dot_portable::<FMA>(x, y)
 }
 
-/// [`f16_dot`] in plain code.
+/// `a·b + c` for f16 values `a` and `b` (widened to f32): `mul_add`'s value whether the
+/// two steps are fused or not, because the product of two f16 values is exact in f32
+/// (11-bit significands; magnitudes from 2^-48 to 2^32, normal in f32). Fused where that
+/// is one instruction (`FMA`: a `multiversion!` twin or a build that targets FMA; or
+/// [`plain::HW_FMA`]); in other code two instructions rather than a library call.
 #[inline(always)]
-fn f16_dot_portable(x: &[f32], y: &[f32]) -> f32 {
+fn f16_mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA || plain::HW_FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// [`f16_dot`] in plain code (`FMA` as for [`f16_mul_add`]; `x` and `y` hold f16 values).
+#[inline(always)]
+fn f16_dot_portable<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let mut sum = [[0f32; 16]; 4];
     let whole = n / 16;
@@ -3448,12 +3532,12 @@ fn f16_dot_portable(x: &[f32], y: &[f32]) -> f32 {
         let (xs, ys) = (&x[c * 16..c * 16 + 16], &y[c * 16..c * 16 + 16]);
         let s = &mut sum[c % 4];
         for l in 0..16 {
-            s[l] = xs[l].mul_add(ys[l], s[l]);
+            s[l] = f16_mul_add::<FMA>(xs[l], ys[l], s[l]);
         }
     }
     for i in whole * 16..n {
         let s = &mut sum[(i / 16) % 4][i % 16];
-        *s = x[i].mul_add(y[i], *s);
+        *s = f16_mul_add::<FMA>(x[i], y[i], *s);
     }
     let mut r = [0f32; 16];
     for l in 0..16 {
@@ -3469,6 +3553,12 @@ fn f16_dot_portable(x: &[f32], y: &[f32]) -> f32 {
 /// FMA'd into lane `i%16` in order, then the lanes reduced.
 #[inline(always)]
 pub fn f16_dot_chain(x: &[f32], y: &[f32]) -> f32 {
+    f16_dot_chain_at::<BUILD_FMA>(x, y)
+}
+
+/// [`f16_dot_chain`] as [`f16_dot_at`] is [`f16_dot`].
+#[inline(always)]
+fn f16_dot_chain_at<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -3479,23 +3569,23 @@ pub fn f16_dot_chain(x: &[f32], y: &[f32]) -> f32 {
         #[allow(unsafe_code)]
         return unsafe { simd::f16_dot(x, y, true) };
     }
-    f16_dot_chain_portable(x, y)
+    f16_dot_chain_portable::<FMA>(x, y)
 }
 
-/// [`f16_dot_chain`] in plain code.
+/// [`f16_dot_chain`] in plain code (as [`f16_dot_portable`]).
 #[inline(always)]
-fn f16_dot_chain_portable(x: &[f32], y: &[f32]) -> f32 {
+fn f16_dot_chain_portable<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let mut acc = [0f32; 16];
     let whole = n / 16;
     for c in 0..whole {
         let (xs, ys) = (&x[c * 16..c * 16 + 16], &y[c * 16..c * 16 + 16]);
         for l in 0..16 {
-            acc[l] = xs[l].mul_add(ys[l], acc[l]);
+            acc[l] = f16_mul_add::<FMA>(xs[l], ys[l], acc[l]);
         }
     }
     for i in whole * 16..n {
-        acc[i % 16] = x[i].mul_add(y[i], acc[i % 16]);
+        acc[i % 16] = f16_mul_add::<FMA>(x[i], y[i], acc[i % 16]);
     }
     reduce16(&acc)
 }
@@ -3627,12 +3717,12 @@ multiversion! {
             let dot = |c: usize| {
                 let kc = &k[c * hd..(c + 1) * hd];
                 if prompt_rows {
-                    f16_dot_chain(qr, kc)
+                    f16_dot_chain_at::<AVX2>(qr, kc)
                 } else {
-                    f16_dot(qr, kc)
+                    f16_dot_at::<AVX2>(qr, kc)
                 }
             };
-            let add = |c: usize, pc: f32, acc: &mut [f32]| add_row(acc, pc, &v[c * hd..]);
+            let add = |c: usize, pc: f32, acc: &mut [f32]| add_row::<AVX2>(acc, pc, &v[c * hd..]);
             let o = &mut out[r * hd..(r + 1) * hd];
             // Positions past this row's own are masked (weight exactly 0): leaving them
             // out of the softmax and the weighted sum changes no bit of either.
@@ -3670,11 +3760,12 @@ fn attend_row(
     weighted_rows(p, hd, chain, o, slots, add);
 }
 
-/// `acc[d] = pc·v[d] + acc[d]`, fused, for every `d` of `acc`.
+/// `acc[d] = pc·v[d] + acc[d]`, rounded once, for every `d` of `acc` (`pc` and `v` f16
+/// values, `FMA` as for [`f16_mul_add`]).
 #[inline(always)]
-fn add_row(acc: &mut [f32], pc: f32, v: &[f32]) {
+fn add_row<const FMA: bool>(acc: &mut [f32], pc: f32, v: &[f32]) {
     for (a, &x) in acc.iter_mut().zip(v) {
-        *a = pc.mul_add(x, *a);
+        *a = f16_mul_add::<FMA>(pc, x, *a);
     }
 }
 

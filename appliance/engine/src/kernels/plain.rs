@@ -5,7 +5,8 @@
 //! and without a library call per multiply-add.
 
 use super::{
-    q6k_place, reduce8, BlockQ80, BlockQ80S, BlockQ81, BlockQ8K, I8Rows, Q40x16, Q41x16, Q6Kx16,
+    q6k_place, reduce8, BlockQ80, BlockQ80S, BlockQ81, BlockQ8K, I8Rows, Q40x16, Q41x16, Q4Kx16,
+    Q6Kx16,
 };
 
 /// An f16's bits as f32 (exact), in plain code: the exponent rebased by one multiply by
@@ -24,6 +25,11 @@ pub(super) fn widen_half(bits: u16) -> f32 {
     };
     f32::from_bits(v | sign)
 }
+
+/// Whether every build for this target has the fused multiply-add instruction, so that
+/// `mul_add` is one instruction even in plain code: aarch64 (part of its base
+/// instruction set), or an x86-64 build that targets FMA.
+pub(super) const HW_FMA: bool = cfg!(any(target_arch = "aarch64", target_feature = "fma"));
 
 /// Whether `t`, the f64 nearest the exact sum `p + c` (`err` away from it, as TwoSum
 /// finds), rounds to the f32 nearest that sum: true unless `t` is inexact and lies
@@ -55,6 +61,13 @@ fn two_sum(p: f64, c: f64) -> (f64, f64) {
 /// than once.
 #[inline(always)]
 pub(super) fn fused_lanes<const N: usize>(a: &[f64; N], b: &[f64; N], c: &mut [f32; N]) {
+    if HW_FMA {
+        // One instruction a lane (the f64 values are f32 values: narrowing is exact).
+        for i in 0..N {
+            c[i] = (a[i] as f32).mul_add(b[i] as f32, c[i]);
+        }
+        return;
+    }
     // The f64 sums, their rounding errors (TwoSum) and checks side by side, branch
     // free (a halfway sum is common, one of few digits; an inexact one rare).
     let mut r = [0f32; N];
@@ -224,12 +237,55 @@ pub(super) fn q6k_group(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
     }
 }
 
+/// Q4_K × Q8_K for a group's sixteen rows at once: the bits of
+/// [`super::dot_q4k_scalar`] on each row. A sub-block's 32 nibbles (eight words, low or
+/// high nibbles) are dotted four at a time in 16 bits across the rows, summed exactly in
+/// 32 bits, times the row's six-bit scale; the min terms come from the activations'
+/// 16-value sums. One FMA a row per super-block (decode) or per pair of sub-blocks
+/// (rows llama.cpp's GEMM takes), for the scales and the mins apart.
+pub(super) fn q4k_group(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+    let (mut acc, mut acc_min) = ([0f32; 16], [0f32; 16]);
+    for (g, xb) in w.iter().zip(x) {
+        let every = if xb.batch { 2 } else { 8 };
+        let dd = wide(std::array::from_fn(|r| widen_half(g.d[r]) * xb.d));
+        let dm = wide(std::array::from_fn(|r| widen_half(g.dmin[r]) * xb.d));
+        let (mut isum, mut imin) = ([0i32; 16], [0i32; 16]);
+        for s in 0..8 {
+            let mut dot = [0i32; 16];
+            for k in 0..8 {
+                let word = &g.qs[8 * (s / 2) + k];
+                let xs = &xb.qs[32 * s + 4 * k..32 * s + 4 * k + 4];
+                for (r, d) in dot.iter_mut().enumerate() {
+                    *d += if s % 2 == 0 {
+                        nibble_dot::<false>(word[r], xs)
+                    } else {
+                        nibble_dot::<true>(word[r], xs)
+                    } as i32;
+                }
+            }
+            let bsum = xb.bsums[2 * s] + xb.bsums[2 * s + 1];
+            for r in 0..16 {
+                isum[r] += g.sc[s][r] as i32 * dot[r];
+                imin[r] += g.mn[s][r] as i32 * bsum;
+            }
+            if (s + 1) % every == 0 {
+                fused_lanes(&wide(isum.map(|v| v as f32)), &dd, &mut acc);
+                fused_lanes(&wide(imin.map(|v| v as f32)), &dm, &mut acc_min);
+                (isum, imin) = ([0; 16], [0; 16]);
+            }
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = acc[r] - acc_min[r];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{
-        dot_q41_q81_scalar, dot_q80_q80_scalar, quantize_row_q8_0, quantize_row_q8_0s,
-        quantize_row_q8_1, GroupLayout, Q50x16, Q80x16, Q40_BYTES, Q41_BYTES, Q50_BYTES, Q80_BYTES,
-        QK,
+        dot_q41_q81_scalar, dot_q4k_rows, dot_q80_q80_scalar, quantize_row_q8_0,
+        quantize_row_q8_0s, quantize_row_q8_1, quantize_row_q8_k, GroupLayout, Q50x16, Q80x16,
+        Q40_BYTES, Q41_BYTES, Q50_BYTES, Q80_BYTES, QK, QKK,
     };
     use super::*;
     use crate::sampling::Rng;
@@ -307,7 +363,7 @@ mod tests {
     /// Sixteen rows of random ggml blocks for `cols` weights (a small positive f16 at
     /// each offset of `scales`), as one group a block index.
     fn groups<G: GroupLayout>(rng: &mut Rng, cols: usize, scales: &[usize]) -> Vec<G> {
-        let blocks = cols / QK;
+        let blocks = cols / G::BLOCK_VALUES;
         let mut g = vec![G::default(); blocks];
         for r in 0..16 {
             for gb in g.iter_mut() {
@@ -405,5 +461,30 @@ mod tests {
             }
         }
         assert_eq!(Q40_BYTES, 18);
+    }
+
+    #[test]
+    fn q4_k_groups_give_the_reference_dots_bits() {
+        let mut rng = Rng::new(10);
+        let cols = 3 * QKK;
+        for round in 0..12 {
+            let w: Vec<Q4Kx16> = groups(&mut rng, cols, &[0, 2]);
+            let mut xq = vec![BlockQ8K::default(); cols / QKK];
+            quantize_row_q8_k(&activations(&mut rng, cols), &mut xq);
+            // Both orders: decode rows and rows of a prompt llama.cpp's GEMM takes.
+            let batch = round % 2 == 1;
+            xq.iter_mut().for_each(|b| b.batch = batch);
+            let mut out = [0f32; 16];
+            q4k_group(&w, &xq, &mut out);
+            let mut want = [0f32; 16];
+            dot_q4k_rows(&w, &xq, &mut want);
+            for r in 0..16 {
+                assert_eq!(
+                    out[r].to_bits(),
+                    want[r].to_bits(),
+                    "row {r}, batch {batch}"
+                );
+            }
+        }
     }
 }

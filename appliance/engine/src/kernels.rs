@@ -907,8 +907,8 @@ multiversion! {
 /// four activation rows; `out[row][i]`.
 type Group<'a, G, X, const R: usize> = dyn Fn(&[G], &[&[X]], &mut [[f32; 4]; R]) + Sync + 'a;
 
-/// The environment variable that caps the kernel level (`avx2` or `portable`; unset,
-/// `auto` or `avx512`: the best this CPU has). A cap only ever lowers the level: a CPU
+/// The environment variable that caps the kernel level (`avx2`, `sse4` or `portable`;
+/// unset, `auto` or `avx512`: the best this CPU has). A cap only ever lowers the level: a CPU
 /// never runs kernels it lacks. For measuring or ruling out a kernel level on one box.
 pub const KERNELS_ENV: &str = "APPLIANCE_KERNELS";
 
@@ -917,22 +917,28 @@ pub const KERNELS_ENV: &str = "APPLIANCE_KERNELS";
 enum Level {
     Avx512,
     Avx2,
+    /// The portable kernels compiled again for SSSE3 and SSE4.1 (x86-64-v2 CPUs without
+    /// AVX2, FMA or F16C): same code, same bits.
+    Sse4,
     Portable,
 }
 
-/// The level that runs: the best detected (`has512`, `has2`) within what `asked` caps it
-/// to; an unknown value asks for nothing (and is reported once by [`level`]).
-fn choose(asked: Option<&str>, has512: bool, has2: bool) -> (Level, bool) {
+/// The level that runs: the best detected (`has512`, `has2`, `has4`) within what `asked`
+/// caps it to; an unknown value asks for nothing (and is reported once by [`level`]).
+fn choose(asked: Option<&str>, has512: bool, has2: bool, has4: bool) -> (Level, bool) {
     let detected = if has512 {
         Level::Avx512
     } else if has2 {
         Level::Avx2
+    } else if has4 {
+        Level::Sse4
     } else {
         Level::Portable
     };
     let cap = match asked.map(str::trim) {
         None | Some("") | Some("auto") | Some("avx512") => Some(Level::Avx512),
         Some("avx2") => Some(Level::Avx2),
+        Some("sse4") => Some(Level::Sse4),
         Some("portable") => Some(Level::Portable),
         Some(_) => None,
     };
@@ -953,13 +959,16 @@ fn level() -> Level {
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vnni");
+        // Every AVX2 CPU has SSSE3 and SSE4.1.
+        #[cfg(target_arch = "x86_64")]
+        let has4 = is_x86_feature_detected!("ssse3") && is_x86_feature_detected!("sse4.1");
         #[cfg(not(target_arch = "x86_64"))]
-        let (has512, has2) = (false, false);
+        let (has512, has2, has4) = (false, false, false);
         let asked = std::env::var(KERNELS_ENV).ok();
-        let (level, known) = choose(asked.as_deref(), has512, has2);
+        let (level, known) = choose(asked.as_deref(), has512, has2, has4);
         if !known {
             log::warn!(
-                "{KERNELS_ENV}={:?} is not one of auto, avx512, avx2, portable: ignored",
+                "{KERNELS_ENV}={:?} is not one of auto, avx512, avx2, sse4, portable: ignored",
                 asked.unwrap_or_default()
             );
         }
@@ -1005,6 +1014,10 @@ pub fn kernel_level() -> &'static str {
     } else if has_avx2_fma() {
         "avx2"
     } else {
+        #[cfg(target_arch = "x86_64")]
+        if sse4() {
+            return "sse4";
+        }
         "portable"
     }
 }
@@ -1177,6 +1190,17 @@ fn quantize_rows<X: Send>(
 #[cfg(target_arch = "x86_64")]
 type PairKernel<G, X> = unsafe fn(&[G], [&[X]; 2], &mut [[f32; 4]; 16]);
 /// A row kernel: sixteen weight rows times one activation row.
+/// Whether the portable kernels may run compiled for SSSE3 and SSE4.1 (`kernels/plain.rs`):
+/// true on an AVX2 machine too.
+#[cfg(target_arch = "x86_64")]
+fn sse4() -> bool {
+    #[cfg(test)]
+    if tests::NO_SSE4.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    level() <= Level::Sse4
+}
+
 #[cfg(target_arch = "x86_64")]
 type RowKernel<G, X> = unsafe fn(&[G], &[X], &mut [f32; 16]);
 
@@ -2459,19 +2483,27 @@ mod tests {
     use super::*;
 
     /// Runs `f` with the kernels forced to each level in turn: the best this machine
-    /// has, then AVX2, then the portable code.
+    /// has, then AVX2, the portable code compiled for SSE4.1, then the portable code.
     fn at_each_level(mut f: impl FnMut(&str)) {
-        for (no512, no2, level) in [
-            (false, false, kernel_level()),
-            (true, false, "avx2"),
-            (true, true, "portable"),
+        for cap in [
+            None,
+            Some(Level::Avx2),
+            Some(Level::Sse4),
+            Some(Level::Portable),
         ] {
-            NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
-            NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
-            f(level);
-            NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
-            NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+            force(cap);
+            f(kernel_level());
+            force(None);
         }
+    }
+
+    /// Caps the kernels at `cap` for the tests (`None`: the machine's best again).
+    pub(super) fn force(cap: Option<Level>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let below = |l: Level| cap.is_some_and(|c| c > l);
+        NO_AVX512.store(below(Level::Avx512), Relaxed);
+        NO_AVX2.store(below(Level::Avx2), Relaxed);
+        NO_SSE4.store(below(Level::Sse4), Relaxed);
     }
 
     /// Set by tests to run the AVX2/portable kernels on an AVX-512 machine too; every
@@ -2480,6 +2512,10 @@ mod tests {
         std::sync::atomic::AtomicBool::new(false);
     /// The same for AVX2 (with `NO_AVX512`: the portable kernels).
     pub(super) static NO_AVX2: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+    /// The same for the SSE4.1 build of the portable kernels (with the two above: the
+    /// portable kernels as compiled for any x86-64).
+    pub(super) static NO_SSE4: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
 
     /// Q4_0 bytes as ggml's reference quantizer makes them (`d = max/−8`, by the value of
@@ -2736,17 +2772,17 @@ mod tests {
         for m in 1..=3 {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
             let mut plain = vec![0f32; m * rows];
-            for (no512, no2, level) in [
-                (true, true, "portable"),
-                (true, false, "avx2"),
-                (false, false, kernel_level()),
+            for cap in [
+                Some(Level::Portable),
+                Some(Level::Sse4),
+                Some(Level::Avx2),
+                None,
             ] {
-                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+                force(cap);
+                let level = kernel_level();
                 let mut got = vec![0f32; m * rows];
                 mat.matmul_into(&x, m, &mut got, &pool);
-                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+                force(None);
                 if level == "portable" {
                     plain = got;
                 } else {
@@ -2932,16 +2968,23 @@ mod tests {
     fn the_kernel_level_is_capped_by_the_environment_never_raised() {
         use super::{choose, Level::*};
         // Unset or auto: the best the CPU has.
-        assert_eq!(choose(None, true, true), (Avx512, true));
-        assert_eq!(choose(Some("auto"), false, true), (Avx2, true));
+        assert_eq!(choose(None, true, true, true), (Avx512, true));
+        assert_eq!(choose(Some("auto"), false, true, true), (Avx2, true));
+        assert_eq!(choose(None, false, false, true), (Sse4, true));
+        assert_eq!(choose(None, false, false, false), (Portable, true));
         // A cap lowers the level...
-        assert_eq!(choose(Some("avx2"), true, true), (Avx2, true));
-        assert_eq!(choose(Some(" portable "), true, true), (Portable, true));
+        assert_eq!(choose(Some("avx2"), true, true, true), (Avx2, true));
+        assert_eq!(choose(Some("sse4"), true, true, true), (Sse4, true));
+        assert_eq!(
+            choose(Some(" portable "), true, true, true),
+            (Portable, true)
+        );
         // ...and never raises it past what the CPU has.
-        assert_eq!(choose(Some("avx512"), false, true), (Avx2, true));
-        assert_eq!(choose(Some("avx2"), false, false), (Portable, true));
+        assert_eq!(choose(Some("avx512"), false, true, true), (Avx2, true));
+        assert_eq!(choose(Some("avx2"), false, false, true), (Sse4, true));
+        assert_eq!(choose(Some("sse4"), false, false, false), (Portable, true));
         // An unknown value is reported and asks for nothing.
-        assert_eq!(choose(Some("sse9"), true, true), (Avx512, false));
+        assert_eq!(choose(Some("sse9"), true, true, true), (Avx512, false));
     }
 
     #[test]
@@ -2964,24 +3007,26 @@ mod tests {
         let pool = Pool::new(2);
         for m in 1..=9 {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-            let run = |no512: bool, no2: bool| {
-                NO_AVX512.store(no512, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX2.store(no2, std::sync::atomic::Ordering::Relaxed);
+            let run = |cap: Option<Level>| {
+                force(cap);
                 let mut a = vec![0f32; m * rows];
                 let mut b = vec![0f32; m * rows];
                 let mut c = vec![0f32; m * rows];
                 q41.matmul_into(&x, m, &mut a, &pool);
                 q80.matmul_into(&x, m, &mut b, &pool);
                 q40.matmul_into(&x, m, &mut c, &pool);
-                NO_AVX2.store(false, std::sync::atomic::Ordering::Relaxed);
-                NO_AVX512.store(false, std::sync::atomic::Ordering::Relaxed);
+                force(None);
                 (a, b, c)
             };
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            let fast = run(false, false);
+            let fast = run(None);
             // The portable kernels are the plain reference dots, row by row.
-            let plain = run(true, true);
-            for (level, other) in [(kernel_level(), &fast), ("avx2", &run(true, false))] {
+            let plain = run(Some(Level::Portable));
+            for (level, other) in [
+                (kernel_level(), &fast),
+                ("avx2", &run(Some(Level::Avx2))),
+                ("sse4", &run(Some(Level::Sse4))),
+            ] {
                 assert_eq!(bits(&other.0), bits(&plain.0), "Q4_1, {m} rows, {level}");
                 assert_eq!(bits(&other.1), bits(&plain.1), "Q8_0, {m} rows, {level}");
                 assert_eq!(bits(&other.2), bits(&plain.2), "Q4_0, {m} rows, {level}");

@@ -2,12 +2,42 @@
 //! runs. Same bits as every other level (the row-by-row reference dots in the parent
 //! module are what they are tested against), written so that the compiler can keep the
 //! sixteen rows of a group side by side in vector registers (SSE2 is part of x86-64)
-//! and without a library call per multiply-add.
+//! and without a library call per multiply-add. On x86-64 each kernel is compiled a
+//! second time for SSSE3 and SSE4.1 (the `sse4` level, every x86-64-v2 CPU), which runs
+//! where the CPU has them: the same operations, so the same bits.
 
 use super::{
     q6k_place, reduce8, BlockQ80, BlockQ80S, BlockQ81, BlockQ8K, I8Rows, Q40x16, Q41x16, Q4Kx16,
     Q6Kx16,
 };
+
+/// Defines a kernel `pub(super) fn NAME(ARGS) BODY` (generic over at most one type) that
+/// runs `BODY` compiled for SSSE3 and SSE4.1 where the CPU has them and the level allows
+/// ([`super::sse4`]), else as compiled for any x86-64 (any CPU elsewhere). `BODY` and
+/// the `#[inline(always)]` helpers it calls are inlined into both copies; IEEE
+/// operations in the same order give the same bits in each.
+macro_rules! sse4_twin {
+    ($(#[$m:meta])* pub(super) fn $name:ident $(<$g:ident: $b:path>)? ($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        pub(super) fn $name $(<$g: $b>)? ($($a: $t),*) {
+            #[inline(always)]
+            fn body $(<$g: $b>)? ($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            if super::sse4() {
+                #[target_feature(enable = "ssse3,sse4.1")]
+                #[allow(unsafe_code)]
+                unsafe fn twin $(<$g: $b>)? ($($a: $t),*) {
+                    body $(::<$g>)? ($($a),*)
+                }
+                // SAFETY: `sse4()` is true only where the CPU was seen to have SSSE3 and
+                // SSE4.1, all that `twin` enables.
+                #[allow(unsafe_code)]
+                return unsafe { twin $(::<$g>)? ($($a),*) };
+            }
+            body $(::<$g>)? ($($a),*)
+        }
+    };
+}
 
 /// An f16's bits as f32 (exact), in plain code: the exponent rebased by one multiply by
 /// 2^112 (which also turns f16 subnormals into f32 normals), infinities and NaNs (NaNs
@@ -108,175 +138,185 @@ fn nibble_dot<const HIGH: bool>(word: u32, x: &[i8]) -> i16 {
     s
 }
 
-/// Q4_1 × Q8_1 for a group's sixteen rows at once: the bits of
-/// [`super::dot_q41_q81_scalar`] on each row (eight lanes a row, each lane's FMA chain
-/// over the blocks, the min terms summed apart, the lanes reduced the same way).
-pub(super) fn q41_group(w: &[Q41x16], x: &[BlockQ81], out: &mut [f32; 16]) {
-    let mut acc = [[0f32; 16]; 8];
-    let mut summs = [0f32; 16];
-    for (g, xb) in w.iter().zip(x) {
-        let mut dd = [0f32; 16];
-        for r in 0..16 {
-            summs[r] += widen_half(g.m[r]) * xb.s;
-            dd[r] = widen_half(g.d[r]) * xb.d;
-        }
-        let dd = wide(dd);
-        for k in 0..4 {
-            let (lo_x, hi_x) = (&xb.qs[4 * k..4 * k + 4], &xb.qs[16 + 4 * k..20 + 4 * k]);
-            let lo: [f64; 16] =
-                std::array::from_fn(|r| nibble_dot::<false>(g.qs[k][r], lo_x) as f64);
-            let hi: [f64; 16] =
-                std::array::from_fn(|r| nibble_dot::<true>(g.qs[k][r], hi_x) as f64);
-            fused_lanes(&dd, &lo, &mut acc[k]);
-            fused_lanes(&dd, &hi, &mut acc[4 + k]);
-        }
-    }
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = reduce8(std::array::from_fn(|l| acc[l][r])) + summs[r];
-    }
-}
-
-/// Signed-byte rows (Q8_0, Q5_0 widened) × Q8_0 for a group's sixteen rows at once: the
-/// bits of [`super::dot_q80_q80_scalar`] on each row.
-pub(super) fn i8_group<G: I8Rows>(w: &[G], x: &[BlockQ80], out: &mut [f32; 16]) {
-    let mut acc = [[0f32; 16]; 8];
-    for (g, xb) in w.iter().zip(x) {
-        let dd = wide(std::array::from_fn(|r| widen_half(g.d_bits(r)) * xb.d));
-        for (j, a) in acc.iter_mut().enumerate() {
-            let s: [f64; 16] = std::array::from_fn(|r| g.lane_sum(r, j, xb) as f64);
-            fused_lanes(&dd, &s, a);
-        }
-    }
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = reduce8(std::array::from_fn(|l| acc[l][r]));
-    }
-}
-
-/// Q4_0 × Q8_0 (with its offset sums) for a group's sixteen rows and one to four
-/// activation rows: each row's exact integer sum a block, one FMA a block, as the SIMD
-/// levels chain them.
-pub(super) fn q40_group(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]) {
-    for (i, xr) in x.iter().enumerate() {
-        let mut acc = [0f32; 16];
-        for (g, xb) in w.iter().zip(xr.iter()) {
-            let mut isum = [xb.s; 16];
+sse4_twin! {
+    /// Q4_1 × Q8_1 for a group's sixteen rows at once: the bits of
+    /// [`super::dot_q41_q81_scalar`] on each row (eight lanes a row, each lane's FMA chain
+    /// over the blocks, the min terms summed apart, the lanes reduced the same way).
+    pub(super) fn q41_group(w: &[Q41x16], x: &[BlockQ81], out: &mut [f32; 16]) {
+        let mut acc = [[0f32; 16]; 8];
+        let mut summs = [0f32; 16];
+        for (g, xb) in w.iter().zip(x) {
+            let mut dd = [0f32; 16];
+            for r in 0..16 {
+                summs[r] += widen_half(g.m[r]) * xb.s;
+                dd[r] = widen_half(g.d[r]) * xb.d;
+            }
+            let dd = wide(dd);
             for k in 0..4 {
                 let (lo_x, hi_x) = (&xb.qs[4 * k..4 * k + 4], &xb.qs[16 + 4 * k..20 + 4 * k]);
-                for (r, s) in isum.iter_mut().enumerate() {
-                    let word = g.qs[k][r];
-                    *s += nibble_dot::<false>(word, lo_x) as i32
-                        + nibble_dot::<true>(word, hi_x) as i32;
-                }
+                let lo: [f64; 16] =
+                    std::array::from_fn(|r| nibble_dot::<false>(g.qs[k][r], lo_x) as f64);
+                let hi: [f64; 16] =
+                    std::array::from_fn(|r| nibble_dot::<true>(g.qs[k][r], hi_x) as f64);
+                fused_lanes(&dd, &lo, &mut acc[k]);
+                fused_lanes(&dd, &hi, &mut acc[4 + k]);
             }
-            let dd = wide(std::array::from_fn(|r| widen_half(g.d[r]) * xb.d));
-            let isum = isum.map(|s| s as f64);
-            fused_lanes(&isum, &dd, &mut acc);
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            o[i] = a;
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = reduce8(std::array::from_fn(|l| acc[l][r])) + summs[r];
         }
     }
 }
 
-/// Q6_K × Q8_K for a group's sixteen rows at once: the bits of
-/// [`super::dot_q6k_scalar`] on each row. Each sub-block's four-value runs are summed in
-/// 16 bits (four products of at most 63·128 fit) across the rows, then scaled by the
-/// row's sub-block scale into the lane's exact i32 sum.
-pub(super) fn q6k_group(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
-    let mut acc = [[0f32; 16]; 8];
-    let mut chain = [0f32; 16];
-    let batch = x.first().is_some_and(|xb| xb.batch);
-    for (g, xb) in w.iter().zip(x) {
-        let mut lanes = [[0i32; 16]; 8];
-        for sub in 0..16 {
-            for run in 0..4 {
-                let e0 = 16 * sub + 4 * run;
-                let mut part = [0i16; 16];
-                for e in e0..e0 + 4 {
-                    let (lw, ls, hw, hs) = q6k_place(e);
-                    let shift = 8 * (e % 4) as u32;
-                    let xv = xb.qs[e] as i16;
-                    for (r, p) in part.iter_mut().enumerate() {
-                        let lo = (g.ql[lw][r] >> (shift + ls)) & 0xF;
-                        let hi = (g.qh[hw][r] >> (shift + hs)) & 0x3;
-                        *p += (lo | (hi << 4)) as i16 * xv;
+sse4_twin! {
+    /// Signed-byte rows (Q8_0, Q5_0 widened) × Q8_0 for a group's sixteen rows at once: the
+    /// bits of [`super::dot_q80_q80_scalar`] on each row.
+    pub(super) fn i8_group<G: I8Rows>(w: &[G], x: &[BlockQ80], out: &mut [f32; 16]) {
+        let mut acc = [[0f32; 16]; 8];
+        for (g, xb) in w.iter().zip(x) {
+            let dd = wide(std::array::from_fn(|r| widen_half(g.d_bits(r)) * xb.d));
+            for (j, a) in acc.iter_mut().enumerate() {
+                let s: [f64; 16] = std::array::from_fn(|r| g.lane_sum(r, j, xb) as f64);
+                fused_lanes(&dd, &s, a);
+            }
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = reduce8(std::array::from_fn(|l| acc[l][r]));
+        }
+    }
+}
+
+sse4_twin! {
+    /// Q4_0 × Q8_0 (with its offset sums) for a group's sixteen rows and one to four
+    /// activation rows: each row's exact integer sum a block, one FMA a block, as the SIMD
+    /// levels chain them.
+    pub(super) fn q40_group(w: &[Q40x16], x: &[&[BlockQ80S]], out: &mut [[f32; 4]; 16]) {
+        for (i, xr) in x.iter().enumerate() {
+            let mut acc = [0f32; 16];
+            for (g, xb) in w.iter().zip(xr.iter()) {
+                let mut isum = [xb.s; 16];
+                for k in 0..4 {
+                    let (lo_x, hi_x) = (&xb.qs[4 * k..4 * k + 4], &xb.qs[16 + 4 * k..20 + 4 * k]);
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let word = g.qs[k][r];
+                        *s += nibble_dot::<false>(word, lo_x) as i32
+                            + nibble_dot::<true>(word, hi_x) as i32;
                     }
                 }
-                let lane = &mut lanes[(e0 % 32) / 4];
-                for r in 0..16 {
-                    lane[r] += g.sc[sub][r] as i32 * part[r] as i32;
-                }
+                let dd = wide(std::array::from_fn(|r| widen_half(g.d[r]) * xb.d));
+                let isum = isum.map(|s| s as f64);
+                fused_lanes(&isum, &dd, &mut acc);
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                o[i] = a;
             }
         }
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            for (r, v) in lane.iter_mut().enumerate() {
-                *v -= 32
-                    * (g.sc[2 * l][r] as i32 * xb.bsums[2 * l]
-                        + g.sc[2 * l + 1][r] as i32 * xb.bsums[2 * l + 1]);
-            }
-        }
-        if batch {
-            // The whole super-block's exact integer, times `d_w`, then one FMA with `d_x`.
-            let t: [f32; 16] = std::array::from_fn(|r| {
-                widen_half(g.d[r]) * lanes.iter().map(|l| l[r]).sum::<i32>() as f32
-            });
-            fused_lanes(&[xb.d as f64; 16], &wide(t), &mut chain);
-            continue;
-        }
-        let dd = wide(std::array::from_fn(|r| xb.d * widen_half(g.d[r])));
-        for (a, lane) in acc.iter_mut().zip(&lanes) {
-            fused_lanes(&dd, &wide(lane.map(|v| v as f32)), a);
-        }
-    }
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = if batch {
-            chain[r]
-        } else {
-            reduce8(std::array::from_fn(|l| acc[l][r]))
-        };
     }
 }
 
-/// Q4_K × Q8_K for a group's sixteen rows at once: the bits of
-/// [`super::dot_q4k_scalar`] on each row. A sub-block's 32 nibbles (eight words, low or
-/// high nibbles) are dotted four at a time in 16 bits across the rows, summed exactly in
-/// 32 bits, times the row's six-bit scale; the min terms come from the activations'
-/// 16-value sums. One FMA a row per super-block (decode) or per pair of sub-blocks
-/// (rows llama.cpp's GEMM takes), for the scales and the mins apart.
-pub(super) fn q4k_group(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
-    let (mut acc, mut acc_min) = ([0f32; 16], [0f32; 16]);
-    for (g, xb) in w.iter().zip(x) {
-        let every = if xb.batch { 2 } else { 8 };
-        let dd = wide(std::array::from_fn(|r| widen_half(g.d[r]) * xb.d));
-        let dm = wide(std::array::from_fn(|r| widen_half(g.dmin[r]) * xb.d));
-        let (mut isum, mut imin) = ([0i32; 16], [0i32; 16]);
-        for s in 0..8 {
-            let mut dot = [0i32; 16];
-            for k in 0..8 {
-                let word = &g.qs[8 * (s / 2) + k];
-                let xs = &xb.qs[32 * s + 4 * k..32 * s + 4 * k + 4];
-                for (r, d) in dot.iter_mut().enumerate() {
-                    *d += if s % 2 == 0 {
-                        nibble_dot::<false>(word[r], xs)
-                    } else {
-                        nibble_dot::<true>(word[r], xs)
-                    } as i32;
+sse4_twin! {
+    /// Q6_K × Q8_K for a group's sixteen rows at once: the bits of
+    /// [`super::dot_q6k_scalar`] on each row. Each sub-block's four-value runs are summed in
+    /// 16 bits (four products of at most 63·128 fit) across the rows, then scaled by the
+    /// row's sub-block scale into the lane's exact i32 sum.
+    pub(super) fn q6k_group(w: &[Q6Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+        let mut acc = [[0f32; 16]; 8];
+        let mut chain = [0f32; 16];
+        let batch = x.first().is_some_and(|xb| xb.batch);
+        for (g, xb) in w.iter().zip(x) {
+            let mut lanes = [[0i32; 16]; 8];
+            for sub in 0..16 {
+                for run in 0..4 {
+                    let e0 = 16 * sub + 4 * run;
+                    let mut part = [0i16; 16];
+                    for e in e0..e0 + 4 {
+                        let (lw, ls, hw, hs) = q6k_place(e);
+                        let shift = 8 * (e % 4) as u32;
+                        let xv = xb.qs[e] as i16;
+                        for (r, p) in part.iter_mut().enumerate() {
+                            let lo = (g.ql[lw][r] >> (shift + ls)) & 0xF;
+                            let hi = (g.qh[hw][r] >> (shift + hs)) & 0x3;
+                            *p += (lo | (hi << 4)) as i16 * xv;
+                        }
+                    }
+                    let lane = &mut lanes[(e0 % 32) / 4];
+                    for r in 0..16 {
+                        lane[r] += g.sc[sub][r] as i32 * part[r] as i32;
+                    }
                 }
             }
-            let bsum = xb.bsums[2 * s] + xb.bsums[2 * s + 1];
-            for r in 0..16 {
-                isum[r] += g.sc[s][r] as i32 * dot[r];
-                imin[r] += g.mn[s][r] as i32 * bsum;
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                for (r, v) in lane.iter_mut().enumerate() {
+                    *v -= 32
+                        * (g.sc[2 * l][r] as i32 * xb.bsums[2 * l]
+                            + g.sc[2 * l + 1][r] as i32 * xb.bsums[2 * l + 1]);
+                }
             }
-            if (s + 1) % every == 0 {
-                fused_lanes(&wide(isum.map(|v| v as f32)), &dd, &mut acc);
-                fused_lanes(&wide(imin.map(|v| v as f32)), &dm, &mut acc_min);
-                (isum, imin) = ([0; 16], [0; 16]);
+            if batch {
+                // The whole super-block's exact integer, times `d_w`, then one FMA with `d_x`.
+                let t: [f32; 16] = std::array::from_fn(|r| {
+                    widen_half(g.d[r]) * lanes.iter().map(|l| l[r]).sum::<i32>() as f32
+                });
+                fused_lanes(&[xb.d as f64; 16], &wide(t), &mut chain);
+                continue;
+            }
+            let dd = wide(std::array::from_fn(|r| xb.d * widen_half(g.d[r])));
+            for (a, lane) in acc.iter_mut().zip(&lanes) {
+                fused_lanes(&dd, &wide(lane.map(|v| v as f32)), a);
             }
         }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = if batch {
+                chain[r]
+            } else {
+                reduce8(std::array::from_fn(|l| acc[l][r]))
+            };
+        }
     }
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = acc[r] - acc_min[r];
+}
+
+sse4_twin! {
+    /// Q4_K × Q8_K for a group's sixteen rows at once: the bits of
+    /// [`super::dot_q4k_scalar`] on each row. A sub-block's 32 nibbles (eight words, low or
+    /// high nibbles) are dotted four at a time in 16 bits across the rows, summed exactly in
+    /// 32 bits, times the row's six-bit scale; the min terms come from the activations'
+    /// 16-value sums. One FMA a row per super-block (decode) or per pair of sub-blocks
+    /// (rows llama.cpp's GEMM takes), for the scales and the mins apart.
+    pub(super) fn q4k_group(w: &[Q4Kx16], x: &[BlockQ8K], out: &mut [f32; 16]) {
+        let (mut acc, mut acc_min) = ([0f32; 16], [0f32; 16]);
+        for (g, xb) in w.iter().zip(x) {
+            let every = if xb.batch { 2 } else { 8 };
+            let dd = wide(std::array::from_fn(|r| widen_half(g.d[r]) * xb.d));
+            let dm = wide(std::array::from_fn(|r| widen_half(g.dmin[r]) * xb.d));
+            let (mut isum, mut imin) = ([0i32; 16], [0i32; 16]);
+            for s in 0..8 {
+                let mut dot = [0i32; 16];
+                for k in 0..8 {
+                    let word = &g.qs[8 * (s / 2) + k];
+                    let xs = &xb.qs[32 * s + 4 * k..32 * s + 4 * k + 4];
+                    for (r, d) in dot.iter_mut().enumerate() {
+                        *d += if s % 2 == 0 {
+                            nibble_dot::<false>(word[r], xs)
+                        } else {
+                            nibble_dot::<true>(word[r], xs)
+                        } as i32;
+                    }
+                }
+                let bsum = xb.bsums[2 * s] + xb.bsums[2 * s + 1];
+                for r in 0..16 {
+                    isum[r] += g.sc[s][r] as i32 * dot[r];
+                    imin[r] += g.mn[s][r] as i32 * bsum;
+                }
+                if (s + 1) % every == 0 {
+                    fused_lanes(&wide(isum.map(|v| v as f32)), &dd, &mut acc);
+                    fused_lanes(&wide(imin.map(|v| v as f32)), &dm, &mut acc_min);
+                    (isum, imin) = ([0; 16], [0; 16]);
+                }
+            }
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = acc[r] - acc_min[r];
+        }
     }
 }
 

@@ -245,6 +245,44 @@ fn copy_of(dir: &Path, name: &str) -> PathBuf {
     to
 }
 
+/// `appliance serve` exits at start with `why` in its error, and `tenant create` (an
+/// audited admin action) fails with it too.
+fn refuses_to_append(dir: &Path, why: &str) {
+    let mut serve = appliance()
+        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            serve.kill().unwrap();
+            panic!("the daemon started on an altered log ({why})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("does not verify") && err.contains(why),
+        "{err}"
+    );
+    let out = appliance()
+        .args(["tenant", "create", "late", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(why), "{err}");
+}
+
 #[test]
 fn tampering_with_the_database_is_found_at_the_first_bad_record() {
     let base = stopped_log("audit-tamper");
@@ -257,12 +295,15 @@ fn tampering_with_the_database_is_found_at_the_first_bad_record() {
     let (ok, report) = verify(&d, &[]);
     assert!(!ok);
     assert_eq!(bad_seq(&report), 6, "{report}");
+    // Neither the daemon nor an audited admin command appends to it.
+    refuses_to_append(&d, "record 6 was altered");
 
     let d = copy_of(&base, "audit-tamper-delete");
     sql(&d, "db.execute('DELETE FROM audit_records WHERE seq = 7')");
     let (ok, report) = verify(&d, &[]);
     assert!(!ok);
     assert_eq!(bad_seq(&report), 7, "{report}");
+    refuses_to_append(&d, "record 7 is missing");
 
     let d = copy_of(&base, "audit-tamper-swap");
     sql(

@@ -384,6 +384,36 @@ fn keys_cli_contract() {
             .success()
     );
     assert!(!run(&["key", "revoke", "0123456789abcdef"]).status.success());
+    // Rotation: the key expires in 15 minutes, so a grace of an hour is 15 minutes (the
+    // message says so); the successor keeps the original expiry; a key already rotated
+    // is refused, naming its successor, and nothing is added.
+    let rot = run(&["key", "rotate", id, "--grace", "1h"]);
+    assert!(
+        rot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rot.stderr)
+    );
+    let said = String::from_utf8_lossy(&rot.stderr).to_string();
+    assert!(
+        said.contains("stays valid for 14m") || said.contains("stays valid for 15m"),
+        "{said}"
+    );
+    let next = String::from_utf8(rot.stdout).unwrap();
+    let next_id = &next[8..24];
+    let again = run(&["key", "rotate", id, "--grace", "1h"]);
+    assert!(!again.status.success());
+    let said = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(
+        said.contains("already rotated") && said.contains(next_id),
+        "{said}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&run(&["key", "list", "--json"]).stdout).unwrap();
+    let keys = v.as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{v}");
+    let by_id = |k: &str| keys.iter().find(|x| x["id"] == k).unwrap().clone();
+    assert_eq!(by_id(next_id)["expires_at"], by_id(id)["expires_at"], "{v}");
+    assert!(run(&["key", "revoke", next_id]).status.success());
     assert!(run(&["key", "revoke", id]).status.success());
     let rot = run(&["key", "rotate", id]);
     assert!(!rot.status.success(), "a revoked key was rotated");

@@ -353,18 +353,25 @@ async fn key_inner(cmd: KeyCmd) -> Result<()> {
                         old.status(t)
                     );
                 }
+                if let Some(by) = &old.replaced_by {
+                    bail!("key {id} was already rotated (replaced by {by}); rotate {by} instead");
+                }
                 let secret = keys::generate();
                 let new = old.successor(secret.id.clone(), secret.sha256.clone());
                 let rec = store
                     .rotate_key(&id, &new, t + grace.as_secs() as i64, t)
                     .await?;
+                // The old key's own earlier expiry, if it had one, still holds.
+                let left = old
+                    .expires_at
+                    .map_or(grace.as_secs() as i64, |e| {
+                        (e - t).min(grace.as_secs() as i64)
+                    })
+                    .max(0);
                 let mut r = Record::action("key.rotate", 200);
                 r.tenant = Some(rec.tenant.clone());
                 r.resource = Some(format!("key:{}", rec.id));
-                r.detail = Some(format!(
-                    "replaces key:{id}; old key valid {}s more",
-                    grace.as_secs()
-                ));
+                r.detail = Some(format!("replaces key:{id}; old key valid {left}s more"));
                 if let Err(e) = record_cli(&dir, r).await {
                     let _ = store.revoke_key(&rec.id, now()).await;
                     return Err(e.context("the new key was revoked"));
@@ -375,7 +382,7 @@ async fn key_inner(cmd: KeyCmd) -> Result<()> {
                     "rotated key {id} -> {} (tenant {}); the old key stays valid for {}",
                     rec.id,
                     rec.tenant,
-                    human(grace.as_secs() as i64)
+                    human(left)
                 );
             }
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use appliance_audit::journal::{replay, Journal, JournalBackend};
-use appliance_audit::merkle::{Frontier, Hash};
+use appliance_audit::merkle::Hash;
 use appliance_audit::note::{Checkpoint, Signer, VerifierKey};
 use appliance_audit::record::{format_time, parse_time};
 use appliance_audit::verify::{verify_export, Exporter, Failure, LogVerifier, Row, Summary};
@@ -213,43 +213,24 @@ fn identity(data: &Path) -> Result<(String, Signer)> {
     Ok((node, signer))
 }
 
-/// Opens the log and reads where the writer resumes: the tree's right edge (checked
-/// against the newest checkpoint: a log that does not match its own signature is not
-/// appended to), the last time, and intents left by a crash.
+/// Opens the log and reads where the writer resumes: the tree's right edge, the last
+/// time, and intents left by a crash. The whole log is verified first, as `appliance
+/// audit verify` does (every record's text re-hashed, its order, times and every signed
+/// checkpoint): a log that does not verify is not appended to, and the daemon does not
+/// start.
 async fn resume(db: &AuditDb, key: &VerifierKey) -> Result<Resume> {
-    let mut checkpoints = vec![];
-    for (_, _, note) in db.checkpoints().await? {
-        checkpoints.push(Checkpoint::open(&note, key).context("a stored audit checkpoint")?);
-    }
-    let newest = checkpoints.iter().max_by_key(|c| c.size).cloned();
-    let mut frontier = Frontier::new();
-    each_leaf(db, u64::MAX, |leaf| {
-        frontier.push(leaf);
-        if let Some(c) = &newest {
-            if c.size == frontier.size() && c.root != frontier.root() {
-                bail!(
-                    "the audit log does not match its checkpoint of size {}: it was altered; refusing to append (run `appliance audit verify`)",
-                    c.size
-                );
-            }
-        }
-        Ok(())
-    })
-    .await?;
-    if let Some(c) = &newest {
-        if c.size > frontier.size() {
-            bail!(
-                "the audit log has {} records but its checkpoint covers {}: records were removed; refusing to append (run `appliance audit verify`)",
-                frontier.size(),
-                c.size
-            );
-        }
-    }
+    let notes: Vec<String> = db.checkpoints().await?.into_iter().map(|c| c.2).collect();
+    let summary = scan(db, key, &notes).await?.map_err(|f| {
+        anyhow::anyhow!(
+            "the audit log does not verify: {}; refusing to append (run `appliance audit verify`)",
+            f.message
+        )
+    })?;
     Ok(Resume {
         last_time_ms: db.last().await?.map(|l| l.1).unwrap_or(0),
-        last_checkpoint_size: newest.map(|c| c.size).unwrap_or(0),
+        last_checkpoint_size: summary.signed_size,
         intents: db.intents().await?,
-        frontier,
+        frontier: summary.frontier,
     })
 }
 

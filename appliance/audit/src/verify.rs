@@ -87,6 +87,8 @@ pub struct Summary {
     /// Size of the newest checkpoint; records after it are not yet signed.
     pub signed_size: u64,
     pub root: Hash,
+    /// The tree's right edge after the last record (where a writer resumes).
+    pub frontier: Frontier,
 }
 
 /// Rebuilds the tree from stored rows, in seq order, and checks every checkpoint.
@@ -245,6 +247,7 @@ impl LogVerifier {
             checkpoints: self.checkpoints.len(),
             signed_size: self.checkpoints.last().map(|c| c.size).unwrap_or(0),
             root: self.frontier.root(),
+            frontier: self.frontier,
         })
     }
 }

@@ -39,6 +39,8 @@ pub enum StoreError {
     NoSuchTenant(String),
     #[error("no API key with id {0:?}")]
     NoSuchKey(String),
+    #[error("API key {0} was already rotated (replaced by {1}); rotate {1} instead")]
+    KeyReplaced(String, String),
     #[error("a model named {0:?} is already in the registry (remove it first, or import under another --name)")]
     ModelExists(String),
     #[error("no model named {0:?} in the registry")]
@@ -479,7 +481,9 @@ impl Store {
 
     /// Replaces key `old` by `new` (same tenant, allow-list and limits, given by the
     /// caller in `new`); `old` stays valid until `old_expires_at` (or its own earlier
-    /// expiry). One transaction: either both changes happen or neither.
+    /// expiry). One transaction: either both changes happen or neither. A key already
+    /// replaced is not rotated again ([`StoreError::KeyReplaced`]): its expiry is its
+    /// grace period, which a second successor would inherit.
     pub async fn rotate_key(
         &self,
         old: &str,
@@ -488,13 +492,16 @@ impl Store {
         now: i64,
     ) -> Result<KeyRecord> {
         let mut tx = self.pool.begin().await?;
-        let tenant_id: Option<i64> = sqlx::query_scalar(
-            "SELECT tenant_id FROM api_keys WHERE id = ? AND revoked_at IS NULL",
+        let row: Option<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT tenant_id, replaced_by FROM api_keys WHERE id = ? AND revoked_at IS NULL",
         )
         .bind(old)
         .fetch_optional(&mut *tx)
         .await?;
-        let tenant_id = tenant_id.ok_or_else(|| StoreError::NoSuchKey(old.to_string()))?;
+        let (tenant_id, replaced_by) = row.ok_or_else(|| StoreError::NoSuchKey(old.to_string()))?;
+        if let Some(by) = replaced_by {
+            return Err(StoreError::KeyReplaced(old.to_string(), by));
+        }
         Self::insert_key_row(&mut tx, new, tenant_id, now).await?;
         sqlx::query(
             "UPDATE api_keys SET replaced_by = ?,
@@ -992,6 +999,16 @@ mod tests {
             s.revoke_key("nope", 1).await,
             Err(StoreError::NoSuchKey(_))
         ));
+        // A key already rotated is not rotated again (its successor would inherit the
+        // grace period as its expiry), and nothing changes.
+        match s.rotate_key("k1", &new_key("k9", "acme"), 450, 250).await {
+            Err(StoreError::KeyReplaced(id, by)) => {
+                assert_eq!((id.as_str(), by.as_str()), ("k1", "k2"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.key("k9").await.unwrap().is_none());
+        assert_eq!(s.key("k1").await.unwrap().unwrap().expires_at, Some(500));
         // A revoked key cannot be rotated.
         assert!(s
             .rotate_key("k2", &new_key("k3", "acme"), 1, 1)

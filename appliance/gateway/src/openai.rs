@@ -33,6 +33,17 @@ use crate::server::{
 
 /// Parses a JSON body, naming the offending field on a type error.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every body is an object: serde would also take a struct's fields as an array
+    // (`["model", [...]]`), which no OpenAI client sends and OpenAI refuses.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') | None => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "The request body must be a JSON object".to_string(),
+                None,
+            ))
+        }
+    }
     // The plain parse first (tracking the path costs as much again); the tracking one
     // only for the error message of a body that fails.
     if let Ok(v) = serde_json::from_slice(body) {
@@ -1490,6 +1501,13 @@ mod tests {
         assert!(g.stream && g.include_usage);
         assert_eq!(g.params.max_tokens, None);
         assert_eq!(g.soft_cap, Some(GatewayConfig::default().max_tokens_cap));
+        for body in [&br#"["m",[["user","Hi"]]]"#[..], b" [1,2]", b"\"m\"", b"7"] {
+            let e = parse_json::<ChatCompletionRequest>(body).unwrap_err();
+            assert_eq!(
+                e.body().error.message,
+                "The request body must be a JSON object"
+            );
+        }
         let c: CompletionRequest = parse_json(br#"{"model":"m","prompt":["once"]}"#).unwrap();
         let c = validate_completion(c, &GatewayConfig::default()).unwrap();
         assert_eq!(c.params.max_tokens, Some(16));

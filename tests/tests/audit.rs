@@ -384,6 +384,13 @@ db.execute('DELETE FROM audit_checkpoints WHERE size > 5')",
         ],
     );
     assert!(ok, "{report}");
+    // A key file that is not there is named as such, not as a malformed key.
+    let (ok, report) = verify(&base, &["--public-key", "/nonexistent/auditor.key"]);
+    assert!(!ok);
+    assert!(report.contains("no such file"), "{report}");
+    let (ok, report) = verify(&scratch("audit-no-log"), &[]);
+    assert!(!ok);
+    assert!(report.contains("public.key is missing"), "{report}");
 }
 
 /// Small journal files: the log takes ~40 records while its store cannot be written.

@@ -397,16 +397,24 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn read_key(arg: &str) -> Result<VerifierKey> {
-    let text = if Path::new(arg).exists() {
-        std::fs::read_to_string(arg).with_context(|| format!("reading {arg}"))?
-    } else {
-        arg.to_string()
-    };
-    VerifierKey::parse(&text).with_context(|| format!("public key {arg}"))
+    if Path::new(arg).exists() {
+        let text = std::fs::read_to_string(arg).with_context(|| format!("reading {arg}"))?;
+        return VerifierKey::parse(&text).with_context(|| format!("public key file {arg}"));
+    }
+    VerifierKey::parse(arg).map_err(|e| {
+        anyhow::anyhow!("public key {arg:?}: no such file, and not a key's text either ({e})")
+    })
 }
 
 fn data_key(data: &Path) -> Result<VerifierKey> {
     let p = dir(data).join("public.key");
+    if !p.exists() {
+        bail!(
+            "no audit log under {} ({} is missing; it is made when the daemon first starts)",
+            data.display(),
+            p.display()
+        );
+    }
     read_key(&p.display().to_string()).with_context(|| {
         format!(
             "no audit log under {} (it is made when the daemon first starts)",

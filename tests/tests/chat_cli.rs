@@ -157,3 +157,17 @@ fn a_missing_or_bad_model_file_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.gguf") && err.contains("GGUF"), "{err}");
 }
+
+#[test]
+fn a_missing_model_file_is_named_once_with_its_cause() {
+    for args in [
+        &["chat", "--model", "/nonexistent/m.gguf", "--prompt", "hi"][..],
+        &["tokenize", "--model", "/nonexistent/m.gguf", "hi"][..],
+    ] {
+        let out = appliance().args(args).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("/nonexistent/m.gguf"), "{err}");
+        assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    }
+}

@@ -3,12 +3,10 @@
 /// Errors from loading a model or running it.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("cannot read model file {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause in the message, not as `source`: callers print the chain, which
+    // would repeat it.
+    #[error("cannot read model file {path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("{path} is not a valid GGUF file: {reason}")]
     BadGguf { path: String, reason: String },
     #[error("unsupported model architecture `{0}` (supported: llama, mistral, qwen2)")]

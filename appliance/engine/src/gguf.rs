@@ -132,9 +132,9 @@ impl GgufFile {
     /// the problem: not GGUF, unsupported architecture, unsupported tensor type.
     pub fn open(path: &Path) -> Result<Self> {
         let p = path.display().to_string();
-        let file = File::open(path).map_err(|source| EngineError::Io {
+        let file = File::open(path).map_err(|err| EngineError::Io {
             path: p.clone(),
-            source,
+            err,
         })?;
         let mut reader = BufReader::new(file);
         let content = match Content::read(&mut reader) {

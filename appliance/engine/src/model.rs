@@ -371,9 +371,9 @@ impl Model {
     pub fn load(file: &GgufFile, device: &Device, max_context: Option<usize>) -> Result<Self> {
         let cfg = file.config.clone();
         let path = file.path.display().to_string();
-        let f = File::open(&file.path).map_err(|source| EngineError::Io {
+        let f = File::open(&file.path).map_err(|err| EngineError::Io {
             path: path.clone(),
-            source,
+            err,
         })?;
         let reader = std::cell::RefCell::new(BufReader::new(f));
         let weight_bytes = std::cell::Cell::new(0usize);
@@ -419,9 +419,9 @@ impl Model {
             {
                 return Ok(None);
             }
-            let io = |source: std::io::Error| EngineError::Io {
+            let io = |err: std::io::Error| EngineError::Io {
                 path: path.clone(),
-                source,
+                err,
             };
             let mut r = reader.borrow_mut();
             r.seek(SeekFrom::Start(

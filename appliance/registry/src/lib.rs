@@ -22,12 +22,10 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause in the message, not as `source`: callers print the chain, which
+    // would repeat it.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
     #[error("{path}: the SHA-256 is {actual}, the manifest says {expected}: the file was altered or damaged; refusing it")]
@@ -59,9 +57,9 @@ pub enum RegistryError {
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
-    move |source| RegistryError::Io {
+    move |err| RegistryError::Io {
         path: path.display().to_string(),
-        source,
+        err,
     }
 }
 

@@ -280,7 +280,17 @@ pub(crate) fn validate_chat(
             }
         };
         let content = match m.content {
-            None => String::new(),
+            // Only an assistant turn may go without content (as OpenAI's API has it).
+            None if role == "assistant" => String::new(),
+            None => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "messages[{i}]: a {} message needs content (a string or text parts)",
+                        m.role
+                    ),
+                    Some(&format!("messages[{i}].content")),
+                ))
+            }
             Some(MessageContent::Text(t)) => t,
             Some(MessageContent::Parts(parts)) => {
                 let mut s = String::new();
@@ -352,6 +362,18 @@ pub(crate) fn validate_completion(
             Some("prompt"),
         )
     };
+    let empty = match &r.prompt {
+        PromptSpec::Texts(v) => v.is_empty(),
+        PromptSpec::Tokens(v) => v.is_empty(),
+        PromptSpec::TokenLists(v) => v.is_empty() || v.iter().all(|t| t.is_empty()),
+        PromptSpec::Text(_) => false,
+    };
+    if empty {
+        return Err(ApiError::invalid(
+            "prompt is an empty list: give a string, a list of one string or token ids",
+            Some("prompt"),
+        ));
+    }
     let prompt = match r.prompt {
         PromptSpec::Text(t) => WirePrompt::Text(t),
         PromptSpec::Texts(mut v) if v.len() == 1 => WirePrompt::Text(v.remove(0)),
@@ -1472,6 +1494,14 @@ mod tests {
                 r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}"#,
                 "tools",
             ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":null}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"assistant"},{"role":"system"}]}"#,
+                "messages[1].content",
+            ),
         ] {
             let e = chat(body).unwrap_err();
             assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{body}");
@@ -1507,6 +1537,19 @@ mod tests {
                 e.body().error.message,
                 "The request body must be a JSON object"
             );
+        }
+        for body in [
+            &br#"{"model":"m","prompt":[]}"#[..],
+            br#"{"model":"m","prompt":[[]]}"#,
+        ] {
+            let c: CompletionRequest = parse_json(body).unwrap();
+            let e = validate_completion(c, &GatewayConfig::default()).unwrap_err();
+            assert!(
+                e.body().error.message.contains("empty list"),
+                "{:?}",
+                e.body()
+            );
+            assert_eq!(e.body().error.param.as_deref(), Some("prompt"));
         }
         let c: CompletionRequest = parse_json(br#"{"model":"m","prompt":["once"]}"#).unwrap();
         let c = validate_completion(c, &GatewayConfig::default()).unwrap();

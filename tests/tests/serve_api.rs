@@ -415,6 +415,12 @@ fn keys_cli_contract() {
     assert_eq!(by_id(next_id)["expires_at"], by_id(id)["expires_at"], "{v}");
     assert!(run(&["key", "revoke", next_id]).status.success());
     assert!(run(&["key", "revoke", id]).status.success());
+    // Again: still a success (idempotent), and it says the key was already revoked.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let again = run(&["key", "revoke", id]);
+    assert!(again.status.success());
+    let said = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(said.contains("was already revoked"), "{said}");
     let rot = run(&["key", "rotate", id]);
     assert!(!rot.status.success(), "a revoked key was rotated");
 }

@@ -331,13 +331,23 @@ async fn key_inner(cmd: KeyCmd) -> Result<()> {
             KeyCmd::Revoke { id, data } => {
                 let id = key_id(&id)?;
                 let (dir, store) = open(&data).await?;
-                let k = store.revoke_key(&id, now()).await?;
+                let t = now();
+                let k = store.revoke_key(&id, t).await?;
                 notify_keys_changed(&dir).await;
                 let mut r = Record::action("key.revoke", 200);
                 r.tenant = Some(k.tenant.clone());
                 r.resource = Some(format!("key:{}", k.id));
                 record_cli(&dir, r).await?;
-                eprintln!("revoked key {} of tenant {}", k.id, k.tenant);
+                match k.revoked_at {
+                    // Idempotent: the first revocation's time stands.
+                    Some(at) if at < t => eprintln!(
+                        "key {} of tenant {} was already revoked, {} ago",
+                        k.id,
+                        k.tenant,
+                        human(t - at)
+                    ),
+                    _ => eprintln!("revoked key {} of tenant {}", k.id, k.tenant),
+                }
             }
             KeyCmd::Rotate { id, grace, data } => {
                 let id = key_id(&id)?;

@@ -363,9 +363,6 @@ async fn key_inner(cmd: KeyCmd) -> Result<()> {
                         old.status(t)
                     );
                 }
-                if let Some(by) = &old.replaced_by {
-                    bail!("key {id} was already rotated (replaced by {by}); rotate {by} instead");
-                }
                 let secret = keys::generate();
                 let new = old.successor(secret.id.clone(), secret.sha256.clone());
                 let rec = store

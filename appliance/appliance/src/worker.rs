@@ -173,13 +173,43 @@ pub fn run(a: WorkerArgs) -> Result<()> {
         max_context: a.max_context,
         ..Default::default()
     };
-    let engine =
-        Engine::load(&a.model, config).with_context(|| format!("loading {}", a.model.display()))?;
+    let engine = match Engine::load(&a.model, config) {
+        Ok(engine) => engine,
+        Err(e) if unusable(&e) => {
+            // Starting again would fail the same way: say why where the supervisor looks
+            // and exit with the status that makes it stop restarting.
+            let path = a.model.display().to_string();
+            let reason = match e.to_string() {
+                m if m.contains(&path) => m,
+                m => format!("loading {path}: {m}"),
+            };
+            let _ = std::fs::write(appliance_supervisor::error_file(&a.socket), &reason);
+            log::error!("{reason}");
+            log::logger().flush();
+            std::process::exit(appliance_supervisor::EXIT_UNUSABLE_MODEL);
+        }
+        Err(e) => return Err(e).with_context(|| format!("loading {}", a.model.display())),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     rt.block_on(serve(engine, &a.socket, Duration::from_secs(a.grace)))
+}
+
+/// A load failure that is the file's own: the same file will fail the same way. (An I/O
+/// error or a device that is short of memory may pass; those are retried.)
+fn unusable(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::BadGguf { .. }
+            | EngineError::UnsupportedArchitecture(_)
+            | EngineError::UnsupportedTensorType { .. }
+            | EngineError::MissingMetadata { .. }
+            | EngineError::MissingTensor(_)
+            | EngineError::Tokenizer(_)
+            | EngineError::Template(_)
+    )
 }
 
 async fn serve(engine: Engine, socket: &Path, grace: Duration) -> Result<()> {

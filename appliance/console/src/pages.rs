@@ -741,6 +741,7 @@ async fn dashboard(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
                 esc(w["device"].as_str().unwrap_or("")),
                 w["in_flight"].to_string(),
                 w["restarts"].to_string(),
+                esc(w["last_error"].as_str().unwrap_or("")),
             ]
         })
         .collect();
@@ -755,7 +756,8 @@ async fn dashboard(c: &Console, v: &Viewer<'_>, flash: Flash) -> Resp {
                 "State",
                 "Device",
                 "In flight",
-                "Restarts"
+                "Restarts",
+                "Last error"
             ],
             &rows
         )

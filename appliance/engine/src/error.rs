@@ -31,8 +31,38 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("the engine has stopped")]
     Stopped,
-    #[error("tensor computation failed: {0}")]
+    #[error("tensor computation failed: {}", reason(.0))]
     Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// A candle error's message without the backtrace candle attaches when
+/// `RUST_BACKTRACE` is set: one line for a log or an API error, not fifty.
+pub fn reason(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => reason(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", reason(inner)),
+        e => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_candle_backtrace_stays_out_of_the_message() {
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("unsupported magic".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert!(e.to_string().contains('\n'), "candle prints it: {e}");
+        assert_eq!(reason(&e), "unsupported magic");
+        let e = EngineError::Candle(e.context("tensor blk.0"));
+        assert_eq!(
+            e.to_string(),
+            "tensor computation failed: tensor blk.0: unsupported magic"
+        );
+    }
+}

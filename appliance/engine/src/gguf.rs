@@ -150,7 +150,7 @@ impl GgufFile {
                 }
                 return Err(EngineError::BadGguf {
                     path: p,
-                    reason: e.to_string(),
+                    reason: crate::error::reason(&e),
                 });
             }
         };

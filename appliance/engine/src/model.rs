@@ -386,7 +386,7 @@ impl Model {
                 .tensor(&mut *reader.borrow_mut(), name, device)
                 .map_err(|e| EngineError::BadGguf {
                     path: path.clone(),
-                    reason: format!("tensor `{name}`: {e}"),
+                    reason: format!("tensor `{name}`: {}", crate::error::reason(&e)),
                 })?;
             check_dtype(name, &t)?;
             weight_bytes.set(weight_bytes.get() + t.storage_size_in_bytes());

@@ -45,6 +45,8 @@ pub enum ApiError {
     },
     /// 503: no worker for this model is ready.
     NotReady(String),
+    /// 503: every worker for this model failed for good (its file cannot be used).
+    ModelFailed(String),
     /// 503: the daemon is shutting down.
     Draining,
     /// 500: the worker failed.
@@ -90,6 +92,7 @@ impl ApiError {
             ApiError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. }
             | ApiError::NotReady(_)
+            | ApiError::ModelFailed(_)
             | ApiError::Draining
             | ApiError::AuditUnavailable
             | ApiError::NoDestination(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -239,6 +242,12 @@ impl ApiError {
                 Some("model_not_ready"),
                 None,
                 format!("The model '{m}' is not ready; try again shortly."),
+            ),
+            ApiError::ModelFailed(m) => (
+                "server_error",
+                Some("model_failed"),
+                None,
+                format!("The model '{m}' cannot be served: its file could not be loaded. An administrator must replace it."),
             ),
             ApiError::Draining => (
                 "server_error",

@@ -892,6 +892,9 @@ fn admit_local(
         return Err(ApiError::ModelNotAllowed(g.model.clone()));
     }
     if !route.is_ready() {
+        if route.gave_up() {
+            return Err(ApiError::ModelFailed(g.model.clone()));
+        }
         return Err(ApiError::NotReady(g.model.clone()));
     }
     let slot = route

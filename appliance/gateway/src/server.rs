@@ -153,6 +153,11 @@ impl ModelRoute {
         self.instances.iter().any(|i| i.worker.is_ready())
     }
 
+    /// Every instance failed for good: the model file cannot be used.
+    pub fn gave_up(&self) -> bool {
+        self.instances.iter().all(|i| i.worker.gave_up())
+    }
+
     /// A slot on the ready instance with the fewest requests (not one in `skip`), if the
     /// model's queue (`max` per instance) has room.
     pub(crate) fn try_slot(self: &Arc<Self>, max: usize, skip: &[usize]) -> Option<Slot> {
@@ -595,6 +600,7 @@ impl Gateway {
                     "restarts": st.restarts,
                     "consecutive_failures": st.consecutive_failures,
                     "last_error": st.last_error,
+                    "gave_up": st.gave_up,
                     "device": inst.device,
                     "estimate_bytes": inst.estimate,
                     "in_flight": inst.in_flight.load(Ordering::Acquire),

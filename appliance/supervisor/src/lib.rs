@@ -31,6 +31,17 @@ use tokio::task::JoinHandle;
 /// Environment variable through which a worker learns its supervisor's pid.
 pub const PARENT_PID_ENV: &str = "APPLIANCE_SUPERVISOR_PID";
 
+/// The exit status of a worker whose model file cannot be used (not GGUF, an
+/// architecture or tensor type the engine does not run, missing metadata): starting it
+/// again would fail the same way, so the supervisor stops restarting it (`EX_DATAERR`).
+pub const EXIT_UNUSABLE_MODEL: i32 = 65;
+
+/// Where a worker that exits with [`EXIT_UNUSABLE_MODEL`] leaves its one-line reason:
+/// beside its socket, in the directory only the appliance's own processes can write.
+pub fn error_file(socket: &std::path::Path) -> PathBuf {
+    socket.with_extension("error")
+}
+
 /// How one worker is started.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
@@ -153,6 +164,9 @@ pub struct WorkerStatus {
     pub last_error: Option<String>,
     /// Failures since the worker was last healthy for the back-off's reset period.
     pub consecutive_failures: u32,
+    /// The state is `Failed` for good: the model file cannot be used, no restart is
+    /// attempted until the model is unloaded and loaded again.
+    pub gave_up: bool,
 }
 
 /// A supervised worker as the rest of the daemon sees it.
@@ -170,6 +184,11 @@ impl Worker {
 
     pub fn is_ready(&self) -> bool {
         self.status.borrow().state == WorkerState::Ready
+    }
+
+    /// Failed for good (an unusable model file): waiting will not make it ready.
+    pub fn gave_up(&self) -> bool {
+        self.status.borrow().gave_up
     }
 
     /// Waits until the worker is ready, or `timeout` passes.
@@ -233,6 +252,7 @@ impl Supervisor {
             info: None,
             last_error: None,
             consecutive_failures: 0,
+            gave_up: false,
         });
         let worker = Arc::new(Worker {
             name: spec.name.clone(),
@@ -309,6 +329,8 @@ async fn run_worker(
             s.state = WorkerState::Starting;
             s.pid = None;
         });
+        let error_file = error_file(&spec.socket);
+        let _ = std::fs::remove_file(&error_file);
         let mut cmd = tokio::process::Command::new(&spec.program);
         cmd.arg("worker")
             .arg("--model")
@@ -339,6 +361,36 @@ async fn run_worker(
                     Outcome::Stopped => {
                         status.send_modify(|s| s.state = WorkerState::Draining);
                         terminate(&spec, &mut child).await;
+                        break;
+                    }
+                    Outcome::Unusable(status_text) => {
+                        let _ = child.kill().await;
+                        let reason = std::fs::read_to_string(&error_file)
+                            .ok()
+                            .map(|r| r.trim().to_string())
+                            .filter(|r| !r.is_empty())
+                            .unwrap_or_else(|| {
+                                format!("the model file cannot be used ({status_text})")
+                            });
+                        let _ = std::fs::remove_file(&error_file);
+                        log::error!(
+                            "worker {}: {reason}; not restarting it: replace the model file, then unload and load the model",
+                            spec.name
+                        );
+                        status.send_modify(|s| {
+                            s.state = WorkerState::Failed;
+                            s.pid = None;
+                            s.info = None;
+                            s.gave_up = true;
+                            s.consecutive_failures = failures + 1;
+                            s.last_error = Some(reason);
+                        });
+                        // Nothing to do but wait to be stopped.
+                        while !*stop.borrow() {
+                            if stop.changed().await.is_err() {
+                                break;
+                            }
+                        }
                         break;
                     }
                     Outcome::Failed { reason, up_for } => {
@@ -398,7 +450,12 @@ async fn run_worker(
 
 enum Outcome {
     Stopped,
-    Failed { reason: String, up_for: Duration },
+    Failed {
+        reason: String,
+        up_for: Duration,
+    },
+    /// Exited with [`EXIT_UNUSABLE_MODEL`] before it was ready.
+    Unusable(String),
 }
 
 fn describe(exit: std::io::Result<ExitStatus>) -> String {
@@ -438,10 +495,13 @@ async fn supervise(
         };
         match ev {
             Event::Exited(e) => {
+                if matches!(&e, Ok(st) if st.code() == Some(EXIT_UNUSABLE_MODEL)) {
+                    return Outcome::Unusable(describe(e));
+                }
                 return Outcome::Failed {
                     reason: format!("{} before it was ready", describe(e)),
                     up_for: started.elapsed(),
-                }
+                };
             }
             Event::Stop => return Outcome::Stopped,
             Event::Tick => {
@@ -534,6 +594,29 @@ async fn terminate(spec: &WorkerSpec, child: &mut tokio::process::Child) {
 mod tests {
     use super::*;
 
+    /// One worker running `program`, restarted 10-20 ms apart, a crash loop after 3.
+    fn quick(model: &str, socket: PathBuf, program: PathBuf) -> (Supervisor, Arc<Worker>) {
+        let spec = WorkerSpec {
+            name: "m".into(),
+            model: model.into(),
+            socket,
+            program,
+            extra_args: vec![],
+            grace: Duration::from_secs(1),
+            ready_timeout: Duration::from_secs(5),
+            memory_limit: None,
+        };
+        let backoff = Backoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(20),
+            reset_after: Duration::from_secs(60),
+            crash_loop_after: 3,
+        };
+        let sup = Supervisor::start(vec![spec], backoff, Liveness::default());
+        let w = sup.workers()[0].clone();
+        (sup, w)
+    }
+
     #[test]
     fn backoff_doubles_to_a_cap() {
         let b = Backoff::default();
@@ -546,28 +629,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_that_cannot_start_backs_off_and_stops_cleanly() {
-        let spec = WorkerSpec {
-            name: "m".into(),
-            model: "/nonexistent.gguf".into(),
-            socket: std::env::temp_dir().join(format!("sup-test-{}.sock", std::process::id())),
-            // `false` exits at once with status 1: a worker that dies on start.
-            program: "false".into(),
-            extra_args: vec![],
-            grace: Duration::from_secs(1),
-            ready_timeout: Duration::from_secs(5),
-            memory_limit: None,
-        };
-        let sup = Supervisor::start(
-            vec![spec],
-            Backoff {
-                base: Duration::from_millis(10),
-                max: Duration::from_millis(20),
-                reset_after: Duration::from_secs(60),
-                crash_loop_after: 3,
-            },
-            Liveness::default(),
-        );
-        let w = sup.workers()[0].clone();
+        // `false` exits at once with status 1: a worker that dies on start.
+        let socket = std::env::temp_dir().join(format!("sup-test-{}.sock", std::process::id()));
+        let (sup, w) = quick("/nonexistent.gguf", socket, "false".into());
         let t0 = Instant::now();
         while w.status().state != WorkerState::Failed {
             assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", w.status());
@@ -580,5 +644,40 @@ mod tests {
         assert!(!w.is_ready());
         sup.shutdown().await;
         assert_eq!(w.status().state, WorkerState::Stopped);
+    }
+
+    #[tokio::test]
+    async fn a_worker_with_an_unusable_model_is_failed_for_good_with_its_reason() {
+        let dir = std::env::temp_dir().join(format!("sup-unusable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Called as `worker --model M --socket S ...`: says why next to S, exits 65.
+        let script = dir.join("worker.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho \"$3 is not a valid GGUF file\" > \"${5%.sock}.error\"\nexit 65\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.join("w.sock");
+        let (sup, w) = quick("/models/junk.gguf", socket.clone(), script);
+        let t0 = Instant::now();
+        while !w.gave_up() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", w.status());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Long enough for several restarts at this back-off: none happens.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let st = w.status();
+        assert_eq!(st.state, WorkerState::Failed, "{st:?}");
+        assert_eq!(st.restarts, 0, "{st:?}");
+        assert_eq!(
+            st.last_error.as_deref(),
+            Some("/models/junk.gguf is not a valid GGUF file")
+        );
+        assert!(!error_file(&socket).exists(), "the reason file is consumed");
+        sup.shutdown().await;
+        assert_eq!(w.status().state, WorkerState::Stopped);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

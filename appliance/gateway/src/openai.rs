@@ -516,11 +516,11 @@ async fn generate<T: DeserializeOwned>(
     let key = match admitted {
         Ok(k) => k,
         Err(e) => {
-            let _ = gw.read_body(&parts.headers, body, false).await;
+            let _ = gw.read_body(ctx, &parts.headers, body, false).await;
             return Err(e);
         }
     };
-    let body = gw.read_body(&parts.headers, body, true).await?;
+    let body = gw.read_body(ctx, &parts.headers, body, true).await?;
     let (model, r) = model_of(parse_json(&body)?);
     ctx.model = Some(loggable(&model));
     let mut g = validate(r, &gw.cfg)?;

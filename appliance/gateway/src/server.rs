@@ -268,6 +268,7 @@ pub fn unix_now() -> i64 {
 pub(crate) struct ReqCtx {
     pub id: String,
     pub method: Method,
+    pub version: http::Version,
     pub route: &'static str,
     pub start: Instant,
     pub peer: SocketAddr,
@@ -720,6 +721,7 @@ impl Gateway {
         let mut ctx = ReqCtx {
             id: self.next_request_id(),
             method: req.method().clone(),
+            version: req.version(),
             route,
             start: Instant::now(),
             peer,
@@ -875,10 +877,10 @@ impl Gateway {
             ("/v1/policy/explain", &Method::POST) => {
                 let (parts, body) = req.into_parts();
                 if let Err(e) = self.authenticate_admin(&parts.headers, ctx) {
-                    let _ = self.read_body(&parts.headers, body, false).await;
+                    let _ = self.read_body(ctx, &parts.headers, body, false).await;
                     return Err(e);
                 }
-                let body = self.read_body(&parts.headers, body, true).await?;
+                let body = self.read_body(ctx, &parts.headers, body, true).await?;
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct Explain {
@@ -906,7 +908,7 @@ impl Gateway {
             }
             ("/admin/v1/models/{id}/{action}", &Method::POST) => {
                 let (parts, body) = req.into_parts();
-                let _ = self.read_body(&parts.headers, body, false).await;
+                let _ = self.read_body(ctx, &parts.headers, body, false).await;
                 self.authenticate_admin(&parts.headers, ctx)?;
                 let rest = &path["/admin/v1/models/".len()..];
                 let (name, action) = rest.rsplit_once('/').unwrap_or((rest, ""));
@@ -978,7 +980,7 @@ impl Gateway {
             (route, _) => {
                 // Read what the client sent so the error reaches it (see read_body).
                 let (parts, body) = req.into_parts();
-                let _ = self.read_body(&parts.headers, body, false).await;
+                let _ = self.read_body(ctx, &parts.headers, body, false).await;
                 Err(if route == "other" {
                     ApiError::NoRoute(path)
                 } else {
@@ -1000,23 +1002,46 @@ impl Gateway {
         }
     }
 
-    /// Reads a request body up to the configured limit (`keep`), or reads and drops it
-    /// (`!keep`: an answer that does not need it). The body is read before any answer,
-    /// and a body over the limit is still read (and dropped) up to 16 MiB more: a
-    /// connection closed with unread data resets, and the client would never see its
-    /// 4xx/503.
+    /// Reads a request body up to the configured limit (`keep`), or drops it (`!keep`:
+    /// an answer that does not need it), so that the client sees the answer. A body is
+    /// read before any answer, and one over the limit (or not needed) is still read and
+    /// dropped, up to 16 MiB past the limit: an HTTP/1.1 connection closed with unread
+    /// data resets, and some HTTP/2 clients (curl 7.88) fail a request whose stream is
+    /// reset while they still send, even after a complete answer. Except:
+    ///
+    /// - HTTP/1.1 with `Expect: 100-continue`, when the body is not needed or its
+    ///   declared length is over the limit: answered before the client is told to send.
+    /// - HTTP/2, a declared length beyond what would be drained: answered at once.
+    ///
+    /// On HTTP/2 a stream whose body is left unread is reset with NO_ERROR once its
+    /// answer has been sent (the h2 crate does so), which asks the client to stop sending
+    /// without failing its request (RFC 9113 §8.1); the connection stays up.
     pub(crate) async fn read_body(
         &self,
+        ctx: &ReqCtx,
         headers: &http::HeaderMap,
         mut body: Incoming,
         keep: bool,
     ) -> Result<Bytes, ApiError> {
         let limit = self.cfg.max_body_bytes as u64;
         let give_up = limit + (16 << 20);
+        let h2 = ctx.version == http::Version::HTTP_2;
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let waits = !h2
+            && headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let too_large = declared.is_some_and(|d| d > limit);
+        if (waits && (!keep || too_large)) || (h2 && declared.is_some_and(|d| d > give_up)) {
+            return if keep && too_large {
+                Err(ApiError::BodyTooLarge(limit as usize))
+            } else {
+                Ok(Bytes::new())
+            };
+        }
         let capacity = if keep {
             declared.unwrap_or(0).min(limit).min(64 << 10)
         } else {

@@ -87,6 +87,43 @@ fn requests_are_classified_decided_and_recorded() {
         .collect();
     assert_eq!(spans, [(1, 8, 19), (1, 26, 36)], "{v}");
     assert_eq!(explain(&key)["error"]["code"], "wrong_key_scope");
+    // The same from the command line: the tenant must exist, and a model is only said
+    // to serve a request if it runs here.
+    let cli_explain = |tenant: &str, model: &str| {
+        let req = s.dir.join("explain.json");
+        let body = serde_json::json!({"model": model, "messages": [
+            {"role": "user", "content": "Patient MRN-1234567, born 12/03/1980."}]});
+        std::fs::write(&req, body.to_string()).unwrap();
+        appliance()
+            .args(["policy", "explain", "--tenant", tenant, "--file"])
+            .arg(&req)
+            .arg("--data-dir")
+            .arg(&s.dir)
+            .output()
+            .unwrap()
+    };
+    let out = cli_explain("acme", "gpt-4o");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "served by the local model smollm2", "{v}");
+    let out = cli_explain("acme", "nonexistent");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["chosen"], serde_json::Value::Null, "{v}");
+    assert!(
+        v["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("404 model_not_found"),
+        "{v}"
+    );
+    let out = cli_explain("ghost", "smollm2");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no tenant named \"ghost\""), "{err}");
 
     // Patient data: allowed, on the appliance.
     let (code, v) = chat(

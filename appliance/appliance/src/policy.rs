@@ -335,20 +335,79 @@ pub fn run(cmd: PolicyCmd) -> Result<()> {
             policy,
             data,
         } => {
-            let p = match policy {
-                Some(path) => load_file(&path)?,
+            // A policy file alone may be tried before any appliance has a data directory.
+            let (p, dir) = match policy {
+                Some(path) => (
+                    load_file(&path)?,
+                    data.data_dir.exists().then(|| data.prepare()).transpose()?,
+                ),
                 None => {
                     let dir = data.prepare()?;
-                    load_site(&dir)?.policy
+                    (load_site(&dir)?.policy, Some(dir))
                 }
             };
             let body =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let served = match &dir {
+                Some(dir) => Some(site_facts(dir, &tenant)?),
+                None => None,
+            };
             let cfg = appliance_gateway::GatewayConfig::default();
-            let out = appliance_gateway::openai::explain(&p, &tenant, &body, &cfg, None)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let out = appliance_gateway::openai::explain(
+                &p,
+                &tenant,
+                &body,
+                &cfg,
+                None,
+                served.as_deref(),
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
     }
+}
+
+/// Checks that `tenant` exists (when the data directory has a database) and returns the
+/// models served here: the running daemon's, else those `serve` would start without
+/// `--model` flags (appliance.toml's `[models]`, else the registry's).
+fn site_facts(dir: &Path, tenant: &str) -> Result<Vec<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let db = DataDir::db(dir);
+        let store = if db.exists() {
+            let store = appliance_store::Store::open(&db).await?;
+            if !store.tenants().await?.iter().any(|t| t.name == tenant) {
+                bail!("no tenant named {tenant:?} (appliance tenant list)");
+            }
+            Some(store)
+        } else {
+            None
+        };
+        if let Some(line) = crate::serve::ask_daemon(dir, "status").await {
+            let v: serde_json::Value =
+                serde_json::from_str(line.strip_prefix("ok ").unwrap_or(&line))
+                    .with_context(|| format!("unexpected answer from the daemon: {line}"))?;
+            let mut names: Vec<String> = v["workers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w["model"].as_str().map(str::to_string))
+                .collect();
+            names.dedup();
+            return Ok(names);
+        }
+        if dir.join("appliance.toml").exists() {
+            let file = crate::config::load(dir)?;
+            if !file.models.is_empty() {
+                return Ok(file.models.keys().cloned().collect());
+            }
+        }
+        Ok(match store {
+            Some(store) => store.models().await?.into_iter().map(|m| m.name).collect(),
+            None => vec![],
+        })
+    })
 }

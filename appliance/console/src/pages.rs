@@ -512,6 +512,7 @@ pub(crate) async fn route(c: &Console, r: &Req, v: &Viewer<'_>) -> Resp {
                 request.as_bytes(),
                 &cfg,
                 Some(&c.gateway),
+                None,
             );
             let _ = c
                 .record(

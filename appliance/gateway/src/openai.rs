@@ -603,20 +603,27 @@ pub fn explain(
     body: &[u8],
     cfg: &GatewayConfig,
     live: Option<&Gateway>,
+    served: Option<&[String]>,
 ) -> Result<serde_json::Value, String> {
     let (model, parts) = request_parts(body, cfg)?;
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     let found = policy.classify(&refs);
     let d = policy.decide(tenant, &found);
-    let named_local = match live {
-        Some(gw) => gw.model(&model).is_some(),
-        None => policy
+    // Whether a local model of that name runs here: the live daemon knows; otherwise the
+    // models the caller says are served, else any the policy names as local.
+    let is_served = |m: &str| match (live, served) {
+        (Some(gw), _) => gw.model(m).is_some(),
+        (None, Some(names)) => names.iter().any(|n| n == m),
+        (None, None) => policy
             .destinations
             .values()
-            .any(|x| x.kind == appliance_policy::Kind::Local && x.model.as_deref() == Some(&model)),
+            .any(|x| x.kind == appliance_policy::Kind::Local && x.model.as_deref() == Some(m)),
     };
+    let named_local = is_served(&model);
     let upstream = upstream_chain(policy, &d, &model, named_local, refs.is_empty());
     let route = policy.route_local(&d, &model);
+    let missing = route.clone().filter(|m| !is_served(m));
+    let route = route.filter(|m| is_served(m));
     let detections: Vec<serde_json::Value> = found
         .iter()
         .map(|f| {
@@ -689,7 +696,24 @@ pub fn explain(
             }
         },
         (_, None, None, Some(m)) => format!("served by the local model {m}"),
-        (_, None, None, None) => "refused: no allowed destination is available here".to_string(),
+        // As the daemon decides (`route`): an alias, a model that runs here or one the
+        // policy names is refused by the policy; any other is unknown.
+        (_, None, None, None) => match missing {
+            Some(m) => format!("refused: 404 model_not_found (no local model {m} is served here)"),
+            None if policy.aliases.contains_key(&model) => {
+                "refused: 503 no_allowed_destination (none this request may go to is available)"
+                    .to_string()
+            }
+            None if named_local
+                || policy
+                    .destinations
+                    .values()
+                    .any(|x| x.model.as_deref() == Some(model.as_str())) =>
+            {
+                "refused: 403 policy_denied (the rule does not allow this model)".to_string()
+            }
+            None => format!("refused: 404 model_not_found (no model {model} is served here)"),
+        },
     };
     Ok(serde_json::json!({
         "policy": policy.name,

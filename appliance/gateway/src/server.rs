@@ -895,6 +895,7 @@ impl Gateway {
                     e.request.get().as_bytes(),
                     &self.cfg,
                     Some(self),
+                    None,
                 )
                 .map_err(|m| ApiError::invalid(format!("'request': {m}"), Some("request")))?;
                 let note = PolicyNote {

@@ -330,6 +330,49 @@ fn an_audit_journal_size_out_of_range_is_refused() {
     assert!(!dir.join("audit/journal.0").exists(), "nothing made");
 }
 
+/// A start that fails after the audit log opened (here: the port is taken) is recorded
+/// as a stop that says why, and leaves nothing in the journal for the next start.
+#[test]
+fn a_failed_start_is_recorded_and_leaves_the_journal_applied() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (err, dir) = serve_refuses(
+        "porttaken",
+        &format!("[api]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    assert!(err.contains("Address already in use"), "{err}");
+    let out = appliance()
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("not yet in audit.db"), "{said}");
+    let records = audit_records(&dir);
+    let actions: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    let start = actions
+        .iter()
+        .position(|a| *a == "daemon.start")
+        .expect("daemon.start");
+    let stop = &records[start..]
+        .iter()
+        .find(|r| r["action"] == "daemon.stop")
+        .expect("daemon.stop");
+    assert_eq!(stop["status"], 500, "{stop}");
+    assert_eq!(stop["error"], "start_failed", "{stop}");
+    let detail = stop["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("127.0.0.1:{port}")), "{detail}");
+    drop(taken);
+}
+
 #[test]
 fn keys_cli_contract() {
     let dir = scratch("keyscli");

@@ -161,480 +161,492 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .record(started)
         .await
         .context("the audit log cannot be written; not starting")?;
-    // The site's policy; one that does not validate keeps the daemon from starting.
-    let policy_state = crate::policy::load_site(&dir)?;
-    log::info!(
-        "policy: {} ({}), {} rule(s)",
-        policy_state.policy.name,
-        policy_state.policy.version,
-        policy_state.policy.rules.len()
-    );
-    auditor
-        .record(crate::policy::load_record(Some(&policy_state), None))
-        .await
-        .context("the audit log cannot be written; not starting")?;
-    let retention_task = (file.audit.retention_days > 0).then(|| {
-        let auditor = auditor.clone();
-        let days = file.audit.retention_days as i64;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(3600));
-            loop {
-                tick.tick().await;
-                let cutoff = appliance_gateway::server::unix_now() * 1000 - days * 86_400_000;
-                match auditor.prune(cutoff).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        log::info!("audit: pruned the text of {n} records older than {days} days")
-                    }
-                    Err(e) => log::warn!("audit: pruning failed: {e}"),
-                }
-            }
-        })
-    });
-    // Models: the flags (NAME=PATH, or NAME of a registry model), else the file's
-    // [models], else every model in the registry.
-    let registry = appliance_registry::Store::new(&dir);
-    let mut models: Vec<(String, PathBuf)> = Vec::new();
-    if !a.models.is_empty() {
-        for (name, path) in &a.models {
-            let path = if path.as_os_str().is_empty() {
-                let m = store.model(name).await?.with_context(|| {
-                    format!("--model {name}: no such model in the registry (appliance model list)")
-                })?;
-                registry.path_of(&m.sha256)
-            } else {
-                path.clone()
-            };
-            models.push((name.clone(), path));
-        }
-    } else if !file.models.is_empty() {
-        for (n, p) in &file.models {
-            config::valid_name("model", n)?;
-            models.push((
-                n.clone(),
-                if p.is_absolute() {
-                    p.clone()
-                } else {
-                    dir.join(p)
-                },
-            ));
-        }
-    } else {
-        for m in store.models().await? {
-            models.push((m.name.clone(), registry.path_of(&m.sha256)));
-        }
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for (name, path) in &models {
-        if !seen.insert(name) {
-            bail!("model {name} is given twice");
-        }
-        if !path.is_file() {
-            bail!("model {name}: {} is not a file", path.display());
-        }
-    }
-    if models.is_empty() {
-        log::warn!("no models: import one (appliance model import), give --model NAME=PATH.gguf, or add [models] to appliance.toml");
-    }
-    let keys = Arc::new(KeyTable::load(store.clone()).await?);
-
-    let tls_files = match (
-        a.tls_cert.or(file.tls.cert.clone()),
-        a.tls_key.or(file.tls.key.clone()),
-    ) {
-        (Some(cert), Some(key)) => tls::TlsFiles {
-            cert,
-            key,
-            generated: false,
-        },
-        (None, None) => tls::ensure_self_signed(&dir, &tls::host_names())?,
-        _ => bail!("TLS: give both a certificate and a key, or neither (self-signed)"),
-    };
-    let (tls_config, live_cert) = tls::server_config(&tls_files)?;
-    // The console may replace the certificate only when it is the data directory's own
-    // (self-signed or placed there), not one the configuration names.
-    let cert_in_data_dir = tls_files.cert == dir.join("tls").join("cert.pem");
-
-    let listen = a.api_listen.unwrap_or(file.api.listen);
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    let bound = listener.local_addr()?;
-    let console_listener = match a.console_listen.or(file.api.console_listen) {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {addr} (console)"))?,
-        ),
-        None => None,
-    };
-    let redirect = match a.redirect_listen.or(file.api.redirect_listen) {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {addr} (redirect)"))?,
-        ),
-        None => None,
-    };
-
-    // Workers: as an unprivileged user when the daemon is root.
-    let run_as = worker_user(&file.workers)?;
-    let sockets = run_dir.join("workers");
-    std::fs::create_dir_all(&sockets).with_context(|| format!("creating {}", sockets.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let set = |p: &Path, mode: u32| {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-                .with_context(|| format!("chmod {}", p.display()))
-        };
-        set(&sockets, 0o700)?;
-        if let Some((uid, gid, name)) = &run_as {
-            // The worker reaches its socket folder and the registry's files, and nothing
-            // else: traverse-only folders, group-readable model files.
-            use nix::unistd::{chown, Gid, Uid};
-            chown(
-                &sockets,
-                Some(Uid::from_raw(*uid)),
-                Some(Gid::from_raw(*gid)),
-            )?;
-            set(&dir, 0o711)?;
-            set(&run_dir, 0o711)?;
-            log::info!("workers run as {name} (uid {uid}, gid {gid})");
-        }
-    }
-    let launcher = Launcher {
-        dir: dir.clone(),
-        sockets,
-        exe: std::env::current_exe().context("locating the appliance binary")?,
-        threads: a.worker_threads.unwrap_or(file.workers.threads),
-        run_as,
-        workers: file.workers.clone(),
-        devices: file.devices.clone(),
-        instances: file.instances.clone(),
-        store: store.clone(),
-        pins: std::sync::Mutex::new(store.model_devices().await?),
-    };
-    // Placement: each model's memory estimate against what the box has free.
-    let inventory = appliance_supervisor::inventory::read(&dir);
-    log::info!(
-        "hardware: {} ({} cores, {} threads), {:.1} GiB RAM available of {:.1}, {} GPU(s){}",
-        inventory.cpu_model,
-        inventory.cpu_cores,
-        inventory.cpu_threads,
-        inventory.memory_available as f64 / (1u64 << 30) as f64,
-        inventory.memory_total as f64 / (1u64 << 30) as f64,
-        inventory.gpus.len(),
-        inventory
-            .gpu_note
-            .as_ref()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default()
-    );
-    let mut needs = Vec::new();
-    for (name, path) in &models {
-        needs.extend(launcher.needs_all(name, path)?);
-    }
-    for d in file.devices.keys() {
-        if !models.iter().any(|m| &m.0 == d) {
-            log::warn!("[devices] names {d}, which is not served");
-        }
-    }
-    let placements =
-        appliance_supervisor::placement::place(&needs, &inventory, cfg!(feature = "cuda"))
-            .map_err(|e| anyhow::anyhow!("placement: {e}"))?;
-    let liveness = file.workers.liveness();
-    log::info!(
-        "supervision: a hung worker is replaced within {:.1}s; restarts back off from {:?} to {:?}",
-        liveness.bound().as_secs_f64(),
-        file.workers.backoff().base,
-        file.workers.backoff().max
-    );
-    let mut supervisor = Supervisor::start(vec![], file.workers.backoff(), liveness);
-    if file.workers.memory_limit {
-        match appliance_supervisor::cgroup::Cgroups::detect() {
-            Ok(cg) => {
-                log::info!("workers get a cgroup v2 memory limit (placement's estimate + 25%)");
-                supervisor.set_cgroups(Some(cg));
-            }
-            Err(why) => log::info!("no per-worker memory limit: {why}"),
-        }
-    }
-    let mut gcfg = file.gateway();
-    gcfg.data_dir = Some(dir.clone());
-    if let Some(t) = a.drain_timeout {
-        gcfg.drain_timeout = Duration::from_secs(t);
-    }
-    let drain_timeout = gcfg.drain_timeout;
-    let gateway = Gateway::new(gcfg, keys.clone(), vec![], auditor.clone());
-    gateway.set_policy(policy_state);
-    let hup_task = {
-        let (gateway, auditor, dir) = (gateway.clone(), auditor.clone(), dir.clone());
-        tokio::spawn(async move {
-            let Ok(mut hup) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                match reload_policy(&dir, &gateway, &auditor).await {
-                    Ok(v) => log::info!("SIGHUP: policy {v} in force"),
-                    Err(e) => log::error!("SIGHUP: policy not reloaded: {e:#}"),
-                }
-            }
-        })
-    };
-    let daemon = Arc::new(Daemon {
-        launcher,
-        supervisor,
-        gateway: gateway.clone(),
-        changes: tokio::sync::Mutex::new(()),
-        drain_timeout,
-    });
-    for (name, path) in &models {
-        daemon.start_model(name, path, &placements)?;
-    }
-    let admin_link = Arc::new(AdminLink(daemon.clone()));
-    gateway.set_admin(admin_link.clone());
-
-    // The CLI's channel to the daemon, and a slower safety net for key changes.
-    let control = control_listener(&dir)?;
-    let control_task = tokio::spawn(serve_control(
-        control,
-        keys.clone(),
-        daemon.clone(),
-        auditor.clone(),
-    ));
-    let poll_keys = keys.clone();
-    let poll_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        loop {
-            tick.tick().await;
-            match poll_keys.reload_if_changed().await {
-                Ok(true) => log::info!("keys reloaded ({} keys)", poll_keys.len()),
-                Ok(false) => {}
-                Err(e) => log::warn!("checking for key changes: {e}"),
-            }
-        }
-    });
-
-    let host = if bound.ip().is_unspecified() {
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into())
-    } else {
-        bound.ip().to_string()
-    };
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host
-    };
-    println!("appliance: API     https://{host}:{}/v1", bound.port());
-    if tls_files.generated {
-        println!(
-            "appliance: TLS     self-signed; trust {} (e.g. curl --cacert)",
-            tls_files.cert.display()
-        );
-    }
-    println!(
-        "appliance: models  {}",
-        if models.is_empty() {
-            "none".to_string()
-        } else {
-            models
-                .iter()
-                .map(|m| m.0.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    );
-    let console = match &console_listener {
-        Some(l) => {
-            let port = l.local_addr()?.port();
-            let audit_db = appliance_store::audit::AuditDb::open(
-                &crate::audit::db_path(&dir),
-                Duration::from_secs(10),
-            )
-            .await?;
-            let ops = Arc::new(ConsoleOps {
-                dir: dir.clone(),
-                gateway: gateway.clone(),
-                auditor: auditor.clone(),
-                admin: admin_link.clone(),
-                live_cert: live_cert.clone(),
-                cert_in_data_dir,
-                pinned_in_config: file.devices.clone(),
-                restart: restart.clone(),
-            });
-            let c = appliance_console::Console::new(
-                store.clone(),
-                audit_db,
-                auditor.clone(),
-                gateway.clone(),
-                ops,
-                dir.clone(),
-                tls_files.cert.clone(),
-            )
-            .await;
-            println!("appliance: console https://{host}:{port}/");
-            // For the machine's screen (the image's banner): the certificate's
-            // fingerprint, and the setup token while there is one; root-readable only.
-            let token = c.setup_token().await;
-            let fp = std::fs::read(&tls_files.cert)
-                .ok()
-                .and_then(|pem| appliance_gateway::tls::fingerprint(&pem));
-            for (name, value) in [("console-setup-token", &token), ("certificate-sha256", &fp)] {
-                let path = dir.join("run").join(name);
-                match value {
-                    Some(v) => crate::backup::write_private(&path, format!("{v}\n").as_bytes())?,
-                    None => {
-                        let _ = std::fs::remove_file(&path);
-                    }
-                }
-            }
-            if let Some(token) = token {
-                // The one secret ever printed: it works once, for 24 hours, and only
-                // while the console has no user.
-                let link = format!("https://{host}:{port}/setup?token={token}");
-                println!("appliance: console setup (one time): {link}");
-                log::warn!("console: no user yet; first-run setup link (one time, 24 h): {link}");
-            }
-            Some(c)
-        }
-        None => None,
-    };
-    println!("appliance: data    {}", dir.display());
-    if keys.is_empty() {
-        println!(
-            "appliance: no API keys yet: appliance tenant create NAME --data-dir {0} && appliance key create --tenant NAME --data-dir {0}",
-            dir.display()
-        );
-    }
-    log::info!(
-        "serving the API on {bound} ({} model(s), {} key(s)); pid {}",
-        models.len(),
-        keys.len(),
-        std::process::id()
-    );
-
-    // systemd: READY once the API listens and every model's worker is ready (or has
-    // had its ready timeout), the watchdog pinged from the runtime that serves requests.
-    let notify_workers: Vec<_> = daemon.supervisor.workers();
-    let ready_timeout = Duration::from_secs(file.workers.ready_timeout_secs);
-    let listen_note = bound.to_string();
-    let notify_task = tokio::spawn(async move {
-        for w in &notify_workers {
-            w.wait_ready(ready_timeout).await;
-        }
-        let ready: Vec<&str> = notify_workers
-            .iter()
-            .filter(|w| w.is_ready())
-            .map(|w| w.name.as_str())
-            .collect();
-        crate::sdnotify::notify(&format!(
-            "READY=1\nSTATUS=Serving {} of {} model(s) on {listen_note}",
-            ready.len(),
-            notify_workers.len()
-        ));
+    // From here on a failed start is recorded as a stop that says why, and the audit
+    // writer is stopped cleanly (its journal applied to the store), as after serving.
+    let served: Result<()> = async {
+        // The site's policy; one that does not validate keeps the daemon from starting.
+        let policy_state = crate::policy::load_site(&dir)?;
         log::info!(
-            "ready: {} of {} model(s) serving",
-            ready.len(),
-            notify_workers.len()
+            "policy: {} ({}), {} rule(s)",
+            policy_state.policy.name,
+            policy_state.policy.version,
+            policy_state.policy.rules.len()
         );
-    });
-    let watchdog_task = crate::sdnotify::watchdog().map(|period| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period / 2);
-            loop {
-                tick.tick().await;
-                crate::sdnotify::notify("WATCHDOG=1");
+        auditor
+            .record(crate::policy::load_record(Some(&policy_state), None))
+            .await
+            .context("the audit log cannot be written; not starting")?;
+        let retention_task = (file.audit.retention_days > 0).then(|| {
+            let auditor = auditor.clone();
+            let days = file.audit.retention_days as i64;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                loop {
+                    tick.tick().await;
+                    let cutoff = appliance_gateway::server::unix_now() * 1000 - days * 86_400_000;
+                    match auditor.prune(cutoff).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            log::info!("audit: pruned the text of {n} records older than {days} days")
+                        }
+                        Err(e) => log::warn!("audit: pruning failed: {e}"),
+                    }
+                }
+            })
+        });
+        // Models: the flags (NAME=PATH, or NAME of a registry model), else the file's
+        // [models], else every model in the registry.
+        let registry = appliance_registry::Store::new(&dir);
+        let mut models: Vec<(String, PathBuf)> = Vec::new();
+        if !a.models.is_empty() {
+            for (name, path) in &a.models {
+                let path = if path.as_os_str().is_empty() {
+                    let m = store.model(name).await?.with_context(|| {
+                        format!("--model {name}: no such model in the registry (appliance model list)")
+                    })?;
+                    registry.path_of(&m.sha256)
+                } else {
+                    path.clone()
+                };
+                models.push((name.clone(), path));
             }
-        })
-    });
+        } else if !file.models.is_empty() {
+            for (n, p) in &file.models {
+                config::valid_name("model", n)?;
+                models.push((
+                    n.clone(),
+                    if p.is_absolute() {
+                        p.clone()
+                    } else {
+                        dir.join(p)
+                    },
+                ));
+            }
+        } else {
+            for m in store.models().await? {
+                models.push((m.name.clone(), registry.path_of(&m.sha256)));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, path) in &models {
+            if !seen.insert(name) {
+                bail!("model {name} is given twice");
+            }
+            if !path.is_file() {
+                bail!("model {name}: {} is not a file", path.display());
+            }
+        }
+        if models.is_empty() {
+            log::warn!("no models: import one (appliance model import), give --model NAME=PATH.gguf, or add [models] to appliance.toml");
+        }
+        let keys = Arc::new(KeyTable::load(store.clone()).await?);
 
-    // Usage accounting: the gateway counts, the store keeps hourly rows.
-    let usage_task = {
-        let (gateway, store) = (gateway.clone(), store.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let tls_files = match (
+            a.tls_cert.or(file.tls.cert.clone()),
+            a.tls_key.or(file.tls.key.clone()),
+        ) {
+            (Some(cert), Some(key)) => tls::TlsFiles {
+                cert,
+                key,
+                generated: false,
+            },
+            (None, None) => tls::ensure_self_signed(&dir, &tls::host_names())?,
+            _ => bail!("TLS: give both a certificate and a key, or neither (self-signed)"),
+        };
+        let (tls_config, live_cert) = tls::server_config(&tls_files)?;
+        // The console may replace the certificate only when it is the data directory's own
+        // (self-signed or placed there), not one the configuration names.
+        let cert_in_data_dir = tls_files.cert == dir.join("tls").join("cert.pem");
+
+        let listen = a.api_listen.unwrap_or(file.api.listen);
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        let bound = listener.local_addr()?;
+        let console_listener = match a.console_listen.or(file.api.console_listen) {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr} (console)"))?,
+            ),
+            None => None,
+        };
+        let redirect = match a.redirect_listen.or(file.api.redirect_listen) {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr} (redirect)"))?,
+            ),
+            None => None,
+        };
+
+        // Workers: as an unprivileged user when the daemon is root.
+        let run_as = worker_user(&file.workers)?;
+        let sockets = run_dir.join("workers");
+        std::fs::create_dir_all(&sockets).with_context(|| format!("creating {}", sockets.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let set = |p: &Path, mode: u32| {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                    .with_context(|| format!("chmod {}", p.display()))
+            };
+            set(&sockets, 0o700)?;
+            if let Some((uid, gid, name)) = &run_as {
+                // The worker reaches its socket folder and the registry's files, and nothing
+                // else: traverse-only folders, group-readable model files.
+                use nix::unistd::{chown, Gid, Uid};
+                chown(
+                    &sockets,
+                    Some(Uid::from_raw(*uid)),
+                    Some(Gid::from_raw(*gid)),
+                )?;
+                set(&dir, 0o711)?;
+                set(&run_dir, 0o711)?;
+                log::info!("workers run as {name} (uid {uid}, gid {gid})");
+            }
+        }
+        let launcher = Launcher {
+            dir: dir.clone(),
+            sockets,
+            exe: std::env::current_exe().context("locating the appliance binary")?,
+            threads: a.worker_threads.unwrap_or(file.workers.threads),
+            run_as,
+            workers: file.workers.clone(),
+            devices: file.devices.clone(),
+            instances: file.instances.clone(),
+            store: store.clone(),
+            pins: std::sync::Mutex::new(store.model_devices().await?),
+        };
+        // Placement: each model's memory estimate against what the box has free.
+        let inventory = appliance_supervisor::inventory::read(&dir);
+        log::info!(
+            "hardware: {} ({} cores, {} threads), {:.1} GiB RAM available of {:.1}, {} GPU(s){}",
+            inventory.cpu_model,
+            inventory.cpu_cores,
+            inventory.cpu_threads,
+            inventory.memory_available as f64 / (1u64 << 30) as f64,
+            inventory.memory_total as f64 / (1u64 << 30) as f64,
+            inventory.gpus.len(),
+            inventory
+                .gpu_note
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+        let mut needs = Vec::new();
+        for (name, path) in &models {
+            needs.extend(launcher.needs_all(name, path)?);
+        }
+        for d in file.devices.keys() {
+            if !models.iter().any(|m| &m.0 == d) {
+                log::warn!("[devices] names {d}, which is not served");
+            }
+        }
+        let placements =
+            appliance_supervisor::placement::place(&needs, &inventory, cfg!(feature = "cuda"))
+                .map_err(|e| anyhow::anyhow!("placement: {e}"))?;
+        let liveness = file.workers.liveness();
+        log::info!(
+            "supervision: a hung worker is replaced within {:.1}s; restarts back off from {:?} to {:?}",
+            liveness.bound().as_secs_f64(),
+            file.workers.backoff().base,
+            file.workers.backoff().max
+        );
+        let mut supervisor = Supervisor::start(vec![], file.workers.backoff(), liveness);
+        if file.workers.memory_limit {
+            match appliance_supervisor::cgroup::Cgroups::detect() {
+                Ok(cg) => {
+                    log::info!("workers get a cgroup v2 memory limit (placement's estimate + 25%)");
+                    supervisor.set_cgroups(Some(cg));
+                }
+                Err(why) => log::info!("no per-worker memory limit: {why}"),
+            }
+        }
+        let mut gcfg = file.gateway();
+        gcfg.data_dir = Some(dir.clone());
+        if let Some(t) = a.drain_timeout {
+            gcfg.drain_timeout = Duration::from_secs(t);
+        }
+        let drain_timeout = gcfg.drain_timeout;
+        let gateway = Gateway::new(gcfg, keys.clone(), vec![], auditor.clone());
+        gateway.set_policy(policy_state);
+        let hup_task = {
+            let (gateway, auditor, dir) = (gateway.clone(), auditor.clone(), dir.clone());
+            tokio::spawn(async move {
+                let Ok(mut hup) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    match reload_policy(&dir, &gateway, &auditor).await {
+                        Ok(v) => log::info!("SIGHUP: policy {v} in force"),
+                        Err(e) => log::error!("SIGHUP: policy not reloaded: {e:#}"),
+                    }
+                }
+            })
+        };
+        let daemon = Arc::new(Daemon {
+            launcher,
+            supervisor,
+            gateway: gateway.clone(),
+            changes: tokio::sync::Mutex::new(()),
+            drain_timeout,
+        });
+        for (name, path) in &models {
+            daemon.start_model(name, path, &placements)?;
+        }
+        let admin_link = Arc::new(AdminLink(daemon.clone()));
+        gateway.set_admin(admin_link.clone());
+
+        // The CLI's channel to the daemon, and a slower safety net for key changes.
+        let control = control_listener(&dir)?;
+        let control_task = tokio::spawn(serve_control(
+            control,
+            keys.clone(),
+            daemon.clone(),
+            auditor.clone(),
+        ));
+        let poll_keys = keys.clone();
+        let poll_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tick.tick().await;
-                if let Err(e) = store.add_usage(&gateway.take_usage()).await {
-                    log::warn!("usage accounting: {e}");
+                match poll_keys.reload_if_changed().await {
+                    Ok(true) => log::info!("keys reloaded ({} keys)", poll_keys.len()),
+                    Ok(false) => {}
+                    Err(e) => log::warn!("checking for key changes: {e}"),
                 }
             }
-        })
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let console_task = match (console, console_listener) {
-        (Some(c), Some(l)) => {
-            let mut rx = stop_rx.clone();
-            Some(tokio::spawn(c.serve(l, tls_config.clone(), async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })))
+        });
+
+        let host = if bound.ip().is_unspecified() {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        } else {
+            bound.ip().to_string()
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        println!("appliance: API     https://{host}:{}/v1", bound.port());
+        if tls_files.generated {
+            println!(
+                "appliance: TLS     self-signed; trust {} (e.g. curl --cacert)",
+                tls_files.cert.display()
+            );
         }
-        _ => None,
-    };
-    let redirect_task = redirect.map(|l| {
-        let mut rx = stop_rx.clone();
-        tokio::spawn(appliance_gateway::server::serve_redirect(
-            l,
-            bound.port(),
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
-        ))
-    });
-    let restart_wait = restart.clone();
-    let shutdown = async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .expect("installing the SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => log::info!("SIGTERM: shutting down"),
-            _ = int.recv() => log::info!("SIGINT: shutting down"),
-            _ = restart_wait.notified() => {
-                RESTART.store(true, std::sync::atomic::Ordering::Release);
-                log::info!("restart requested from the console: shutting down");
+        println!(
+            "appliance: models  {}",
+            if models.is_empty() {
+                "none".to_string()
+            } else {
+                models
+                    .iter()
+                    .map(|m| m.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
+        );
+        let console = match &console_listener {
+            Some(l) => {
+                let port = l.local_addr()?.port();
+                let audit_db = appliance_store::audit::AuditDb::open(
+                    &crate::audit::db_path(&dir),
+                    Duration::from_secs(10),
+                )
+                .await?;
+                let ops = Arc::new(ConsoleOps {
+                    dir: dir.clone(),
+                    gateway: gateway.clone(),
+                    auditor: auditor.clone(),
+                    admin: admin_link.clone(),
+                    live_cert: live_cert.clone(),
+                    cert_in_data_dir,
+                    pinned_in_config: file.devices.clone(),
+                    restart: restart.clone(),
+                });
+                let c = appliance_console::Console::new(
+                    store.clone(),
+                    audit_db,
+                    auditor.clone(),
+                    gateway.clone(),
+                    ops,
+                    dir.clone(),
+                    tls_files.cert.clone(),
+                )
+                .await;
+                println!("appliance: console https://{host}:{port}/");
+                // For the machine's screen (the image's banner): the certificate's
+                // fingerprint, and the setup token while there is one; root-readable only.
+                let token = c.setup_token().await;
+                let fp = std::fs::read(&tls_files.cert)
+                    .ok()
+                    .and_then(|pem| appliance_gateway::tls::fingerprint(&pem));
+                for (name, value) in [("console-setup-token", &token), ("certificate-sha256", &fp)] {
+                    let path = dir.join("run").join(name);
+                    match value {
+                        Some(v) => crate::backup::write_private(&path, format!("{v}\n").as_bytes())?,
+                        None => {
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+                if let Some(token) = token {
+                    // The one secret ever printed: it works once, for 24 hours, and only
+                    // while the console has no user.
+                    let link = format!("https://{host}:{port}/setup?token={token}");
+                    println!("appliance: console setup (one time): {link}");
+                    log::warn!("console: no user yet; first-run setup link (one time, 24 h): {link}");
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        println!("appliance: data    {}", dir.display());
+        if keys.is_empty() {
+            println!(
+                "appliance: no API keys yet: appliance tenant create NAME --data-dir {0} && appliance key create --tenant NAME --data-dir {0}",
+                dir.display()
+            );
         }
-        crate::sdnotify::notify("STOPPING=1\nSTATUS=Draining");
-        let _ = stop_tx.send(true);
-    };
-    gateway.clone().serve(listener, tls_config, shutdown).await;
-    if let Some(t) = redirect_task {
-        let _ = t.await;
+        log::info!(
+            "serving the API on {bound} ({} model(s), {} key(s)); pid {}",
+            models.len(),
+            keys.len(),
+            std::process::id()
+        );
+
+        // systemd: READY once the API listens and every model's worker is ready (or has
+        // had its ready timeout), the watchdog pinged from the runtime that serves requests.
+        let notify_workers: Vec<_> = daemon.supervisor.workers();
+        let ready_timeout = Duration::from_secs(file.workers.ready_timeout_secs);
+        let listen_note = bound.to_string();
+        let notify_task = tokio::spawn(async move {
+            for w in &notify_workers {
+                w.wait_ready(ready_timeout).await;
+            }
+            let ready: Vec<&str> = notify_workers
+                .iter()
+                .filter(|w| w.is_ready())
+                .map(|w| w.name.as_str())
+                .collect();
+            crate::sdnotify::notify(&format!(
+                "READY=1\nSTATUS=Serving {} of {} model(s) on {listen_note}",
+                ready.len(),
+                notify_workers.len()
+            ));
+            log::info!(
+                "ready: {} of {} model(s) serving",
+                ready.len(),
+                notify_workers.len()
+            );
+        });
+        let watchdog_task = crate::sdnotify::watchdog().map(|period| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period / 2);
+                loop {
+                    tick.tick().await;
+                    crate::sdnotify::notify("WATCHDOG=1");
+                }
+            })
+        });
+
+        // Usage accounting: the gateway counts, the store keeps hourly rows.
+        let usage_task = {
+            let (gateway, store) = (gateway.clone(), store.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = store.add_usage(&gateway.take_usage()).await {
+                        log::warn!("usage accounting: {e}");
+                    }
+                }
+            })
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let console_task = match (console, console_listener) {
+            (Some(c), Some(l)) => {
+                let mut rx = stop_rx.clone();
+                Some(tokio::spawn(c.serve(l, tls_config.clone(), async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })))
+            }
+            _ => None,
+        };
+        let redirect_task = redirect.map(|l| {
+            let mut rx = stop_rx.clone();
+            tokio::spawn(appliance_gateway::server::serve_redirect(
+                l,
+                bound.port(),
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            ))
+        });
+        let restart_wait = restart.clone();
+        let shutdown = async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+            let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .expect("installing the SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => log::info!("SIGTERM: shutting down"),
+                _ = int.recv() => log::info!("SIGINT: shutting down"),
+                _ = restart_wait.notified() => {
+                    RESTART.store(true, std::sync::atomic::Ordering::Release);
+                    log::info!("restart requested from the console: shutting down");
+                }
+            }
+            crate::sdnotify::notify("STOPPING=1\nSTATUS=Draining");
+            let _ = stop_tx.send(true);
+        };
+        gateway.clone().serve(listener, tls_config, shutdown).await;
+        if let Some(t) = redirect_task {
+            let _ = t.await;
+        }
+        if let Some(t) = console_task {
+            let _ = t.await;
+        }
+        usage_task.abort();
+        if let Err(e) = store.add_usage(&gateway.take_usage()).await {
+            log::warn!("usage accounting: {e}");
+        }
+        log::info!("stopping workers");
+        daemon.supervisor.shutdown().await;
+        control_task.abort();
+        poll_task.abort();
+        notify_task.abort();
+        if let Some(t) = watchdog_task {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(DataDir::control_socket(&dir));
+        if let Some(t) = retention_task {
+            t.abort();
+        }
+        hup_task.abort();
+        Ok(())
     }
-    if let Some(t) = console_task {
-        let _ = t.await;
-    }
-    usage_task.abort();
-    if let Err(e) = store.add_usage(&gateway.take_usage()).await {
-        log::warn!("usage accounting: {e}");
-    }
-    log::info!("stopping workers");
-    daemon.supervisor.shutdown().await;
-    control_task.abort();
-    poll_task.abort();
-    notify_task.abort();
-    if let Some(t) = watchdog_task {
-        t.abort();
-    }
-    let _ = std::fs::remove_file(DataDir::control_socket(&dir));
-    if let Some(t) = retention_task {
-        t.abort();
-    }
-    hup_task.abort();
-    let mut stopped = Record::action("daemon.stop", 200);
+    .await;
+    let mut stopped = Record::action("daemon.stop", if served.is_ok() { 200 } else { 500 });
     stopped.source = Some("local".into());
+    if let Err(e) = &served {
+        stopped.error = Some("start_failed".into());
+        stopped.detail = Some(format!("{e:#}").chars().take(200).collect());
+    }
     auditor.stop(Some(stopped)).await;
     let _ = audit_task.await;
     store.close().await;
-    log::info!("stopped");
+    if served.is_ok() {
+        log::info!("stopped");
+    }
     drop(lock);
-    Ok(())
+    served
 }
 
 /// What a model will need: weights (for the CPU engine, the file plus its widened Q4_1

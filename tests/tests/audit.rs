@@ -393,6 +393,41 @@ db.execute('DELETE FROM audit_checkpoints WHERE size > 5')",
     assert!(report.contains("public.key is missing"), "{report}");
 }
 
+/// An admin action from the command line is recorded before it is done: when the log
+/// cannot be written, nothing is done. A refused duplicate is recorded once, as refused.
+#[test]
+fn a_tenant_the_log_cannot_tell_of_is_not_created() {
+    let dir = scratch("audit-tenant-first");
+    let data = dir.to_str().unwrap();
+    appliance_ok(&["tenant", "create", "first", "--data-dir", data]);
+    let out = run_appliance(&["tenant", "create", "first", "--data-dir", data]);
+    assert!(!out.status.success());
+    let creates = |dir: &std::path::Path| -> Vec<(u64, String)> {
+        audit_records(dir)
+            .iter()
+            .filter(|r| r["action"] == "tenant.create")
+            .map(|r| {
+                (
+                    r["status"].as_u64().unwrap(),
+                    r["tenant"].as_str().unwrap_or("").into(),
+                )
+            })
+            .collect()
+    };
+    let seen = creates(&dir);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], (200, "first".to_string()));
+    assert_eq!(seen[1].0, 400, "{seen:?}");
+    // The log's signing key spoilt: no record can be written, so no tenant is made.
+    std::fs::write(dir.join("audit/signing.key"), "not a key\n").unwrap();
+    let out = run_appliance(&["tenant", "create", "second", "--data-dir", data]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the tenant was not created"), "{err}");
+    let list = appliance_ok(&["tenant", "list", "--data-dir", data]);
+    assert_eq!(list.trim(), "first", "{list}");
+}
+
 /// Small journal files: the log takes ~40 records while its store cannot be written.
 const FAST_AUDIT: &str =
     "[audit]\nlock_timeout_ms = 300\ncheckpoint_interval_secs = 1\njournal_kib = 16\n";

@@ -384,6 +384,7 @@ fn keys_cli_contract() {
             .output()
             .unwrap()
     };
+    std::fs::write(dir.join("appliance.toml"), "[models]\na = \"a.gguf\"\n").unwrap();
     assert!(run(&["tenant", "create", "acme"]).status.success());
     let dup = run(&["tenant", "create", "acme"]);
     assert!(!dup.status.success());
@@ -401,6 +402,10 @@ fn keys_cli_contract() {
         "5",
     ]);
     assert!(out.status.success());
+    // A model no one here has is said (a typo, most likely); one the config names is not.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning: --models b: no model"), "{err}");
+    assert!(!err.contains("--models a"), "{err}");
     let secret = String::from_utf8(out.stdout).unwrap();
     // The secret alone on stdout, one line.
     assert_eq!(secret.lines().count(), 1);

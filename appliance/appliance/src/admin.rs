@@ -141,12 +141,18 @@ async fn tenant_inner(cmd: TenantCmd) -> Result<()> {
         match cmd {
             TenantCmd::Create { name, data } => {
                 config::valid_name("tenant", &name)?;
-                let (_, store) = open(&data).await?;
-                let t = store.create_tenant(&name, now()).await?;
+                let (dir, store) = open(&data).await?;
+                if store.tenants().await?.iter().any(|t| t.name == name) {
+                    return Err(appliance_store::StoreError::TenantExists(name).into());
+                }
+                // The record first: a tenant the log cannot tell of is not created.
                 let mut r = Record::action("tenant.create", 200);
-                r.tenant = Some(t.name.clone());
-                r.resource = Some(format!("tenant:{}", t.name));
-                record_cli(&data.prepare()?, r).await?;
+                r.tenant = Some(name.clone());
+                r.resource = Some(format!("tenant:{name}"));
+                record_cli(&dir, r)
+                    .await
+                    .context("the tenant was not created")?;
+                let t = store.create_tenant(&name, now()).await?;
                 eprintln!("created tenant {} (id {})", t.name, t.id);
             }
             TenantCmd::List { data, json } => {
@@ -248,6 +254,26 @@ async fn key_inner(cmd: KeyCmd) -> Result<()> {
                     }
                 }
                 let (dir, store) = open(&data).await?;
+                if let Some(ms) = &models {
+                    // A name no model here has is most likely a typo: said, not refused
+                    // (a model may be imported or named with --model later).
+                    let mut known = crate::serve::served_models(&dir, Some(&store)).await?;
+                    known.extend(store.models().await?.into_iter().map(|m| m.name));
+                    if let Ok(p) = crate::policy::load_site(&dir) {
+                        known.extend(p.policy.aliases.keys().cloned());
+                        known.extend(
+                            p.policy
+                                .destinations
+                                .values()
+                                .filter_map(|d| d.model.clone()),
+                        );
+                    }
+                    for m in ms.iter().filter(|m| !known.contains(m)) {
+                        eprintln!(
+                            "warning: --models {m}: no model of that name is served, registered or named by the policy here; the key can use it only once one is"
+                        );
+                    }
+                }
                 let secret = keys::generate();
                 let t = now();
                 let rec = store

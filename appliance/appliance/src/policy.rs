@@ -369,8 +369,7 @@ pub fn run(cmd: PolicyCmd) -> Result<()> {
 }
 
 /// Checks that `tenant` exists (when the data directory has a database) and returns the
-/// models served here: the running daemon's, else those `serve` would start without
-/// `--model` flags (appliance.toml's `[models]`, else the registry's).
+/// models served here (`serve::served_models`).
 fn site_facts(dir: &Path, tenant: &str) -> Result<Vec<String>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -386,28 +385,6 @@ fn site_facts(dir: &Path, tenant: &str) -> Result<Vec<String>> {
         } else {
             None
         };
-        if let Some(line) = crate::serve::ask_daemon(dir, "status").await {
-            let v: serde_json::Value =
-                serde_json::from_str(line.strip_prefix("ok ").unwrap_or(&line))
-                    .with_context(|| format!("unexpected answer from the daemon: {line}"))?;
-            let mut names: Vec<String> = v["workers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|w| w["model"].as_str().map(str::to_string))
-                .collect();
-            names.dedup();
-            return Ok(names);
-        }
-        if dir.join("appliance.toml").exists() {
-            let file = crate::config::load(dir)?;
-            if !file.models.is_empty() {
-                return Ok(file.models.keys().cloned().collect());
-            }
-        }
-        Ok(match store {
-            Some(store) => store.models().await?.into_iter().map(|m| m.name).collect(),
-            None => vec![],
-        })
+        crate::serve::served_models(dir, store.as_ref()).await
     })
 }

@@ -1342,6 +1342,33 @@ async fn reload_policy(dir: &Path, gateway: &Gateway, auditor: &Auditor) -> Resu
     }
 }
 
+/// The models served here: the running daemon's, else those `serve` would start without
+/// `--model` flags (appliance.toml's `[models]`, else the registry's, read from `store`).
+pub async fn served_models(dir: &Path, store: Option<&Store>) -> Result<Vec<String>> {
+    if let Some(line) = ask_daemon(dir, "status").await {
+        let v: serde_json::Value = serde_json::from_str(line.strip_prefix("ok ").unwrap_or(&line))
+            .with_context(|| format!("unexpected answer from the daemon: {line}"))?;
+        let mut names: Vec<String> = v["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w["model"].as_str().map(str::to_string))
+            .collect();
+        names.dedup();
+        return Ok(names);
+    }
+    if dir.join("appliance.toml").exists() {
+        let file = config::load(dir)?;
+        if !file.models.is_empty() {
+            return Ok(file.models.keys().cloned().collect());
+        }
+    }
+    Ok(match store {
+        Some(store) => store.models().await?.into_iter().map(|m| m.name).collect(),
+        None => vec![],
+    })
+}
+
 /// Takes the data directory's daemon lock (`DIR/run/serve.lock`) if no one holds it:
 /// the daemon for its lifetime, a command that writes the audit log for a moment.
 pub fn try_lock(dir: &Path) -> Result<Option<std::fs::File>> {

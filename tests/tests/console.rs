@@ -781,6 +781,14 @@ fn backups_download_verify_and_restore() {
     std::fs::write(&bad_file, &bad).unwrap();
     let (ok, out) = backup_cli(&["verify", bad_file.to_str().unwrap()], PASS);
     assert!(!ok && out.contains("does not decrypt"), "{out}");
+    // A file that is no backup at all is said so before any passphrase is asked for.
+    let junk = s.dir.join("junk.bin");
+    std::fs::write(&junk, b"this is no backup").unwrap();
+    let (ok, out) = backup_cli(&["verify", junk.to_str().unwrap()], "");
+    assert!(
+        !ok && out.contains("junk.bin: not an appliance backup"),
+        "{out}"
+    );
     // Not while the daemon runs.
     let (ok, out) = backup_cli(&["restore", f, "--data-dir", s.dir.to_str().unwrap()], PASS);
     assert!(!ok && out.contains("stop it"), "{out}");

@@ -423,6 +423,20 @@ fn keys_cli_contract() {
     // The database holds no secret either.
     let db = std::fs::read(dir.join("appliance.db")).unwrap();
     assert!(!db.windows(64).any(|w| w == &secret.trim().as_bytes()[25..]));
+    // Limits: whole numbers of at least 1, a negative one said to be out of range.
+    let neg = run(&["key", "create", "--tenant", "acme", "--rpm", "-1"]);
+    assert!(!neg.status.success());
+    let err = String::from_utf8_lossy(&neg.stderr);
+    assert!(
+        err.contains("'-1' for '--rpm <RPM>'") && err.contains("not in 1.."),
+        "{err}"
+    );
+    // A bad name is shown cut short, not echoed whole.
+    let long = "x".repeat(5000);
+    let out = run(&["tenant", "create", &long]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must be 1 to 64") && err.len() < 400, "{err}");
     assert!(!run(&["key", "create", "--tenant", "nobody"])
         .status
         .success());

@@ -45,13 +45,13 @@ pub enum KeyCmd {
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
         /// Requests per minute.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
         rpm: Option<u32>,
         /// Tokens (prompt + completion) per minute.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
         tpm: Option<u32>,
         /// Requests in progress at once.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
         max_concurrency: Option<u32>,
         /// A note for the listing (e.g. the application using it).
         #[arg(long)]

@@ -189,13 +189,19 @@ pub async fn create_bytes(dir: &Path, passphrase: &str) -> Result<Vec<u8>> {
 }
 
 /// Decrypts a backup and checks it; returns its files (name → bytes) and a summary.
+/// The file's header: checked before a passphrase is asked for.
+fn looks_like_backup(bytes: &[u8]) -> Result<()> {
+    if bytes.len() < 36 + 16 || &bytes[..8] != MAGIC {
+        bail!("not an appliance backup");
+    }
+    Ok(())
+}
+
 pub async fn open_verified(
     bytes: &[u8],
     passphrase: &str,
 ) -> Result<(BTreeMap<String, Vec<u8>>, String)> {
-    if bytes.len() < 36 + 16 || &bytes[..8] != MAGIC {
-        bail!("not an appliance backup");
-    }
+    looks_like_backup(bytes)?;
     let (salt, nonce) = (&bytes[8..24], &bytes[24..36]);
     let mut sealed = bytes[36..].to_vec();
     let nonce: [u8; 12] = nonce.try_into().map_err(|_| anyhow::anyhow!("nonce"))?;
@@ -475,6 +481,7 @@ pub fn run(cmd: BackupCmd) -> Result<()> {
         BackupCmd::Verify { file } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            looks_like_backup(&bytes).with_context(|| format!("{}", file.display()))?;
             let pass = passphrase()?;
             let (_, summary) = rt
                 .block_on(open_verified(&bytes, &pass))
@@ -496,6 +503,7 @@ pub fn run(cmd: BackupCmd) -> Result<()> {
             };
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            looks_like_backup(&bytes).with_context(|| format!("{}: refused", file.display()))?;
             let pass = passphrase()?;
             let (files, summary) = rt
                 .block_on(open_verified(&bytes, &pass))

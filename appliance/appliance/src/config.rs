@@ -264,7 +264,9 @@ pub fn valid_name(kind: &str, s: &str) -> Result<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
     {
-        bail!("{kind} name {s:?} must be 1 to 64 letters, digits, '.', '_', ':' or '-'");
+        let shown: String = s.chars().take(64).collect();
+        let more = if shown.len() < s.len() { "…" } else { "" };
+        bail!("{kind} name {shown:?}{more} must be 1 to 64 letters, digits, '.', '_', ':' or '-'");
     }
     Ok(())
 }

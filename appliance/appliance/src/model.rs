@@ -13,7 +13,7 @@ use appliance_store::{ModelRecord, Store};
 use clap::Subcommand;
 
 use crate::config;
-use crate::serve::{ask_daemon, DataDir};
+use crate::serve::DataDir;
 
 #[derive(Subcommand)]
 pub enum ModelCmd {
@@ -173,18 +173,7 @@ fn human_params(n: i64) -> String {
 
 /// The models a running daemon serves now (empty when none runs).
 pub async fn served_models(dir: &Path) -> Vec<String> {
-    match ask_daemon(dir, "models").await {
-        Some(line) => line
-            .strip_prefix("ok ")
-            .map(|l| {
-                l.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default(),
-        None => vec![],
-    }
+    crate::serve::daemon_models(dir).await.unwrap_or_default()
 }
 
 /// Sends `load NAME` or `unload NAME` to the running daemon.
@@ -446,24 +435,28 @@ fn run_inner(cmd: ModelCmd) -> Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
-                    "{:<24}  {:<8}  {:>7}  {:<6}  {:>7}  {:>9}  {:<12}  {:<6}  SHA-256",
-                    "NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "SIGNED BY", "LOADED"
-                );
-                for m in &models {
-                    println!(
-                        "{:<24}  {:<8}  {:>7}  {:<6}  {:>7}  {:>9}  {:<12}  {:<6}  {}",
-                        m.name,
-                        m.architecture,
-                        human_params(m.parameters),
-                        m.quantization,
-                        m.context_length,
-                        human_size(m.size),
-                        m.signed_by.as_deref().unwrap_or("(unsigned)"),
-                        if served.contains(&m.name) { "yes" } else { "no" },
-                        &m.sha256[..16]
-                    );
-                }
+                let rows: Vec<[String; 9]> = models
+                    .iter()
+                    .map(|m| {
+                        [
+                            m.name.clone(),
+                            m.architecture.clone(),
+                            human_params(m.parameters),
+                            m.quantization.clone(),
+                            m.context_length.to_string(),
+                            human_size(m.size),
+                            m.signed_by.clone().unwrap_or_else(|| "(unsigned)".into()),
+                            if served.contains(&m.name) { "yes" } else { "no" }.into(),
+                            m.sha256[..16].to_string(),
+                        ]
+                    })
+                    .collect();
+                let head = [
+                    "NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "SIGNED BY", "LOADED",
+                    "SHA-256",
+                ]
+                .map(String::from);
+                print!("{}", table(&head, &rows, &[2, 4, 5]));
             }
             Ok(())
         }),
@@ -499,5 +492,64 @@ fn run_inner(cmd: ModelCmd) -> Result<()> {
             eprintln!("removed model {name}");
             Ok(())
         }),
+    }
+}
+
+/// Rows as aligned columns two spaces apart, each as wide as its widest cell; the columns
+/// in `right` are right-aligned (numbers); the last column is not padded.
+fn table<const N: usize>(head: &[String; N], rows: &[[String; N]], right: &[usize]) -> String {
+    let mut width = [0usize; N];
+    for row in std::iter::once(head).chain(rows) {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(head).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            let pad = " ".repeat(width[i] - cell.chars().count());
+            if i > 0 {
+                line.push_str("  ");
+            }
+            if right.contains(&i) {
+                line.push_str(&pad);
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if i + 1 < N {
+                    line.push_str(&pad);
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn a_table_is_as_wide_as_its_widest_cells() {
+        let s = |v: &[&str; 3]| v.map(String::from);
+        let head = s(&["NAME", "SIZE", "NOTE"]);
+        let rows = [
+            s(&["a-rather-long-model-name-of-thirty", "1.2 GiB", "x"]),
+            s(&["b", "88 MiB", "signed by the site"]),
+        ];
+        let t = table(&head, &rows, &[1]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME                                   SIZE  NOTE"
+        );
+        assert_eq!(lines[1], "a-rather-long-model-name-of-thirty  1.2 GiB  x");
+        assert_eq!(
+            lines[2],
+            "b                                    88 MiB  signed by the site"
+        );
     }
 }

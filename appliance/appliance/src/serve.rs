@@ -1342,19 +1342,23 @@ async fn reload_policy(dir: &Path, gateway: &Gateway, auditor: &Auditor) -> Resu
     }
 }
 
+/// The models the running daemon serves; `None` when no daemon answers.
+pub async fn daemon_models(dir: &Path) -> Option<Vec<String>> {
+    let line = ask_daemon(dir, "models").await?;
+    Some(
+        line.strip_prefix("ok ")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// The models served here: the running daemon's, else those `serve` would start without
 /// `--model` flags (appliance.toml's `[models]`, else the registry's, read from `store`).
 pub async fn served_models(dir: &Path, store: Option<&Store>) -> Result<Vec<String>> {
-    if let Some(line) = ask_daemon(dir, "status").await {
-        let v: serde_json::Value = serde_json::from_str(line.strip_prefix("ok ").unwrap_or(&line))
-            .with_context(|| format!("unexpected answer from the daemon: {line}"))?;
-        let mut names: Vec<String> = v["workers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|w| w["model"].as_str().map(str::to_string))
-            .collect();
-        names.dedup();
+    if let Some(names) = daemon_models(dir).await {
         return Ok(names);
     }
     if dir.join("appliance.toml").exists() {

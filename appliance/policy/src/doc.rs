@@ -481,16 +481,17 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
             .name
             .clone()
             .unwrap_or_else(|| format!("rule {}", i + 1));
+        // A bad action is one problem; the rest of the rule is still checked.
         let action = match raw_rule.action.get_ref().as_str() {
-            "allow" => Action::Allow,
-            "redact" => Action::Redact,
-            "deny" => Action::Deny,
+            "allow" => Some(Action::Allow),
+            "redact" => Some(Action::Redact),
+            "deny" => Some(Action::Deny),
             other => {
                 c.at(
                     raw_rule.action.span(),
                     format!("{name}: action {other:?} is not one of allow, redact, deny"),
                 );
-                continue;
+                None
             }
         };
         let rule_classes = raw_rule.classes.as_ref().map(|cs| {
@@ -538,6 +539,9 @@ pub fn parse(text: &str) -> Result<Policy, Vec<Problem>> {
                 tiers.push(tier);
             }
         }
+        let Some(action) = action else {
+            continue;
+        };
         match action {
             Action::Deny if !raw_rule.destinations.is_empty() => c.at(
                 span.clone(),

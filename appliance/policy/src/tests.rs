@@ -431,6 +431,16 @@ mod documents {
         );
         let text = "[[rules]]\naction = \"maybe\"\n";
         assert!(problems(text)[0].starts_with("2:10: rule 1: action \"maybe\""));
+        // Every problem of a rule, not only the first.
+        let text =
+            "[[rules]]\naction = \"maybe\"\nclasses = [\"PHX\"]\ndestinations = [\"nowhere\"]\n";
+        let p = problems(text);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(
+            p[1].starts_with("3:11: rule 1: unknown class \"PHX\""),
+            "{p:?}"
+        );
+        assert_eq!(p[2], "4:17: rule 1: unknown destination \"nowhere\"");
         // Syntax and unknown keys come from the TOML parser, located too.
         let p = problems("name = \n");
         assert!(p[0].starts_with("1:"), "{p:?}");

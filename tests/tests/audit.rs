@@ -417,7 +417,7 @@ fn a_tenant_the_log_cannot_tell_of_is_not_created() {
     let seen = creates(&dir);
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0], (200, "first".to_string()));
-    assert_eq!(seen[1].0, 400, "{seen:?}");
+    assert_eq!(seen[1], (400, "first".to_string()), "{seen:?}");
     // The log's signing key spoilt: no record can be written, so no tenant is made.
     std::fs::write(dir.join("audit/signing.key"), "not a key\n").unwrap();
     let out = run_appliance(&["tenant", "create", "second", "--data-dir", data]);

@@ -371,6 +371,36 @@ fn a_failed_start_is_recorded_and_leaves_the_journal_applied() {
     let detail = stop["detail"].as_str().unwrap();
     assert!(detail.contains(&format!("127.0.0.1:{port}")), "{detail}");
     drop(taken);
+
+    // Failing once its workers have started (the control socket's place is taken by a
+    // folder): the workers are stopped as after serving, none is left behind.
+    let dir = scratch("ctlblocked");
+    std::fs::create_dir_all(dir.join("run/control.sock")).unwrap();
+    let out = appliance()
+        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .arg("--model")
+        .arg(format!("smollm2={}", model().display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("control.sock"), "{err}");
+    assert!(err.contains("worker smollm2: stopped"), "{err}");
+    let needle = dir.to_string_lossy().into_owned();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+    let stop = audit_records(&dir)
+        .into_iter()
+        .rfind(|r| r["action"] == "daemon.stop")
+        .expect("daemon.stop");
+    assert_eq!(stop["error"], "start_failed", "{stop}");
 }
 
 #[test]

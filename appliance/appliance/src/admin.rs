@@ -113,9 +113,13 @@ fn limit(v: Option<u32>, what: &str) -> Result<Option<u32>> {
 }
 
 /// Records a failed admin action (best effort: the failure itself is reported anyway).
-async fn record_failure(data: &DataDir, action: &str, e: &anyhow::Error) {
+async fn record_failure(data: &DataDir, action: &str, tenant: Option<&str>, e: &anyhow::Error) {
     let Ok(dir) = data.prepare() else { return };
     let mut r = Record::action(action, 400);
+    if let Some(t) = tenant.filter(|t| config::valid_name("tenant", t).is_ok()) {
+        r.tenant = Some(t.to_string());
+        r.resource = Some(format!("tenant:{t}"));
+    }
     r.error = Some("failed".into());
     r.detail = Some(format!("{e:#}").chars().take(200).collect());
     if let Err(e2) = record_cli(&dir, r).await {
@@ -125,13 +129,13 @@ async fn record_failure(data: &DataDir, action: &str, e: &anyhow::Error) {
 
 pub fn tenant(cmd: TenantCmd) -> Result<()> {
     let audited = match &cmd {
-        TenantCmd::Create { data, .. } => Some(("tenant.create", data.clone())),
+        TenantCmd::Create { data, name } => Some(("tenant.create", data.clone(), name.clone())),
         _ => None,
     };
     let rt = runtime()?;
     let result = rt.block_on(tenant_inner(cmd));
-    if let (Err(e), Some((action, data))) = (&result, audited) {
-        rt.block_on(record_failure(&data, action, e));
+    if let (Err(e), Some((action, data, name))) = (&result, audited) {
+        rt.block_on(record_failure(&data, action, Some(&name), e));
     }
     result
 }
@@ -212,15 +216,17 @@ fn human(s: i64) -> String {
 
 pub fn key(cmd: KeyCmd) -> Result<()> {
     let audited = match &cmd {
-        KeyCmd::Create { data, .. } => Some(("key.create", data.clone())),
-        KeyCmd::Revoke { data, .. } => Some(("key.revoke", data.clone())),
-        KeyCmd::Rotate { data, .. } => Some(("key.rotate", data.clone())),
+        KeyCmd::Create { data, tenant, .. } => {
+            Some(("key.create", data.clone(), Some(tenant.clone())))
+        }
+        KeyCmd::Revoke { data, .. } => Some(("key.revoke", data.clone(), None)),
+        KeyCmd::Rotate { data, .. } => Some(("key.rotate", data.clone(), None)),
         KeyCmd::List { .. } => None,
     };
     let rt = runtime()?;
     let result = rt.block_on(key_inner(cmd));
-    if let (Err(e), Some((action, data))) = (&result, audited) {
-        rt.block_on(record_failure(&data, action, e));
+    if let (Err(e), Some((action, data, tenant))) = (&result, audited) {
+        rt.block_on(record_failure(&data, action, tenant.as_deref(), e));
     }
     result
 }
@@ -257,8 +263,13 @@ async fn key_inner(cmd: KeyCmd) -> Result<()> {
                 if let Some(ms) = &models {
                     // A name no model here has is most likely a typo: said, not refused
                     // (a model may be imported or named with --model later).
-                    let mut known = crate::serve::served_models(&dir, Some(&store)).await?;
-                    known.extend(store.models().await?.into_iter().map(|m| m.name));
+                    let mut known = crate::serve::served_models(&dir, Some(&store))
+                        .await
+                        .unwrap_or_else(|e| {
+                            eprintln!("warning: the models served here are not known: {e:#}");
+                            vec![]
+                        });
+                    known.extend(store.models().await.into_iter().flatten().map(|m| m.name));
                     if let Ok(p) = crate::policy::load_site(&dir) {
                         known.extend(p.policy.aliases.keys().cloned());
                         known.extend(

@@ -336,10 +336,14 @@ pub fn run(cmd: PolicyCmd) -> Result<()> {
             data,
         } => {
             // A policy file alone may be tried before any appliance has a data directory.
+            let alone = policy.is_some();
             let (p, dir) = match policy {
                 Some(path) => (
                     load_file(&path)?,
-                    data.data_dir.exists().then(|| data.prepare()).transpose()?,
+                    std::fs::read_dir(&data.data_dir)
+                        .is_ok()
+                        .then(|| data.prepare())
+                        .transpose()?,
                 ),
                 None => {
                     let dir = data.prepare()?;
@@ -349,7 +353,17 @@ pub fn run(cmd: PolicyCmd) -> Result<()> {
             let body =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let served = match &dir {
-                Some(dir) => Some(site_facts(dir, &tenant)?),
+                Some(dir) => match site_facts(dir, &tenant) {
+                    Ok(names) => Some(names),
+                    Err(e) if alone && e.downcast_ref::<UnknownTenant>().is_none() => {
+                        eprintln!(
+                            "warning: {}: {e:#}; explained by the policy alone",
+                            dir.display()
+                        );
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
                 None => None,
             };
             let cfg = appliance_gateway::GatewayConfig::default();
@@ -368,6 +382,18 @@ pub fn run(cmd: PolicyCmd) -> Result<()> {
     }
 }
 
+/// A tenant the data directory's database does not have.
+#[derive(Debug)]
+struct UnknownTenant(String);
+
+impl std::fmt::Display for UnknownTenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no tenant named {:?} (appliance tenant list)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownTenant {}
+
 /// Checks that `tenant` exists (when the data directory has a database) and returns the
 /// models served here (`serve::served_models`).
 fn site_facts(dir: &Path, tenant: &str) -> Result<Vec<String>> {
@@ -379,7 +405,7 @@ fn site_facts(dir: &Path, tenant: &str) -> Result<Vec<String>> {
         let store = if db.exists() {
             let store = appliance_store::Store::open(&db).await?;
             if !store.tenants().await?.iter().any(|t| t.name == tenant) {
-                bail!("no tenant named {tenant:?} (appliance tenant list)");
+                return Err(UnknownTenant(tenant.to_string()).into());
             }
             Some(store)
         } else {

@@ -163,6 +163,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .context("the audit log cannot be written; not starting")?;
     // From here on a failed start is recorded as a stop that says why, and the audit
     // writer is stopped cleanly (its journal applied to the store), as after serving.
+    let mut started_daemon: Option<Arc<Daemon>> = None;
+    let mut background: Vec<tokio::task::AbortHandle> = vec![];
     let served: Result<()> = async {
         // The site's policy; one that does not validate keeps the daemon from starting.
         let policy_state = crate::policy::load_site(&dir)?;
@@ -386,6 +388,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
                 }
             })
         };
+        background.push(hup_task.abort_handle());
+        background.extend(retention_task.as_ref().map(|t| t.abort_handle()));
         let daemon = Arc::new(Daemon {
             launcher,
             supervisor,
@@ -393,6 +397,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             changes: tokio::sync::Mutex::new(()),
             drain_timeout,
         });
+        started_daemon = Some(daemon.clone());
         for (name, path) in &models {
             daemon.start_model(name, path, &placements)?;
         }
@@ -407,6 +412,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             daemon.clone(),
             auditor.clone(),
         ));
+        background.push(control_task.abort_handle());
         let poll_keys = keys.clone();
         let poll_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -419,6 +425,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
                 }
             }
         });
+        background.push(poll_task.abort_handle());
 
         let host = if bound.ip().is_unspecified() {
             nix::unistd::gethostname()
@@ -633,6 +640,16 @@ async fn serve(a: ServeArgs) -> Result<()> {
         Ok(())
     }
     .await;
+    if served.is_err() {
+        // What had started is stopped as after serving, before the record and the lock.
+        for t in &background {
+            t.abort();
+        }
+        if let Some(daemon) = &started_daemon {
+            daemon.supervisor.shutdown().await;
+        }
+        let _ = std::fs::remove_file(DataDir::control_socket(&dir));
+    }
     let mut stopped = Record::action("daemon.stop", if served.is_ok() { 200 } else { 500 });
     stopped.source = Some("local".into());
     if let Err(e) = &served {
@@ -1016,9 +1033,16 @@ impl Daemon {
         self.start_model(name, &path, &placed)?;
         let timeout = Duration::from_secs(self.launcher.workers.ready_timeout_secs);
         let mut ready = true;
+        let mut failed = None;
         if let Some(r) = self.gateway.model(name) {
             for inst in &r.instances {
                 ready &= inst.worker.wait_ready(timeout).await;
+                let st = inst.worker.status();
+                if st.gave_up {
+                    failed = st
+                        .last_error
+                        .or(Some("the model file cannot be used".into()));
+                }
             }
         }
         let where_: Vec<String> = placed.iter().map(|p| p.device.to_string()).collect();
@@ -1027,10 +1051,10 @@ impl Daemon {
             "loaded {name} on {} ({:.2} GiB estimated){}",
             where_.join(", "),
             bytes as f64 / (1u64 << 30) as f64,
-            if ready {
-                ""
-            } else {
-                "; not ready yet, see appliance status"
+            match (&failed, ready) {
+                (Some(why), _) => format!("; it failed and will not be restarted: {why}"),
+                (None, true) => String::new(),
+                (None, false) => "; not ready yet, see appliance status".into(),
             }
         ))
     }
@@ -1345,9 +1369,9 @@ async fn reload_policy(dir: &Path, gateway: &Gateway, auditor: &Auditor) -> Resu
 /// The models the running daemon serves; `None` when no daemon answers.
 pub async fn daemon_models(dir: &Path) -> Option<Vec<String>> {
     let line = ask_daemon(dir, "models").await?;
+    let names = line.strip_prefix("ok").map(str::trim_start)?;
     Some(
-        line.strip_prefix("ok ")
-            .unwrap_or_default()
+        names
             .split(',')
             .filter(|s| !s.is_empty())
             .map(str::to_string)

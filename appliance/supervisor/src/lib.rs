@@ -191,12 +191,16 @@ impl Worker {
         self.status.borrow().gave_up
     }
 
-    /// Waits until the worker is ready, or `timeout` passes.
+    /// Waits until the worker is ready, has failed for good (`false` at once), or
+    /// `timeout` passes.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut rx = self.status.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|s| s.state == WorkerState::Ready))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let settled = rx.wait_for(|s| s.state == WorkerState::Ready || s.gave_up);
+        let ready = match tokio::time::timeout(timeout, settled).await {
+            Ok(Ok(s)) => s.state == WorkerState::Ready,
+            _ => false,
+        };
+        ready
     }
 }
 
@@ -676,6 +680,10 @@ mod tests {
             Some("/models/junk.gguf is not a valid GGUF file")
         );
         assert!(!error_file(&socket).exists(), "the reason file is consumed");
+        // Waiting for it to be ready ends at once: it never will be.
+        let t = Instant::now();
+        assert!(!w.wait_ready(Duration::from_secs(30)).await);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
         sup.shutdown().await;
         assert_eq!(w.status().state, WorkerState::Stopped);
         let _ = std::fs::remove_dir_all(&dir);

@@ -298,6 +298,17 @@ fn plain_http_only_redirects_and_old_tls_is_refused() {
     assert!(ok && out.contains("ok"), "{out}");
 }
 
+/// `appliance serve` of smollm2 on `dir`, for a start expected to fail: its output.
+fn serve_smollm2_once(dir: &Path) -> std::process::Output {
+    appliance()
+        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .arg("--model")
+        .arg(format!("smollm2={}", model().display()))
+        .output()
+        .unwrap()
+}
+
 /// `appliance serve` on a fresh data directory with `config`: it must exit 1; its
 /// stderr and the directory.
 fn serve_refuses(name: &str, config: &str) -> (String, PathBuf) {
@@ -376,13 +387,7 @@ fn a_failed_start_is_recorded_and_leaves_the_journal_applied() {
     // folder): the workers are stopped as after serving, none is left behind.
     let dir = scratch("ctlblocked");
     std::fs::create_dir_all(dir.join("run/control.sock")).unwrap();
-    let out = appliance()
-        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .arg("--model")
-        .arg(format!("smollm2={}", model().display()))
-        .output()
-        .unwrap();
+    let out = serve_smollm2_once(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("control.sock"), "{err}");
@@ -1021,13 +1026,7 @@ fn placement_and_status() {
         "[workers]\nmax_batch = 100000\n",
     )
     .unwrap();
-    let out = appliance()
-        .args(["serve", "--api-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .arg("--model")
-        .arg(format!("smollm2={}", model().display()))
-        .output()
-        .unwrap();
+    let out = serve_smollm2_once(&dir);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("placement: model smollm2 needs"), "{err}");

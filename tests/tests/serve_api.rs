@@ -612,8 +612,10 @@ fn a_body_over_the_limit_is_answered_not_reset() {
         (&["--http2"], &small, true),
         (&["--http1.1"], &big, false), // curl sends Expect: 100-continue
         (&["--http1.1"], &small, true), // chunked: read (to 16 MiB past the limit)
+        (&["--http1.1"], &big, true),  // ... and beyond: the connection closes lingering
         (&["--http1.1", "-H", "Expect:"], &small, false),
         (&["--http1.1", "-H", "Expect:"], &small, true),
+        (&["--http1.1", "-H", "Expect:"], &big, false),
     ];
     for (args, file, stdin) in cases {
         let what = format!("{args:?} {} stdin={stdin}", file.display());

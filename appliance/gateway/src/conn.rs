@@ -7,6 +7,7 @@
 //! Together with the per-address cap, silent connections cannot hold every slot.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -70,15 +71,35 @@ impl Drop for HandlerGuard {
     }
 }
 
-/// An I/O stream that records when bytes last moved.
+/// An I/O stream that records when bytes last moved, and closes lingering.
+///
+/// Its shutdown (hyper's, when it closes a connection) ends the write side, then reads
+/// and drops what the client still sends, until it closes too, for at most
+/// `LINGER_TIME` and `LINGER_BYTES`: a socket closed with unread bytes in its buffer
+/// makes the kernel send a reset, which can destroy the answer the client has not read
+/// yet (a 413 for an upload it is still sending).
 pub(crate) struct Watched<T> {
     inner: T,
     watch: Arc<ConnWatch>,
+    linger: Option<Linger>,
+}
+
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: u64 = 64 << 20;
+
+struct Linger {
+    until: Pin<Box<tokio::time::Sleep>>,
+    left: u64,
+    shut: bool,
 }
 
 impl<T> Watched<T> {
     pub fn new(inner: T, watch: Arc<ConnWatch>) -> Self {
-        Watched { inner, watch }
+        Watched {
+            inner,
+            watch,
+            linger: None,
+        }
     }
 }
 
@@ -98,7 +119,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -134,7 +155,31 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let Watched { inner, linger, .. } = self.get_mut();
+        let l = linger.get_or_insert_with(|| Linger {
+            until: Box::pin(tokio::time::sleep(LINGER_TIME)),
+            left: LINGER_BYTES,
+            shut: false,
+        });
+        if !l.shut {
+            std::task::ready!(Pin::new(&mut *inner).poll_shutdown(cx))?;
+            l.shut = true;
+        }
+        let mut scratch = [0u8; 16 << 10];
+        loop {
+            if l.left == 0 || l.until.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    l.left = l.left.saturating_sub(buf.filled().len() as u64);
+                }
+                // The client closed (or the connection broke): done.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -184,6 +229,27 @@ mod tests {
         assert!(p.try_open("10.0.0.2".parse().unwrap(), 2).is_some());
         drop(a);
         assert!(p.try_open(ip, 2).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_reads_what_the_client_still_sends_until_it_closes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut s = Watched::new(a, ConnWatch::new());
+        // The client sends far more than the pipe holds, then reads the answer.
+        let client = tokio::spawn(async move {
+            b.write_all(&vec![b'x'; 1 << 20]).await?;
+            b.shutdown().await?;
+            let mut answer = vec![];
+            b.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        });
+        s.write_all(b"413").await.unwrap();
+        let t = Instant::now();
+        s.shutdown().await.unwrap();
+        assert!(t.elapsed() < LINGER_TIME, "{:?}", t.elapsed());
+        drop(s); // closed: what it had not read would be lost, and the client's send fail
+        assert_eq!(client.await.unwrap().unwrap(), b"413");
     }
 
     #[tokio::test]

@@ -735,6 +735,41 @@ print(json.dumps({"status": out.get("status"), "ended": out.get("ended", False),
     assert!(ok && out.contains("chat.completion"), "{out}");
 }
 
+/// HEAD is GET without the body, over HTTP/2 and HTTP/1.1 (load balancers probe with
+/// it); a 405 says which methods the endpoint takes.
+#[test]
+fn head_answers_like_get_without_a_body_and_a_405_says_what_is_allowed() {
+    let s = Server::start("head", &[]);
+    let key = s.key();
+    let auth = format!("Authorization: Bearer {key}");
+    for version in ["--http2", "--http1.1"] {
+        for path in ["/healthz", "/v1/models"] {
+            let (get, ok) = s.curl(&[version, "-H", &auth, &s.url(path)]);
+            assert!(ok, "{get}");
+            let (head, ok) = s.curl(&[version, "-I", "-H", &auth, &s.url(path)]);
+            assert!(ok, "{version} HEAD {path}: {head}");
+            let lines: Vec<&str> = head.lines().collect();
+            assert!(lines[0].contains(" 200"), "{head}");
+            let length = format!("content-length: {}", get.len());
+            assert!(
+                lines.iter().any(|l| l.eq_ignore_ascii_case(&length)),
+                "{version} {path}: {head}"
+            );
+        }
+        let (out, _) = s.curl(&[
+            version,
+            "-i",
+            "-X",
+            "DELETE",
+            "-H",
+            &auth,
+            &s.url("/v1/chat/completions"),
+        ]);
+        assert!(out.lines().next().unwrap_or("").contains(" 405"), "{out}");
+        assert!(out.to_ascii_lowercase().contains("allow: post"), "{out}");
+    }
+}
+
 /// The worker process serving `model`, among the daemon's children.
 fn worker_of(s: &Server, model: &str) -> u32 {
     let needle = format!("worker-{model}.sock");

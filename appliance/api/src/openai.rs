@@ -47,6 +47,16 @@ pub struct ChatCompletionRequest {
     pub tools: Option<serde_json::Value>,
     #[serde(default)]
     pub tool_choice: Option<serde_json::Value>,
+    /// The older spelling of tools (refused like them).
+    #[serde(default)]
+    pub functions: Option<serde_json::Value>,
+    #[serde(default)]
+    pub function_call: Option<serde_json::Value>,
+    /// Output kinds; only text is produced.
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
+    #[serde(default)]
+    pub audio: Option<serde_json::Value>,
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
     // Extensions beyond OpenAI's set (as vLLM and llama.cpp's server accept them).

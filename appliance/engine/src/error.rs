@@ -21,7 +21,7 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("prompt is {prompt} tokens and max_tokens is {max_tokens}, but the model's context is {context} tokens")]
+    #[error("{}", overflow(*prompt, *max_tokens, *context))]
     ContextOverflow {
         prompt: usize,
         max_tokens: usize,
@@ -44,6 +44,13 @@ pub fn reason(e: &candle_core::Error) -> String {
         candle_core::Error::WithBacktrace { inner, .. } => reason(inner),
         candle_core::Error::Context { inner, context } => format!("{context}: {}", reason(inner)),
         e => e.to_string(),
+    }
+}
+
+fn overflow(prompt: usize, max_tokens: usize, context: usize) -> String {
+    match max_tokens {
+        0 => format!("prompt is {prompt} tokens, but the model's context is {context} tokens (and at least one token must be left to generate)"),
+        m => format!("prompt is {prompt} tokens and max_tokens is {m}, but the model's context is {context} tokens"),
     }
 }
 

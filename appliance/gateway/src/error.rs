@@ -190,7 +190,11 @@ impl ApiError {
                 "invalid_request_error",
                 Some("not_found"),
                 None,
-                format!("No such endpoint: {p}"),
+                if p.starts_with("/v1/") {
+                    format!("No such endpoint: {p}. This appliance serves /v1/chat/completions, /v1/completions and /v1/models (no embeddings, files, images, audio or responses).")
+                } else {
+                    format!("No such endpoint: {p}")
+                },
             ),
             ApiError::MethodNotAllowed => (
                 "invalid_request_error",

@@ -50,6 +50,28 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         return Ok(v);
     }
     let fail = |inner: serde_json::Error, path: String| {
+        let at = |field: &str| match path.as_str() {
+            "" | "." => field.to_string(),
+            p => format!("{p}.{field}"),
+        };
+        let text = inner.to_string();
+        if let Some(field) = text
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            let param = at(field);
+            return ApiError::invalid(format!("'{param}' is required"), Some(&param));
+        }
+        if text.starts_with("data did not match any variant of untagged enum") {
+            let what = if path.ends_with("content") {
+                "a string or an array of content parts"
+            } else if path == "stop" {
+                "a string or an array of strings"
+            } else {
+                "one of the accepted forms (docs/API.md)"
+            };
+            return ApiError::invalid(format!("'{path}' must be {what}"), Some(&path));
+        }
         if inner.is_syntax() || inner.is_eof() {
             ApiError::invalid(format!("The request body is not valid JSON: {inner}"), None)
         } else if path == "." || path.is_empty() {
@@ -252,6 +274,53 @@ pub(crate) fn validate_chat(
             Some("tools"),
         ));
     }
+    let present = |v: &Option<serde_json::Value>| {
+        v.as_ref().is_some_and(|v| {
+            !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) && v.as_str() != Some("none")
+        })
+    };
+    if present(&r.functions) || present(&r.function_call) {
+        let param = if present(&r.functions) {
+            "functions"
+        } else {
+            "function_call"
+        };
+        return Err(ApiError::invalid(
+            "function calling is not supported by this appliance's models",
+            Some(param),
+        ));
+    }
+    // Without tools only "none" and "auto" mean anything (no call is made either way).
+    if r.tool_choice
+        .as_ref()
+        .is_some_and(|c| !c.is_null() && !matches!(c.as_str(), Some("none") | Some("auto")))
+    {
+        return Err(ApiError::invalid(
+            "'tool_choice' asks for a tool call, and tool calling is not supported by this appliance's models",
+            Some("tool_choice"),
+        ));
+    }
+    if r.modalities
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|k| k != "text"))
+        || r.audio.as_ref().is_some_and(|a| !a.is_null())
+    {
+        let param = if r.audio.as_ref().is_some_and(|a| !a.is_null()) {
+            "audio"
+        } else {
+            "modalities"
+        };
+        return Err(ApiError::invalid(
+            "only text output is supported ('modalities': [\"text\"])",
+            Some(param),
+        ));
+    }
+    if r.stream_options.is_some() && r.stream != Some(true) {
+        return Err(ApiError::invalid(
+            "'stream_options' is only allowed with 'stream': true",
+            Some("stream_options"),
+        ));
+    }
     if let Some(f) = &r.response_format {
         if f.kind != "text" {
             return Err(ApiError::invalid(
@@ -401,10 +470,16 @@ pub(crate) fn validate_completion(
     if r.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid("'best_of' must be 1", Some("best_of")));
     }
-    if r.logprobs.is_some_and(|n| n > 0) {
+    if r.logprobs.is_some() {
         return Err(ApiError::invalid(
             "logprobs are not supported",
             Some("logprobs"),
+        ));
+    }
+    if r.stream_options.is_some() && r.stream != Some(true) {
+        return Err(ApiError::invalid(
+            "'stream_options' is only allowed with 'stream': true",
+            Some("stream_options"),
         ));
     }
     let (params, soft_cap) = params(
@@ -1529,6 +1604,39 @@ mod tests {
                 r#"{"model":"m","messages":[{"role":"assistant"},{"role":"system"}]}"#,
                 "messages[1].content",
             ),
+            (r#"{"messages":[{"role":"user","content":"hi"}]}"#, "model"),
+            (
+                r#"{"model":"m","messages":[{"content":"hi"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"functions":[{"name":"f"}]}"#,
+                "functions",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"function_call":{"name":"f"}}"#,
+                "function_call",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tool_choice":"required"}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"modalities":["text","audio"]}"#,
+                "modalities",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"audio":{"voice":"alloy"}}"#,
+                "audio",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#,
+                "stream_options",
+            ),
         ] {
             let e = chat(body).unwrap_err();
             assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{body}");
@@ -1548,8 +1656,11 @@ mod tests {
             "{}",
             e.body().error.message
         );
-        // Unknown fields are ignored.
+        // Unknown fields are ignored; so are the no-op forms of refused features.
         assert!(chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"a":"b"},"store":false}"#).is_ok());
+        assert!(chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"auto","functions":null,"function_call":"none","modalities":["text"]}"#).is_ok());
+        let e = chat(r#"{"model":"m"}"#).unwrap_err();
+        assert_eq!(e.body().error.message, "'messages' is required");
     }
 
     #[test]
@@ -1584,5 +1695,20 @@ mod tests {
         assert!(matches!(c.prompt, WirePrompt::Text(ref t) if t == "once"));
         let c: CompletionRequest = parse_json(br#"{"model":"m","prompt":["a","b"]}"#).unwrap();
         assert!(validate_completion(c, &GatewayConfig::default()).is_err());
+        // logprobs: 0 still asks for the chosen tokens' logprobs; refused like any.
+        for (body, param) in [
+            (
+                &br#"{"model":"m","prompt":"a","logprobs":0}"#[..],
+                "logprobs",
+            ),
+            (
+                br#"{"model":"m","prompt":"a","stream_options":{"include_usage":true}}"#,
+                "stream_options",
+            ),
+        ] {
+            let c: CompletionRequest = parse_json(body).unwrap();
+            let e = validate_completion(c, &GatewayConfig::default()).unwrap_err();
+            assert_eq!(e.body().error.param.as_deref(), Some(param));
+        }
     }
 }

@@ -413,6 +413,26 @@ fn route_of(path: &str) -> &'static str {
     }
 }
 
+/// The methods a route answers (the `Allow` header of a 405).
+fn allowed_methods(route: &str) -> &'static str {
+    match route {
+        "/v1/chat/completions"
+        | "/v1/completions"
+        | "/v1/policy/explain"
+        | "/admin/v1/models/{id}/{action}" => "POST",
+        _ => "GET, HEAD",
+    }
+}
+
+/// An answer to HEAD: the GET answer's status and headers (its length included), no body.
+fn without_body(resp: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    if let Some(n) = http_body::Body::size_hint(&body).exact() {
+        parts.headers.insert(header::CONTENT_LENGTH, n.into());
+    }
+    Response::from_parts(parts, Body::Full(None))
+}
+
 /// The audit action of a route.
 fn action_of(route: &str) -> &'static str {
     match route {
@@ -712,12 +732,17 @@ impl Gateway {
 
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         watch: Arc<ConnWatch>,
     ) -> Response<Body> {
         let _handling = watch.handler();
         let route = route_of(req.uri().path());
+        // HEAD is GET without the body (load balancers probe with it).
+        let head = req.method() == Method::HEAD;
+        if head {
+            *req.method_mut() = Method::GET;
+        }
         let mut ctx = ReqCtx {
             id: self.next_request_id(),
             method: req.method().clone(),
@@ -751,6 +776,15 @@ impl Gateway {
             }
         }
         self.finish(&ctx, status, None);
+        let mut resp = resp;
+        if status == 405 {
+            if let Ok(v) = http::HeaderValue::from_str(allowed_methods(route)) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+        }
+        if head {
+            return without_body(resp);
+        }
         resp
     }
 

@@ -263,7 +263,8 @@ async fn key_inner(cmd: KeyCmd) -> Result<()> {
                 if let Some(ms) = &models {
                     // A name no model here has is most likely a typo: said, not refused
                     // (a model may be imported or named with --model later).
-                    let mut known = crate::serve::served_models(&dir, Some(&store))
+                    // The registry's names are added below: not read twice.
+                    let mut known = crate::serve::served_models(&dir, None)
                         .await
                         .unwrap_or_else(|e| {
                             eprintln!("warning: the models served here are not known: {e:#}");

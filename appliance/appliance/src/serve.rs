@@ -265,22 +265,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {listen}"))?;
         let bound = listener.local_addr()?;
-        let console_listener = match a.console_listen.or(file.api.console_listen) {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("listening on {addr} (console)"))?,
-            ),
-            None => None,
-        };
-        let redirect = match a.redirect_listen.or(file.api.redirect_listen) {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("listening on {addr} (redirect)"))?,
-            ),
-            None => None,
-        };
+        let console_listener = listen_on(a.console_listen.or(file.api.console_listen), "console").await?;
+        let redirect = listen_on(a.redirect_listen.or(file.api.redirect_listen), "redirect").await?;
 
         // Workers: as an unprivileged user when the daemon is root.
         let run_as = worker_user(&file.workers)?;
@@ -1364,6 +1350,15 @@ async fn reload_policy(dir: &Path, gateway: &Gateway, auditor: &Auditor) -> Resu
             Err(e)
         }
     }
+}
+
+/// A listener on `addr` when one is configured; `what` names it in the error.
+async fn listen_on(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} ({what})"))?;
+    Ok(Some(l))
 }
 
 /// The models the running daemon serves; `None` when no daemon answers.

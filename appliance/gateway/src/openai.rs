@@ -249,6 +249,24 @@ fn params(c: Common<'_>, cfg: &GatewayConfig) -> Result<(WireParams, Option<usiz
     ))
 }
 
+/// `stream_options` is only for a stream (as OpenAI has it).
+fn options_need_stream(stream: Option<bool>, options: bool) -> Result<(), ApiError> {
+    if options && stream != Some(true) {
+        return Err(ApiError::invalid(
+            "'stream_options' is only allowed with 'stream': true",
+            Some("stream_options"),
+        ));
+    }
+    Ok(())
+}
+
+/// A field that asks for something (not absent, null, an empty list or "none").
+fn asks_for(v: &Option<serde_json::Value>) -> bool {
+    v.as_ref().is_some_and(|v| {
+        !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) && v.as_str() != Some("none")
+    })
+}
+
 pub(crate) fn validate_chat(
     r: ChatCompletionRequest,
     cfg: &GatewayConfig,
@@ -265,26 +283,19 @@ pub(crate) fn validate_chat(
             Some("messages"),
         ));
     }
-    if r.tools
-        .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-    {
+    if asks_for(&r.tools) {
         return Err(ApiError::invalid(
             "tool calling is not supported by this appliance's models",
             Some("tools"),
         ));
     }
-    let present = |v: &Option<serde_json::Value>| {
-        v.as_ref().is_some_and(|v| {
-            !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) && v.as_str() != Some("none")
-        })
-    };
-    if present(&r.functions) || present(&r.function_call) {
-        let param = if present(&r.functions) {
-            "functions"
-        } else {
-            "function_call"
-        };
+    if let Some(param) = [
+        ("functions", &r.functions),
+        ("function_call", &r.function_call),
+    ]
+    .into_iter()
+    .find_map(|(name, v)| asks_for(v).then_some(name))
+    {
         return Err(ApiError::invalid(
             "function calling is not supported by this appliance's models",
             Some(param),
@@ -300,27 +311,16 @@ pub(crate) fn validate_chat(
             Some("tool_choice"),
         ));
     }
-    if r.modalities
-        .as_ref()
-        .is_some_and(|m| m.iter().any(|k| k != "text"))
-        || r.audio.as_ref().is_some_and(|a| !a.is_null())
-    {
-        let param = if r.audio.as_ref().is_some_and(|a| !a.is_null()) {
-            "audio"
-        } else {
-            "modalities"
-        };
+    let audio = r.audio.as_ref().is_some_and(|a| !a.is_null());
+    let other_output = r.modalities.iter().flatten().any(|k| k != "text");
+    if audio || other_output {
+        let param = if audio { "audio" } else { "modalities" };
         return Err(ApiError::invalid(
             "only text output is supported ('modalities': [\"text\"])",
             Some(param),
         ));
     }
-    if r.stream_options.is_some() && r.stream != Some(true) {
-        return Err(ApiError::invalid(
-            "'stream_options' is only allowed with 'stream': true",
-            Some("stream_options"),
-        ));
-    }
+    options_need_stream(r.stream, r.stream_options.is_some())?;
     if let Some(f) = &r.response_format {
         if f.kind != "text" {
             return Err(ApiError::invalid(
@@ -476,12 +476,7 @@ pub(crate) fn validate_completion(
             Some("logprobs"),
         ));
     }
-    if r.stream_options.is_some() && r.stream != Some(true) {
-        return Err(ApiError::invalid(
-            "'stream_options' is only allowed with 'stream': true",
-            Some("stream_options"),
-        ));
-    }
+    options_need_stream(r.stream, r.stream_options.is_some())?;
     let (params, soft_cap) = params(
         Common {
             temperature: r.temperature,
